@@ -1,0 +1,43 @@
+# The two commands a new machine needs: `make run` and `make test`. Both install what they
+# need (the wasm32 target) first.
+CARGO ?= cargo
+WASM_TARGET := wasm32-unknown-unknown
+GATEWAY := target/release/gateway
+GUEST_MODULE := target/$(WASM_TARGET)/guest/gateway_guest.wasm
+GUEST := target/components/handler.wasm
+
+.PHONY: run test guest setup lint fmt clean
+
+## Install the toolchain pieces a fresh machine lacks.
+setup:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+## Build the gateway (release).
+$(GATEWAY): setup
+	$(CARGO) build --release --locked -p gateway
+
+## Build the reference guest and wrap it into a component at $(GUEST).
+guest: setup $(GATEWAY)
+	$(CARGO) build --locked --profile guest --target $(WASM_TARGET) -p gateway-guest
+	@mkdir -p $(dir $(GUEST))
+	$(GATEWAY) guest wrap $(GUEST_MODULE) -o $(GUEST)
+
+## Run the gateway on the embedded default: in-process router, dev secret, reference guest.
+run: guest
+	$(GATEWAY) serve --dev --guest $(GUEST)
+
+## Run every test: the gateway over real sockets, with guests built from source.
+test: setup
+	$(CARGO) build --release --locked -p gateway
+	$(CARGO) test --release --locked -p gateway -p gateway-tests
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --locked --workspace --exclude gateway-guest --exclude chaos-guest --exclude wasi-import-guest --all-targets -- -D warnings
+	$(CARGO) clippy --locked --profile guest --target $(WASM_TARGET) -p gateway-guest -p chaos-guest -p wasi-import-guest -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

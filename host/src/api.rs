@@ -1,0 +1,229 @@
+//! The HTTP API besides `/ws`: publishing events, health, metrics, and the JSON error shape
+//! every refusal uses: `{"error": "<kind>", "reason": "<what to fix>"}`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::{AuthError, PUBLISH_SCOPE};
+use crate::router::{Publication, Receipt};
+
+/// Longest `user_id`, `kind`, `run_id` or `thread_id` accepted.
+const MAX_ID_BYTES: usize = 256;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    reason: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: &'static str, reason: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error,
+            reason: reason.into(),
+        }
+    }
+    pub fn unauthorized(err: AuthError) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string())
+    }
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason)
+    }
+    fn bad_request(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": self.error, "reason": self.reason}));
+        let mut response = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+        }
+        response
+    }
+}
+
+/// One event as a publisher sends it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    user_id: String,
+    kind: String,
+    payload: Value,
+    #[serde(default)]
+    run_id: Option<String>,
+    #[serde(default)]
+    thread_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    events: Vec<PublishRequest>,
+}
+
+/// `POST /v1/publish`: one event. Answers `{"seq", "user_id", "delivered"}`.
+pub async fn publish(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    authorize_publisher(&app, &headers)?;
+    let body = read_body(&app, body).await?;
+    let request: PublishRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid event: {e}")))?;
+    let user_id = request.user_id.clone();
+    let publication = validate(request, &app).map_err(ApiError::bad_request)?;
+    let receipt = app.router.publish(publication);
+    Ok(Json(receipt_json(&user_id, receipt)))
+}
+
+/// `POST /v1/publish/batch`: `{"events": [...]}`, all validated before any is published.
+/// Answers `{"results": [{"seq", "user_id", "delivered"}, ...]}` in request order.
+pub async fn publish_batch(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    authorize_publisher(&app, &headers)?;
+    let body = read_body(&app, body).await?;
+    let batch: BatchRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid batch: {e}")))?;
+    let max = app.config.limits.max_batch_events;
+    if batch.events.len() > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!("a batch holds at most {max} events"),
+        ));
+    }
+    let publications = batch
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(i, request)| {
+            validate(request, &app).map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let results: Vec<Value> = publications
+        .into_iter()
+        .map(|p| {
+            let user_id = p.user_id.clone();
+            receipt_json(&user_id, app.router.publish(p))
+        })
+        .collect();
+    Ok(Json(json!({ "results": results })))
+}
+
+fn receipt_json(user_id: &str, receipt: Receipt) -> Value {
+    json!({"seq": receipt.seq, "user_id": user_id, "delivered": receipt.sessions})
+}
+
+/// A publisher is whoever holds a valid token with the publish scope. A user's connect token
+/// lacks it, so it can never publish, not even to its own user.
+fn authorize_publisher(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let claims = token
+        .ok_or(AuthError::Missing)
+        .and_then(|t| app.verifier.verify(t))
+        .map_err(|err| {
+            app.metrics.refusal(err.label());
+            ApiError::unauthorized(err)
+        })?;
+    if !claims.has_scope(PUBLISH_SCOPE) {
+        app.metrics.refusal("publish_scope");
+        tracing::info!(target: "audit", user = %claims.sub, "publish refused: no {PUBLISH_SCOPE} scope");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("token lacks the {PUBLISH_SCOPE} scope"),
+        ));
+    }
+    Ok(())
+}
+
+async fn read_body(app: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    let max = app.config.limits.max_body_bytes;
+    axum::body::to_bytes(body, max).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is larger than {max} bytes"),
+        )
+    })
+}
+
+fn validate(request: PublishRequest, app: &AppState) -> Result<Publication, String> {
+    for (name, value) in [
+        ("user_id", Some(&request.user_id)),
+        ("kind", Some(&request.kind)),
+    ] {
+        if value.is_some_and(|v| v.is_empty()) {
+            return Err(format!("{name} must not be empty"));
+        }
+    }
+    for (name, value) in [
+        ("user_id", Some(&request.user_id)),
+        ("kind", Some(&request.kind)),
+        ("run_id", request.run_id.as_ref()),
+        ("thread_id", request.thread_id.as_ref()),
+    ] {
+        if value.is_some_and(|v| v.len() > MAX_ID_BYTES) {
+            return Err(format!("{name} is longer than {MAX_ID_BYTES} bytes"));
+        }
+    }
+    let payload = request.payload.to_string();
+    // The frame carrying it must fit the clients' message limit.
+    let max = app.config.limits.max_message_bytes.saturating_sub(1024);
+    if payload.len() > max {
+        return Err(format!("payload is larger than {max} bytes"));
+    }
+    Ok(Publication {
+        user_id: request.user_id,
+        kind: request.kind,
+        payload,
+        run_id: request.run_id,
+        thread_id: request.thread_id,
+    })
+}
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    if app.shutdown.is_cancelled() {
+        return ApiError::unavailable("draining").into_response();
+    }
+    Json(json!({"status": "ready"})).into_response()
+}
+
+pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}

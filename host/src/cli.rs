@@ -1,0 +1,245 @@
+//! The `gateway` command line: `serve`, `token`, and `guest` tools for plugin authors.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::{Claims, PUBLISH_SCOPE, mint_hs256, now_secs};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::sandbox::Sandbox;
+use crate::{AppState, serve};
+
+/// Where `--dev` keeps the generated HS256 secret, relative to the working directory.
+pub const DEV_SECRET_FILE: &str = ".gateway-dev-secret";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "WebSocket gateway with one Wasm sandbox per connection"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Mint an HS256 token for the configured secret (for development and tests).
+    Token(TokenArgs),
+    /// Tools for guest authors.
+    #[command(subcommand)]
+    Guest(GuestCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// TOML config file; GATEWAY_* environment variables override it.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Development mode: without a configured secret, use (or create) ./.gateway-dev-secret.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Listen address (overrides config and GATEWAY_LISTEN).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Guest component (overrides config and GATEWAY_GUEST).
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long, env = "GATEWAY_LOG_JSON")]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Mint a connect token for this user (the `sub` claim).
+    #[arg(
+        long,
+        conflicts_with = "publisher",
+        required_unless_present = "publisher"
+    )]
+    pub user: Option<String>,
+    /// Mint a publisher token (scope events:publish).
+    #[arg(long)]
+    pub publisher: bool,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
+    /// `tenant` claim.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// `sid` claim (the client's session id).
+    #[arg(long)]
+    pub sid: Option<String>,
+    /// Extra space-separated scopes.
+    #[arg(long)]
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GuestCommand {
+    /// Wrap a core module built for wasm32-unknown-unknown into a component.
+    Wrap {
+        /// The core module (e.g. target/wasm32-unknown-unknown/release/my_handler.wasm).
+        module: PathBuf,
+        /// Where to write the component.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Check that a component would be accepted by this gateway.
+    Check { component: PathBuf },
+}
+
+pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(args.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.dev && config.jwt_secret.is_none() && config.auth.public_keys.is_empty() {
+        config.jwt_secret = Some(dev_secret(Path::new(DEV_SECRET_FILE))?);
+    }
+    Ok(config)
+}
+
+/// Reads the development secret, creating it on first use.
+fn dev_secret(path: &Path) -> anyhow::Result<String> {
+    if let Ok(secret) = std::fs::read_to_string(path) {
+        return Ok(secret.trim().to_owned());
+    }
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    std::fs::write(path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(secret)
+}
+
+pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = load_config(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(guest) = args.guest {
+        config.guest = Some(guest);
+    }
+    let listen = config.listen;
+    let state = AppState::new(config)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "gateway listening");
+    if args.config.dev {
+        print_dev_help(addr);
+    }
+    serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+fn print_dev_help(addr: std::net::SocketAddr) {
+    println!(
+        "\ngateway (dev) listening on http://{addr}\n\
+         \n  mint tokens:   USER=$(target/release/gateway token --dev --user alice)\n\
+         \x20                PUB=$(target/release/gateway token --dev --publisher)\n\
+         \x20 connect:       websocat \"ws://{addr}/ws?access_token=$USER\"\n\
+         \x20 publish:       curl -s -H \"Authorization: Bearer $PUB\" -H 'content-type: application/json' \\\n\
+         \x20                  -d '{{\"user_id\":\"alice\",\"kind\":\"agent_started\",\"payload\":{{\"step\":1}},\"run_id\":\"r1\"}}' \\\n\
+         \x20                  http://{addr}/v1/publish\n"
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested: draining sessions");
+}
+
+pub fn run_token(args: TokenArgs) -> anyhow::Result<String> {
+    let config = load_config(&args.config)?;
+    let secret = config.jwt_secret.as_deref().context(
+        "no HS256 secret configured: set GATEWAY_JWT_SECRET, jwt_secret in the config, or use --dev",
+    )?;
+    let (sub, mut scopes) = match args.user {
+        Some(user) => (user, Vec::new()),
+        None => ("publisher".to_owned(), vec![PUBLISH_SCOPE.to_owned()]),
+    };
+    scopes.extend(
+        args.scope
+            .iter()
+            .flat_map(|s| s.split_whitespace().map(str::to_owned)),
+    );
+    let claims = Claims {
+        sub,
+        exp: now_secs() + args.ttl,
+        nbf: None,
+        iss: config.auth.issuer.clone(),
+        aud: config.auth.audience.clone(),
+        scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
+        tenant: args.tenant,
+        sid: args.sid,
+    };
+    Ok(mint_hs256(secret, &claims)?)
+}
+
+pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
+    match command {
+        GuestCommand::Wrap { module, output } => {
+            let bytes = std::fs::read(&module)
+                .with_context(|| format!("cannot read {}", module.display()))?;
+            let component = wrap_module(&bytes)
+                .with_context(|| format!("cannot wrap {} into a component", module.display()))?;
+            std::fs::write(&output, component)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            println!("wrote {}", output.display());
+        }
+        GuestCommand::Check { component } => {
+            let limits = crate::config::Limits::default();
+            Sandbox::load(&component, &limits, Arc::new(Metrics::new()))?;
+            println!("{}: accepted", component.display());
+        }
+    }
+    Ok(())
+}
+
+/// Turns a core module (with the component-type section wit-bindgen embeds) into a
+/// component that imports exactly what the module's world imports; no WASI adapter.
+pub fn wrap_module(module: &[u8]) -> anyhow::Result<Vec<u8>> {
+    wit_component::ComponentEncoder::default()
+        .module(module)?
+        .validate(true)
+        .encode()
+}

@@ -1,0 +1,141 @@
+//! Configuration: built-in defaults, then a TOML file, then `GATEWAY_*` environment variables.
+//!
+//! Top-level keys map to `GATEWAY_<KEY>` (`GATEWAY_LISTEN`, `GATEWAY_JWT_SECRET`,
+//! `GATEWAY_GUEST`); nested keys use a double underscore (`GATEWAY_LIMITS__EVENT_QUEUE`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Path of the guest component every connection instantiates.
+    pub guest: Option<PathBuf>,
+    /// HS256 secret for connect and publisher tokens.
+    pub jwt_secret: Option<String>,
+    pub auth: AuthConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    pub audience: Option<String>,
+    /// Public keys for asymmetric tokens (RS256, ES256, EdDSA).
+    pub public_keys: Vec<PublicKeyConfig>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyConfig {
+    /// `RS256`, `ES256` or `EdDSA`.
+    pub alg: String,
+    /// The `kid` tokens signed with this key carry, if any.
+    pub kid: Option<String>,
+    /// PEM file holding the public key.
+    pub pem_file: PathBuf,
+}
+
+/// Every bound a client, a guest or a publisher can push against.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest WebSocket message accepted from a client, and largest frame a guest may emit.
+    pub max_message_bytes: usize,
+    /// Initial WebSocket read buffer per connection (it grows up to one message as needed).
+    pub read_buffer_bytes: usize,
+    /// Bytes of outgoing frames buffered before a write is forced.
+    pub write_buffer_bytes: usize,
+    /// Events waiting for one connection before it counts as a slow client and is closed.
+    pub event_queue: usize,
+    /// Cap on one instance's linear memory.
+    pub guest_memory_bytes: usize,
+    /// CPU deadline of one guest call, in milliseconds.
+    pub guest_call_ms: u64,
+    /// Frames a guest may emit in one call.
+    pub max_emits_per_call: usize,
+    /// A client that reads nothing for this long while frames wait is closed as slow.
+    pub write_timeout_secs: u64,
+    /// A connection with no client frames for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Largest publish request body.
+    pub max_body_bytes: usize,
+    /// Most events in one batch publish.
+    pub max_batch_events: usize,
+    /// How long shutdown waits for connections to close.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            guest: None,
+            jwt_secret: None,
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            issuer: None,
+            audience: None,
+            public_keys: Vec::new(),
+            leeway_secs: 30,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 << 10,
+            read_buffer_bytes: 4 << 10,
+            write_buffer_bytes: 16 << 10,
+            event_queue: 256,
+            guest_memory_bytes: 8 << 20,
+            guest_call_ms: 10,
+            max_emits_per_call: 64,
+            write_timeout_secs: 10,
+            idle_timeout_secs: 30 * 60,
+            max_body_bytes: 1 << 20,
+            max_batch_events: 1000,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the TOML file (if given), then `GATEWAY_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, Box<figment::Error>> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // Only our own keys: other GATEWAY_* variables in an operator's environment are not
+        // config and must not fail the unknown-key check.
+        let env = Env::prefixed("GATEWAY_")
+            .filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                ["listen", "guest", "jwt_secret"].contains(&key.as_str())
+                    || key.starts_with("auth__")
+                    || key.starts_with("limits__")
+            })
+            .split("__");
+        figment.merge(env).extract().map_err(Box::new)
+    }
+}

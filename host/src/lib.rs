@@ -1,0 +1,127 @@
+//! A WebSocket gateway in which every connection runs its handler in its own WebAssembly
+//! sandbox.
+//!
+//! Modules, in the order a connection meets them:
+//! - [`config`]: defaults, TOML file, `GATEWAY_*` environment.
+//! - [`auth`]: JWT verification (algorithm allow-list, `exp`/`nbf`/`iss`/`aud`), token minting.
+//! - [`session`]: one connection's path: auth and instantiation before the upgrade, then the
+//!   loop that owns socket, instance and event queue, then the close.
+//! - [`sandbox`]: the wasmtime engine, the world's two imports, one `Store` per connection.
+//! - [`router`]: user id -> that user's live sessions; per-user sequence numbers.
+//! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
+//! - [`metrics`]: Prometheus counters.
+//! - [`cli`]: `gateway serve` and `gateway token`.
+//!
+//! [`serve`] runs the whole thing on a listener the caller bound, so tests use port 0.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod router;
+pub mod sandbox;
+pub mod session;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::sandbox::Sandbox;
+
+/// Everything a request or session needs, shared by all of them.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub sandbox: Sandbox,
+    pub router: Arc<Router>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the gateway starts draining; every session watches it.
+    pub shutdown: CancellationToken,
+    /// Upgraded sockets are invisible to axum's graceful shutdown, so sessions are tracked
+    /// here and awaited on drain.
+    pub sessions: TaskTracker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no guest component configured: set GATEWAY_GUEST or `guest` in the config file")]
+    NoGuest,
+    #[error(transparent)]
+    Guest(#[from] sandbox::LoadError),
+    #[error(transparent)]
+    Keys(#[from] auth::KeyError),
+}
+
+impl AppState {
+    /// Loads keys and the guest; fails with a message an operator can act on.
+    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let verifier = Verifier::from_config(&config)?;
+        let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
+        let sandbox = Sandbox::load(guest, &config.limits, metrics.clone())?;
+        Ok(Arc::new(AppState {
+            verifier,
+            sandbox,
+            router: Arc::new(Router::new(metrics.clone())),
+            metrics,
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            config,
+        }))
+    }
+}
+
+/// The HTTP application, shared by the binary and the tests.
+pub fn app(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new()
+        .route("/ws", get(session::connect))
+        .route("/v1/publish", post(api::publish))
+        .route("/v1/publish/batch", post(api::publish_batch))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` completes, then closes every session (1001) and waits for them,
+/// at most the configured grace period.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let drain = state.shutdown.clone();
+    let signal = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = drain.cancelled() => {}
+        }
+        drain.cancel();
+    };
+    axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(signal)
+        .await?;
+    state.sessions.close();
+    let grace = Duration::from_secs(state.config.limits.shutdown_grace_secs);
+    if tokio::time::timeout(grace, state.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = state.sessions.len(),
+            "sessions still open after the shutdown grace period"
+        );
+    }
+    Ok(())
+}

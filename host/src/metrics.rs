@@ -1,0 +1,138 @@
+//! Process-wide counters, exposed at `/metrics` in Prometheus text format.
+//!
+//! Counters only: nothing here holds or names a user's data.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub sessions_live: Gauge,
+    pub instances_live: Gauge,
+    pub instantiations: Counter,
+    pub instantiate_seconds: Histogram,
+    pub events_published: Counter,
+    /// Events handed to a session's queue (one per live connection of the user).
+    pub events_routed: Counter,
+    /// Events a guest was called with.
+    pub events_delivered: Counter,
+    pub frames_sent: Counter,
+    pub frames_received: Counter,
+    guest_faults: Family<Labels, Counter>,
+    refusals: Family<Labels, Counter>,
+    closes: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("gateway");
+        let m = Metrics {
+            sessions_live: Gauge::default(),
+            instances_live: Gauge::default(),
+            instantiations: Counter::default(),
+            instantiate_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 16)),
+            events_published: Counter::default(),
+            events_routed: Counter::default(),
+            events_delivered: Counter::default(),
+            frames_sent: Counter::default(),
+            frames_received: Counter::default(),
+            guest_faults: Family::default(),
+            refusals: Family::default(),
+            closes: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sessions_live",
+            "WebSocket sessions open",
+            m.sessions_live.clone(),
+        );
+        registry.register(
+            "instances_live",
+            "Guest instances (stores) alive",
+            m.instances_live.clone(),
+        );
+        registry.register(
+            "instantiations",
+            "Guest instances created",
+            m.instantiations.clone(),
+        );
+        registry.register(
+            "instantiate_seconds",
+            "Time to instantiate a guest for a connection",
+            m.instantiate_seconds.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events accepted by the publish API",
+            m.events_published.clone(),
+        );
+        registry.register(
+            "events_routed",
+            "Events queued to a live session of their user",
+            m.events_routed.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Events passed to a guest",
+            m.events_delivered.clone(),
+        );
+        registry.register(
+            "frames_sent",
+            "Frames written to clients",
+            m.frames_sent.clone(),
+        );
+        registry.register(
+            "frames_received",
+            "Frames received from clients",
+            m.frames_received.clone(),
+        );
+        registry.register(
+            "guest_faults",
+            "Connections closed because their guest misbehaved, by kind",
+            m.guest_faults.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Connections or requests refused, by reason",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "session_closes",
+            "Sessions ended, by reason",
+            m.closes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn guest_fault(&self, kind: &'static str) {
+        self.guest_faults.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    pub fn refusal(&self, reason: &'static str) {
+        self.refusals.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    pub fn session_closed(&self, reason: &'static str) {
+        self.closes.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

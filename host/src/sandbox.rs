@@ -1,0 +1,421 @@
+//! The Wasm sandbox: one compiled guest for the process, one instance per connection.
+//!
+//! [`Sandbox`] owns the wasmtime `Engine`, a `Linker` that holds exactly the world's two
+//! imports, and the `InstancePre` built once at start-up. [`Instance`] is one connection's
+//! handler: its own `Store`, so its own linear memory, CPU deadline and limits. Dropping an
+//! `Instance` drops the store and every byte the handler kept.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, ResourceLimiter, Store};
+
+use crate::config::Limits;
+use crate::metrics::Metrics;
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "handler",
+        imports: { default: trappable },
+    });
+}
+
+pub use bindings::gateway::handler::connection::{CloseReason, Context, Event, Frame};
+use bindings::{Handler, HandlerPre};
+
+/// The one interface a guest may import.
+pub const WORLD_IMPORT: &str = "gateway:handler/connection@0.1.0";
+
+/// How often the epoch ticks; a guest call's CPU deadline is a whole number of ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read guest component {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid WebAssembly component: {reason:#}")]
+    Compile {
+        path: String,
+        reason: wasmtime::Error,
+    },
+    #[error(
+        "guest {path} imports what this gateway does not provide: {}. A handler may import only \
+         `{WORLD_IMPORT}` (see wit/world.wit). Build it for wasm32-unknown-unknown (not \
+         wasm32-wasip1/wasip2, whose std imports WASI) and wrap the core module with \
+         `gateway guest wrap`, or wasm-tools component new without a WASI adapter.",
+        imports.join(", ")
+    )]
+    ForeignImports { path: String, imports: Vec<String> },
+    #[error("guest {path} does not match the gateway:handler world: {reason:#}")]
+    World {
+        path: String,
+        reason: wasmtime::Error,
+    },
+    #[error("cannot configure the Wasm engine: {0:#}")]
+    Engine(wasmtime::Error),
+}
+
+/// Why a guest lost its connection. Each maps to a close code and a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The guest trapped: a panic, `unreachable`, an out-of-bounds access.
+    Trap,
+    /// A call ran past its CPU deadline.
+    Cpu,
+    /// The guest asked for more linear memory than its cap and then failed.
+    Memory,
+    /// More emits in one call than the per-call budget.
+    EmitBudget,
+    /// One emitted frame larger than the maximum frame size.
+    EmitTooLarge,
+    /// `emit` before `ack-context`, or `init` returned without acknowledging.
+    Unacknowledged,
+    /// `ack-context` named another connection or user.
+    AckMismatch,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Trap => "trap",
+            Fault::Cpu => "cpu",
+            Fault::Memory => "memory",
+            Fault::EmitBudget => "emit_budget",
+            Fault::EmitTooLarge => "emit_too_large",
+            Fault::Unacknowledged => "unacknowledged",
+            Fault::AckMismatch => "ack_mismatch",
+        }
+    }
+
+    /// Identity faults are policy violations; the rest are the guest breaking.
+    pub fn is_policy(self) -> bool {
+        matches!(self, Fault::Unacknowledged | Fault::AckMismatch)
+    }
+}
+
+/// Per-instance limits, copied into each store.
+#[derive(Debug, Clone, Copy)]
+struct InstanceLimits {
+    memory_bytes: usize,
+    table_elements: usize,
+    emits_per_call: usize,
+    emit_bytes: usize,
+    deadline_ticks: u64,
+}
+
+/// The compiled guest, shared by every connection.
+#[derive(Clone)]
+pub struct Sandbox {
+    engine: Engine,
+    pre: HandlerPre<HostState>,
+    limits: InstanceLimits,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl Sandbox {
+    /// Compiles and links the guest at `path`, refusing it if it imports anything but the
+    /// world. Starts the epoch ticker that enforces CPU deadlines.
+    pub fn load(path: &Path, limits: &Limits, metrics: Arc<Metrics>) -> Result<Self, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_bytes(&bytes, &path.display().to_string(), limits, metrics)
+    }
+
+    pub fn from_bytes(
+        bytes: &[u8],
+        name: &str,
+        limits: &Limits,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, LoadError> {
+        let engine = Engine::new(&engine_config(limits)).map_err(LoadError::Engine)?;
+        let component = Component::new(&engine, bytes).map_err(|reason| LoadError::Compile {
+            path: name.to_owned(),
+            reason,
+        })?;
+
+        let foreign: Vec<String> = component
+            .component_type()
+            .imports(&engine)
+            .map(|(import, _)| import.to_owned())
+            .filter(|import| import != WORLD_IMPORT)
+            .collect();
+        if !foreign.is_empty() {
+            return Err(LoadError::ForeignImports {
+                path: name.to_owned(),
+                imports: foreign,
+            });
+        }
+
+        let mut linker = Linker::<HostState>::new(&engine);
+        Handler::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(|reason| {
+            LoadError::World {
+                path: name.to_owned(),
+                reason,
+            }
+        })?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(HandlerPre::new)
+            .map_err(|reason| LoadError::World {
+                path: name.to_owned(),
+                reason,
+            })?;
+
+        spawn_epoch_ticker(&engine);
+        let tick_ms = EPOCH_TICK.as_millis().max(1) as u64;
+        Ok(Sandbox {
+            engine,
+            pre,
+            limits: InstanceLimits {
+                memory_bytes: limits.guest_memory_bytes,
+                table_elements: 10_000,
+                emits_per_call: limits.max_emits_per_call,
+                emit_bytes: limits.max_message_bytes,
+                deadline_ticks: limits.guest_call_ms.div_ceil(tick_ms).max(1),
+            },
+            metrics,
+        })
+    }
+
+    /// Creates this connection's own instance. Its memory is its own until it is dropped.
+    pub fn instantiate(&self, ctx: &Context) -> wasmtime::Result<Instance> {
+        let started = std::time::Instant::now();
+        let state = HostState {
+            connection_id: ctx.connection_id.clone(),
+            user_id: ctx.user_id.clone(),
+            acked: false,
+            outbox: Vec::new(),
+            violation: None,
+            memory_exceeded: false,
+            limits: self.limits,
+            metrics: self.metrics.clone(),
+        };
+        self.metrics.instances_live.inc();
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| state);
+        store.set_epoch_deadline(self.limits.deadline_ticks);
+        store.epoch_deadline_trap();
+        let handler = self.pre.instantiate(&mut store)?;
+        self.metrics.instantiations.inc();
+        self.metrics
+            .instantiate_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Instance {
+            store,
+            handler,
+            faulted: None,
+            deadline_ticks: self.limits.deadline_ticks,
+        })
+    }
+}
+
+fn engine_config(limits: &Limits) -> wasmtime::Config {
+    let mut config = wasmtime::Config::new();
+    // Density first: the default 4 GiB reservation per memory exhausts the address space at
+    // ~30k instances. A small reservation plus guard still lets memories grow (by copying)
+    // up to the per-instance cap enforced in `memory_growing`.
+    config.memory_reservation(limits.guest_memory_bytes.max(16 << 20) as u64);
+    config.memory_guard_size(64 << 10);
+    config.memory_reservation_for_growth(0);
+    config.memory_init_cow(true);
+    config.epoch_interruption(true);
+    config.max_wasm_stack(512 << 10);
+    config
+}
+
+/// Ticks the engine's epoch so that a guest stuck in a loop hits its deadline. A plain OS
+/// thread, not a tokio task: when guests occupy every runtime worker, this must still tick.
+fn spawn_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("epoch-ticker".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine); // hold no strong reference while asleep, so the engine can go
+                std::thread::sleep(EPOCH_TICK);
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::error!(%err, "cannot start the epoch ticker; guest CPU deadlines will not fire");
+    }
+}
+
+/// The host side of one instance: what `emit` and `ack-context` act on.
+pub struct HostState {
+    connection_id: String,
+    user_id: String,
+    acked: bool,
+    /// Frames emitted during the current call, sent once the call returns.
+    outbox: Vec<Frame>,
+    /// Set when a host function refuses the guest; the call then traps and this says why.
+    violation: Option<Fault>,
+    /// Set when the guest asked for memory past its cap, to tell a memory fault from a trap.
+    memory_exceeded: bool,
+    limits: InstanceLimits,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for HostState {
+    fn drop(&mut self) {
+        // The store owns this state, so this runs exactly when the instance's memory is freed.
+        self.metrics.instances_live.dec();
+    }
+}
+
+impl bindings::gateway::handler::connection::Host for HostState {
+    fn ack_context(&mut self, connection_id: String, user_id: String) -> wasmtime::Result<()> {
+        if connection_id != self.connection_id || user_id != self.user_id {
+            self.violation = Some(Fault::AckMismatch);
+            wasmtime::bail!("ack-context named another connection or user");
+        }
+        self.acked = true;
+        Ok(())
+    }
+
+    fn emit(&mut self, frame: Frame) -> wasmtime::Result<()> {
+        if !self.acked {
+            self.violation = Some(Fault::Unacknowledged);
+            wasmtime::bail!("emit before ack-context");
+        }
+        if self.outbox.len() >= self.limits.emits_per_call {
+            self.violation = Some(Fault::EmitBudget);
+            wasmtime::bail!("more than {} emits in one call", self.limits.emits_per_call);
+        }
+        let len = match &frame {
+            Frame::Text(text) => text.len(),
+            Frame::Binary(bytes) => bytes.len(),
+        };
+        if len > self.limits.emit_bytes {
+            self.violation = Some(Fault::EmitTooLarge);
+            wasmtime::bail!(
+                "emitted frame of {len} bytes, limit {}",
+                self.limits.emit_bytes
+            );
+        }
+        self.outbox.push(frame);
+        Ok(())
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limits.memory_bytes {
+            self.memory_exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.limits.table_elements)
+    }
+
+    // A wit-bindgen component holds 3 core instances, 2 tables and 1 memory; leave headroom
+    // for other toolchains but nothing like the defaults (10,000).
+    fn instances(&self) -> usize {
+        16
+    }
+    fn tables(&self) -> usize {
+        16
+    }
+    fn memories(&self) -> usize {
+        4
+    }
+}
+
+/// One connection's handler instance.
+pub struct Instance {
+    store: Store<HostState>,
+    handler: Handler,
+    /// Once set, the instance is never entered again: after a trap its state is undefined.
+    faulted: Option<Fault>,
+    deadline_ticks: u64,
+}
+
+impl Instance {
+    pub fn init(&mut self, ctx: &Context) -> Result<Vec<Frame>, Fault> {
+        let frames = self.call(|h, s| h.call_init(s, ctx))?;
+        if !self.store.data().acked {
+            return Err(self.fail(Fault::Unacknowledged));
+        }
+        Ok(frames)
+    }
+
+    pub fn on_client_message(&mut self, frame: &Frame) -> Result<Vec<Frame>, Fault> {
+        self.call(|h, s| h.call_on_client_message(s, frame))
+    }
+
+    pub fn on_event(&mut self, event: &Event) -> Result<Vec<Frame>, Fault> {
+        self.call(|h, s| h.call_on_event(s, event))
+    }
+
+    pub fn on_close(&mut self, reason: CloseReason) -> Result<Vec<Frame>, Fault> {
+        self.call(|h, s| h.call_on_close(s, reason))
+    }
+
+    pub fn fault(&self) -> Option<Fault> {
+        self.faulted
+    }
+
+    fn call(
+        &mut self,
+        f: impl FnOnce(&Handler, &mut Store<HostState>) -> wasmtime::Result<()>,
+    ) -> Result<Vec<Frame>, Fault> {
+        if let Some(fault) = self.faulted {
+            return Err(fault);
+        }
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        let result = f(&self.handler, &mut self.store);
+        let state = self.store.data_mut();
+        let frames = std::mem::take(&mut state.outbox);
+        match result {
+            Ok(()) => Ok(frames),
+            Err(err) => {
+                let fault = if let Some(v) = state.violation {
+                    v
+                } else if state.memory_exceeded {
+                    Fault::Memory
+                } else if err.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+                    Fault::Cpu
+                } else {
+                    Fault::Trap
+                };
+                tracing::debug!(fault = fault.as_str(), error = %format!("{err:#}"), "guest fault");
+                Err(self.fail(fault))
+            }
+        }
+    }
+
+    fn fail(&mut self, fault: Fault) -> Fault {
+        self.faulted = Some(fault);
+        fault
+    }
+}

@@ -1,0 +1,77 @@
+//! A guest that misbehaves on request, so tests can inject faults into some connections
+//! while others carry traffic.
+//!
+//! At `init` the token's `sid` claim picks an identity fault: `no-ack`, `ack-other-user`,
+//! `ack-other-connection`, `emit-before-ack`, or none. Afterwards a client text frame picks
+//! a runtime fault: `trap`, `loop`, `grow`, `flood`, `big`; anything else is echoed back.
+//! Events are forwarded as `{"type":"event","seq":N}`.
+
+// The generated export glue takes one argument per flattened record field.
+#![allow(clippy::too_many_arguments)]
+
+use std::cell::Cell;
+
+wit_bindgen::generate!({ path: "../../../wit", world: "handler" });
+
+use gateway::handler::connection::{ack_context, emit};
+
+thread_local! {
+    static EVENTS: Cell<u64> = const { Cell::new(0) };
+}
+
+struct Chaos;
+
+impl Guest for Chaos {
+    fn init(ctx: Context) {
+        match ctx.session_id.as_deref() {
+            Some("no-ack") => {}
+            Some("ack-other-user") => ack_context(&ctx.connection_id, "mallory"),
+            Some("ack-other-connection") => ack_context("another-connection", &ctx.user_id),
+            Some("emit-before-ack") => {
+                emit(&Frame::Text("early".into()));
+                ack_context(&ctx.connection_id, &ctx.user_id);
+            }
+            _ => ack_context(&ctx.connection_id, &ctx.user_id),
+        }
+        emit(&Frame::Text(r#"{"type":"welcome"}"#.into()));
+    }
+
+    fn on_client_message(frame: Frame) {
+        let Frame::Text(text) = frame else { return };
+        match text.as_str() {
+            "trap" => panic!("asked to trap"),
+            "loop" => {
+                let mut n = 0u64;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "grow" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(std::hint::black_box(vec![1u8; 256 << 10]));
+                }
+            }
+            "flood" => {
+                for _ in 0..100_000 {
+                    emit(&Frame::Text("flood".into()));
+                }
+            }
+            "big" => emit(&Frame::Text("x".repeat(4 << 20))),
+            _ => emit(&Frame::Text(text)),
+        }
+    }
+
+    fn on_event(event: Event) {
+        let n = EVENTS.get() + 1;
+        EVENTS.set(n);
+        emit(&Frame::Text(format!(
+            r#"{{"type":"event","seq":{},"kind":"{}","count":{n}}}"#,
+            event.seq, event.kind
+        )));
+    }
+
+    fn on_close(_reason: CloseReason) {}
+}
+
+export!(Chaos);

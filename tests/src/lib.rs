@@ -1,0 +1,281 @@
+//! Test harness: the real gateway (the `gateway` library's `serve`) on port 0, real guest
+//! components built from source by `build.rs`, and clients over real sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures_util::{SinkExt, StreamExt};
+use gateway::AppState;
+use gateway::auth::{Claims, PUBLISH_SCOPE, mint_hs256, now_secs};
+use gateway::config::Config;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Paths of the guest components `build.rs` built.
+pub mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}
+
+pub const SECRET: &str = "gateway-tests-secret-0123456789abcdef";
+
+/// How long a test waits for something that should happen promptly.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+pub fn config(guest: &str) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        guest: Some(guest.into()),
+        jwt_secret: Some(SECRET.into()),
+        ..Config::default()
+    }
+}
+
+impl TestGateway {
+    pub async fn start() -> Self {
+        Self::start_with(config(guests::REFERENCE)).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AppState::new(config).expect("gateway starts");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway::serve(listener, state.clone(), async move {
+            let _ = rx.await;
+        }));
+        TestGateway {
+            addr,
+            state,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        token(claims(user))
+    }
+
+    pub fn publisher_token(&self) -> String {
+        let mut c = claims("backend");
+        c.scope = Some(PUBLISH_SCOPE.into());
+        token(c)
+    }
+
+    /// Connects as `user` and reads the welcome frame.
+    pub async fn connect(&self, user: &str) -> Client {
+        self.connect_with(claims(user)).await
+    }
+
+    pub async fn connect_with(&self, claims: Claims) -> Client {
+        let mut client = self
+            .try_connect(&token(claims))
+            .await
+            .expect("connect is accepted");
+        let welcome = client.next_json().await.expect("welcome frame");
+        assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
+        client
+    }
+
+    /// Connects with `Authorization: Bearer <token>`.
+    pub async fn try_connect(
+        &self,
+        token: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = self.ws_url().into_client_request()?;
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Client { ws })
+    }
+
+    pub async fn publish(&self, token: &str, body: &Value) -> (u16, Value) {
+        post(&self.url("/v1/publish"), token, body.to_string()).await
+    }
+
+    pub async fn publish_batch(&self, token: &str, events: &[Value]) -> (u16, Value) {
+        let body = serde_json::json!({ "events": events });
+        post(&self.url("/v1/publish/batch"), token, body.to_string()).await
+    }
+
+    /// A value from `/metrics`; `name` includes labels as rendered, e.g.
+    /// `gateway_guest_faults_total{kind="trap"}`. Missing means zero.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| {
+                let (key, value) = line.rsplit_once(' ')?;
+                (key == name).then(|| value.parse().unwrap())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until a metric reaches `want`, or fails with the last value seen.
+    pub async fn wait_metric(&self, name: &str, want: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let value = self.metric(name).await;
+            if value == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} is {value}, expected {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub fn claims(user: &str) -> Claims {
+    Claims {
+        sub: user.into(),
+        exp: now_secs() + 3600,
+        nbf: None,
+        iss: None,
+        aud: None,
+        scope: None,
+        tenant: None,
+        sid: None,
+    }
+}
+
+pub fn token(claims: Claims) -> String {
+    mint_hs256(SECRET, &claims).unwrap()
+}
+
+pub async fn post(url: &str, token: &str, body: String) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap();
+    let json = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, json)
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a client saw when it expected the connection to end.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Client {
+    pub async fn send_json(&mut self, value: &Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// The next text frame as JSON; fails on close, timeout or a non-JSON frame.
+    pub async fn next_json(&mut self) -> anyhow::Result<Value> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .context("no frame within the wait")?
+                .context("stream ended")??;
+            match msg {
+                Message::Text(text) => return Ok(serde_json::from_str(text.as_str())?),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => bail!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code and reason. Frames before the
+    /// close are skipped.
+    pub async fn closed(&mut self) -> Closed {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("connection should close within the wait");
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Closed {
+                        code: u16::from(frame.code),
+                        reason: frame.reason.to_string(),
+                    };
+                }
+                Some(Ok(Message::Close(None))) | None => {
+                    return Closed {
+                        code: u16::from(CloseCode::Status),
+                        reason: String::new(),
+                    };
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => panic!("connection failed instead of closing: {err}"),
+            }
+        }
+    }
+
+    /// Asserts no text frame arrives within `quiet`.
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        if let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(quiet, self.ws.next()).await
+        {
+            panic!("unexpected frame: {text}");
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Drain until the server's close reply so the session has really ended.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.ws.next()).await {}
+    }
+}
