@@ -73,7 +73,8 @@ struct PublishRequest {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
-    events: Vec<PublishRequest>,
+    /// Parsed one by one, so an error can name the event's index.
+    events: Vec<Value>,
 }
 
 /// `POST /v1/publish`: one event. Answers `{"seq", "user_id", "delivered"}`.
@@ -115,8 +116,11 @@ pub async fn publish_batch(
         .events
         .into_iter()
         .enumerate()
-        .map(|(i, request)| {
-            validate(request, &app).map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))
+        .map(|(i, event)| {
+            serde_json::from_value::<PublishRequest>(event)
+                .map_err(|e| e.to_string())
+                .and_then(|request| validate(request, &app))
+                .map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let results: Vec<Value> = publications

@@ -18,7 +18,10 @@ pub const PUBLISH_SCOPE: &str = "events:publish";
 /// The claims the gateway reads. Anything else in the token is ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
+    /// Defaulted so that a missing `sub` is reported as such, not as a malformed token.
+    #[serde(default)]
     pub sub: String,
+    #[serde(default)]
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
@@ -210,7 +213,10 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        required.extend(self.issuer.as_ref().map(|_| "iss"));
+        required.extend(self.audience.as_ref().map(|_| "aud"));
+        validation.set_required_spec_claims(&required);
         match &self.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,
@@ -223,6 +229,9 @@ impl Verifier {
         let mut last = AuthError::Signature;
         for key in candidates {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+                Ok(data) if data.claims.sub.is_empty() => {
+                    return Err(AuthError::MissingClaim("sub".into()));
+                }
                 Ok(data) => return Ok(data.claims),
                 Err(err) => {
                     last = classify(err.kind());

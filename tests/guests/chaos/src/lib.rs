@@ -57,7 +57,7 @@ impl Guest for Chaos {
                     emit(&Frame::Text("flood".into()));
                 }
             }
-            "big" => emit(&Frame::Text("x".repeat(4 << 20))),
+            "big" => emit(&Frame::Text("x".repeat(1 << 20))),
             _ => emit(&Frame::Text(text)),
         }
     }

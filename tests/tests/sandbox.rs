@@ -1,0 +1,147 @@
+//! The sandbox boundary: what a guest may import, the identity handshake, and faults that
+//! stay inside their own connection.
+
+use std::process::Command;
+use std::time::Duration;
+
+use gateway::AppState;
+use gateway_tests::{Client, TestGateway, claims, config, guests};
+use serde_json::json;
+
+#[test]
+fn a_guest_importing_wasi_is_refused_at_start_up_naming_each_import() {
+    let err = AppState::new(config(guests::WASI_IMPORT)).expect_err("must be refused");
+    let message = err.to_string();
+    for import in [
+        "wasi:clocks/wall-clock@0.2.0",
+        "wasi:clocks/monotonic-clock@0.2.0",
+    ] {
+        assert!(message.contains(import), "{message:?} should name {import}");
+    }
+    assert!(
+        message.contains("wasm32-unknown-unknown"),
+        "{message:?} should say how to build"
+    );
+}
+
+/// The same through the real binary, configured by environment only.
+#[test]
+fn the_binary_exits_with_the_named_imports() {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe.parent().unwrap().parent().unwrap().join("gateway");
+    assert!(
+        binary.exists(),
+        "{} not built (make test builds it)",
+        binary.display()
+    );
+    let output = Command::new(binary)
+        .arg("serve")
+        .env("GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("GATEWAY_JWT_SECRET", gateway_tests::SECRET)
+        .env("GATEWAY_GUEST", guests::WASI_IMPORT)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("wasi:clocks/wall-clock@0.2.0"), "{stderr}");
+    assert!(
+        stderr.contains("wasi:clocks/monotonic-clock@0.2.0"),
+        "{stderr}"
+    );
+}
+
+async fn chaos() -> TestGateway {
+    let mut cfg = config(guests::CHAOS);
+    cfg.limits.guest_memory_bytes = 4 << 20;
+    TestGateway::start_with(cfg).await
+}
+
+/// Connects to the chaos guest with `sid` choosing its identity behaviour, without waiting
+/// for a welcome.
+async fn chaos_connect(gw: &TestGateway, user: &str, sid: Option<&str>) -> Client {
+    let mut c = claims(user);
+    c.sid = sid.map(str::to_owned);
+    gw.try_connect(&gateway_tests::token(c)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_violations_close_with_policy_violation() {
+    let gw = chaos().await;
+    for (sid, kind) in [
+        ("no-ack", "unacknowledged"),
+        ("ack-other-user", "ack_mismatch"),
+        ("ack-other-connection", "ack_mismatch"),
+        ("emit-before-ack", "unacknowledged"),
+    ] {
+        let mut client = chaos_connect(&gw, "alice", Some(sid)).await;
+        let closed = client.closed().await;
+        assert_eq!(closed.code, 1008, "{sid}: {closed:?}");
+        assert!(closed.reason.contains(kind), "{sid}: {closed:?}");
+    }
+    assert_eq!(
+        gw.metric(r#"gateway_guest_faults_total{kind="ack_mismatch"}"#)
+            .await,
+        2.0
+    );
+    gw.wait_metric("gateway_instances_live", 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_close_only_their_own_connection() {
+    let gw = chaos().await;
+    let publisher = gw.publisher_token();
+    let mut healthy = Vec::new();
+    for _ in 0..3 {
+        let mut c = chaos_connect(&gw, "alice", None).await;
+        assert!(c.next_json().await.is_ok());
+        healthy.push(c);
+    }
+
+    let mut seq = 0;
+    for (trigger, kind) in [
+        ("trap", "trap"),
+        ("loop", "cpu"),
+        ("grow", "memory"),
+        ("flood", "emit_budget"),
+        ("big", "emit_too_large"),
+    ] {
+        // The faulty connection belongs to the same user as the healthy ones: the
+        // strongest case for containment.
+        let mut faulty = chaos_connect(&gw, "alice", None).await;
+        assert!(faulty.next_json().await.is_ok());
+        faulty.send_text(trigger).await;
+        let started = std::time::Instant::now();
+        let closed = faulty.closed().await;
+        assert_eq!(closed.code, 1011, "{trigger}: {closed:?}");
+        assert!(closed.reason.contains(kind), "{trigger}: {closed:?}");
+        if trigger == "loop" {
+            assert!(
+                started.elapsed() < Duration::from_millis(1000),
+                "loop cut after {:?}",
+                started.elapsed()
+            );
+        }
+
+        let (status, _) = gw
+            .publish(
+                &publisher,
+                &json!({"user_id": "alice", "kind": trigger, "payload": {}}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        seq += 1;
+        for client in &mut healthy {
+            let frame = client.next_json().await.unwrap();
+            assert_eq!(frame["seq"], seq, "{frame}");
+            assert_eq!(frame["kind"], trigger);
+            // The instance's own counter: its state survived the neighbours' faults.
+            assert_eq!(frame["count"], seq, "{frame}");
+        }
+        assert_eq!(
+            gw.metric(&format!(r#"gateway_guest_faults_total{{kind="{kind}"}}"#))
+                .await,
+            1.0
+        );
+    }
+    gw.wait_metric("gateway_instances_live", 3.0).await;
+}
