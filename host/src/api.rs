@@ -214,11 +214,17 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready means: a new connection would be admitted now.
 pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     if app.shutdown.is_cancelled() {
         return ApiError::unavailable("draining").into_response();
     }
-    Json(json!({"status": "ready"})).into_response()
+    if !app.admission.has_room() {
+        return ApiError::unavailable("at the connection limit").into_response();
+    }
+    let capacity = app.admission.capacity.effective;
+    Json(json!({"status": "ready", "connections": app.admission.live(), "capacity": capacity}))
+        .into_response()
 }
 
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {

@@ -141,9 +141,7 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let listen = config.listen;
     let state = AppState::new(config)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "gateway listening");
     if args.config.dev {
@@ -152,6 +150,22 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     serve(listener, state, shutdown_signal()).await?;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Pending connections the kernel may queue (it clamps to `net.core.somaxconn`). The
+/// default of 128 overflows in a connect storm, and each overflow costs the client a 1 s SYN
+/// retry.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn print_dev_help(addr: std::net::SocketAddr) {

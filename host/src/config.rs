@@ -34,6 +34,9 @@ pub struct AuthConfig {
     pub public_keys: Vec<PublicKeyConfig>,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// Browser origins allowed to connect (exact `Origin` header values). Empty: any origin.
+    /// Requests without an `Origin` header (non-browser clients) are not affected.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +54,15 @@ pub struct PublicKeyConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
+    /// Connections this node admits; 0 means as many as its file-descriptor limit and
+    /// `vm.max_map_count` allow (computed at start-up). A larger value is lowered to that.
+    pub max_connections: usize,
+    /// Live connections one user may hold.
+    pub max_connections_per_user: usize,
+    /// Sustained client messages per second per connection; more closes it (1008).
+    pub client_messages_per_sec: u32,
+    /// Client messages allowed in a burst above the sustained rate.
+    pub client_message_burst: u32,
     /// Largest WebSocket message accepted from a client, and largest frame a guest may emit.
     pub max_message_bytes: usize,
     /// Initial WebSocket read buffer per connection (it grows up to one message as needed).
@@ -59,16 +71,26 @@ pub struct Limits {
     pub write_buffer_bytes: usize,
     /// Events waiting for one connection before it counts as a slow client and is closed.
     pub event_queue: usize,
+    /// Bytes of event payloads waiting for one connection before it counts as a slow client.
+    pub outbound_queue_bytes: usize,
     /// Cap on one instance's linear memory.
     pub guest_memory_bytes: usize,
-    /// CPU deadline of one guest call, in milliseconds.
+    /// CPU time one guest call may use, in milliseconds (time the thread is preempted does
+    /// not count).
     pub guest_call_ms: u64,
+    /// Wall-clock bound on one guest call, in milliseconds, however little CPU it got: no
+    /// guest holds a runtime worker thread longer than this.
+    pub guest_call_wall_ms: u64,
     /// Frames a guest may emit in one call.
     pub max_emits_per_call: usize,
     /// A client that reads nothing for this long while frames wait is closed as slow.
     pub write_timeout_secs: u64,
-    /// A connection with no client frames for this long is closed.
+    /// A connection with no frames either way for this long is closed.
     pub idle_timeout_secs: u64,
+    /// How often the gateway pings each client.
+    pub ping_interval_secs: u64,
+    /// A client that sends nothing, not even a pong, for this long is a dead peer.
+    pub dead_peer_secs: u64,
     /// Largest publish request body.
     pub max_body_bytes: usize,
     /// Most events in one batch publish.
@@ -96,6 +118,7 @@ impl Default for AuthConfig {
             audience: None,
             public_keys: Vec::new(),
             leeway_secs: 30,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -103,15 +126,23 @@ impl Default for AuthConfig {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            max_connections: 0,
+            max_connections_per_user: 5,
+            client_messages_per_sec: 50,
+            client_message_burst: 100,
             max_message_bytes: 64 << 10,
             read_buffer_bytes: 4 << 10,
             write_buffer_bytes: 16 << 10,
-            event_queue: 256,
+            event_queue: 1024,
+            outbound_queue_bytes: 1 << 20,
             guest_memory_bytes: 8 << 20,
             guest_call_ms: 10,
+            guest_call_wall_ms: 100,
             max_emits_per_call: 64,
             write_timeout_secs: 10,
             idle_timeout_secs: 30 * 60,
+            ping_interval_secs: 30,
+            dead_peer_secs: 75,
             max_body_bytes: 1 << 20,
             max_batch_events: 1000,
             shutdown_grace_secs: 10,

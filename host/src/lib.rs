@@ -4,6 +4,7 @@
 //! Modules, in the order a connection meets them:
 //! - [`config`]: defaults, TOML file, `GATEWAY_*` environment.
 //! - [`auth`]: JWT verification (algorithm allow-list, `exp`/`nbf`/`iss`/`aud`), token minting.
+//! - [`admission`]: how many connections this node can hold (fds, memory mappings).
 //! - [`session`]: one connection's path: auth and instantiation before the upgrade, then the
 //!   loop that owns socket, instance and event queue, then the close.
 //! - [`sandbox`]: the wasmtime engine, the world's two imports, one `Store` per connection.
@@ -14,6 +15,7 @@
 //!
 //! [`serve`] runs the whole thing on a listener the caller bound, so tests use port 0.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod cli;
@@ -32,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, Capacity};
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -45,6 +48,7 @@ pub struct AppState {
     pub verifier: Verifier,
     pub sandbox: Sandbox,
     pub router: Arc<Router>,
+    pub admission: Admission,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the gateway starts draining; every session watches it.
     pub shutdown: CancellationToken,
@@ -70,10 +74,19 @@ impl AppState {
         let verifier = Verifier::from_config(&config)?;
         let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
         let sandbox = Sandbox::load(guest, &config.limits, metrics.clone())?;
+        let capacity = Capacity::of_this_process(config.limits.max_connections);
+        tracing::info!(
+            connections = capacity.effective,
+            fd_limit = capacity.fd_limit,
+            max_map_count = capacity.max_map_count,
+            configured = capacity.configured,
+            "connection capacity of this node"
+        );
         Ok(Arc::new(AppState {
             verifier,
             sandbox,
-            router: Arc::new(Router::new(metrics.clone())),
+            router: Arc::new(Router::new(metrics.clone(), &config.limits)),
+            admission: Admission::new(capacity),
             metrics,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),

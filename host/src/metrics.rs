@@ -18,6 +18,7 @@ pub struct Metrics {
     pub instances_live: Gauge,
     pub instantiations: Counter,
     pub instantiate_seconds: Histogram,
+    pub session_seconds: Histogram,
     pub events_published: Counter,
     /// Events handed to a session's queue (one per live connection of the user).
     pub events_routed: Counter,
@@ -25,6 +26,8 @@ pub struct Metrics {
     pub events_delivered: Counter,
     pub frames_sent: Counter,
     pub frames_received: Counter,
+    /// Sessions closed as slow clients because their queue was full.
+    pub queue_overflows: Counter,
     guest_faults: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     closes: Family<Labels, Counter>,
@@ -44,11 +47,13 @@ impl Metrics {
             instances_live: Gauge::default(),
             instantiations: Counter::default(),
             instantiate_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 16)),
+            session_seconds: Histogram::new(exponential_buckets(0.01, 4.0, 12)),
             events_published: Counter::default(),
             events_routed: Counter::default(),
             events_delivered: Counter::default(),
             frames_sent: Counter::default(),
             frames_received: Counter::default(),
+            queue_overflows: Counter::default(),
             guest_faults: Family::default(),
             refusals: Family::default(),
             closes: Family::default(),
@@ -75,6 +80,11 @@ impl Metrics {
             m.instantiate_seconds.clone(),
         );
         registry.register(
+            "session_seconds",
+            "How long sessions lasted",
+            m.session_seconds.clone(),
+        );
+        registry.register(
             "events_published",
             "Events accepted by the publish API",
             m.events_published.clone(),
@@ -98,6 +108,11 @@ impl Metrics {
             "frames_received",
             "Frames received from clients",
             m.frames_received.clone(),
+        );
+        registry.register(
+            "queue_overflows",
+            "Event queues that overflowed (the session closes as a slow client)",
+            m.queue_overflows.clone(),
         );
         registry.register(
             "guest_faults",

@@ -7,11 +7,13 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::sandbox::Event;
 
@@ -39,8 +41,24 @@ pub struct Receipt {
 struct Route {
     connection_id: Arc<str>,
     events: mpsc::Sender<Arc<Event>>,
+    /// Bytes of events queued and not yet taken by the session.
+    queued_bytes: Arc<AtomicUsize>,
     /// Cancelled when this session's queue overflows: it is a slow client.
     overflow: CancellationToken,
+}
+
+/// The user already holds as many live connections as allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("user already has {0} live connections")]
+pub struct UserLimit(pub usize);
+
+/// Roughly what a queued event holds on to.
+fn event_bytes(event: &Event) -> usize {
+    event.payload.len()
+        + event.kind.len()
+        + event.run_id.as_ref().map_or(0, String::len)
+        + event.thread_id.as_ref().map_or(0, String::len)
+        + 64
 }
 
 #[derive(Default)]
@@ -53,6 +71,9 @@ pub struct Router {
     shards: Box<[Mutex<HashMap<String, UserRoutes>>]>,
     hasher: RandomState,
     metrics: Arc<Metrics>,
+    per_user: usize,
+    queue_events: usize,
+    queue_bytes: usize,
 }
 
 impl std::fmt::Debug for Router {
@@ -61,19 +82,52 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// A session's place in the router; dropping it removes the session.
-pub struct Registration {
+/// A session's end of the router: its bounded event queue. Dropping it removes the session
+/// from the router.
+pub struct Mailbox {
     router: Arc<Router>,
     user_id: String,
     connection_id: Arc<str>,
+    events: mpsc::Receiver<Arc<Event>>,
+    queued_bytes: Arc<AtomicUsize>,
+    overflow: CancellationToken,
+}
+
+impl Mailbox {
+    /// The next event; pending forever once the queue is closed (it is not while registered).
+    pub async fn recv(&mut self) -> Arc<Event> {
+        match self.events.recv().await {
+            Some(event) => self.taken(event),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// An event already queued, if any.
+    pub fn try_recv(&mut self) -> Option<Arc<Event>> {
+        self.events.try_recv().ok().map(|event| self.taken(event))
+    }
+
+    fn taken(&self, event: Arc<Event>) -> Arc<Event> {
+        self.queued_bytes
+            .fetch_sub(event_bytes(&event), Ordering::Relaxed);
+        event
+    }
+
+    /// Cancelled when the queue overflowed: the session is a slow client.
+    pub fn overflow(&self) -> CancellationToken {
+        self.overflow.clone()
+    }
 }
 
 impl Router {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, limits: &Limits) -> Self {
         Router {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             metrics,
+            per_user: limits.max_connections_per_user,
+            queue_events: limits.event_queue.max(1),
+            queue_bytes: limits.outbound_queue_bytes,
         }
     }
 
@@ -82,29 +136,36 @@ impl Router {
         &self.shards[i]
     }
 
-    /// Adds a live session of `user_id`. Events published from now on reach `events`.
+    /// Adds a live session of `user_id`, unless the user is at the per-user limit. Events
+    /// published from now on wait in the returned mailbox.
     pub fn register(
         self: &Arc<Self>,
         user_id: &str,
         connection_id: Arc<str>,
-        events: mpsc::Sender<Arc<Event>>,
-        overflow: CancellationToken,
-    ) -> Registration {
+    ) -> Result<Mailbox, UserLimit> {
+        let (tx, rx) = mpsc::channel(self.queue_events);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let overflow = CancellationToken::new();
         let mut shard = lock(self.shard(user_id));
-        shard
-            .entry(user_id.to_owned())
-            .or_default()
-            .sessions
-            .push(Route {
-                connection_id: connection_id.clone(),
-                events,
-                overflow,
-            });
-        Registration {
+        let routes = shard.entry(user_id.to_owned()).or_default();
+        if routes.sessions.len() >= self.per_user {
+            return Err(UserLimit(routes.sessions.len()));
+        }
+        routes.sessions.push(Route {
+            connection_id: connection_id.clone(),
+            events: tx,
+            queued_bytes: queued_bytes.clone(),
+            overflow: overflow.clone(),
+        });
+        drop(shard);
+        Ok(Mailbox {
             router: self.clone(),
             user_id: user_id.to_owned(),
             connection_id,
-        }
+            events: rx,
+            queued_bytes,
+            overflow,
+        })
     }
 
     /// Assigns the user's next `seq` and queues the event to each of the user's sessions.
@@ -122,18 +183,37 @@ impl Router {
             run_id: publication.run_id,
             thread_id: publication.thread_id,
         });
+        let size = event_bytes(&event);
         let mut queued = 0;
+        let mut overflows = 0;
         for route in &routes.sessions {
-            match route.events.try_send(event.clone()) {
+            if route.overflow.is_cancelled() {
+                continue; // already closing as a slow client
+            }
+            let before = route.queued_bytes.fetch_add(size, Ordering::Relaxed);
+            let sent = if before + size > self.queue_bytes {
+                Err(())
+            } else {
+                route.events.try_send(event.clone()).map_err(|_| ())
+            };
+            match sent {
                 Ok(()) => queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => route.overflow.cancel(),
-                // The session is ending and will unregister itself.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(()) => {
+                    route.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                    // Full (or the session is already ending): never block the publisher
+                    // or the user's other sessions, and never drop silently: the session
+                    // closes with the slow-client code and the client can resume.
+                    route.overflow.cancel();
+                    overflows += 1;
+                }
             }
         }
         drop(shard); // the counters need no lock
         self.metrics.events_published.inc();
         self.metrics.events_routed.inc_by(queued as u64);
+        if overflows > 0 {
+            self.metrics.queue_overflows.inc_by(overflows);
+        }
         Receipt {
             seq,
             sessions: queued,
@@ -153,11 +233,13 @@ impl Router {
             routes
                 .sessions
                 .retain(|r| &*r.connection_id != connection_id);
+            // Keep the entry while it carries a sequence; it is tiny and the user's next
+            // event must continue the sequence.
         }
     }
 }
 
-impl Drop for Registration {
+impl Drop for Mailbox {
     fn drop(&mut self) {
         self.router.unregister(&self.user_id, &self.connection_id);
     }

@@ -7,10 +7,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, ResourceLimiter, Store};
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 
 use crate::config::Limits;
 use crate::metrics::Metrics;
@@ -107,7 +107,10 @@ struct InstanceLimits {
     table_elements: usize,
     emits_per_call: usize,
     emit_bytes: usize,
-    deadline_ticks: u64,
+    /// CPU time one call may use.
+    cpu: Duration,
+    /// Wall time one call may take, however little CPU it got.
+    wall: Duration,
 }
 
 /// The compiled guest, shared by every connection.
@@ -179,7 +182,6 @@ impl Sandbox {
             })?;
 
         spawn_epoch_ticker(&engine);
-        let tick_ms = EPOCH_TICK.as_millis().max(1) as u64;
         Ok(Sandbox {
             engine,
             pre,
@@ -188,7 +190,8 @@ impl Sandbox {
                 table_elements: 10_000,
                 emits_per_call: limits.max_emits_per_call,
                 emit_bytes: limits.max_message_bytes,
-                deadline_ticks: limits.guest_call_ms.div_ceil(tick_ms).max(1),
+                cpu: Duration::from_millis(limits.guest_call_ms.max(1)),
+                wall: Duration::from_millis(limits.guest_call_wall_ms.max(limits.guest_call_ms)),
             },
             metrics,
         })
@@ -204,14 +207,16 @@ impl Sandbox {
             outbox: Vec::new(),
             violation: None,
             memory_exceeded: false,
+            cpu_exceeded: false,
+            call_started: CallStart::now(),
             limits: self.limits,
             metrics: self.metrics.clone(),
         };
         self.metrics.instances_live.inc();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state);
-        store.set_epoch_deadline(self.limits.deadline_ticks);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(|mut store| store.data_mut().check_deadline());
+        store.set_epoch_deadline(ticks(self.limits.cpu));
         let handler = self.pre.instantiate(&mut store)?;
         self.metrics.instantiations.inc();
         self.metrics
@@ -221,7 +226,6 @@ impl Sandbox {
             store,
             handler,
             faulted: None,
-            deadline_ticks: self.limits.deadline_ticks,
         })
     }
 }
@@ -258,6 +262,36 @@ fn spawn_epoch_ticker(engine: &Engine) {
     }
 }
 
+/// Epoch ticks covering `d` (at least one).
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros().div_ceil(EPOCH_TICK.as_micros().max(1)) as u64).max(1)
+}
+
+/// Where the current guest call started, in this thread's CPU time and in wall time.
+#[derive(Clone, Copy)]
+struct CallStart {
+    cpu: Duration,
+    wall: Instant,
+}
+
+impl CallStart {
+    fn now() -> Self {
+        CallStart {
+            cpu: thread_cpu_time(),
+            wall: Instant::now(),
+        }
+    }
+}
+
+/// CPU time of the calling thread. A guest call runs synchronously on one thread, so the
+/// difference across the call is what the guest used; time the thread was preempted (by
+/// other guests, or by anything else on a busy machine) does not count against it.
+fn thread_cpu_time() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
 /// The host side of one instance: what `emit` and `ack-context` act on.
 pub struct HostState {
     connection_id: String,
@@ -269,6 +303,9 @@ pub struct HostState {
     violation: Option<Fault>,
     /// Set when the guest asked for memory past its cap, to tell a memory fault from a trap.
     memory_exceeded: bool,
+    /// Set when a call ran out of CPU time (or wall time).
+    cpu_exceeded: bool,
+    call_started: CallStart,
     limits: InstanceLimits,
     metrics: Arc<Metrics>,
 }
@@ -277,6 +314,22 @@ impl Drop for HostState {
     fn drop(&mut self) {
         // The store owns this state, so this runs exactly when the instance's memory is freed.
         self.metrics.instances_live.dec();
+    }
+}
+
+impl HostState {
+    /// Runs when the epoch deadline passes during a call: the deadline is only a wake-up.
+    /// The call goes on while it has used less CPU than its budget and less wall time than
+    /// its bound.
+    fn check_deadline(&mut self) -> wasmtime::Result<UpdateDeadline> {
+        let cpu = thread_cpu_time().saturating_sub(self.call_started.cpu);
+        let wall = self.call_started.wall.elapsed();
+        if cpu >= self.limits.cpu || wall >= self.limits.wall {
+            self.cpu_exceeded = true;
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        let left = (self.limits.cpu - cpu).min(self.limits.wall - wall);
+        Ok(UpdateDeadline::Continue(ticks(left)))
     }
 }
 
@@ -357,7 +410,6 @@ pub struct Instance {
     handler: Handler,
     /// Once set, the instance is never entered again: after a trap its state is undefined.
     faulted: Option<Fault>,
-    deadline_ticks: u64,
 }
 
 impl Instance {
@@ -392,7 +444,9 @@ impl Instance {
         if let Some(fault) = self.faulted {
             return Err(fault);
         }
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        let budget = self.store.data().limits.cpu;
+        self.store.data_mut().call_started = CallStart::now();
+        self.store.set_epoch_deadline(ticks(budget));
         let result = f(&self.handler, &mut self.store);
         let state = self.store.data_mut();
         let frames = std::mem::take(&mut state.outbox);

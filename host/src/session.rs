@@ -14,17 +14,17 @@ use std::time::Duration;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
-use tokio::sync::mpsc;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, sleep_until, timeout};
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::AppState;
 use crate::api::ApiError;
 use crate::auth::{AuthError, Claims, now_secs};
+use crate::router::Mailbox;
 use crate::sandbox::{CloseReason, Context, Event, Fault, Frame, Instance};
 
 /// Close codes the gateway sends (see the README's table).
@@ -42,54 +42,123 @@ pub mod close_code {
 /// them saves a flush (a syscall) per event under load.
 const EVENT_BATCH: u64 = 64;
 
-/// `GET /ws`: the HTTP phase. Nothing is upgraded unless the token is good and the
-/// connection has its own instance.
+/// `GET /ws`: the HTTP phase. Nothing is upgraded unless the origin is allowed, the token
+/// is good, the node and the user have room, and the connection has its own instance.
 pub async fn connect(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let token = bearer(&headers).or_else(|| {
+    match admit(&app, &headers, query) {
+        Ok(admitted) => {
+            let limits = &app.config.limits;
+            let span = tracing::info_span!(
+                "session",
+                conn = %admitted.ctx.connection_id,
+                user = %admitted.ctx.user_id
+            );
+            let tracker = app.sessions.clone();
+            upgrade
+                .read_buffer_size(limits.read_buffer_bytes)
+                .write_buffer_size(limits.write_buffer_bytes)
+                .max_write_buffer_size(limits.write_buffer_bytes + limits.max_message_bytes * 2)
+                .max_message_size(limits.max_message_bytes)
+                .max_frame_size(limits.max_message_bytes)
+                .on_upgrade(move |socket| {
+                    tracker.track_future(run(socket, app, admitted).instrument(span))
+                })
+        }
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// What a connection holds from admission until it ends.
+struct Admitted {
+    ctx: Context,
+    token_exp: u64,
+    instance: Instance,
+    mailbox: Mailbox,
+    /// The node-wide connection slot, released when the session ends.
+    _permit: OwnedSemaphorePermit,
+}
+
+fn admit(
+    app: &Arc<AppState>,
+    headers: &HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Admitted, ApiError> {
+    let refuse = |reason: &'static str, user: Option<&str>, err: ApiError| {
+        app.metrics.refusal(reason);
+        tracing::info!(target: "audit", reason, user = user.unwrap_or(""), "connection refused");
+        err
+    };
+    if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
+        let allowed = &app.config.auth.allowed_origins;
+        let origin = origin.to_str().unwrap_or("");
+        if !allowed.is_empty() && !allowed.iter().any(|a| a == origin) {
+            return Err(refuse(
+                "origin",
+                None,
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "origin is not allowed to connect",
+                ),
+            ));
+        }
+    }
+    let token = bearer(headers).or_else(|| {
         query
             .as_ref()
             .ok()
             .and_then(|Query(q)| q.get("access_token").cloned())
     });
-    let claims = match token
+    let claims = token
         .ok_or(AuthError::Missing)
         .and_then(|t| app.verifier.verify(&t))
-    {
-        Ok(claims) => claims,
-        Err(err) => {
-            app.metrics.refusal(err.label());
-            tracing::info!(target: "audit", reason = err.label(), "connection refused");
-            return ApiError::unauthorized(err).into_response();
-        }
-    };
+        .map_err(|err| refuse(err.label(), None, ApiError::unauthorized(err)))?;
+    let user = Some(claims.sub.as_str());
 
+    let permit = app.admission.try_admit().ok_or_else(|| {
+        refuse(
+            "node_full",
+            user,
+            ApiError::unavailable(
+                "this node is at its connection limit; retry another node or later",
+            ),
+        )
+    })?;
     let ctx = context(&claims);
-    let instance = match app.sandbox.instantiate(&ctx) {
-        Ok(instance) => instance,
-        Err(err) => {
-            app.metrics.refusal("instantiate");
-            tracing::error!(user = %ctx.user_id, error = %format!("{err:#}"), "cannot instantiate guest");
-            return ApiError::unavailable("cannot create a handler instance").into_response();
-        }
-    };
-
-    let limits = &app.config.limits;
-    let span = tracing::info_span!("session", conn = %ctx.connection_id, user = %ctx.user_id);
-    let tracker = app.sessions.clone();
-    upgrade
-        .read_buffer_size(limits.read_buffer_bytes)
-        .write_buffer_size(limits.write_buffer_bytes)
-        .max_write_buffer_size(limits.write_buffer_bytes + limits.max_message_bytes * 2)
-        .max_message_size(limits.max_message_bytes)
-        .max_frame_size(limits.max_message_bytes)
-        .on_upgrade(move |socket| {
-            tracker.track_future(run(socket, app, ctx, claims.exp, instance).instrument(span))
-        })
+    let mailbox = app
+        .router
+        .register(&ctx.user_id, ctx.connection_id.as_str().into())
+        .map_err(|limit| {
+            refuse(
+                "user_limit",
+                user,
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections",
+                    format!("{limit}; close one first"),
+                ),
+            )
+        })?;
+    let instance = app.sandbox.instantiate(&ctx).map_err(|err| {
+        tracing::error!(user = %ctx.user_id, error = %format!("{err:#}"), "cannot instantiate guest");
+        refuse(
+            "instantiate",
+            user,
+            ApiError::unavailable("cannot create a handler instance"),
+        )
+    })?;
+    Ok(Admitted {
+        token_exp: claims.exp,
+        ctx,
+        instance,
+        mailbox,
+        _permit: permit,
+    })
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -123,6 +192,10 @@ enum End {
     TokenExpired,
     Shutdown,
     SlowClient,
+    DeadPeer,
+    RateLimited,
+    /// An in-band refresh carried a token for another user.
+    ForeignRefresh,
     TooBig,
     InvalidUtf8,
     Transport,
@@ -137,6 +210,9 @@ impl End {
             End::TokenExpired => "token_expired",
             End::Shutdown => "shutdown",
             End::SlowClient => "slow_client",
+            End::DeadPeer => "dead_peer",
+            End::RateLimited => "rate_limited",
+            End::ForeignRefresh => "foreign_refresh",
             End::TooBig => "message_too_big",
             End::InvalidUtf8 => "invalid_utf8",
             End::Transport => "transport",
@@ -153,6 +229,9 @@ impl End {
             End::TokenExpired => (POLICY, "token expired".into()),
             End::Shutdown => (GOING_AWAY, "gateway shutting down".into()),
             End::SlowClient => (SLOW_CLIENT, "slow client".into()),
+            End::DeadPeer => (GOING_AWAY, "no answer to pings".into()),
+            End::RateLimited => (POLICY, "message rate exceeded".into()),
+            End::ForeignRefresh => (POLICY, "refresh token is for another user".into()),
             End::TooBig => (TOO_BIG, "message too big".into()),
             End::InvalidUtf8 => (INVALID_PAYLOAD, "invalid UTF-8 in text frame".into()),
             End::Fault(f) if f.is_policy() => (POLICY, format!("policy violation: {}", f.as_str())),
@@ -167,40 +246,45 @@ impl End {
             End::TokenExpired => CloseReason::TokenExpired,
             End::Shutdown => CloseReason::Shutdown,
             End::SlowClient => CloseReason::SlowClient,
-            End::TooBig | End::InvalidUtf8 | End::Transport | End::Fault(_) => CloseReason::Error,
+            End::DeadPeer => CloseReason::Client,
+            End::RateLimited
+            | End::ForeignRefresh
+            | End::TooBig
+            | End::InvalidUtf8
+            | End::Transport
+            | End::Fault(_) => CloseReason::Error,
         }
     }
 }
 
 /// The socket phase of one connection. Owns the socket, the instance and the event queue.
-async fn run(
-    mut socket: WebSocket,
-    app: Arc<AppState>,
-    ctx: Context,
-    token_exp: u64,
-    mut instance: Instance,
-) {
+async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
+    let Admitted {
+        ctx,
+        token_exp,
+        mut instance,
+        mut mailbox,
+        _permit,
+    } = admitted;
     let limits = &app.config.limits;
     let metrics = &app.metrics;
     metrics.sessions_live.inc();
-    let (events_tx, mut events) = mpsc::channel(limits.event_queue);
-    let overflow = CancellationToken::new();
-    // Registered before `init` so that no event published from here on is missed; they wait
-    // in the queue until `init` has run.
-    let registration = app.router.register(
-        &ctx.user_id,
-        ctx.connection_id.as_str().into(),
-        events_tx,
-        overflow.clone(),
-    );
+    let opened = std::time::Instant::now();
     tracing::debug!("session open");
 
     let write_timeout = Duration::from_secs(limits.write_timeout_secs);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
-    let expiry = Instant::now() + Duration::from_secs(token_exp.saturating_sub(now_secs()));
+    let dead_peer = Duration::from_secs(limits.dead_peer_secs);
+    let mut expiry = expiry_instant(token_exp);
     let mut idle_deadline = Instant::now() + idle;
+    let mut last_heard = Instant::now();
+    let ping_every = Duration::from_secs(limits.ping_interval_secs.max(1));
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    let overflow = mailbox.overflow();
+    let mut rate = RateLimit::new(limits.client_messages_per_sec, limits.client_message_burst);
 
     let end = 'session: {
+        // Events queued since registration wait until `init` has run.
         match instance.init(&ctx) {
             Ok(frames) => {
                 if let Err(end) = write(&mut socket, frames, write_timeout, &app).await {
@@ -216,21 +300,52 @@ async fn run(
                 () = overflow.cancelled() => break End::SlowClient,
                 () = sleep_until(expiry) => break End::TokenExpired,
                 () = sleep_until(idle_deadline) => break End::Idle,
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > dead_peer {
+                        break End::DeadPeer;
+                    }
+                    match timeout(write_timeout, socket.send(Message::Ping(Default::default()))).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(_)) => break End::Transport,
+                        Err(_) => break End::SlowClient,
+                    }
+                }
                 msg = socket.recv() => {
-                    idle_deadline = Instant::now() + idle;
+                    last_heard = Instant::now();
                     let frame = match msg {
                         None | Some(Ok(Message::Close(_))) => break End::Client,
-                        Some(Ok(Message::Text(text))) => Frame::Text(text.as_str().to_owned()),
-                        Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes.to_vec()),
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(refresh) = Refresh::parse(text.as_str()) {
+                                match refresh.apply(&app, &ctx) {
+                                    Refreshed::Renewed(exp, reply) => {
+                                        expiry = expiry_instant(exp);
+                                        Ok(vec![reply])
+                                    }
+                                    Refreshed::Refused(reply) => Ok(vec![reply]),
+                                    Refreshed::ForeignUser => break End::ForeignRefresh,
+                                }
+                            } else {
+                                Err(Frame::Text(text.as_str().to_owned()))
+                            }
+                        }
+                        Some(Ok(Message::Binary(bytes))) => Err(Frame::Binary(bytes.to_vec())),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                         Some(Err(err)) => break classify(err),
                     };
-                    metrics.frames_received.inc();
-                    instance.on_client_message(&frame)
-                }
-                Some(event) = events.recv() => {
+                    if !rate.allow() {
+                        break End::RateLimited;
+                    }
                     idle_deadline = Instant::now() + idle;
-                    deliver(&mut instance, event, &mut events, &app)
+                    metrics.frames_received.inc();
+                    match frame {
+                        // Handled by the gateway itself.
+                        Ok(reply) => Ok(reply),
+                        Err(frame) => instance.on_client_message(&frame),
+                    }
+                }
+                event = mailbox.recv() => {
+                    idle_deadline = Instant::now() + idle;
+                    deliver(&mut instance, event, &mut mailbox, &app)
                 }
             };
             match produced {
@@ -244,7 +359,7 @@ async fn run(
         }
     };
     // Stop routing before the goodbye: nothing more is queued for this session.
-    drop(registration);
+    drop(mailbox);
 
     if let End::Fault(fault) = end {
         metrics.guest_fault(fault.as_str());
@@ -259,6 +374,7 @@ async fn run(
         // A faulted instance is never entered again; a healthy one gets its goodbye.
         if let Ok(frames) = instance.on_close(end.guest_reason())
             && end.close_frame().is_some()
+            && end != End::SlowClient
         {
             let _ = write(&mut socket, frames, write_timeout, &app).await;
         }
@@ -279,21 +395,121 @@ async fn run(
         }
     }
     metrics.session_closed(end.label());
+    metrics
+        .session_seconds
+        .observe(opened.elapsed().as_secs_f64());
     metrics.sessions_live.dec();
     tracing::debug!(reason = end.label(), "session closed");
+}
+
+fn expiry_instant(exp: u64) -> Instant {
+    Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs()))
+}
+
+/// Token bucket over client messages.
+struct RateLimit {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        RateLimit {
+            per_sec: f64::from(per_sec),
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_sec;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The in-band token refresh, handled by the gateway, never seen by the guest:
+/// `{"type":"gateway.refresh","access_token":"<jwt>"}`.
+#[derive(serde::Deserialize)]
+struct Refresh {
+    #[serde(rename = "type")]
+    kind: String,
+    access_token: String,
+}
+
+impl Refresh {
+    const TYPE: &'static str = "gateway.refresh";
+
+    fn parse(text: &str) -> Option<Refresh> {
+        // Cheap test first: most client frames are for the guest and are not parsed here.
+        if text.len() > 16 << 10 || !text.contains(Self::TYPE) {
+            return None;
+        }
+        serde_json::from_str::<Refresh>(text)
+            .ok()
+            .filter(|r| r.kind == Self::TYPE)
+    }
+
+    fn apply(&self, app: &AppState, ctx: &Context) -> Refreshed {
+        let claims = match app.verifier.verify(&self.access_token) {
+            Ok(claims) => claims,
+            Err(err) => {
+                app.metrics.refusal(err.label());
+                let reply = serde_json::json!({
+                    "type": "gateway.refresh_failed",
+                    "reason": err.to_string(),
+                });
+                return Refreshed::Refused(Frame::Text(reply.to_string()));
+            }
+        };
+        if claims.sub != ctx.user_id {
+            app.metrics.refusal("foreign_refresh");
+            tracing::warn!(
+                target: "audit",
+                conn = %ctx.connection_id,
+                user = %ctx.user_id,
+                "refresh with a token for another user: connection closed"
+            );
+            return Refreshed::ForeignUser;
+        }
+        let reply = serde_json::json!({"type": "gateway.refreshed", "expires_at": claims.exp});
+        Refreshed::Renewed(claims.exp, Frame::Text(reply.to_string()))
+    }
+}
+
+enum Refreshed {
+    /// New expiry, and the frame confirming it.
+    Renewed(u64, Frame),
+    /// The token was not valid; the connection lives on until its current expiry.
+    Refused(Frame),
+    /// A token for another user: the connection closes (policy).
+    ForeignUser,
 }
 
 /// Hands `first` and whatever else is already queued (up to a batch) to the guest.
 fn deliver(
     instance: &mut Instance,
     first: Arc<Event>,
-    events: &mut mpsc::Receiver<Arc<Event>>,
+    mailbox: &mut Mailbox,
     app: &AppState,
 ) -> Result<Vec<Frame>, Fault> {
     let mut frames = instance.on_event(&first)?;
     let mut delivered: u64 = 1;
     while delivered < EVENT_BATCH {
-        let Ok(event) = events.try_recv() else { break };
+        let Some(event) = mailbox.try_recv() else {
+            break;
+        };
         frames.extend(instance.on_event(&event)?);
         delivered += 1;
     }
