@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::auth::{AuthError, PUBLISH_SCOPE};
+use crate::auth::{AuthError, PUBLISH_SCOPE, STATS_SCOPE};
 use crate::router::{Publication, Receipt};
 
 /// Longest `user_id`, `kind`, `run_id` or `thread_id` accepted.
@@ -137,9 +137,64 @@ fn receipt_json(user_id: &str, receipt: Receipt) -> Value {
     json!({"seq": receipt.seq, "user_id": user_id, "delivered": receipt.sessions})
 }
 
+/// Users with the most live connections listed by `/v1/stats`.
+const STATS_TOP_USERS: usize = 20;
+
+/// `GET /v1/stats`: the operator's view of instances and sessions (scope `gateway:stats`).
+/// Counts only: no payloads, no tokens.
+pub async fn stats(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&app, &headers, STATS_SCOPE)?;
+    let m = &app.metrics;
+    let created = m.instantiations.get();
+    let active = m.instances_live.get().max(0) as u64;
+    let sessions = m.sessions_ended.get();
+    let average_lifetime_secs = if sessions == 0 {
+        0.0
+    } else {
+        m.session_lifetime_seconds.get() / sessions as f64
+    };
+    let (users_connected, top) = app.router.busiest_users(STATS_TOP_USERS);
+    let top: Vec<Value> = top
+        .into_iter()
+        .map(|(user, connections)| json!({"user_id": user, "connections": connections}))
+        .collect();
+    Ok(Json(json!({
+        "instances": {
+            "created": created,
+            "active": active,
+            "cleaned_up": created.saturating_sub(active),
+        },
+        "sessions": {
+            "live": m.sessions_live.get(),
+            "ended": sessions,
+            "average_lifetime_secs": average_lifetime_secs,
+        },
+        "capacity": {
+            "connections": app.admission.capacity.effective,
+            "fd_limit": app.admission.capacity.fd_limit,
+            "max_map_count": app.admission.capacity.max_map_count,
+        },
+        "limit_hits": {
+            "user_limit": m.refusals_for("user_limit"),
+            "node_full": m.refusals_for("node_full"),
+            "rate_limited": m.closes_for("rate_limited"),
+            "slow_client": m.closes_for("slow_client"),
+        },
+        "users_connected": users_connected,
+        "busiest_users": top,
+    })))
+}
+
 /// A publisher is whoever holds a valid token with the publish scope. A user's connect token
 /// lacks it, so it can never publish, not even to its own user.
 fn authorize_publisher(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    authorize(app, headers, PUBLISH_SCOPE)
+}
+
+fn authorize(app: &AppState, headers: &HeaderMap, scope: &'static str) -> Result<(), ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -153,13 +208,13 @@ fn authorize_publisher(app: &AppState, headers: &HeaderMap) -> Result<(), ApiErr
             app.metrics.refusal(err.label());
             ApiError::unauthorized(err)
         })?;
-    if !claims.has_scope(PUBLISH_SCOPE) {
-        app.metrics.refusal("publish_scope");
-        tracing::info!(target: "audit", user = %claims.sub, "publish refused: no {PUBLISH_SCOPE} scope");
+    if !claims.has_scope(scope) {
+        app.metrics.refusal("scope");
+        tracing::info!(target: "audit", user = %claims.sub, scope, "request refused: scope missing");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("token lacks the {PUBLISH_SCOPE} scope"),
+            format!("token lacks the {scope} scope"),
         ));
     }
     Ok(())

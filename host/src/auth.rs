@@ -4,9 +4,12 @@
 //! and only those algorithms are accepted: there is no `none`, and an HS256 token can never
 //! be checked against an RSA public key used as an HMAC secret.
 
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +17,8 @@ use crate::config::{AuthConfig, Config};
 
 /// The scope a publisher token must carry.
 pub const PUBLISH_SCOPE: &str = "events:publish";
+/// The scope an operator token needs for `/v1/stats`.
+pub const STATS_SCOPE: &str = "gateway:stats";
 
 /// The claims the gateway reads. Anything else in the token is ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,15 +97,26 @@ impl AuthError {
     }
 }
 
+#[derive(Clone)]
 struct Key {
     alg: Algorithm,
     kid: Option<String>,
     key: DecodingKey,
 }
 
+/// Keys from a JWKS file, swapped whole when the file changes.
+struct Jwks {
+    path: PathBuf,
+    keys: RwLock<Arc<Vec<Key>>>,
+    /// Modification time of the file last loaded, to notice changes.
+    loaded: Mutex<Option<SystemTime>>,
+}
+
 /// Verifies tokens against the configured keys.
 pub struct Verifier {
+    /// The HS256 secret and PEM keys, fixed at start-up.
     keys: Vec<Key>,
+    jwks: Option<Jwks>,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
@@ -132,6 +148,8 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("auth.jwks_file: cannot use {path}: {reason}")]
+    Jwks { path: String, reason: String },
     #[error("auth.public_keys: {path} is not a {alg} public key in PEM: {source}")]
     Pem {
         path: String,
@@ -177,7 +195,18 @@ impl Verifier {
                 key,
             });
         }
-        if keys.is_empty() {
+        let jwks = match &config.auth.jwks_file {
+            Some(path) => {
+                let (loaded, keys) = load_jwks(path)?;
+                Some(Jwks {
+                    path: path.clone(),
+                    keys: RwLock::new(Arc::new(keys)),
+                    loaded: Mutex::new(loaded),
+                })
+            }
+            None => None,
+        };
+        if keys.is_empty() && jwks.as_ref().is_none_or(|j| j.snapshot().is_empty()) {
             return Err(KeyError::NoKeys);
         }
         let AuthConfig {
@@ -188,15 +217,47 @@ impl Verifier {
         } = &config.auth;
         Ok(Verifier {
             keys,
+            jwks,
             issuer: issuer.clone(),
             audience: audience.clone(),
             leeway: *leeway_secs,
         })
     }
 
+    /// Re-reads the JWKS file if it changed since it was last loaded (or if `force`).
+    /// Returns the number of keys now in use when it reloaded. A broken file keeps the keys
+    /// already loaded.
+    pub fn reload_jwks(&self, force: bool) -> Result<Option<usize>, KeyError> {
+        let Some(jwks) = &self.jwks else {
+            return Ok(None);
+        };
+        let modified = std::fs::metadata(&jwks.path)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut loaded = jwks.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if !force && modified == *loaded {
+            return Ok(None);
+        }
+        let (modified, keys) = load_jwks(&jwks.path)?;
+        let count = keys.len();
+        *jwks.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        *loaded = modified;
+        Ok(Some(count))
+    }
+
+    pub fn jwks_path(&self) -> Option<&Path> {
+        self.jwks.as_ref().map(|j| j.path.as_path())
+    }
+
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
-        let mut candidates = self.keys.iter().filter(|k| k.alg == header.alg).peekable();
+        let rotated = self.jwks.as_ref().map(Jwks::snapshot).unwrap_or_default();
+        let mut candidates = self
+            .keys
+            .iter()
+            .chain(rotated.iter())
+            .filter(|k| k.alg == header.alg)
+            .peekable();
         if candidates.peek().is_none() {
             return Err(AuthError::Algorithm(format!("{:?}", header.alg)));
         }
@@ -244,6 +305,45 @@ impl Verifier {
         }
         Err(last)
     }
+}
+
+impl Jwks {
+    fn snapshot(&self) -> Arc<Vec<Key>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Reads a JWKS file. Only asymmetric keys with a supported algorithm are used: a shared
+/// secret has no place in a key set that is meant to be public.
+fn load_jwks(path: &Path) -> Result<(Option<SystemTime>, Vec<Key>), KeyError> {
+    let fail = |reason: String| KeyError::Jwks {
+        path: path.display().to_string(),
+        reason,
+    };
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let set: JwkSet = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let kid = jwk.common.key_id.clone();
+        let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
+            (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+            (AlgorithmParameters::EllipticCurve(_), None | Some(KeyAlgorithm::ES256)) => {
+                Algorithm::ES256
+            }
+            (AlgorithmParameters::OctetKeyPair(_), None | Some(KeyAlgorithm::EdDSA)) => {
+                Algorithm::EdDSA
+            }
+            (_, alg) => {
+                return Err(fail(format!(
+                    "key {kid:?}: only RS256, ES256 and EdDSA public keys are accepted (alg {alg:?})"
+                )));
+            }
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| fail(format!("key {kid:?}: {e}")))?;
+        keys.push(Key { alg, kid, key });
+    }
+    Ok((modified, keys))
 }
 
 fn classify(kind: &ErrorKind) -> AuthError {

@@ -32,6 +32,10 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// Public keys for asymmetric tokens (RS256, ES256, EdDSA).
     pub public_keys: Vec<PublicKeyConfig>,
+    /// A JWKS file (`{"keys": [...]}`) of public keys with `kid`s, for rotation: re-read
+    /// when it changes (checked every `jwks_poll_secs`) and on SIGHUP.
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_poll_secs: u64,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
     /// Browser origins allowed to connect (exact `Origin` header values). Empty: any origin.
@@ -117,6 +121,8 @@ impl Default for AuthConfig {
             issuer: None,
             audience: None,
             public_keys: Vec::new(),
+            jwks_file: None,
+            jwks_poll_secs: 10,
             leeway_secs: 30,
             allowed_origins: Vec::new(),
         }

@@ -101,10 +101,44 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/ws", get(session::connect))
         .route("/v1/publish", post(api::publish))
         .route("/v1/publish/batch", post(api::publish_batch))
+        .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
         .with_state(state)
+}
+
+/// Re-reads the JWKS file when it changes or on SIGHUP, until shutdown.
+async fn watch_jwks(state: Arc<AppState>) {
+    let Some(path) = state.verifier.jwks_path().map(|p| p.display().to_string()) else {
+        return;
+    };
+    let poll = Duration::from_secs(state.config.auth.jwks_poll_secs.max(1));
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let sighup = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let sighup = std::future::pending::<Option<()>>();
+        let force = tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            () = tokio::time::sleep(poll) => false,
+            _ = sighup => true,
+        };
+        match state.verifier.reload_jwks(force) {
+            Ok(Some(keys)) => tracing::info!(%path, keys, "JWKS reloaded"),
+            Ok(None) => {}
+            Err(err) => {
+                tracing::error!(%path, error = %err, "JWKS reload failed; keeping the current keys")
+            }
+        }
+    }
 }
 
 /// Serves until `shutdown` completes, then closes every session (1001) and waits for them,
@@ -122,6 +156,7 @@ pub async fn serve(
         }
         drain.cancel();
     };
+    tokio::spawn(watch_jwks(state.clone()));
     axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(signal)
         .await?;

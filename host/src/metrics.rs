@@ -2,6 +2,8 @@
 //!
 //! Counters only: nothing here holds or names a user's data.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -18,7 +20,9 @@ pub struct Metrics {
     pub instances_live: Gauge,
     pub instantiations: Counter,
     pub instantiate_seconds: Histogram,
-    pub session_seconds: Histogram,
+    pub sessions_ended: Counter,
+    /// Sum of ended sessions' lifetimes; divided by `sessions_ended` it is the average.
+    pub session_lifetime_seconds: Counter<f64, AtomicU64>,
     pub events_published: Counter,
     /// Events handed to a session's queue (one per live connection of the user).
     pub events_routed: Counter,
@@ -47,7 +51,8 @@ impl Metrics {
             instances_live: Gauge::default(),
             instantiations: Counter::default(),
             instantiate_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 16)),
-            session_seconds: Histogram::new(exponential_buckets(0.01, 4.0, 12)),
+            sessions_ended: Counter::default(),
+            session_lifetime_seconds: Counter::default(),
             events_published: Counter::default(),
             events_routed: Counter::default(),
             events_delivered: Counter::default(),
@@ -80,9 +85,14 @@ impl Metrics {
             m.instantiate_seconds.clone(),
         );
         registry.register(
-            "session_seconds",
-            "How long sessions lasted",
-            m.session_seconds.clone(),
+            "sessions_ended",
+            "Sessions that have ended",
+            m.sessions_ended.clone(),
+        );
+        registry.register(
+            "session_lifetime_seconds",
+            "Total lifetime of ended sessions",
+            m.session_lifetime_seconds.clone(),
         );
         registry.register(
             "events_published",
@@ -142,6 +152,18 @@ impl Metrics {
 
     pub fn session_closed(&self, reason: &'static str) {
         self.closes.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    pub fn refusals_for(&self, reason: &'static str) -> u64 {
+        self.refusals
+            .get(&vec![("reason", reason)])
+            .map_or(0, |c| c.get())
+    }
+
+    pub fn closes_for(&self, reason: &'static str) -> u64 {
+        self.closes
+            .get(&vec![("reason", reason)])
+            .map_or(0, |c| c.get())
     }
 
     pub fn render(&self) -> String {

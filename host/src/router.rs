@@ -227,6 +227,24 @@ impl Router {
             .map_or(0, |r| r.sessions.len())
     }
 
+    /// How many users have live sessions, and the `top` users with the most.
+    pub fn busiest_users(&self, top: usize) -> (usize, Vec<(String, usize)>) {
+        let mut users = Vec::new();
+        for shard in &self.shards {
+            let shard = lock(shard);
+            users.extend(
+                shard
+                    .iter()
+                    .filter(|(_, r)| !r.sessions.is_empty())
+                    .map(|(user, r)| (user.clone(), r.sessions.len())),
+            );
+        }
+        let with_sessions = users.len();
+        users.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        users.truncate(top);
+        (with_sessions, users)
+    }
+
     fn unregister(&self, user_id: &str, connection_id: &str) {
         let mut shard = lock(self.shard(user_id));
         if let Some(routes) = shard.get_mut(user_id) {

@@ -395,9 +395,10 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         }
     }
     metrics.session_closed(end.label());
+    metrics.sessions_ended.inc();
     metrics
-        .session_seconds
-        .observe(opened.elapsed().as_secs_f64());
+        .session_lifetime_seconds
+        .inc_by(opened.elapsed().as_secs_f64());
     metrics.sessions_live.dec();
     tracing::debug!(reason = end.label(), "session closed");
 }

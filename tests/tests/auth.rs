@@ -325,3 +325,74 @@ fn base64_url(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
 }
+
+fn jwks(keys: &[(&str, Algorithm, &str)]) -> String {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    let keys = keys
+        .iter()
+        .map(|(kid, alg, private)| {
+            let mut jwk = Jwk::from_encoding_key(&pem_key(*alg, private), *alg).unwrap();
+            jwk.common.key_id = Some((*kid).to_owned());
+            jwk
+        })
+        .collect();
+    serde_json::to_string(&JwkSet { keys }).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_keys_rotate_when_the_file_changes() {
+    let dir = std::env::temp_dir().join(format!("gateway-jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("jwks.json");
+    std::fs::write(
+        &path,
+        jwks(&[("2026-10", Algorithm::RS256, "rsa_private.pem")]),
+    )
+    .unwrap();
+
+    let mut cfg = config(guests::REFERENCE);
+    cfg.jwt_secret = None;
+    cfg.auth.jwks_file = Some(path.clone());
+    cfg.auth.jwks_poll_secs = 1;
+    let gw = TestGateway::start_with(cfg).await;
+
+    let rsa = pem_key(Algorithm::RS256, "rsa_private.pem");
+    let ec = pem_key(Algorithm::ES256, "ec_private.pem");
+    let old = sign(
+        Algorithm::RS256,
+        Some("2026-10"),
+        &rsa,
+        &user_claims("alice"),
+    );
+    let new = sign(
+        Algorithm::ES256,
+        Some("2026-11"),
+        &ec,
+        &user_claims("alice"),
+    );
+    assert!(gw.try_connect(&old).await.is_ok());
+    assert_refused(&gw, Some(&new), "algorithm").await;
+
+    // Rotate: the new key in, the old one out. Make sure the modification time moves.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    std::fs::write(
+        &path,
+        jwks(&[("2026-11", Algorithm::ES256, "ec_private.pem")]),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.try_connect(&new).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new key never picked up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_refused(&gw, Some(&old), "algorithm").await;
+
+    // A broken file keeps the keys in use.
+    std::fs::write(&path, "{ not json").unwrap();
+    assert!(gw.state.verifier.reload_jwks(true).is_err());
+    assert!(gw.try_connect(&new).await.is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
+}
