@@ -16,358 +16,55 @@
 // The generated export glue takes one argument per flattened record field.
 #![allow(clippy::too_many_arguments)]
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+pub mod handler;
 
-use serde_json::{Map, Value, json};
+#[cfg(target_arch = "wasm32")]
+mod component {
+    use std::cell::RefCell;
 
-wit_bindgen::generate!({ path: "../wit", world: "handler" });
+    use crate::handler::{EventIn, State};
 
-use gateway::handler::connection::{ack_context, emit};
+    wit_bindgen::generate!({ path: "../wit", world: "handler" });
 
-/// Subscriptions and tracked runs are client- and publisher-driven; bound them so a client
-/// cannot grow this instance's memory until it hits the gateway's cap.
-const MAX_SUBSCRIPTIONS: usize = 64;
-const MAX_TRACKED_RUNS: usize = 128;
-const REDACTED: &str = "[redacted]";
+    use gateway::handler::connection::{ack_context, emit};
 
-#[derive(Default)]
-struct State {
-    connection_id: String,
-    user_id: String,
-    subscriptions: BTreeSet<String>,
-    runs: BTreeMap<String, Run>,
-    frames_in: u64,
-    events_in: u64,
-    events_out: u64,
-    events_filtered: u64,
-    redactions: u64,
-}
+    thread_local! {
+        static STATE: RefCell<State> = RefCell::new(State::default());
+    }
 
-/// Where one agent run is in its lifecycle, as seen from its events.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Started,
-    ToolsRunning,
-    Completed,
-    Failed,
-}
+    struct Handler;
 
-struct Run {
-    phase: Phase,
-    tools_running: u32,
-    events: u64,
-}
-
-impl Phase {
-    fn as_str(self) -> &'static str {
-        match self {
-            Phase::Started => "started",
-            Phase::ToolsRunning => "tools_running",
-            Phase::Completed => "completed",
-            Phase::Failed => "error",
+    impl Guest for Handler {
+        fn init(ctx: Context) {
+            ack_context(&ctx.connection_id, &ctx.user_id);
+            let welcome =
+                STATE.with_borrow_mut(|s| s.init(ctx.connection_id, ctx.user_id, ctx.expires_at));
+            emit(&Frame::Text(welcome));
         }
-    }
-    fn finished(self) -> bool {
-        matches!(self, Phase::Completed | Phase::Failed)
-    }
-}
 
-thread_local! {
-    static STATE: RefCell<State> = RefCell::new(State::default());
-}
-
-struct Handler;
-
-impl Guest for Handler {
-    fn init(ctx: Context) {
-        ack_context(&ctx.connection_id, &ctx.user_id);
-        let welcome = json!({
-            "type": "welcome",
-            "connection_id": ctx.connection_id,
-            "user_id": ctx.user_id,
-            "expires_at": ctx.expires_at,
-        });
-        STATE.with_borrow_mut(|s| {
-            s.connection_id = ctx.connection_id;
-            s.user_id = ctx.user_id;
-        });
-        send(&welcome);
-    }
-
-    fn on_client_message(frame: Frame) {
-        let reply = STATE.with_borrow_mut(|s| {
-            s.frames_in += 1;
-            match frame {
-                Frame::Text(text) => s.client_message(&text),
-                Frame::Binary(_) => error_frame("binary frames are not supported"),
-            }
-        });
-        send(&reply);
-    }
-
-    fn on_event(event: Event) {
-        let frame = STATE.with_borrow_mut(|s| s.event(event));
-        if let Some(frame) = frame {
-            emit(&Frame::Text(frame));
+        fn on_client_message(frame: Frame) {
+            let reply = STATE.with_borrow_mut(|s| match frame {
+                Frame::Text(text) => s.text_message(&text),
+                Frame::Binary(_) => s.binary_message(),
+            });
+            emit(&Frame::Text(reply));
         }
-    }
 
-    fn on_close(_reason: CloseReason) {}
-}
-
-impl State {
-    fn client_message(&mut self, text: &str) -> Value {
-        let Ok(Value::Object(msg)) = serde_json::from_str::<Value>(text) else {
-            return error_frame("expected a JSON object");
-        };
-        let thread = msg.get("thread_id").and_then(Value::as_str);
-        match (msg.get("type").and_then(Value::as_str), thread) {
-            (Some("ping"), _) => self.pong(),
-            (Some("subscribe"), Some(thread)) => {
-                if self.subscriptions.len() >= MAX_SUBSCRIPTIONS
-                    && !self.subscriptions.contains(thread)
-                {
-                    return error_frame("too many subscriptions");
-                }
-                self.subscriptions.insert(thread.to_owned());
-                json!({"type": "subscribed", "thread_id": thread, "threads": self.subscriptions})
-            }
-            (Some("unsubscribe"), Some(thread)) => {
-                self.subscriptions.remove(thread);
-                json!({"type": "unsubscribed", "thread_id": thread, "threads": self.subscriptions})
-            }
-            (Some("subscribe" | "unsubscribe"), None) => error_frame("thread_id is required"),
-            _ => error_frame("unknown message type"),
-        }
-    }
-
-    fn pong(&self) -> Value {
-        let runs: Map<String, Value> = self
-            .runs
-            .iter()
-            .map(|(id, run)| {
-                let v = json!({
-                    "state": run.phase.as_str(),
-                    "tools_running": run.tools_running,
-                    "events": run.events,
-                });
-                (id.clone(), v)
-            })
-            .collect();
-        json!({
-            "type": "pong",
-            "connection_id": self.connection_id,
-            "user_id": self.user_id,
-            "frames_in": self.frames_in,
-            "events_in": self.events_in,
-            "events_out": self.events_out,
-            "events_filtered": self.events_filtered,
-            "redactions": self.redactions,
-            "subscriptions": self.subscriptions,
-            "runs": runs,
-        })
-    }
-
-    /// Tracks the run and returns the frame to send, or `None` when the client's
-    /// subscriptions exclude this event's thread.
-    fn event(&mut self, event: Event) -> Option<String> {
-        self.events_in += 1;
-        if !self.subscriptions.is_empty()
-            && !event
-                .thread_id
-                .as_ref()
-                .is_some_and(|t| self.subscriptions.contains(t))
-        {
-            self.events_filtered += 1;
-            return None;
-        }
-        let phase = event
-            .run_id
-            .as_deref()
-            .map(|run| self.track(run, &event.kind));
-        let payload = self.redacted(event.payload);
-        self.events_out += 1;
-
-        // Built by hand so the payload, already JSON, is not parsed and printed again when
-        // it holds nothing to redact.
-        let mut out = String::with_capacity(payload.len() + 96);
-        out.push_str(r#"{"type":"event","seq":"#);
-        out.push_str(&event.seq.to_string());
-        out.push_str(r#","kind":"#);
-        push_json_str(&mut out, &event.kind);
-        out.push_str(r#","payload":"#);
-        out.push_str(&payload);
-        if let Some(run) = &event.run_id {
-            out.push_str(r#","run_id":"#);
-            push_json_str(&mut out, run);
-        }
-        if let Some(thread) = &event.thread_id {
-            out.push_str(r#","thread_id":"#);
-            push_json_str(&mut out, thread);
-        }
-        if let Some(phase) = phase {
-            out.push_str(r#","run_state":""#);
-            out.push_str(phase.as_str());
-            out.push('"');
-        }
-        out.push('}');
-        Some(out)
-    }
-
-    fn track(&mut self, run_id: &str, kind: &str) -> Phase {
-        if !self.runs.contains_key(run_id) && self.runs.len() >= MAX_TRACKED_RUNS {
-            // Forget a finished run first; if none is finished, the oldest id.
-            let victim = self
-                .runs
-                .iter()
-                .find(|(_, r)| r.phase.finished())
-                .or_else(|| self.runs.iter().next())
-                .map(|(id, _)| id.clone());
-            if let Some(victim) = victim {
-                self.runs.remove(&victim);
+        fn on_event(event: Event) {
+            let event = EventIn {
+                seq: event.seq,
+                kind: event.kind,
+                payload: event.payload,
+                run_id: event.run_id,
+                thread_id: event.thread_id,
+            };
+            if let Some(frame) = STATE.with_borrow_mut(|s| s.event(event)) {
+                emit(&Frame::Text(frame));
             }
         }
-        let run = self.runs.entry(run_id.to_owned()).or_insert(Run {
-            phase: Phase::Started,
-            tools_running: 0,
-            events: 0,
-        });
-        run.events += 1;
-        match kind {
-            "agent_started" => {
-                run.phase = Phase::Started;
-                run.tools_running = 0;
-            }
-            "tool_executing" | "tool_started" if !run.phase.finished() => {
-                run.tools_running += 1;
-                run.phase = Phase::ToolsRunning;
-            }
-            "tool_completed" | "tool_error" if !run.phase.finished() => {
-                run.tools_running = run.tools_running.saturating_sub(1);
-                if run.tools_running == 0 {
-                    run.phase = Phase::Started;
-                }
-            }
-            "agent_completed" => {
-                run.phase = Phase::Completed;
-                run.tools_running = 0;
-            }
-            "agent_error" => {
-                run.phase = Phase::Failed;
-                run.tools_running = 0;
-            }
-            _ => {}
-        }
-        run.phase
+
+        fn on_close(_reason: CloseReason) {}
     }
 
-    /// The payload with sensitive values replaced, or unchanged (not re-encoded) when no key
-    /// could be sensitive.
-    fn redacted(&mut self, payload: String) -> String {
-        if !may_hold_secret(&payload) {
-            return payload;
-        }
-        let Ok(mut value) = serde_json::from_str::<Value>(&payload) else {
-            // The gateway only hands over valid JSON; if that ever changes, send it as a
-            // string rather than pass on something unparsed that might hold a secret.
-            return Value::String(payload).to_string();
-        };
-        let count = redact(&mut value);
-        if count == 0 {
-            return payload;
-        }
-        self.redactions += count;
-        value.to_string()
-    }
+    export!(Handler);
 }
-
-/// Key names whose values never leave the handler. Compared after lower-casing and dropping
-/// `-` and `_`, so `API-Key`, `api_key` and `apiKey` all match.
-const SENSITIVE_KEYS: &[&str] = &[
-    "password",
-    "passwd",
-    "pwd",
-    "secret",
-    "clientsecret",
-    "apikey",
-    "token",
-    "accesstoken",
-    "refreshtoken",
-    "idtoken",
-    "authtoken",
-    "bearertoken",
-    "sessiontoken",
-    "authorization",
-    "cookie",
-    "setcookie",
-    "privatekey",
-    "credential",
-    "credentials",
-];
-const SENSITIVE_SUFFIXES: &[&str] = &["password", "secret", "apikey"];
-
-fn is_sensitive(key: &str) -> bool {
-    let norm: String = key
-        .chars()
-        .filter(|c| *c != '_' && *c != '-')
-        .flat_map(char::to_lowercase)
-        .collect();
-    SENSITIVE_KEYS.contains(&norm.as_str()) || SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
-}
-
-/// Cheap pre-check: can any key in this text be sensitive? Every entry above contains one of
-/// these stems, so a payload without them needs no parsing.
-fn may_hold_secret(payload: &str) -> bool {
-    const STEMS: &[&[u8]] = &[
-        b"pass",
-        b"pwd",
-        b"secret",
-        b"key",
-        b"token",
-        b"auth",
-        b"cookie",
-        b"credential",
-    ];
-    let bytes = payload.as_bytes();
-    // A key spelled with \u escapes could hide a stem from the byte scan.
-    payload.contains("\\u")
-        || STEMS.iter().any(|stem| {
-            bytes
-                .windows(stem.len())
-                .any(|w| w.eq_ignore_ascii_case(stem))
-        })
-}
-
-fn redact(value: &mut Value) -> u64 {
-    match value {
-        Value::Object(map) => map
-            .iter_mut()
-            .map(|(k, v)| {
-                if is_sensitive(k) {
-                    *v = Value::String(REDACTED.to_owned());
-                    1
-                } else {
-                    redact(v)
-                }
-            })
-            .sum(),
-        Value::Array(items) => items.iter_mut().map(redact).sum(),
-        _ => 0,
-    }
-}
-
-fn push_json_str(out: &mut String, s: &str) {
-    // Serialising a &str cannot fail.
-    out.push_str(&serde_json::to_string(s).unwrap_or_default());
-}
-
-fn error_frame(reason: &str) -> Value {
-    json!({"type": "error", "reason": reason})
-}
-
-fn send(value: &Value) {
-    emit(&Frame::Text(value.to_string()));
-}
-
-export!(Handler);

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "GATEWAY_LOG_JSON")]
     pub log_json: bool,
+    /// Benchmark builds only: run the reference handler natively, without a sandbox.
+    #[cfg(feature = "native-handler")]
+    #[arg(long)]
+    pub native_handler_for_benchmark: bool,
 }
 
 #[derive(Debug, Args)]
@@ -140,7 +144,15 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         config.guest = Some(guest);
     }
     let listen = config.listen;
+    #[cfg(not(feature = "native-handler"))]
     let state = AppState::new(config)?;
+    #[cfg(feature = "native-handler")]
+    let state = AppState::with_sandbox(config, |sandbox| {
+        if args.native_handler_for_benchmark {
+            tracing::warn!("benchmark mode: handlers run natively, WITHOUT a sandbox");
+            sandbox.use_native_handler_for_benchmark();
+        }
+    })?;
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "gateway listening");

@@ -70,10 +70,19 @@ pub enum StartError {
 impl AppState {
     /// Loads keys and the guest; fails with a message an operator can act on.
     pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        Self::with_sandbox(config, |_| {})
+    }
+
+    /// Like [`AppState::new`], letting the caller adjust the sandbox before serving.
+    pub fn with_sandbox(
+        config: Config,
+        adjust: impl FnOnce(&mut Sandbox),
+    ) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new());
         let verifier = Verifier::from_config(&config)?;
         let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
-        let sandbox = Sandbox::load(guest, &config.limits, metrics.clone())?;
+        let mut sandbox = Sandbox::load(guest, &config.limits, metrics.clone())?;
+        adjust(&mut sandbox);
         let capacity = Capacity::of_this_process(config.limits.max_connections);
         tracing::info!(
             connections = capacity.effective,

@@ -120,6 +120,9 @@ pub struct Sandbox {
     pre: HandlerPre<HostState>,
     limits: InstanceLimits,
     metrics: Arc<Metrics>,
+    /// Benchmark builds only: run the reference handler natively instead.
+    #[cfg(feature = "native-handler")]
+    native: bool,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -194,11 +197,25 @@ impl Sandbox {
                 wall: Duration::from_millis(limits.guest_call_wall_ms.max(limits.guest_call_ms)),
             },
             metrics,
+            #[cfg(feature = "native-handler")]
+            native: false,
         })
+    }
+
+    /// Benchmark builds only: every connection gets the reference handler as native code,
+    /// with no sandbox, so the cost of the sandbox can be measured against it.
+    #[cfg(feature = "native-handler")]
+    pub fn use_native_handler_for_benchmark(&mut self) {
+        self.native = true;
     }
 
     /// Creates this connection's own instance. Its memory is its own until it is dropped.
     pub fn instantiate(&self, ctx: &Context) -> wasmtime::Result<Instance> {
+        #[cfg(feature = "native-handler")]
+        if self.native {
+            self.metrics.instantiations.inc();
+            return Ok(Instance::Native(native::Handler::default()));
+        }
         let started = std::time::Instant::now();
         let state = HostState {
             connection_id: ctx.connection_id.clone(),
@@ -222,11 +239,11 @@ impl Sandbox {
         self.metrics
             .instantiate_seconds
             .observe(started.elapsed().as_secs_f64());
-        Ok(Instance {
+        Ok(Instance::Wasm(WasmInstance {
             store,
             handler,
             faulted: None,
-        })
+        }))
     }
 }
 
@@ -404,16 +421,65 @@ impl ResourceLimiter for HostState {
     }
 }
 
-/// One connection's handler instance.
-pub struct Instance {
+/// One connection's handler.
+pub enum Instance {
+    Wasm(WasmInstance),
+    #[cfg(feature = "native-handler")]
+    Native(native::Handler),
+}
+
+impl Instance {
+    pub fn init(&mut self, ctx: &Context) -> Result<Vec<Frame>, Fault> {
+        match self {
+            Instance::Wasm(i) => i.init(ctx),
+            #[cfg(feature = "native-handler")]
+            Instance::Native(h) => Ok(h.init(ctx)),
+        }
+    }
+
+    pub fn on_client_message(&mut self, frame: &Frame) -> Result<Vec<Frame>, Fault> {
+        match self {
+            Instance::Wasm(i) => i.on_client_message(frame),
+            #[cfg(feature = "native-handler")]
+            Instance::Native(h) => Ok(h.on_client_message(frame)),
+        }
+    }
+
+    pub fn on_event(&mut self, event: &Event) -> Result<Vec<Frame>, Fault> {
+        match self {
+            Instance::Wasm(i) => i.on_event(event),
+            #[cfg(feature = "native-handler")]
+            Instance::Native(h) => Ok(h.on_event(event)),
+        }
+    }
+
+    pub fn on_close(&mut self, reason: CloseReason) -> Result<Vec<Frame>, Fault> {
+        match self {
+            Instance::Wasm(i) => i.on_close(reason),
+            #[cfg(feature = "native-handler")]
+            Instance::Native(_) => Ok(Vec::new()),
+        }
+    }
+
+    pub fn fault(&self) -> Option<Fault> {
+        match self {
+            Instance::Wasm(i) => i.faulted,
+            #[cfg(feature = "native-handler")]
+            Instance::Native(_) => None,
+        }
+    }
+}
+
+/// One connection's Wasm instance: its own store, so its own memory.
+pub struct WasmInstance {
     store: Store<HostState>,
     handler: Handler,
     /// Once set, the instance is never entered again: after a trap its state is undefined.
     faulted: Option<Fault>,
 }
 
-impl Instance {
-    pub fn init(&mut self, ctx: &Context) -> Result<Vec<Frame>, Fault> {
+impl WasmInstance {
+    fn init(&mut self, ctx: &Context) -> Result<Vec<Frame>, Fault> {
         let frames = self.call(|h, s| h.call_init(s, ctx))?;
         if !self.store.data().acked {
             return Err(self.fail(Fault::Unacknowledged));
@@ -421,20 +487,16 @@ impl Instance {
         Ok(frames)
     }
 
-    pub fn on_client_message(&mut self, frame: &Frame) -> Result<Vec<Frame>, Fault> {
+    fn on_client_message(&mut self, frame: &Frame) -> Result<Vec<Frame>, Fault> {
         self.call(|h, s| h.call_on_client_message(s, frame))
     }
 
-    pub fn on_event(&mut self, event: &Event) -> Result<Vec<Frame>, Fault> {
+    fn on_event(&mut self, event: &Event) -> Result<Vec<Frame>, Fault> {
         self.call(|h, s| h.call_on_event(s, event))
     }
 
-    pub fn on_close(&mut self, reason: CloseReason) -> Result<Vec<Frame>, Fault> {
+    fn on_close(&mut self, reason: CloseReason) -> Result<Vec<Frame>, Fault> {
         self.call(|h, s| h.call_on_close(s, reason))
-    }
-
-    pub fn fault(&self) -> Option<Fault> {
-        self.faulted
     }
 
     fn call(
@@ -471,5 +533,46 @@ impl Instance {
     fn fail(&mut self, fault: Fault) -> Fault {
         self.faulted = Some(fault);
         fault
+    }
+}
+
+/// Benchmark builds only: the reference handler's logic linked natively, given the same
+/// inputs the Wasm instance gets (owned copies, as lowering into linear memory makes).
+#[cfg(feature = "native-handler")]
+mod native {
+    use super::{Context, Event, Frame};
+    use gateway_guest::handler::{EventIn, State};
+
+    #[derive(Default)]
+    pub struct Handler(State);
+
+    impl Handler {
+        pub fn init(&mut self, ctx: &Context) -> Vec<Frame> {
+            let welcome = self.0.init(
+                ctx.connection_id.clone(),
+                ctx.user_id.clone(),
+                ctx.expires_at,
+            );
+            vec![Frame::Text(welcome)]
+        }
+
+        pub fn on_client_message(&mut self, frame: &Frame) -> Vec<Frame> {
+            let reply = match frame {
+                Frame::Text(text) => self.0.text_message(text),
+                Frame::Binary(_) => self.0.binary_message(),
+            };
+            vec![Frame::Text(reply)]
+        }
+
+        pub fn on_event(&mut self, event: &Event) -> Vec<Frame> {
+            let event = EventIn {
+                seq: event.seq,
+                kind: event.kind.clone(),
+                payload: event.payload.clone(),
+                run_id: event.run_id.clone(),
+                thread_id: event.thread_id.clone(),
+            };
+            self.0.event(event).map(Frame::Text).into_iter().collect()
+        }
     }
 }

@@ -1,0 +1,340 @@
+//! The reference handler's logic, free of any binding: plain inputs in, frames (JSON text)
+//! out. `lib.rs` binds it to the WIT world for the Wasm component; the gateway's benchmark
+//! links it natively (feature `native-handler`) to measure what the sandbox costs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Map, Value, json};
+
+/// One event as the handler sees it.
+pub struct EventIn {
+    pub seq: u64,
+    pub kind: String,
+    pub payload: String,
+    pub run_id: Option<String>,
+    pub thread_id: Option<String>,
+}
+
+/// Subscriptions and tracked runs are client- and publisher-driven; bound them so a client
+/// cannot grow this instance's memory until it hits the gateway's cap.
+const MAX_SUBSCRIPTIONS: usize = 64;
+const MAX_TRACKED_RUNS: usize = 128;
+const REDACTED: &str = "[redacted]";
+
+/// Everything the handler keeps for its one connection.
+#[derive(Default)]
+pub struct State {
+    connection_id: String,
+    user_id: String,
+    subscriptions: BTreeSet<String>,
+    runs: BTreeMap<String, Run>,
+    frames_in: u64,
+    events_in: u64,
+    events_out: u64,
+    events_filtered: u64,
+    redactions: u64,
+}
+
+/// Where one agent run is in its lifecycle, as seen from its events.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Started,
+    ToolsRunning,
+    Completed,
+    Failed,
+}
+
+struct Run {
+    phase: Phase,
+    tools_running: u32,
+    events: u64,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Started => "started",
+            Phase::ToolsRunning => "tools_running",
+            Phase::Completed => "completed",
+            Phase::Failed => "error",
+        }
+    }
+    fn finished(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed)
+    }
+}
+
+impl State {
+    /// Records the identity the gateway gave this connection; returns the welcome frame.
+    pub fn init(&mut self, connection_id: String, user_id: String, expires_at: u64) -> String {
+        let welcome = json!({
+            "type": "welcome",
+            "connection_id": connection_id,
+            "user_id": user_id,
+            "expires_at": expires_at,
+        });
+        self.connection_id = connection_id;
+        self.user_id = user_id;
+        welcome.to_string()
+    }
+
+    /// A text frame from the client; returns the reply.
+    pub fn text_message(&mut self, text: &str) -> String {
+        self.frames_in += 1;
+        self.client_message(text).to_string()
+    }
+
+    /// A binary frame from the client; returns the reply.
+    pub fn binary_message(&mut self) -> String {
+        self.frames_in += 1;
+        error_frame("binary frames are not supported").to_string()
+    }
+
+    fn client_message(&mut self, text: &str) -> Value {
+        let Ok(Value::Object(msg)) = serde_json::from_str::<Value>(text) else {
+            return error_frame("expected a JSON object");
+        };
+        let thread = msg.get("thread_id").and_then(Value::as_str);
+        match (msg.get("type").and_then(Value::as_str), thread) {
+            (Some("ping"), _) => self.pong(),
+            (Some("subscribe"), Some(thread)) => {
+                if self.subscriptions.len() >= MAX_SUBSCRIPTIONS
+                    && !self.subscriptions.contains(thread)
+                {
+                    return error_frame("too many subscriptions");
+                }
+                self.subscriptions.insert(thread.to_owned());
+                json!({"type": "subscribed", "thread_id": thread, "threads": self.subscriptions})
+            }
+            (Some("unsubscribe"), Some(thread)) => {
+                self.subscriptions.remove(thread);
+                json!({"type": "unsubscribed", "thread_id": thread, "threads": self.subscriptions})
+            }
+            (Some("subscribe" | "unsubscribe"), None) => error_frame("thread_id is required"),
+            _ => error_frame("unknown message type"),
+        }
+    }
+
+    fn pong(&self) -> Value {
+        let runs: Map<String, Value> = self
+            .runs
+            .iter()
+            .map(|(id, run)| {
+                let v = json!({
+                    "state": run.phase.as_str(),
+                    "tools_running": run.tools_running,
+                    "events": run.events,
+                });
+                (id.clone(), v)
+            })
+            .collect();
+        json!({
+            "type": "pong",
+            "connection_id": self.connection_id,
+            "user_id": self.user_id,
+            "frames_in": self.frames_in,
+            "events_in": self.events_in,
+            "events_out": self.events_out,
+            "events_filtered": self.events_filtered,
+            "redactions": self.redactions,
+            "subscriptions": self.subscriptions,
+            "runs": runs,
+        })
+    }
+
+    /// Tracks the run and returns the frame to send, or `None` when the client's
+    /// subscriptions exclude this event's thread.
+    pub fn event(&mut self, event: EventIn) -> Option<String> {
+        self.events_in += 1;
+        if !self.subscriptions.is_empty()
+            && !event
+                .thread_id
+                .as_ref()
+                .is_some_and(|t| self.subscriptions.contains(t))
+        {
+            self.events_filtered += 1;
+            return None;
+        }
+        let phase = event
+            .run_id
+            .as_deref()
+            .map(|run| self.track(run, &event.kind));
+        let payload = self.redacted(event.payload);
+        self.events_out += 1;
+
+        // Built by hand so the payload, already JSON, is not parsed and printed again when
+        // it holds nothing to redact.
+        let mut out = String::with_capacity(payload.len() + 96);
+        out.push_str(r#"{"type":"event","seq":"#);
+        out.push_str(&event.seq.to_string());
+        out.push_str(r#","kind":"#);
+        push_json_str(&mut out, &event.kind);
+        out.push_str(r#","payload":"#);
+        out.push_str(&payload);
+        if let Some(run) = &event.run_id {
+            out.push_str(r#","run_id":"#);
+            push_json_str(&mut out, run);
+        }
+        if let Some(thread) = &event.thread_id {
+            out.push_str(r#","thread_id":"#);
+            push_json_str(&mut out, thread);
+        }
+        if let Some(phase) = phase {
+            out.push_str(r#","run_state":""#);
+            out.push_str(phase.as_str());
+            out.push('"');
+        }
+        out.push('}');
+        Some(out)
+    }
+
+    fn track(&mut self, run_id: &str, kind: &str) -> Phase {
+        if !self.runs.contains_key(run_id) && self.runs.len() >= MAX_TRACKED_RUNS {
+            // Forget a finished run first; if none is finished, the oldest id.
+            let victim = self
+                .runs
+                .iter()
+                .find(|(_, r)| r.phase.finished())
+                .or_else(|| self.runs.iter().next())
+                .map(|(id, _)| id.clone());
+            if let Some(victim) = victim {
+                self.runs.remove(&victim);
+            }
+        }
+        let run = self.runs.entry(run_id.to_owned()).or_insert(Run {
+            phase: Phase::Started,
+            tools_running: 0,
+            events: 0,
+        });
+        run.events += 1;
+        match kind {
+            "agent_started" => {
+                run.phase = Phase::Started;
+                run.tools_running = 0;
+            }
+            "tool_executing" | "tool_started" if !run.phase.finished() => {
+                run.tools_running += 1;
+                run.phase = Phase::ToolsRunning;
+            }
+            "tool_completed" | "tool_error" if !run.phase.finished() => {
+                run.tools_running = run.tools_running.saturating_sub(1);
+                if run.tools_running == 0 {
+                    run.phase = Phase::Started;
+                }
+            }
+            "agent_completed" => {
+                run.phase = Phase::Completed;
+                run.tools_running = 0;
+            }
+            "agent_error" => {
+                run.phase = Phase::Failed;
+                run.tools_running = 0;
+            }
+            _ => {}
+        }
+        run.phase
+    }
+
+    /// The payload with sensitive values replaced, or unchanged (not re-encoded) when no key
+    /// could be sensitive.
+    fn redacted(&mut self, payload: String) -> String {
+        if !may_hold_secret(&payload) {
+            return payload;
+        }
+        let Ok(mut value) = serde_json::from_str::<Value>(&payload) else {
+            // The gateway only hands over valid JSON; if that ever changes, send it as a
+            // string rather than pass on something unparsed that might hold a secret.
+            return Value::String(payload).to_string();
+        };
+        let count = redact(&mut value);
+        if count == 0 {
+            return payload;
+        }
+        self.redactions += count;
+        value.to_string()
+    }
+}
+
+/// Key names whose values never leave the handler. Compared after lower-casing and dropping
+/// `-` and `_`, so `API-Key`, `api_key` and `apiKey` all match.
+const SENSITIVE_KEYS: &[&str] = &[
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "clientsecret",
+    "apikey",
+    "token",
+    "accesstoken",
+    "refreshtoken",
+    "idtoken",
+    "authtoken",
+    "bearertoken",
+    "sessiontoken",
+    "authorization",
+    "cookie",
+    "setcookie",
+    "privatekey",
+    "credential",
+    "credentials",
+];
+const SENSITIVE_SUFFIXES: &[&str] = &["password", "secret", "apikey"];
+
+fn is_sensitive(key: &str) -> bool {
+    let norm: String = key
+        .chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect();
+    SENSITIVE_KEYS.contains(&norm.as_str()) || SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
+}
+
+/// Cheap pre-check: can any key in this text be sensitive? Every entry above contains one of
+/// these stems, so a payload without them needs no parsing.
+fn may_hold_secret(payload: &str) -> bool {
+    const STEMS: &[&[u8]] = &[
+        b"pass",
+        b"pwd",
+        b"secret",
+        b"key",
+        b"token",
+        b"auth",
+        b"cookie",
+        b"credential",
+    ];
+    let bytes = payload.as_bytes();
+    // A key spelled with \u escapes could hide a stem from the byte scan.
+    payload.contains("\\u")
+        || STEMS.iter().any(|stem| {
+            bytes
+                .windows(stem.len())
+                .any(|w| w.eq_ignore_ascii_case(stem))
+        })
+}
+
+fn redact(value: &mut Value) -> u64 {
+    match value {
+        Value::Object(map) => map
+            .iter_mut()
+            .map(|(k, v)| {
+                if is_sensitive(k) {
+                    *v = Value::String(REDACTED.to_owned());
+                    1
+                } else {
+                    redact(v)
+                }
+            })
+            .sum(),
+        Value::Array(items) => items.iter_mut().map(redact).sum(),
+        _ => 0,
+    }
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    // Serialising a &str cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_default());
+}
+
+fn error_frame(reason: &str) -> Value {
+    json!({"type": "error", "reason": reason})
+}
