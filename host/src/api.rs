@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -63,7 +64,8 @@ impl IntoResponse for ApiError {
 struct PublishRequest {
     user_id: String,
     kind: String,
-    payload: Value,
+    /// Kept as the publisher's text: valid JSON by construction, never re-encoded.
+    payload: Box<RawValue>,
     #[serde(default)]
     run_id: Option<String>,
     #[serde(default)]
@@ -74,7 +76,7 @@ struct PublishRequest {
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
     /// Parsed one by one, so an error can name the event's index.
-    events: Vec<Value>,
+    events: Vec<Box<RawValue>>,
 }
 
 /// `POST /v1/publish`: one event. Answers `{"seq", "user_id", "delivered"}`.
@@ -117,7 +119,7 @@ pub async fn publish_batch(
         .into_iter()
         .enumerate()
         .map(|(i, event)| {
-            serde_json::from_value::<PublishRequest>(event)
+            serde_json::from_str::<PublishRequest>(event.get())
                 .map_err(|e| e.to_string())
                 .and_then(|request| validate(request, &app))
                 .map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))
@@ -250,7 +252,7 @@ fn validate(request: PublishRequest, app: &AppState) -> Result<Publication, Stri
             return Err(format!("{name} is longer than {MAX_ID_BYTES} bytes"));
         }
     }
-    let payload = request.payload.to_string();
+    let payload = String::from(request.payload.get());
     // The frame carrying it must fit the clients' message limit.
     let max = app.config.limits.max_message_bytes.saturating_sub(1024);
     if payload.len() > max {
