@@ -6,7 +6,7 @@ GATEWAY := target/release/gateway
 GUEST_MODULE := target/$(WASM_TARGET)/guest/gateway_guest.wasm
 GUEST := target/components/handler.wasm
 
-.PHONY: run test guest setup lint fmt clean
+.PHONY: run test guest setup lint fmt clean bench
 
 ## Install the toolchain pieces a fresh machine lacks.
 setup:
@@ -30,6 +30,12 @@ run: guest
 test: setup
 	$(CARGO) build --release --locked -p gateway
 	$(CARGO) test --release --locked -p gateway -p gateway-tests
+
+## Build everything (release, --locked) and run the benchmark scenarios against fresh gateways
+## on loopback (about 15 minutes on 2 cores); writes tests/bench/RESULTS.md, raw data in
+## target/bench/.
+bench: setup
+	CARGO="$(CARGO)" MAKE="$(MAKE)" bash tests/bench/run.sh
 
 lint: setup
 	$(CARGO) fmt --all -- --check

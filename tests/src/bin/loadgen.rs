@@ -2,18 +2,21 @@
 //!
 //! ```text
 //! loadgen --url ws://127.0.0.1:8080 --secret S --connections N --users U \
-//!     [--connect-rate R] [--source-ips K] [--hold-secs H] \
-//!     [--publish-rate E] [--publish-secs P] [--batch B] [--publishers T] \
+//!     [--user-offset O] [--connect-rate R] [--source-ips K] [--source-ip-offset S] \
+//!     [--hold-secs H] [--release-file F] \
+//!     [--publish-rate E | --publish-max] [--publish-secs P] [--batch B] [--publishers T] \
 //!     [--server-pid PID] [--json FILE] [--max-secs M]
 //! ```
 //!
 //! 1. Opens N WebSocket connections (`GET /ws`, `Authorization: Bearer <jwt>`), connection `i`
-//!    belonging to user `u{i % U}`, each client socket bound to one of K source addresses
-//!    127.0.0.2, 127.0.0.3, ... so that N can exceed one address's ephemeral ports. A
+//!    belonging to user `u{O + i % U}`, each client socket bound to one of K source addresses
+//!    127.0.0.(2+S), 127.0.0.(3+S), ... so that N can exceed one address's ephemeral ports. A
 //!    connection counts as established when the server's `welcome` frame arrives; the connect
-//!    time runs from the TCP connect to that frame.
-//! 2. Optionally publishes `kind: "bench"` events for E events/s over P seconds through
-//!    `POST /v1/publish/batch` (T publisher tasks, B events a batch, users round robin). The
+//!    time runs from the TCP connect to that frame. Several loadgen processes cooperate
+//!    without overlapping by giving each its own `--user-offset` and `--source-ip-offset`.
+//! 2. Optionally publishes `kind: "bench"` events for E events/s (or, with `--publish-max`,
+//!    as fast as the server answers) over P seconds through `POST /v1/publish/batch`
+//!    (T publisher tasks, B events a batch, users round robin). The
 //!    `delivered` counts in the answers give the receives to expect; every connection checks
 //!    that each event it gets is for its own user (`misdeliveries`, must be 0) and records the
 //!    publish-to-receive latency from the `ts_us` the event carries.
@@ -91,6 +94,10 @@ struct Args {
     /// Distinct users; connection i belongs to user u{i % users}.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     users: u64,
+    /// User numbers start here: connection i belongs to user u{user_offset + i % users}, so
+    /// cooperating loadgen processes can use disjoint users.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..1 << 40))]
+    user_offset: u64,
     /// Connection attempts started per second; 0 starts them as fast as --max-inflight allows.
     #[arg(long, default_value_t = 0.0)]
     connect_rate: f64,
@@ -101,15 +108,27 @@ struct Args {
     /// [default: ceil(connections / 20000) + 1].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
     source_ips: Option<u32>,
+    /// Skip this many addresses: the first source address is 127.0.0.2 + this. Cooperating
+    /// processes (or consecutive runs, while old sockets sit in TIME_WAIT) use disjoint ranges.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..1 << 23))]
+    source_ip_offset: u32,
     /// A connection attempt that has not seen its welcome frame after this long fails.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     connect_timeout_secs: u64,
     /// Seconds to hold the connections idle after they are all up, before publishing.
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
+    /// End the hold early as soon as this file exists (a driver running several loadgen
+    /// processes releases them all at once).
+    #[arg(long)]
+    release_file: Option<PathBuf>,
     /// Events per second to publish in total; 0 publishes nothing.
     #[arg(long, default_value_t = 0)]
     publish_rate: u64,
+    /// Publish as fast as the server takes the events: each publisher sends its next batch
+    /// as soon as the previous one is answered (--publish-rate is then ignored).
+    #[arg(long)]
+    publish_max: bool,
     /// Seconds to publish for.
     #[arg(long, default_value_t = 10)]
     publish_secs: u64,
@@ -188,6 +207,9 @@ fn prepare(args: Args) -> anyhow::Result<Plan> {
         eprintln!("note: the secret is shorter than 32 bytes; the gateway refuses such secrets");
     }
     let (target, ws_url, publish_url) = parse_url(&args.url)?;
+    if args.user_offset.checked_add(args.users).is_none() {
+        bail!("--user-offset plus --users is too large");
+    }
 
     let n = args.connections;
     let needed = n + FD_SLACK + 2 * args.publishers;
@@ -207,7 +229,11 @@ fn prepare(args: Args) -> anyhow::Result<Plan> {
             let k = args
                 .source_ips
                 .unwrap_or_else(|| (n.div_ceil(20_000) + 1) as u32);
-            let first = u32::from(Ipv4Addr::new(127, 0, 0, 2));
+            let first = u32::from(Ipv4Addr::new(127, 0, 0, 2)) + args.source_ip_offset;
+            let end = u32::from(Ipv4Addr::new(127, 255, 255, 255));
+            if u64::from(first) + u64::from(k) > u64::from(end) {
+                bail!("--source-ips plus --source-ip-offset run past 127.255.255.254");
+            }
             (0..k)
                 .map(|j| IpAddr::V4(Ipv4Addr::from(first + j)))
                 .collect()
@@ -231,7 +257,7 @@ fn prepare(args: Args) -> anyhow::Result<Plan> {
     };
     let users_with_connections = args.users.min(n);
     let user_auth = (0..users_with_connections)
-        .map(|u| mint(&format!("u{u}"), None))
+        .map(|u| mint(&format!("u{}", args.user_offset + u), None))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let publisher_auth = mint("loadgen", Some("events:publish"))?;
 
@@ -338,6 +364,40 @@ struct Phases {
     rss_before: Option<Memory>,
     rss_after: Option<Memory>,
     rss_end: Option<Memory>,
+    /// CPU time at the start and end of the connect phase and of publish + drain.
+    connect_cpu: [Option<CpuMark>; 2],
+    publish_cpu: [Option<CpuMark>; 2],
+}
+
+/// Loadgen's and the server's CPU seconds at one moment.
+#[derive(Clone, Copy)]
+struct CpuMark {
+    at: Instant,
+    own: Option<f64>,
+    server: Option<f64>,
+}
+
+impl CpuMark {
+    fn now(server_pid: Option<u32>) -> Self {
+        CpuMark {
+            at: Instant::now(),
+            own: cpu_seconds("self"),
+            server: server_pid.and_then(|p| cpu_seconds(&p.to_string())),
+        }
+    }
+
+    /// Percent of one core used by (loadgen, server) between two marks.
+    fn percent(marks: &[Option<CpuMark>; 2]) -> (Option<f64>, Option<f64>) {
+        let [Some(a), Some(b)] = marks else {
+            return (None, None);
+        };
+        let wall = b.at.duration_since(a.at).as_secs_f64();
+        if wall <= 0.0 {
+            return (None, None);
+        }
+        let pct = |x: Option<f64>, y: Option<f64>| Some((y? - x?) / wall * 100.0);
+        (pct(a.own, b.own), pct(a.server, b.server))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -494,7 +554,11 @@ async fn run(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
     let mut connections = JoinSet::new();
     let inflight = Arc::new(Semaphore::new(args.max_inflight as usize));
     let start = tokio::time::Instant::now();
-    stats.phases.lock().unwrap().connect_start = Some(start.into_std());
+    {
+        let mut phases = stats.phases.lock().unwrap();
+        phases.connect_start = Some(start.into_std());
+        phases.connect_cpu[0] = Some(CpuMark::now(pid));
+    }
     for i in 0..n {
         if args.connect_rate > 0.0 {
             sleep_until(start + Duration::from_secs_f64(i as f64 / args.connect_rate)).await;
@@ -515,7 +579,11 @@ async fn run(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
     while stats.settled.load(Relaxed) < n {
         stats.settled_changed.notified().await;
     }
-    stats.phases.lock().unwrap().connect_end = Some(Instant::now());
+    {
+        let mut phases = stats.phases.lock().unwrap();
+        phases.connect_end = Some(Instant::now());
+        phases.connect_cpu[1] = Some(CpuMark::now(pid));
+    }
     let established = stats.established.load(Relaxed);
     eprintln!(
         "connected: {established} of {n} in {:.2} s",
@@ -528,11 +596,17 @@ async fn run(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
         sleep(Duration::from_secs(1)).await;
         stats.phases.lock().unwrap().rss_after = read_memory(pid);
     }
-    sleep_until(idle_start + Duration::from_secs(args.hold_secs)).await;
+    hold(
+        idle_start + Duration::from_secs(args.hold_secs),
+        args.release_file.as_deref(),
+    )
+    .await;
 
-    if args.publish_rate > 0 {
+    if args.publish_max || args.publish_rate > 0 {
+        stats.phases.lock().unwrap().publish_cpu[0] = Some(CpuMark::now(pid));
         publish(plan, stats).await?;
         drain(stats, Duration::from_secs(args.drain_secs)).await;
+        stats.phases.lock().unwrap().publish_cpu[1] = Some(CpuMark::now(pid));
     }
     if let Some(pid) = pid {
         stats.phases.lock().unwrap().rss_end = read_memory(pid);
@@ -545,6 +619,16 @@ async fn run(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
     })
     .await;
     Ok(())
+}
+
+/// Sleeps until `until`, or until `release` exists if that comes first.
+async fn hold(until: tokio::time::Instant, release: Option<&std::path::Path>) {
+    let Some(release) = release else {
+        return sleep_until(until).await;
+    };
+    while tokio::time::Instant::now() < until && !release.exists() {
+        sleep(Duration::from_millis(100).min(until - tokio::time::Instant::now())).await;
+    }
 }
 
 /// Why a connection attempt failed: a short label to count by and a message to print.
@@ -599,6 +683,7 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let user = i % plan.args.users;
+    let user_name = format!("u{}", plan.args.user_offset + user);
     let started = Instant::now();
     let opened = timeout(
         Duration::from_secs(plan.args.connect_timeout_secs),
@@ -607,7 +692,7 @@ async fn connection(
     .await;
     drop(permit);
     let mut reader = Reader {
-        user: format!("u{user}"),
+        user: user_name,
         shard: &stats.latency_us[i as usize % SHARDS],
         stats: &stats,
         last_seq: 0,
@@ -858,7 +943,8 @@ async fn publish(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
 
 /// Sends its share of batches on a fixed schedule: batch k of publisher `id` is due at
 /// `(k * publishers + id) * batch / rate` seconds, so the publishers interleave evenly. A
-/// publisher that falls behind sends back to back; nothing is sent after `end`.
+/// publisher that falls behind sends back to back; nothing is sent after `end`. With
+/// `--publish-max` every batch is due at once: the next goes as soon as one is answered.
 async fn publisher(
     id: u64,
     plan: Arc<Plan>,
@@ -868,15 +954,25 @@ async fn publisher(
     end: tokio::time::Instant,
 ) {
     let args = &plan.args;
-    let interval = args.batch as f64 / args.publish_rate as f64;
+    let interval = if args.publish_max {
+        0.0
+    } else {
+        args.batch as f64 / args.publish_rate as f64
+    };
     for k in 0.. {
         let due = start + Duration::from_secs_f64((k * args.publishers + id) as f64 * interval);
-        if due >= end {
+        if due >= end || tokio::time::Instant::now() >= end {
             break;
         }
         sleep_until(due).await;
         let first = stats.next_event.fetch_add(args.batch, Relaxed);
-        let body = batch_body(first, args.batch, args.users, unix_micros());
+        let body = batch_body(
+            first,
+            args.batch,
+            args.users,
+            args.user_offset,
+            unix_micros(),
+        );
         let sent = client
             .post(&plan.publish_url)
             .header(reqwest::header::AUTHORIZATION, &plan.publisher_auth)
@@ -923,14 +1019,14 @@ fn publish_failed(stats: &Stats, kind: &str, message: String) {
 
 /// `{"events":[...]}` for events `first..first + count`, built by hand: it is the hot path
 /// of the publishers and the shape is fixed.
-fn batch_body(first: u64, count: u64, users: u64, ts_us: u64) -> String {
+fn batch_body(first: u64, count: u64, users: u64, user_offset: u64, ts_us: u64) -> String {
     let mut body = String::with_capacity(16 + count as usize * 112);
     body.push_str(r#"{"events":["#);
     for n in first..first + count {
         if n > first {
             body.push(',');
         }
-        let user = n % users;
+        let user = user_offset + n % users;
         let _ = write!(
             body,
             r#"{{"user_id":"u{user}","kind":"bench","payload":{{"user":"u{user}","ts_us":{ts_us},"n":{n}}}}}"#
@@ -1073,7 +1169,7 @@ fn build_report(
     let rate =
         |count: u64, secs: Option<f64>| secs.filter(|s| *s > 0.0).map(|s| round2(count as f64 / s));
 
-    json!({
+    let mut report = json!({
         "target": plan.ws_url,
         "connections_requested": args.connections,
         "connections_established": established,
@@ -1085,7 +1181,7 @@ fn build_report(
         "connect_ms": quantiles_ms(&connect, &[("p50", 0.5), ("p99", 0.99)]),
         "closed_by_server": stats.closed_early.load(Relaxed),
         "closed_reasons": *stats.closed_reasons.lock().unwrap(),
-        "publish_rate_target": args.publish_rate,
+        "publish_rate_target": if args.publish_max { Value::from("max") } else { Value::from(args.publish_rate) },
         "events_published": published,
         "events_published_per_sec": rate(published, send_secs),
         "publish_errors": stats.publish_errors.load(Relaxed),
@@ -1114,7 +1210,31 @@ fn build_report(
             .iter()
             .map(|(_, message)| message.clone())
             .collect::<Vec<_>>(),
-    })
+    });
+    // CPU use per phase (100 = one core; the totals above cover the whole run) and the run's
+    // settings, so that a JSON file describes itself (a separate object: one json! call this
+    // large would exceed the macro recursion limit).
+    let (own_connect_cpu, server_connect_cpu) = CpuMark::percent(&phases.connect_cpu);
+    let (own_publish_cpu, server_publish_cpu) = CpuMark::percent(&phases.publish_cpu);
+    let settings = json!({
+        "loadgen_cpu_percent_connect": own_connect_cpu.map(round2),
+        "server_cpu_percent_connect": server_connect_cpu.map(round2),
+        "loadgen_cpu_percent_publish": own_publish_cpu.map(round2),
+        "server_cpu_percent_publish": server_publish_cpu.map(round2),
+        "users": args.users,
+        "user_offset": args.user_offset,
+        "source_ip_first": plan.sources.first().map(|ip| ip.to_string()),
+        "max_inflight": args.max_inflight,
+        "connect_rate_target": args.connect_rate,
+        "publish_max": args.publish_max,
+        "publish_secs": args.publish_secs,
+        "batch": args.batch,
+        "publishers": args.publishers,
+    });
+    if let (Some(report), Value::Object(settings)) = (report.as_object_mut(), settings) {
+        report.extend(settings);
+    }
+    report
 }
 
 /// The report as a table in reading order (the JSON object's keys are sorted by name).
@@ -1148,6 +1268,10 @@ fn print_table(report: &Value) {
         ("RSS KiB per connection", "rss_kib_per_connection"),
         ("server CPU %", "server_cpu_percent"),
         ("loadgen CPU %", "loadgen_cpu_percent"),
+        ("server CPU % connecting", "server_cpu_percent_connect"),
+        ("loadgen CPU % connecting", "loadgen_cpu_percent_connect"),
+        ("server CPU % publishing", "server_cpu_percent_publish"),
+        ("loadgen CPU % publishing", "loadgen_cpu_percent_publish"),
         ("CPUs", "cpus"),
         ("duration secs", "duration_secs"),
         ("timed out", "timed_out"),

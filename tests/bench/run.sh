@@ -1,0 +1,545 @@
+#!/usr/bin/env bash
+# `make bench`: build the release gateway, the reference guest, the benchmark-only native
+# build and the load generator, run the standard scenarios against fresh gateways on
+# loopback, and write tests/bench/RESULTS.md (raw loadgen JSON and logs under target/bench/).
+#
+# Scenarios (see tests/bench/RESULTS.md for what each measures):
+#   density   idle connections at 1k, 5k, 10k and the most one process admits; RSS each
+#   storm     new connections as fast as possible at a few --max-inflight settings
+#   delivery  10,000 connections (2,000 users x 5): as fast as the gateway takes events,
+#             then 25 % and 50 % of that rate
+#   native    the 100 % delivery scenario with the handler run natively (no Wasm), for the
+#             sandbox's cost
+#   multi     100,000 connections across several gateway processes, if time allows
+#
+# Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (900, the whole run including the
+# builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
+# numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
+# subset of: density storm delivery native multi).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+ROOT=$(pwd)
+START_EPOCH=$(date +%s)
+
+RUNS=${BENCH_RUNS:-3}
+BUDGET=${BENCH_BUDGET_SECS:-900}
+QUICK=${BENCH_QUICK:-0}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native multi}
+CARGO=${CARGO:-cargo}
+MAKE=${MAKE:-make}
+
+GATEWAY=$ROOT/target/release/gateway
+NATIVE=$ROOT/target/release/gateway-bench-native
+LOADGEN=$ROOT/target/release/loadgen
+GUEST=$ROOT/target/components/handler.wasm
+OUT=$ROOT/target/bench
+LOGS=$OUT/logs
+RESULTS=$ROOT/tests/bench/RESULTS.md
+
+# Scenario sizes.
+if [[ $QUICK == 1 ]]; then
+    DENSITY_POINTS=(100 200)
+    STORM_CONNECTIONS=200
+    STORM_INFLIGHT=(16 64)
+    DELIVERY_CONNECTIONS=200
+    DELIVERY_USERS=40
+    PUBLISH_SECS=2
+    MULTI_GATEWAYS=2
+    MULTI_PER_GATEWAY=200
+else
+    DENSITY_POINTS=(1000 5000 10000)
+    STORM_CONNECTIONS=5000
+    STORM_INFLIGHT=(8 32 128)
+    DELIVERY_CONNECTIONS=10000
+    DELIVERY_USERS=2000
+    PUBLISH_SECS=10
+    MULTI_GATEWAYS=6
+    MULTI_PER_GATEWAY=16667
+fi
+DELIVERY_BATCH=100
+DELIVERY_PUBLISHERS=4
+# Connections the most-one-process point asks for beyond the advertised capacity, to show
+# the cap is where the gateway says it is (the extra ones must be refused with 503).
+OVER_CAPACITY=32
+# Seconds the multi-process scenario is expected to take; skipped when less is left.
+MULTI_ESTIMATE=${BENCH_MULTI_ESTIMATE_SECS:-150}
+
+SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export GATEWAY_JWT_SECRET=$SECRET # loadgen reads it from here too; never on a command line
+
+log() { printf '[bench %4ds] %s\n' "$(($(date +%s) - START_EPOCH))" "$*" >&2; }
+note() { # a line for the results file's notes section
+    printf '%s\n' "$*" >>"$OUT/notes.txt"
+    log "NOTE: $*"
+}
+
+# ---------------------------------------------------------------------------------------
+# Processes we start, and cleanup.
+GW_PIDS=()
+LG_PIDS=()
+MAP_COUNT_ORIG=""
+cleanup() {
+    local pid
+    for pid in "${LG_PIDS[@]}" "${GW_PIDS[@]}"; do
+        kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null || true
+    done
+    sleep 0.5
+    for pid in "${LG_PIDS[@]}" "${GW_PIDS[@]}"; do
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    done
+    if [[ -n $MAP_COUNT_ORIG ]]; then
+        sysctl -q -w vm.max_map_count="$MAP_COUNT_ORIG" >/dev/null 2>&1 || true
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget_pid() { # remove $1 from GW_PIDS / LG_PIDS
+    local pid=$1 p keep=()
+    for p in "${GW_PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    GW_PIDS=("${keep[@]}")
+    keep=()
+    for p in "${LG_PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    LG_PIDS=("${keep[@]}")
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_gateway LABEL BINARY [serve args...]; per-scenario limits come from the caller's
+# environment (GATEWAY_LIMITS__*). Sets GW_PID and GW_PORT.
+start_gateway() {
+    local label=$1 binary=$2
+    shift 2
+    GW_PORT=$(free_port)
+    GATEWAY_LISTEN=127.0.0.1:$GW_PORT GATEWAY_GUEST=$GUEST GATEWAY_LOG=warn \
+        GATEWAY_LIMITS__SHUTDOWN_GRACE_SECS=${GATEWAY_LIMITS__SHUTDOWN_GRACE_SECS:-3} \
+        "$binary" serve "$@" >"$LOGS/$label.gateway.log" 2>&1 &
+    GW_PID=$!
+    GW_PIDS+=("$GW_PID")
+    local i
+    for i in $(seq 1 300); do
+        if curl -sf -o /dev/null "http://127.0.0.1:$GW_PORT/healthz"; then
+            return 0
+        fi
+        if ! kill -0 "$GW_PID" 2>/dev/null; then
+            log "gateway $label exited at start-up:"
+            tail -20 "$LOGS/$label.gateway.log" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+    log "gateway $label did not answer /healthz within 30 s"
+    return 1
+}
+
+stop_gateway() { # stop_gateway PID LABEL
+    local pid=$1 label=$2 i
+    if ! kill -0 "$pid" 2>/dev/null; then
+        note "gateway of $label had exited before the end of its run (see target/bench/logs/$label.gateway.log)"
+        forget_pid "$pid"
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        note "gateway of $label did not stop within 10 s of SIGTERM; killed"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
+}
+
+readyz() { curl -s "http://127.0.0.1:$1/readyz" || true; }
+json_field() { # json_field FIELD < json
+    python3 -c 'import json,sys; v=json.load(sys.stdin).get(sys.argv[1]); print("" if v is None else v)' "$1"
+}
+
+# Every loadgen run gets its own source addresses: client sockets bound to an address keep
+# its ports in TIME_WAIT for a minute after they close, so consecutive runs must not share.
+SRC_NEXT=0
+source_ips_for() { echo $((($1 + 19999) / 20000 + 1)); }
+
+# run_loadgen LABEL GW_PID GW_PORT [loadgen args...]: one run, JSON to $OUT/LABEL.json.
+run_loadgen() {
+    local label=$1 pid=$2 port=$3
+    shift 3
+    local n=0 a prev=""
+    for a in "$@"; do
+        [[ $prev == --connections ]] && n=$a
+        prev=$a
+    done
+    local ips
+    ips=$(source_ips_for "$n")
+    local rc=0
+    "$LOADGEN" --url "ws://127.0.0.1:$port" --server-pid "$pid" --json "$OUT/$label.json" \
+        --source-ips "$ips" --source-ip-offset "$SRC_NEXT" "$@" \
+        >"$LOGS/$label.loadgen.out" 2>"$LOGS/$label.loadgen.err" || rc=$?
+    SRC_NEXT=$((SRC_NEXT + ips))
+    if [[ $rc -ne 0 ]]; then
+        note "loadgen $label exited with status $rc (see target/bench/logs/$label.loadgen.err)"
+    fi
+    if [[ -f $OUT/$label.json ]]; then
+        python3 "$ROOT/tests/bench/summarize.py" --line "$OUT/$label.json" | sed "s/^/[bench] $label: /" >&2
+    fi
+    return 0
+}
+
+# one_run LABEL BINARY "SERVE ARGS" [loadgen args...]: fresh gateway, one loadgen run, stop.
+one_run() {
+    local label=$1 binary=$2 serve_args=$3
+    shift 3
+    # shellcheck disable=SC2086 # serve_args is a word list on purpose
+    if ! start_gateway "$label" "$binary" $serve_args; then
+        note "$label: the gateway did not start; run skipped"
+        return 0
+    fi
+    local pid=$GW_PID port=$GW_PORT
+    run_loadgen "$label" "$pid" "$port" "$@"
+    stop_gateway "$pid" "$label"
+}
+
+elapsed() { echo $(($(date +%s) - START_EPOCH)); }
+
+median_of() { # median_of FIELD FILE... (numbers; missing ones ignored)
+    python3 - "$@" <<'EOF'
+import json, statistics, sys
+field, files = sys.argv[1], sys.argv[2:]
+vals = []
+for f in files:
+    try:
+        v = json.load(open(f)).get(field)
+    except (OSError, ValueError):
+        continue
+    if isinstance(v, (int, float)):
+        vals.append(v)
+print(statistics.median(vals) if vals else "")
+EOF
+}
+
+# ---------------------------------------------------------------------------------------
+rm -rf "$OUT"
+mkdir -p "$LOGS"
+: >"$OUT/notes.txt"
+
+if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+    log "building (release, --locked): gateway, loadgen, reference guest, native benchmark build"
+    $CARGO build --release --locked -p gateway -p gateway-tests
+    $MAKE --no-print-directory guest
+    # Both builds write target/release/gateway: the native one is copied aside, then the
+    # normal binary is rebuilt (from cache) so that target/release/gateway stays the product.
+    $CARGO build --release --locked -p gateway --features native-handler
+    cp "$GATEWAY" "$NATIVE"
+    $CARGO build --release --locked -p gateway
+fi
+for f in "$GATEWAY" "$NATIVE" "$LOADGEN" "$GUEST"; do
+    [[ -e $f ]] || { log "missing $f (run without BENCH_SKIP_BUILD)"; exit 2; }
+done
+if "$GATEWAY" serve --help | grep -q native-handler-for-benchmark; then
+    log "target/release/gateway is the native-handler build; refusing to benchmark it as the product"
+    exit 2
+fi
+"$NATIVE" serve --help | grep -q native-handler-for-benchmark || {
+    log "$NATIVE was not built with --features native-handler"
+    exit 2
+}
+BUILD_SECS=$(elapsed)
+log "builds done in ${BUILD_SECS} s"
+
+# ---------------------------------------------------------------------------------------
+# Machine limits: raise vm.max_map_count when we may (restored on exit); the fd hard limit
+# is what it is (loadgen and the gateway raise their soft limits to it themselves).
+MAP_COUNT_BEFORE=$(cat /proc/sys/vm/max_map_count)
+MAP_COUNT_WANTED=262144
+SYSCTL_RESULT="unchanged (already >= $MAP_COUNT_WANTED)"
+if ((MAP_COUNT_BEFORE < MAP_COUNT_WANTED)); then
+    if err=$(sysctl -w vm.max_map_count=$MAP_COUNT_WANTED 2>&1 >/dev/null); then
+        MAP_COUNT_ORIG=$MAP_COUNT_BEFORE
+        SYSCTL_RESULT="raised from $MAP_COUNT_BEFORE to $MAP_COUNT_WANTED for the run (restored afterwards)"
+    else
+        SYSCTL_RESULT="could not raise it from $MAP_COUNT_BEFORE: ${err//$'\n'/ }"
+        note "sysctl -w vm.max_map_count=$MAP_COUNT_WANTED failed: ${err//$'\n'/ }; capacity is bounded by $MAP_COUNT_BEFORE mappings"
+    fi
+fi
+MAP_COUNT_USED=$(cat /proc/sys/vm/max_map_count)
+FD_HARD=$(ulimit -Hn)
+FD_SOFT=$(ulimit -Sn)
+# Only the hard limit matters (both programs raise their soft limit to it); see whether it
+# could be raised, in a subshell so nothing here changes.
+if err=$( (ulimit -Hn $((FD_HARD * 2))) 2>&1); then
+    FD_RESULT="hard limit $FD_HARD; a process could raise it (not done: the gateway and loadgen use what they are given)"
+else
+    FD_RESULT="hard limit $FD_HARD, cannot be raised here (${err##*: })"
+fi
+log "vm.max_map_count: $SYSCTL_RESULT; fd limit soft $FD_SOFT, $FD_RESULT"
+
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$([[ -n $(git status --porcelain 2>/dev/null) ]] && echo true || echo false)
+
+has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------------------------------
+# Density: idle connections, 5 per user (the default per-user limit), RSS per connection.
+CAPACITY=""
+if has density; then
+    start_gateway density-probe "$GATEWAY"
+    CAPACITY=$(readyz "$GW_PORT" | json_field capacity)
+    stop_gateway "$GW_PID" density-probe
+    log "gateway capacity (/readyz): $CAPACITY"
+    # The loadgen needs one fd per connection plus some; both share the same hard limit.
+    max_n=$((CAPACITY + OVER_CAPACITY))
+    lg_room=$((FD_HARD - 64 - 8 - 8))
+    ((max_n > lg_room)) && max_n=$lg_room
+    [[ $QUICK == 1 ]] && max_n=300
+    points=("${DENSITY_POINTS[@]}")
+    for p in "${DENSITY_POINTS[@]}"; do ((p >= CAPACITY)) && note "density point $p is at or above the capacity $CAPACITY"; done
+    points+=("max:$max_n")
+    for run in $(seq 1 "$RUNS"); do
+        for p in "${points[@]}"; do
+            n=${p#max:}
+            name=$([[ $p == max:* ]] && echo max || echo "$n")
+            users=$(((n + 4) / 5))
+            log "density $name ($n connections, $users users) run $run"
+            one_run "density-$name-r$run" "$GATEWAY" "" \
+                --connections "$n" --users "$users" --max-inflight 128 \
+                --connect-timeout-secs 20 --max-secs 120
+        done
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# Connect storm: N new connections as fast as loadgen starts them, at a few in-flight caps.
+if has storm; then
+    for run in $(seq 1 "$RUNS"); do
+        for inflight in "${STORM_INFLIGHT[@]}"; do
+            log "storm $STORM_CONNECTIONS connections, max-inflight $inflight, run $run"
+            one_run "storm-i$inflight-r$run" "$GATEWAY" "" \
+                --connections "$STORM_CONNECTIONS" --users $((STORM_CONNECTIONS / 5)) \
+                --max-inflight "$inflight" --max-secs 60
+        done
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# Delivery: 10,000 connections, 2,000 users x 5. First as fast as the gateway takes the
+# events (100 %), then 25 % and 50 % of the delivered rate found.
+delivery_args=(--connections "$DELIVERY_CONNECTIONS" --users "$DELIVERY_USERS"
+    --max-inflight 128 --publish-secs "$PUBLISH_SECS" --batch "$DELIVERY_BATCH"
+    --publishers "$DELIVERY_PUBLISHERS" --drain-secs 5 --max-secs 120)
+FULL_RATE=""
+if has delivery; then
+    for run in $(seq 1 "$RUNS"); do
+        log "delivery 100 % (as fast as it takes them) run $run"
+        one_run "delivery-wasm-100-r$run" "$GATEWAY" "" "${delivery_args[@]}" --publish-max
+    done
+    delivered=$(median_of events_per_sec "$OUT"/delivery-wasm-100-r*.json)
+    published=$(median_of events_published "$OUT"/delivery-wasm-100-r*.json)
+    expected=$(median_of events_expected "$OUT"/delivery-wasm-100-r*.json)
+    if [[ -n $delivered && -n $published && -n $expected ]] && python3 -c "import sys; sys.exit(not ($published > 0 and $expected > 0))"; then
+        # Offered publish rate = fraction x delivered rate / fan-out (connections per event).
+        fanout=$(python3 -c "print($expected / $published)")
+        FULL_RATE=$delivered
+        log "100 %: $delivered events/s delivered (fan-out $fanout)"
+        for pct in 25 50; do
+            rate=$(python3 -c "print(max(1, round($pct / 100 * $delivered / $fanout)))")
+            for run in $(seq 1 "$RUNS"); do
+                log "delivery $pct % ($rate events/s published) run $run"
+                one_run "delivery-wasm-$pct-r$run" "$GATEWAY" "" "${delivery_args[@]}" --publish-rate "$rate"
+            done
+        done
+    else
+        note "delivery: the 100 % runs produced no delivery rate; 25 % and 50 % not run"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------
+# Sandbox cost: the 100 % delivery scenario with the handler compiled natively.
+if has native; then
+    for run in $(seq 1 "$RUNS"); do
+        log "delivery 100 % with the native handler (no sandbox) run $run"
+        one_run "delivery-native-100-r$run" "$NATIVE" "--native-handler-for-benchmark" \
+            "${delivery_args[@]}" --publish-max
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# 100,000 connections on the machine: several gateways, one loadgen process each (disjoint
+# users and source addresses), all held open together; totals sampled while they are.
+multi_skip() {
+    python3 - "$OUT/multi.json" "$1" <<'EOF'
+import json, sys
+json.dump({"skipped": True, "reason": sys.argv[2]}, open(sys.argv[1], "w"), indent=2)
+EOF
+    note "100,000-connection scenario not run: $1"
+}
+run_multi() {
+    local k pids=() ports=() lgs=() label release=$OUT/multi.release
+    local total_target=$((MULTI_GATEWAYS * MULTI_PER_GATEWAY))
+    rm -f "$release"
+    for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
+        if ! start_gateway "multi-g$k" "$GATEWAY"; then
+            note "multi: gateway $k did not start"
+            return 1
+        fi
+        pids+=("$GW_PID")
+        ports+=("$GW_PORT")
+    done
+    local users=$(((MULTI_PER_GATEWAY + 4) / 5)) ips
+    ips=$(source_ips_for "$MULTI_PER_GATEWAY")
+    log "multi: $MULTI_GATEWAYS gateways x $MULTI_PER_GATEWAY connections ($total_target), $MULTI_GATEWAYS loadgen processes"
+    for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
+        label=multi-g$k
+        "$LOADGEN" --url "ws://127.0.0.1:${ports[$k]}" --server-pid "${pids[$k]}" \
+            --json "$OUT/$label.json" --connections "$MULTI_PER_GATEWAY" --users "$users" \
+            --user-offset $((k * users)) --source-ips "$ips" --source-ip-offset "$SRC_NEXT" \
+            --max-inflight 64 --connect-timeout-secs 30 --hold-secs 120 \
+            --release-file "$release" --max-secs 240 \
+            >"$LOGS/$label.loadgen.out" 2>"$LOGS/$label.loadgen.err" &
+        lgs+=($!)
+        LG_PIDS+=($!)
+        SRC_NEXT=$((SRC_NEXT + ips))
+    done
+    # Sample until every loadgen has finished its connect phase (or 150 s pass).
+    local t0 t peak=0 peak_rss=0 peak_at=0 done_count live rss line
+    t0=$(date +%s)
+    : >"$OUT/multi.samples"
+    while :; do
+        sleep 1
+        t=$(($(date +%s) - t0))
+        live=0
+        rss=0
+        line="$t"
+        for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
+            local l r
+            l=$(curl -s "http://127.0.0.1:${ports[$k]}/metrics" | awk '$1=="gateway_sessions_live"{print $2}')
+            r=$(awk '/^VmRSS:/{print $2}' "/proc/${pids[$k]}/status" 2>/dev/null || echo 0)
+            live=$((live + ${l:-0}))
+            rss=$((rss + ${r:-0}))
+            line+=" ${l:-0}:${r:-0}"
+        done
+        echo "$line" >>"$OUT/multi.samples"
+        if ((live > peak)); then
+            peak=$live
+            peak_rss=$rss
+            peak_at=$t
+            # Per-gateway sample at the peak.
+            printf '%s\n' "$line" >"$OUT/multi.peak"
+        fi
+        done_count=0
+        for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
+            if grep -q '^connected:' "$LOGS/multi-g$k.loadgen.err" 2>/dev/null ||
+                ! kill -0 "${lgs[$k]}" 2>/dev/null; then
+                done_count=$((done_count + 1))
+            fi
+        done
+        if ((done_count == MULTI_GATEWAYS)) || ((t >= 150)); then
+            break
+        fi
+    done
+    # One more sample with everything connected, then release the holds.
+    sleep 2
+    live=0
+    rss=0
+    line="$(($(date +%s) - t0))"
+    for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
+        local l r
+        l=$(curl -s "http://127.0.0.1:${ports[$k]}/metrics" | awk '$1=="gateway_sessions_live"{print $2}')
+        r=$(awk '/^VmRSS:/{print $2}' "/proc/${pids[$k]}/status" 2>/dev/null || echo 0)
+        live=$((live + ${l:-0}))
+        rss=$((rss + ${r:-0}))
+        line+=" ${l:-0}:${r:-0}"
+    done
+    echo "$line" >>"$OUT/multi.samples"
+    if ((live >= peak)); then
+        peak=$live
+        peak_rss=$rss
+        peak_at=${line%% *}
+        printf '%s\n' "$line" >"$OUT/multi.peak"
+    fi
+    local mem_avail
+    mem_avail=$(awk '/^MemAvailable:/{print $2}' /proc/meminfo)
+    touch "$release"
+    local rcs=()
+    for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
+        local rc=0
+        wait "${lgs[$k]}" || rc=$?
+        forget_pid "${lgs[$k]}"
+        rcs+=("$rc")
+        ((rc == 0)) || note "multi: loadgen $k exited with status $rc (see target/bench/logs/multi-g$k.loadgen.err)"
+    done
+    for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
+        stop_gateway "${pids[$k]}" "multi-g$k"
+    done
+    python3 - "$OUT/multi.json" "$OUT/multi.peak" "$total_target" "$peak" "$peak_rss" "$peak_at" \
+        "$mem_avail" "${rcs[*]}" <<'EOF'
+import json, sys
+out, peak_file, target, peak, peak_rss, peak_at, mem_avail, rcs = sys.argv[1:]
+per = []
+for item in open(peak_file).read().split()[1:]:
+    live, rss = item.split(":")
+    per.append({"connections": int(live), "rss_kib": int(rss)})
+json.dump({
+    "skipped": False,
+    "target_connections": int(target),
+    "peak_connections": int(peak),
+    "peak_rss_kib_total": int(peak_rss),
+    "peak_at_secs": int(peak_at),
+    "mem_available_kib_at_peak": int(mem_avail),
+    "gateways": per,
+    "loadgen_exit_codes": [int(r) for r in rcs.split()],
+}, open(out, "w"), indent=2)
+EOF
+    log "multi: peak $peak connections at the same time, total gateway RSS ${peak_rss} KiB"
+}
+if has multi; then
+    left=$((BUDGET - $(elapsed)))
+    if ((left < MULTI_ESTIMATE)); then
+        multi_skip "time budget: $(elapsed) s of the ${BUDGET} s budget used, the scenario needs about ${MULTI_ESTIMATE} s"
+    elif ! run_multi; then
+        multi_skip "the gateways did not start (see target/bench/logs/multi-g*.gateway.log)"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------
+WALL=$(elapsed)
+python3 - "$OUT/meta.json" <<EOF
+import json, os, platform, sys
+mem = next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal:"))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+json.dump({
+    "nproc": os.cpu_count(),
+    "cpu_model": cpu,
+    "mem_total_kib": int(mem),
+    "kernel": platform.release(),
+    "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
+    "commit": "$COMMIT",
+    "dirty": $([[ $DIRTY == true ]] && echo True || echo False),
+    "command": "make bench",
+    "runs": $RUNS,
+    "quick": $([[ $QUICK == 1 ]] && echo True || echo False),
+    "scenarios": "$SCENARIOS".split(),
+    "wall_secs": $WALL,
+    "build_secs": $BUILD_SECS,
+    "budget_secs": $BUDGET,
+    "max_map_count_before": $MAP_COUNT_BEFORE,
+    "max_map_count_used": $MAP_COUNT_USED,
+    "sysctl_result": """$SYSCTL_RESULT""",
+    "fd_soft": "$FD_SOFT",
+    "fd_hard": "$FD_HARD",
+    "fd_result": """$FD_RESULT""",
+    "capacity": "$CAPACITY",
+    "storm_connections": $STORM_CONNECTIONS,
+    "delivery_connections": $DELIVERY_CONNECTIONS,
+    "delivery_users": $DELIVERY_USERS,
+    "publish_secs": $PUBLISH_SECS,
+    "delivery_batch": $DELIVERY_BATCH,
+    "full_rate": "$FULL_RATE",
+}, open(sys.argv[1], "w"), indent=2)
+EOF
+python3 "$ROOT/tests/bench/summarize.py" "$OUT" -o "$RESULTS"
+log "done in ${WALL} s; results in ${RESULTS#"$ROOT"/}"

@@ -1,0 +1,699 @@
+#!/usr/bin/env python3
+"""Turn the benchmark's raw files (target/bench/*.json, written by tests/bench/run.sh and the
+load generator) into tests/bench/RESULTS.md.
+
+    summarize.py target/bench -o tests/bench/RESULTS.md
+    summarize.py --line target/bench/storm-i128-r1.json     # one line, for progress output
+
+Standard library only. Medians are over the runs of a scenario; the per-run values follow in
+parentheses, in run order.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+
+# The targets of issue 4 (this 2-core machine, loopback, medians of several runs).
+TARGET_CONNS_PER_PROCESS = 19_000
+TARGET_CONNS_PER_MACHINE = 100_000
+TARGET_RSS_KIB_PER_CONN = 40
+TARGET_CONNECTS_PER_SEC = 5_000
+TARGET_CONNECT_P99_MS = 10
+TARGET_EVENTS_PER_SEC = 200_000
+TARGET_P99_HALF_LOAD_MS = 5
+TARGET_WASM_NATIVE_RATIO = 0.80
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def get(report, *keys):
+    """report[k1][k2]..., or None when any step is missing."""
+    value = report
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def median(values):
+    values = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(values) if values else None
+
+
+def num(value, digits=0):
+    """A number for a table: thousands separators, fixed digits; '-' for None."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if digits == 0:
+        return f"{round(value):,}"
+    return f"{value:,.{digits}f}"
+
+
+def med_runs(reports, keys, digits=0):
+    """'median (run1, run2, ...)' of a field over runs; the median alone for one run."""
+    if isinstance(keys, str):
+        keys = (keys,)
+    values = [get(r, *keys) for r in reports]
+    m = median(values)
+    if len(values) <= 1:
+        return num(m, digits)
+    return f"{num(m, digits)} ({', '.join(num(v, digits) for v in values)})"
+
+
+def med(reports, *keys):
+    return median([get(r, *keys) for r in reports])
+
+
+def cpu(reports, who, phase):
+    """Median CPU % (100 = one core) of 'loadgen' or 'server' during a phase ('connect' or
+    'publish'), falling back to the whole run for reports without phase figures."""
+    values = [get(r, f"{who}_cpu_percent_{phase}") for r in reports]
+    if all(v is None for v in values):
+        values = [get(r, f"{who}_cpu_percent") for r in reports]
+    return median(values)
+
+
+def sum_of(reports, *keys):
+    return sum(v for v in (get(r, *keys) for r in reports) if isinstance(v, (int, float)))
+
+
+def cpu_us_per_event(report):
+    """Gateway CPU time per delivered event while publishing and draining."""
+    pct = get(report, "server_cpu_percent_publish")
+    rate = get(report, "events_per_sec")
+    if pct is None or not rate:
+        return None
+    return pct / 100 / rate * 1e6
+
+
+def spread(reports, *keys, digits=0):
+    """' (runs a-b)' when there are several runs, else ''."""
+    values = [v for v in (get(r, *keys) for r in reports) if isinstance(v, (int, float))]
+    if len(values) < 2:
+        return ""
+    return f" (runs {num(min(values), digits)}-{num(max(values), digits)})"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def run_number(path):
+    m = re.search(r"-r(\d+)\.json$", path)
+    return int(m.group(1)) if m else 0
+
+
+def runs(out, prefix):
+    """The reports of one scenario point, in run order."""
+    files = sorted(glob.glob(os.path.join(out, f"{prefix}-r*.json")), key=run_number)
+    return [r for r in (load(f) for f in files) if r is not None]
+
+
+def verdict(ok):
+    if ok is None:
+        return "not measured"
+    return "**met**" if ok else "**not met**"
+
+
+# ---------------------------------------------------------------------------------------
+# One line per run, for the driver's progress output
+
+
+def one_line(report):
+    parts = [
+        f"{report.get('connections_established')}/{report.get('connections_requested')} connected",
+    ]
+    if report.get("connect_failures"):
+        parts.append(f"{report['connect_failures']} failed")
+    parts.append(f"{num(report.get('connect_rate_per_sec'))}/s")
+    parts.append(
+        f"connect p50/p99 {num(get(report, 'connect_ms', 'p50'), 2)}/"
+        f"{num(get(report, 'connect_ms', 'p99'), 2)} ms"
+    )
+    if report.get("rss_kib_per_connection") is not None:
+        parts.append(f"RSS {num(report['rss_kib_per_connection'], 1)} KiB/conn")
+    if report.get("events_published"):
+        parts.append(
+            f"delivered {num(report.get('events_per_sec'))}/s, "
+            f"p50/p99/p999 {num(get(report, 'latency_ms', 'p50'), 2)}/"
+            f"{num(get(report, 'latency_ms', 'p99'), 2)}/"
+            f"{num(get(report, 'latency_ms', 'p999'), 2)} ms, "
+            f"losses {report.get('losses')}, misdeliveries {report.get('misdeliveries')}"
+        )
+    if report.get("closed_by_server"):
+        parts.append(f"closed early {report['closed_by_server']}")
+    phase = "publish" if report.get("events_published") else "connect"
+    parts.append(f"{phase} CPU loadgen {num(cpu([report], 'loadgen', phase))} % "
+                 f"server {num(cpu([report], 'server', phase))} %")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+
+
+def reasons_of(reports, key):
+    """Summed {reason: count} over runs."""
+    total = {}
+    for r in reports:
+        for reason, count in (r.get(key) or {}).items():
+            total[reason] = total.get(reason, 0) + count
+    return total
+
+
+def describe_reasons(reasons):
+    return "; ".join(f"{count} x {reason}" for reason, count in sorted(reasons.items()))
+
+
+def density_section(out, meta, findings):
+    points = []
+    for path in glob.glob(os.path.join(out, "density-*-r*.json")):
+        name = re.match(r"density-(.+)-r\d+\.json$", os.path.basename(path)).group(1)
+        if name not in points:
+            points.append(name)
+    if not points:
+        return "## 1. Density\n\nNot run.\n"
+    points.sort(key=lambda p: (p == "max", int(p) if p.isdigit() else 0))
+    rows = []
+    notes = []
+    for point in points:
+        reports = runs(out, f"density-{point}")
+        established = med(reports, "connections_established")
+        rss_after = med(reports, "server_rss_kib_after")
+        total_per_conn = [
+            (get(r, "server_rss_kib_after") / get(r, "connections_established"))
+            if get(r, "server_rss_kib_after") and get(r, "connections_established")
+            else None
+            for r in reports
+        ]
+        label = f"max ({num(med(reports, 'connections_requested'))} asked)" if point == "max" else num(int(point))
+        rows.append([
+            label,
+            med_runs(reports, "connections_established"),
+            med_runs(reports, "connect_failures"),
+            num(med(reports, "server_rss_kib_before") / 1024 if med(reports, "server_rss_kib_before") else None, 1),
+            num(rss_after / 1024 if rss_after else None, 1),
+            med_runs(reports, "rss_kib_per_connection", 1),
+            num(median(total_per_conn), 1),
+            med_runs(reports, "connect_rate_per_sec"),
+            num(cpu(reports, "server", "connect")),
+            num(cpu(reports, "loadgen", "connect")),
+            num(sum_of(reports, "closed_by_server")),
+        ])
+        failures = reasons_of(reports, "connect_failure_reasons")
+        if failures:
+            notes.append(f"- {label}: connect failures over all runs: {describe_reasons(failures)}.")
+        closed = reasons_of(reports, "closed_reasons")
+        if closed:
+            notes.append(f"- {label}: connections ended early: {describe_reasons(closed)}.")
+        findings["density"][point] = {
+            "established": established,
+            "rss_per_conn": med(reports, "rss_kib_per_connection"),
+            "total_per_conn": median(total_per_conn),
+        }
+
+    text = [
+        "## 1. Density: idle connections on one gateway process",
+        "",
+        f"One fresh gateway per run; loadgen opens the connections (5 per user, the default "
+        f"per-user limit) and samples the gateway's VmRSS before connecting and one second "
+        f"after the last connection is up. *RSS/conn* is (after - before) / established, the "
+        f"marginal cost of a connection with its own live Wasm instance; *total RSS/conn* "
+        f"divides the whole process RSS. The last point asks for the gateway's advertised "
+        f"capacity plus a few, so the surplus must be refused (503).",
+        "",
+        f"- `vm.max_map_count`: {meta.get('sysctl_result', '?')} (used: {meta.get('max_map_count_used', '?')}).",
+        f"- File descriptors: {meta.get('fd_result') or 'hard limit ' + str(meta.get('fd_hard', '?'))}; "
+        f"the gateway and loadgen raise their soft limit to the hard one.",
+        f"- Gateway capacity (`/readyz`, min(fd limit - 512, (max_map_count - 4096) / 5)): "
+        f"{num(int(meta['capacity'])) if str(meta.get('capacity', '')).isdigit() else '-'}.",
+        "",
+        table(
+            ["connections asked", "established", "refused/failed", "RSS before MiB",
+             "RSS after MiB", "RSS/conn KiB", "total RSS/conn KiB", "connect rate /s",
+             "server CPU % connecting", "loadgen CPU % connecting", "closed early"],
+            rows,
+        ),
+    ]
+    if notes:
+        text += ["", *notes]
+    return "\n".join(text) + "\n"
+
+
+def multi_section(out, findings):
+    multi = load(os.path.join(out, "multi.json"))
+    text = ["## 1b. 100,000 connections on one machine (several gateway processes)", ""]
+    if multi is None:
+        findings["multi"] = {"skipped": "not run (scenario not selected)"}
+        return "\n".join(text + ["Not run (scenario not selected).", ""])
+    if multi.get("skipped"):
+        findings["multi"] = {"skipped": multi.get("reason")}
+        return "\n".join(text + [f"**Not run**: {multi.get('reason')}.", ""])
+    gateways = multi.get("gateways", [])
+    reports = [load(os.path.join(out, f"multi-g{k}.json")) for k in range(len(gateways))]
+    rows = []
+    for k, g in enumerate(gateways):
+        r = reports[k] or {}
+        rows.append([
+            k,
+            num(r.get("connections_requested")),
+            num(r.get("connections_established")),
+            num(g["connections"]),
+            num(g["rss_kib"] / 1024, 1),
+            num(r.get("rss_kib_per_connection"), 1),
+            num(r.get("connect_rate_per_sec")),
+            num(r.get("connect_failures")),
+            num(cpu([r], "loadgen", "connect")),
+        ])
+    peak = multi.get("peak_connections", 0)
+    rss = multi.get("peak_rss_kib_total", 0)
+    rows.append([
+        "**total**",
+        num(sum_of([r for r in reports if r], "connections_requested")),
+        num(sum_of([r for r in reports if r], "connections_established")),
+        f"**{num(peak)}**",
+        num(rss / 1024, 1),
+        num(rss / peak, 1) if peak else "-",
+        "",
+        num(sum_of([r for r in reports if r], "connect_failures")),
+        "",
+    ])
+    findings["multi"] = {"peak": peak, "total_per_conn": rss / peak if peak else None,
+                         "gateways": len(gateways)}
+    text += [
+        f"{len(gateways)} gateway processes, one loadgen process each (disjoint users and source "
+        f"addresses), every connection held open until all loadgens had finished connecting; "
+        f"the driver samples each gateway's `gateway_sessions_live` and VmRSS every second. "
+        f"*live at peak* is the sample with the most connections open at the same time "
+        f"({peak:,} at {multi.get('peak_at_secs')} s). MemAvailable at that moment: "
+        f"{num(multi.get('mem_available_kib_at_peak', 0) / 1024 / 1024, 1)} GiB.",
+        "",
+        table(
+            ["gateway", "asked", "established", "live at peak", "RSS at peak MiB",
+             "RSS/conn KiB (marginal)", "connect rate /s", "failed", "loadgen CPU % connecting"],
+            rows,
+        ),
+        "",
+        "In the total row, RSS/conn is the whole RSS of all gateways divided by the live "
+        "connections (baseline included).",
+    ]
+    failures = {}
+    for r in reports:
+        if r:
+            for reason, count in (r.get("connect_failure_reasons") or {}).items():
+                failures[reason] = failures.get(reason, 0) + count
+    if failures:
+        text += ["", f"Connect failures: {describe_reasons(failures)}."]
+    codes = multi.get("loadgen_exit_codes", [])
+    if any(codes):
+        text += ["", f"loadgen exit codes: {codes} (non-zero: see the notes)."]
+    return "\n".join(text) + "\n"
+
+
+def storm_section(out, meta, findings):
+    inflights = sorted({
+        int(re.match(r"storm-i(\d+)-r\d+\.json$", os.path.basename(p)).group(1))
+        for p in glob.glob(os.path.join(out, "storm-i*-r*.json"))
+    })
+    if not inflights:
+        return "## 2. Connect storm\n\nNot run.\n"
+    rows = []
+    best = None
+    notes = []
+    for inflight in inflights:
+        reports = runs(out, f"storm-i{inflight}")
+        rate = med(reports, "connect_rate_per_sec")
+        p99 = med(reports, "connect_ms", "p99")
+        rows.append([
+            inflight,
+            med_runs(reports, "connections_established"),
+            med_runs(reports, "connect_failures"),
+            med_runs(reports, "connect_rate_per_sec"),
+            med_runs(reports, ("connect_ms", "p50"), 2),
+            med_runs(reports, ("connect_ms", "p99"), 2),
+            num(med(reports, "connect_ms", "max"), 2),
+            num(cpu(reports, "server", "connect")),
+            num(cpu(reports, "loadgen", "connect")),
+        ])
+        failures = reasons_of(reports, "connect_failure_reasons")
+        if failures:
+            notes.append(f"- max in-flight {inflight}: connect failures: {describe_reasons(failures)}.")
+        findings["storm"].append({"inflight": inflight, "rate": rate, "p99": p99,
+                                  "spread": spread(reports, "connect_rate_per_sec"),
+                                  "p99_spread": spread(reports, "connect_ms", "p99", digits=2)})
+    text = [
+        "## 2. Connect storm",
+        "",
+        f"{num(meta.get('storm_connections'))} new authenticated connections (JWT check, upgrade, "
+        f"instantiation, welcome frame) started as fast as loadgen's in-flight cap allows, on a "
+        f"fresh gateway per run. Connect time runs from the TCP connect to the `welcome` frame; "
+        f"the rate is established connections / connect phase. More in flight raises the rate "
+        f"until both cores are busy, then only adds queueing to the connect time.",
+        "",
+        table(
+            ["max in-flight", "established", "failed", "connects /s", "p50 ms", "p99 ms",
+             "max ms", "server CPU % connecting", "loadgen CPU % connecting"],
+            rows,
+        ),
+    ]
+    if notes:
+        text += ["", *notes]
+    return "\n".join(text) + "\n"
+
+
+def delivery_rows(out, handler, levels, findings):
+    rows = []
+    notes = []
+    for pct in levels:
+        reports = runs(out, f"delivery-{handler}-{pct}")
+        if not reports:
+            continue
+        offered = "as fast as taken" if pct == 100 else med_runs(reports, "publish_rate_target")
+        rows.append([
+            f"{pct} %",
+            offered,
+            med_runs(reports, "events_published_per_sec"),
+            med_runs(reports, "events_per_sec"),
+            med_runs(reports, ("latency_ms", "p50"), 2),
+            med_runs(reports, ("latency_ms", "p99"), 2),
+            med_runs(reports, ("latency_ms", "p999"), 2),
+            num(sum_of(reports, "losses")),
+            num(sum_of(reports, "misdeliveries")),
+            num(sum_of(reports, "closed_by_server")),
+            num(sum_of(reports, "publish_errors")),
+            num(cpu(reports, "server", "publish")),
+            num(cpu(reports, "loadgen", "publish")),
+            num(median([cpu_us_per_event(r) for r in reports]), 1),
+        ])
+        findings["delivery"][(handler, pct)] = {
+            "rate": med(reports, "events_per_sec"),
+            "rate_spread": spread(reports, "events_per_sec"),
+            "p99": med(reports, "latency_ms", "p99"),
+            "p99_spread": spread(reports, "latency_ms", "p99", digits=2),
+            "losses": sum_of(reports, "losses"),
+            "misdeliveries": sum_of(reports, "misdeliveries"),
+        }
+        for key, what in (("closed_reasons", "connections ended early"),
+                          ("connect_failure_reasons", "connect failures")):
+            reasons = reasons_of(reports, key)
+            if reasons:
+                notes.append(f"- {handler} {pct} %: {what}: {describe_reasons(reasons)}.")
+        samples = sorted({s for r in reports for s in (r.get("error_samples") or [])})
+        for s in samples[:4]:
+            notes.append(f"- {handler} {pct} %: loadgen error: `{s[:200]}`")
+    return rows, notes
+
+
+DELIVERY_HEADER = ["load", "offered events/s (published)", "published /s", "delivered /s",
+                   "p50 ms", "p99 ms", "p999 ms", "losses", "misdeliveries",
+                   "closed early", "publish errors", "server CPU % publishing",
+                   "loadgen CPU % publishing", "server CPU µs / delivered event"]
+
+
+def delivery_section(out, meta, findings):
+    rows, notes = delivery_rows(out, "wasm", (25, 50, 100), findings)
+    if not rows:
+        return "## 3. Delivery\n\nNot run.\n"
+    conns = meta.get("delivery_connections")
+    users = meta.get("delivery_users")
+    fanout = conns // users if conns and users else "?"
+    text = [
+        "## 3. Delivery: events to 10,000 connections",
+        "",
+        f"{num(conns)} connections ({num(users)} users x {fanout}); each published event names "
+        f"one user (round robin) and is delivered to all {fanout} of that user's connections, so "
+        f"*delivered /s* (frames received by loadgen per second, from the start of publishing "
+        f"to the last receive) is {fanout} x the published rate when nothing is lost. Events "
+        f"go through `POST /v1/publish/batch` ({meta.get('delivery_batch', 100)} a batch, 4 publisher tasks) for "
+        f"{meta.get('publish_secs')} s. *100 %* publishes as fast as the gateway answers; 25 % "
+        f"and 50 % offer that share of the 100 % delivered rate. Latency is publish (the "
+        f"timestamp in the event) to receive, in ms. Every received event is checked against "
+        f"the connection's user (*misdeliveries*); *losses* are events the gateway reported "
+        f"queuing that never arrived. At 100 % the publishers are answered faster than the "
+        f"events reach the clients, so per-connection queues grow for the whole run: there the "
+        f"delivered rate is the result and the latency is mostly time spent queued (it grows "
+        f"with the run's length). *Server CPU µs / delivered event* is the gateway's CPU time "
+        f"while publishing and draining divided by the events delivered.",
+        "",
+        table(DELIVERY_HEADER, rows),
+    ]
+    if notes:
+        text += ["", *notes]
+    return "\n".join(text) + "\n"
+
+
+def native_section(out, findings):
+    rows, notes = delivery_rows(out, "native", (100,), findings)
+    wasm = findings["delivery"].get(("wasm", 100))
+    native = findings["delivery"].get(("native", 100))
+    if not rows:
+        return "## 4. Sandbox cost\n\nNot run.\n"
+    wasm_rows, _ = delivery_rows(out, "wasm", (100,), {"delivery": {}})
+    ratio = None
+    if wasm and native and wasm["rate"] and native["rate"]:
+        ratio = wasm["rate"] / native["rate"]
+    findings["ratio"] = ratio
+    header = ["handler"] + DELIVERY_HEADER[:1] + DELIVERY_HEADER[2:]
+    table_rows = []
+    for name, r in (("Wasm (one instance per connection)", wasm_rows), ("native (benchmark build)", rows)):
+        for row in r:
+            table_rows.append([name, row[0]] + row[2:])
+    text = [
+        "## 4. Sandbox cost: Wasm vs native handler",
+        "",
+        "The 100 % delivery scenario again, in the same run, against "
+        "`gateway-bench-native serve --native-handler-for-benchmark` (built with "
+        "`--features native-handler`): the same reference handler logic compiled into the "
+        "gateway, one state object per connection, no Wasm. It exists only for this comparison.",
+        "",
+        table(header, table_rows),
+        "",
+        f"**Wasm / native delivered throughput: {num(ratio * 100, 1) + ' %' if ratio else '-'}**",
+    ]
+    if notes:
+        text += ["", *notes]
+    return "\n".join(text) + "\n"
+
+
+def targets_section(findings):
+    d = findings["density"]
+    max_point = d.get("max", {})
+    per_process = max_point.get("established")
+    rss_max = max_point.get("rss_per_conn")
+    total_max = max_point.get("total_per_conn")
+    multi = findings.get("multi", {})
+    rows = []
+    rows.append([
+        f">= {TARGET_CONNS_PER_PROCESS:,} connections per gateway process",
+        (f"{num(per_process)} established (capacity {num(findings.get('capacity'))})"
+         if per_process is not None else "-"),
+        verdict(per_process >= TARGET_CONNS_PER_PROCESS if per_process is not None else None),
+    ])
+    if "peak" in multi:
+        peak = multi["peak"]
+        rows.append([
+            f">= {TARGET_CONNS_PER_MACHINE:,} connections on the machine",
+            f"{num(peak)} at the same time",
+            verdict(peak >= TARGET_CONNS_PER_MACHINE),
+        ])
+    else:
+        rows.append([
+            f">= {TARGET_CONNS_PER_MACHINE:,} connections on the machine",
+            f"not run: {multi.get('skipped', 'not run')}",
+            "**not measured**",
+        ])
+    rss_text = "-"
+    if rss_max is not None:
+        rss_text = f"{num(rss_max, 1)} KiB marginal, {num(total_max, 1)} KiB whole-process at {num(per_process)} connections"
+        if multi.get("total_per_conn"):
+            rss_text += f"; {num(multi['total_per_conn'], 1)} KiB whole-process over {num(multi['peak'])} on {multi.get('gateways')} gateways"
+    rss_ok = None
+    if total_max is not None:
+        rss_ok = total_max <= TARGET_RSS_KIB_PER_CONN
+        if multi.get("total_per_conn"):
+            rss_ok = rss_ok and multi["total_per_conn"] <= TARGET_RSS_KIB_PER_CONN
+    rows.append([f"<= {TARGET_RSS_KIB_PER_CONN} KiB process RSS per connection (verdict on whole-process RSS / connections)",
+                 rss_text, verdict(rss_ok)])
+
+    storm = [s for s in findings["storm"] if s["rate"] is not None]
+    if storm:
+        passing = [s for s in storm if s["rate"] >= TARGET_CONNECTS_PER_SEC and s["p99"] is not None and s["p99"] <= TARGET_CONNECT_P99_MS]
+        fastest = max(storm, key=lambda s: s["rate"])
+        best = max(passing, key=lambda s: s["rate"]) if passing else fastest
+        rows.append([
+            f">= {TARGET_CONNECTS_PER_SEC:,} connects/s with p99 <= {TARGET_CONNECT_P99_MS} ms",
+            f"{num(best['rate'])}/s{best['spread']}, p99 {num(best['p99'], 2)} ms{best['p99_spread']} "
+            f"at max in-flight {best['inflight']}",
+            verdict(bool(passing)),
+        ])
+    else:
+        rows.append([f">= {TARGET_CONNECTS_PER_SEC:,} connects/s, p99 <= {TARGET_CONNECT_P99_MS} ms", "-", verdict(None)])
+
+    full = findings["delivery"].get(("wasm", 100))
+    half = findings["delivery"].get(("wasm", 50))
+    rows.append([
+        f">= {TARGET_EVENTS_PER_SEC:,} events/s delivered over 10,000 connections",
+        f"{num(full['rate'])}/s{full['rate_spread']}" if full and full["rate"] else "-",
+        verdict(full["rate"] >= TARGET_EVENTS_PER_SEC if full and full["rate"] else None),
+    ])
+    rows.append([
+        f"p99 publish-to-receive <= {TARGET_P99_HALF_LOAD_MS} ms at half load",
+        (f"{num(half['p99'], 2)} ms{half['p99_spread']} at {num(half['rate'])}/s"
+         if half and half["p99"] is not None else "-"),
+        verdict(half["p99"] <= TARGET_P99_HALF_LOAD_MS if half and half["p99"] is not None else None),
+    ])
+    ratio = findings.get("ratio")
+    native = findings["delivery"].get(("native", 100))
+    rows.append([
+        f"Wasm >= {TARGET_WASM_NATIVE_RATIO:.0%} of native delivery throughput",
+        f"{num(ratio * 100, 1)} % ({num(full['rate'])} vs {num(native['rate'])} /s)" if ratio else "-",
+        verdict(ratio >= TARGET_WASM_NATIVE_RATIO if ratio else None),
+    ])
+    mis = sum(v["misdeliveries"] for v in findings["delivery"].values())
+    losses = sum(v["losses"] for v in findings["delivery"].values())
+    rows.append(["misdeliveries (must be 0)", num(mis), verdict(mis == 0)])
+    rows.append(["losses on open connections", num(losses), "-"])
+    return "\n".join([
+        "## Targets",
+        "",
+        "Issue 4's targets, against the medians below (this machine, gateway and load generator "
+        "sharing its cores over loopback).",
+        "",
+        table(["target", "measured", "verdict"], rows),
+    ]) + "\n"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TIMESTAMP = re.compile(r"^\S*\d{4}-\d\d-\d\dT[\d:.]+Z?\s*")
+
+
+def server_logs_section(out):
+    counts = {}
+    first = {}
+    for path in sorted(glob.glob(os.path.join(out, "logs", "*.gateway.log"))):
+        try:
+            lines = open(path, errors="replace").read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            line = ANSI.sub("", line)
+            if not re.search(r"\b(WARN|ERROR)\b", line):
+                continue
+            # Group by message without the timestamp and per-connection ids.
+            key = TIMESTAMP.sub("", line)
+            key = re.sub(r"\b[0-9a-f]{8,}\b", "<id>", key)
+            key = re.sub(r"\b\d+\b", "N", key)[:160]
+            counts[key] = counts.get(key, 0) + 1
+            first.setdefault(key, (os.path.basename(path), TIMESTAMP.sub("", line)[:300]))
+    text = ["## Server log warnings", ""]
+    if not counts:
+        text.append("No WARN or ERROR lines in any gateway log (`GATEWAY_LOG=warn`).")
+    else:
+        text.append("WARN/ERROR lines of all gateway logs (`target/bench/logs/*.gateway.log`), grouped:")
+        text.append("")
+        for key, count in sorted(counts.items(), key=lambda kv: -kv[1])[:12]:
+            where, example = first[key]
+            text.append(f"- {count} x `{example}` (first in {where})")
+    return "\n".join(text) + "\n"
+
+
+def machine_section(meta):
+    mem_gib = meta.get("mem_total_kib", 0) / 1024 / 1024
+    commit = meta.get("commit", "?") + (" + uncommitted changes" if meta.get("dirty") else "")
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `make bench` (`tests/bench/run.sh`, then `tests/bench/summarize.py`); the raw "
+        "loadgen JSON of every run and all logs are under `target/bench/`. Do not edit by hand.",
+        "",
+        f"- Machine: {meta.get('nproc')} CPUs ({meta.get('cpu_model') or 'unknown model'}), "
+        f"{mem_gib:.1f} GiB memory, Linux {meta.get('kernel')}",
+        f"- Date: {meta.get('date')}",
+        f"- Commit: `{commit}`",
+        f"- Command: `{meta.get('command')}` ({meta.get('runs')} runs per point, medians shown with "
+        f"per-run values in parentheses; wall time {meta.get('wall_secs')} s, of which builds "
+        f"{meta.get('build_secs')} s)",
+        "- Everything over loopback on this one machine: the gateway and the load generator "
+        "share the CPUs, so loadgen's own CPU use (shown per scenario) is taken from the "
+        "gateway. Throughputs here are what the gateway does with what is left. CPU % is "
+        "per phase (connecting, or publishing + draining) with 100 % = one core, so the two "
+        "together can reach 200 % on 2 CPUs.",
+    ]
+    if meta.get("quick"):
+        lines.append("- **QUICK MODE (BENCH_QUICK=1): tiny numbers for development; not a benchmark.**")
+    return "\n".join(lines) + "\n"
+
+
+def notes_section(out):
+    try:
+        notes = [l for l in open(os.path.join(out, "notes.txt")).read().splitlines() if l.strip()]
+    except OSError:
+        notes = []
+    text = ["## Notes from the run", ""]
+    text += [f"- {n}" for n in notes] if notes else ["None: every run completed normally."]
+    return "\n".join(text) + "\n"
+
+
+def summarize(out):
+    meta = load(os.path.join(out, "meta.json")) or {}
+    capacity = meta.get("capacity")
+    findings = {"density": {}, "storm": [], "delivery": {},
+                "capacity": int(capacity) if str(capacity).isdigit() else None}
+    sections = [
+        density_section(out, meta, findings),
+        multi_section(out, findings),
+        storm_section(out, meta, findings),
+        delivery_section(out, meta, findings),
+        native_section(out, findings),
+    ]
+    return "\n".join([
+        machine_section(meta),
+        targets_section(findings),
+        *sections,
+        notes_section(out),
+        server_logs_section(out),
+    ])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="the benchmark's output directory (target/bench), or a JSON file with --line")
+    parser.add_argument("-o", "--output", help="write the Markdown here (default: stdout)")
+    parser.add_argument("--line", action="store_true", help="print one line about one loadgen JSON file")
+    args = parser.parse_args()
+    if args.line:
+        report = load(args.out)
+        if report is None:
+            sys.exit(f"cannot read {args.out}")
+        print(one_line(report))
+        return
+    text = summarize(args.out)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

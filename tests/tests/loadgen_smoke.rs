@@ -1,0 +1,40 @@
+//! A short run of the load generator against the real gateway: it connects, publishes, and
+//! its own checks (recipient, order, losses) come back clean. Timings are not asserted here;
+//! `make bench` measures them.
+
+use gateway_tests::{SECRET, TestGateway};
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadgen_smoke_run_sees_every_event_at_its_user() {
+    let gw = TestGateway::start().await;
+    let report = std::env::temp_dir().join(format!("loadgen-smoke-{}.json", std::process::id()));
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    command
+        .args(["--url", &gw.ws_url()])
+        .args(["--connections", "50", "--users", "10"])
+        .args(["--publish-rate", "500", "--publish-secs", "1", "--batch", "20"])
+        .args(["--max-secs", "60"])
+        .arg("--json")
+        .arg(&report)
+        .env("GATEWAY_JWT_SECRET", SECRET);
+    // The gateway runs on this test's runtime; wait for loadgen off it.
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "loadgen failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["connections_established"], 50, "{report}");
+    assert_eq!(report["misdeliveries"], 0, "{report}");
+    assert_eq!(report["losses"], 0, "{report}");
+    // Every event reached all 5 connections of its user.
+    let published = report["events_published"].as_u64().unwrap();
+    assert!(published > 0, "{report}");
+    assert_eq!(report["events_received"].as_u64().unwrap(), published * 5);
+    gw.wait_metric("gateway_sessions_live", 0.0).await;
+}
