@@ -13,7 +13,8 @@ async fn loadgen_smoke_run_sees_every_event_at_its_user() {
     command
         .args(["--url", &gw.ws_url()])
         .args(["--connections", "50", "--users", "10"])
-        .args(["--publish-rate", "500", "--publish-secs", "1", "--batch", "20"])
+        .args(["--publish-rate", "500", "--publish-secs", "1"])
+        .args(["--batch", "20"])
         .args(["--max-secs", "60"])
         .arg("--json")
         .arg(&report)
