@@ -220,13 +220,6 @@ impl Router {
         }
     }
 
-    /// Live sessions of one user.
-    pub fn sessions_of(&self, user_id: &str) -> usize {
-        lock(self.shard(user_id))
-            .get(user_id)
-            .map_or(0, |r| r.sessions.len())
-    }
-
     /// How many users have live sessions, and the `top` users with the most.
     pub fn busiest_users(&self, top: usize) -> (usize, Vec<(String, usize)>) {
         let mut users = Vec::new();
