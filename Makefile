@@ -30,7 +30,7 @@ run: guest
 ## crates have no doc tests; leaving that empty suite out keeps the last summary a real one.)
 test: setup
 	$(CARGO) build --release --locked -p gateway
-	$(CARGO) test --release --locked -p gateway -p gateway-tests --lib --bins --tests
+	$(CARGO) test --release --locked -p gateway -p gateway-tests -p gateway-guest --lib --bins --tests
 
 ## Build everything (release, --locked) and run the benchmark scenarios against fresh gateways
 ## on loopback (about 15 minutes on 2 cores); writes tests/bench/RESULTS.md, raw data in

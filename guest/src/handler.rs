@@ -166,7 +166,7 @@ impl State {
         // it holds nothing to redact.
         let mut out = String::with_capacity(payload.len() + 96);
         out.push_str(r#"{"type":"event","seq":"#);
-        out.push_str(&event.seq.to_string());
+        push_u64(&mut out, event.seq);
         out.push_str(r#","kind":"#);
         push_json_str(&mut out, &event.kind);
         out.push_str(r#","payload":"#);
@@ -290,7 +290,8 @@ fn is_sensitive(key: &str) -> bool {
 }
 
 /// Cheap pre-check: can any key in this text be sensitive? Every entry above contains one of
-/// these stems, so a payload without them needs no parsing.
+/// these stems, so a payload without them needs no parsing. Runs on every event, so it is
+/// one pass over the bytes that only looks closer at the few that can start a stem.
 fn may_hold_secret(payload: &str) -> bool {
     const STEMS: &[&[u8]] = &[
         b"pass",
@@ -303,13 +304,17 @@ fn may_hold_secret(payload: &str) -> bool {
         b"credential",
     ];
     let bytes = payload.as_bytes();
-    // A key spelled with \u escapes could hide a stem from the byte scan.
-    payload.contains("\\u")
-        || STEMS.iter().any(|stem| {
-            bytes
-                .windows(stem.len())
-                .any(|w| w.eq_ignore_ascii_case(stem))
-        })
+    bytes.iter().enumerate().any(|(i, &b)| {
+        let rest = &bytes[i..];
+        match b.to_ascii_lowercase() {
+            // A key spelled with \u escapes could hide a stem from the byte scan.
+            b'\\' => rest.get(1) == Some(&b'u'),
+            b'p' | b's' | b'k' | b't' | b'a' | b'c' => STEMS.iter().any(|stem| {
+                rest.len() >= stem.len() && rest[..stem.len()].eq_ignore_ascii_case(stem)
+            }),
+            _ => false,
+        }
+    })
 }
 
 fn redact(value: &mut Value) -> u64 {
@@ -330,11 +335,131 @@ fn redact(value: &mut Value) -> u64 {
     }
 }
 
+/// Appends `s` as a JSON string literal, escaping in place (no temporary string per field).
 fn push_json_str(out: &mut String, s: &str) {
-    // Serialising a &str cannot fail.
-    out.push_str(&serde_json::to_string(s).unwrap_or_default());
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        plain = i + 1;
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
+}
+
+/// Appends `n` in decimal without a temporary string.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
 }
 
 fn error_frame(reason: &str) -> Value {
     json!({"type": "error", "reason": reason})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_strings_round_trip_through_a_parser() {
+        for s in [
+            "",
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "line\nfeed\r\t",
+            "\u{1}\u{1f}x",
+            "ünï€😀",
+        ] {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s, "{out}");
+        }
+    }
+
+    #[test]
+    fn numbers_print_like_display() {
+        for n in [0, 7, 10, 99, 12_345, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
+    }
+
+    #[test]
+    fn secret_check_finds_every_stem_in_any_case_and_escapes() {
+        for payload in [
+            r#"{"password":1}"#,
+            r#"{"PWD":1}"#,
+            r#"{"x":{"clientSecret":1}}"#,
+            r#"{"api_KEY":1}"#,
+            r#"{"Token":1}"#,
+            r#"{"authorization":1}"#,
+            r#"{"cookie":1}"#,
+            r#"{"credentials":1}"#,
+            r#"{"\u0070assword":1}"#,
+            r#"{"a":"tok","b":"...auth"}"#,
+        ] {
+            assert!(may_hold_secret(payload), "{payload}");
+        }
+        for payload in [
+            r#"{"user":"u1","ts_us":17,"n":3}"#,
+            r#"{"tool":"search","ok":true}"#,
+            "",
+            "p",
+        ] {
+            assert!(!may_hold_secret(payload), "{payload}");
+        }
+    }
+
+    #[test]
+    fn event_frame_is_valid_json_with_every_field() {
+        let mut state = State::default();
+        let frame = state
+            .event(EventIn {
+                seq: 42,
+                kind: "tool\"executing".into(),
+                payload: r#"{"api_key":"k","n":1}"#.into(),
+                run_id: Some("r1".into()),
+                thread_id: Some("t\n1".into()),
+            })
+            .unwrap();
+        let v: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v["seq"], 42);
+        assert_eq!(v["kind"], "tool\"executing");
+        assert_eq!(v["payload"]["api_key"], REDACTED);
+        assert_eq!(v["payload"]["n"], 1);
+        assert_eq!(v["run_id"], "r1");
+        assert_eq!(v["thread_id"], "t\n1");
+        assert_eq!(v["run_state"], "started");
+    }
 }

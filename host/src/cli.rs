@@ -253,8 +253,8 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
             println!("wrote {}", output.display());
         }
         GuestCommand::Check { component } => {
-            let limits = crate::config::Limits::default();
-            Sandbox::load(&component, &limits, Arc::new(Metrics::new()))?;
+            let config = crate::config::Config::default();
+            Sandbox::load(&component, &config, Arc::new(Metrics::new()))?;
             println!("{}: accepted", component.display());
         }
     }

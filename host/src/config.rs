@@ -19,6 +19,10 @@ pub struct Config {
     pub guest: Option<PathBuf>,
     /// HS256 secret for connect and publisher tokens.
     pub jwt_secret: Option<String>,
+    /// Write `/tmp/perf-<pid>.map` naming the guest's compiled functions, so `perf report`
+    /// shows where time inside the sandbox goes. Off by default: the file grows with every
+    /// guest loaded.
+    pub guest_perf_map: bool,
     pub auth: AuthConfig,
     pub limits: Limits,
 }
@@ -80,7 +84,7 @@ pub struct Limits {
     /// Cap on one instance's linear memory.
     pub guest_memory_bytes: usize,
     /// CPU time one guest call may use, in milliseconds (time the thread is preempted does
-    /// not count).
+    /// not count, beyond at most the call's first 2 ms).
     pub guest_call_ms: u64,
     /// Wall-clock bound on one guest call, in milliseconds, however little CPU it got: no
     /// guest holds a runtime worker thread longer than this.
@@ -109,6 +113,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             guest: None,
             jwt_secret: None,
+            guest_perf_map: false,
             auth: AuthConfig::default(),
             limits: Limits::default(),
         }
@@ -168,7 +173,7 @@ impl Config {
         let env = Env::prefixed("GATEWAY_")
             .filter(|key| {
                 let key = key.as_str().to_ascii_lowercase();
-                ["listen", "guest", "jwt_secret"].contains(&key.as_str())
+                ["listen", "guest", "jwt_secret", "guest_perf_map"].contains(&key.as_str())
                     || key.starts_with("auth__")
                     || key.starts_with("limits__")
             })

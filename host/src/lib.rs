@@ -81,7 +81,7 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let verifier = Verifier::from_config(&config)?;
         let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
-        let mut sandbox = Sandbox::load(guest, &config.limits, metrics.clone())?;
+        let mut sandbox = Sandbox::load(guest, &config, metrics.clone())?;
         adjust(&mut sandbox);
         let capacity = Capacity::of_this_process(config.limits.max_connections);
         tracing::info!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 
-use crate::config::Limits;
+use crate::config::Config;
 use crate::metrics::Metrics;
 
 mod bindings {
@@ -136,21 +136,22 @@ impl std::fmt::Debug for Sandbox {
 impl Sandbox {
     /// Compiles and links the guest at `path`, refusing it if it imports anything but the
     /// world. Starts the epoch ticker that enforces CPU deadlines.
-    pub fn load(path: &Path, limits: &Limits, metrics: Arc<Metrics>) -> Result<Self, LoadError> {
+    pub fn load(path: &Path, config: &Config, metrics: Arc<Metrics>) -> Result<Self, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_bytes(&bytes, &path.display().to_string(), limits, metrics)
+        Self::from_bytes(&bytes, &path.display().to_string(), config, metrics)
     }
 
     pub fn from_bytes(
         bytes: &[u8],
         name: &str,
-        limits: &Limits,
+        config: &Config,
         metrics: Arc<Metrics>,
     ) -> Result<Self, LoadError> {
-        let engine = Engine::new(&engine_config(limits)).map_err(LoadError::Engine)?;
+        let limits = &config.limits;
+        let engine = Engine::new(&engine_config(config)).map_err(LoadError::Engine)?;
         let component = Component::new(&engine, bytes).map_err(|reason| LoadError::Compile {
             path: name.to_owned(),
             reason,
@@ -225,7 +226,7 @@ impl Sandbox {
             violation: None,
             memory_exceeded: false,
             cpu_exceeded: false,
-            call_started: CallStart::now(),
+            clock: CallClock::start(),
             limits: self.limits,
             metrics: self.metrics.clone(),
         };
@@ -247,8 +248,12 @@ impl Sandbox {
     }
 }
 
-fn engine_config(limits: &Limits) -> wasmtime::Config {
+fn engine_config(gateway: &Config) -> wasmtime::Config {
+    let limits = &gateway.limits;
     let mut config = wasmtime::Config::new();
+    if gateway.guest_perf_map {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     // Density first: the default 4 GiB reservation per memory exhausts the address space at
     // ~30k instances. A small reservation plus guard still lets memories grow (by copying)
     // up to the per-instance cap enforced in `memory_growing`.
@@ -284,19 +289,39 @@ fn ticks(d: Duration) -> u64 {
     (d.as_micros().div_ceil(EPOCH_TICK.as_micros().max(1)) as u64).max(1)
 }
 
-/// Where the current guest call started, in this thread's CPU time and in wall time.
+/// The clock of the current guest call. Reading a thread's CPU time is a system call, too
+/// dear for every call (most take microseconds), so it is read only from the first epoch
+/// check on, which comes one tick after the call starts. What the call used before that
+/// check is taken as its wall time, capped at two ticks: the tick itself, and the short run
+/// to the guest's next epoch check. The cap matters on a busy machine, where the thread can
+/// be preempted between the tick and that check; the preemption must not count.
 #[derive(Clone, Copy)]
-struct CallStart {
-    cpu: Duration,
+struct CallClock {
     wall: Instant,
+    /// From the first check on: what the call used before it, and the thread's CPU time then.
+    mark: Option<(Duration, Duration)>,
 }
 
-impl CallStart {
-    fn now() -> Self {
-        CallStart {
-            cpu: thread_cpu_time(),
+impl CallClock {
+    fn start() -> Self {
+        CallClock {
             wall: Instant::now(),
+            mark: None,
         }
+    }
+
+    /// CPU time the call has used so far, and wall time.
+    fn used(&mut self) -> (Duration, Duration) {
+        let wall = self.wall.elapsed();
+        let cpu = match self.mark {
+            None => {
+                let before = wall.min(2 * EPOCH_TICK);
+                self.mark = Some((before, thread_cpu_time()));
+                before
+            }
+            Some((before, cpu_at_mark)) => before + thread_cpu_time().saturating_sub(cpu_at_mark),
+        };
+        (cpu, wall)
     }
 }
 
@@ -322,7 +347,7 @@ pub struct HostState {
     memory_exceeded: bool,
     /// Set when a call ran out of CPU time (or wall time).
     cpu_exceeded: bool,
-    call_started: CallStart,
+    clock: CallClock,
     limits: InstanceLimits,
     metrics: Arc<Metrics>,
 }
@@ -339,8 +364,7 @@ impl HostState {
     /// The call goes on while it has used less CPU than its budget and less wall time than
     /// its bound.
     fn check_deadline(&mut self) -> wasmtime::Result<UpdateDeadline> {
-        let cpu = thread_cpu_time().saturating_sub(self.call_started.cpu);
-        let wall = self.call_started.wall.elapsed();
+        let (cpu, wall) = self.clock.used();
         if cpu >= self.limits.cpu || wall >= self.limits.wall {
             self.cpu_exceeded = true;
             return Ok(UpdateDeadline::Interrupt);
@@ -506,9 +530,9 @@ impl WasmInstance {
         if let Some(fault) = self.faulted {
             return Err(fault);
         }
-        let budget = self.store.data().limits.cpu;
-        self.store.data_mut().call_started = CallStart::now();
-        self.store.set_epoch_deadline(ticks(budget));
+        self.store.data_mut().clock = CallClock::start();
+        // The first check comes after one tick; `check_deadline` sets the ones after it.
+        self.store.set_epoch_deadline(1);
         let result = f(&self.handler, &mut self.store);
         let state = self.store.data_mut();
         let frames = std::mem::take(&mut state.outbox);

@@ -275,13 +275,20 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
     let write_timeout = Duration::from_secs(limits.write_timeout_secs);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let dead_peer = Duration::from_secs(limits.dead_peer_secs);
-    let mut expiry = expiry_instant(token_exp);
-    let mut idle_deadline = Instant::now() + idle;
     let mut last_heard = Instant::now();
     let ping_every = Duration::from_secs(limits.ping_interval_secs.max(1));
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     let overflow = mailbox.overflow();
     let mut rate = RateLimit::new(limits.client_messages_per_sec, limits.client_message_burst);
+    // Built once and polled in every turn of the loop: a future made inside `select!` would
+    // register with the timer wheel (or the token's waiter list) and leave it again for
+    // every event. Activity only moves `last_active`; the idle timer catches up when it fires.
+    let shutdown = app.shutdown.cancelled();
+    let overflowed = overflow.cancelled();
+    let expiry = sleep_until(expiry_instant(token_exp));
+    let mut last_active = Instant::now();
+    let idle_timer = sleep_until(last_active + idle);
+    tokio::pin!(shutdown, overflowed, expiry, idle_timer);
 
     let end = 'session: {
         // Events queued since registration wait until `init` has run.
@@ -296,10 +303,17 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         loop {
             let produced = tokio::select! {
                 biased;
-                () = app.shutdown.cancelled() => break End::Shutdown,
-                () = overflow.cancelled() => break End::SlowClient,
-                () = sleep_until(expiry) => break End::TokenExpired,
-                () = sleep_until(idle_deadline) => break End::Idle,
+                () = &mut shutdown => break End::Shutdown,
+                () = &mut overflowed => break End::SlowClient,
+                () = &mut expiry => break End::TokenExpired,
+                () = &mut idle_timer => {
+                    let deadline = last_active + idle;
+                    if deadline <= Instant::now() {
+                        break End::Idle;
+                    }
+                    idle_timer.as_mut().reset(deadline);
+                    continue;
+                }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > dead_peer {
                         break End::DeadPeer;
@@ -318,7 +332,7 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
                             if let Some(refresh) = Refresh::parse(text.as_str()) {
                                 match refresh.apply(&app, &ctx) {
                                     Refreshed::Renewed(exp, reply) => {
-                                        expiry = expiry_instant(exp);
+                                        expiry.as_mut().reset(expiry_instant(exp));
                                         Ok(vec![reply])
                                     }
                                     Refreshed::Refused(reply) => Ok(vec![reply]),
@@ -335,7 +349,7 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
                     if !rate.allow() {
                         break End::RateLimited;
                     }
-                    idle_deadline = Instant::now() + idle;
+                    last_active = last_heard;
                     metrics.frames_received.inc();
                     match frame {
                         // Handled by the gateway itself.
@@ -344,7 +358,7 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
                     }
                 }
                 event = mailbox.recv() => {
-                    idle_deadline = Instant::now() + idle;
+                    last_active = Instant::now();
                     deliver(&mut instance, event, &mut mailbox, &app)
                 }
             };

@@ -230,6 +230,27 @@ async fn idle_and_dead_peers_are_closed() {
         (1000, "idle timeout")
     );
 
+    // Traffic keeps a connection open for several idle timeouts; silence then closes it.
+    let publisher = gw.publisher_token();
+    let mut busy = gw.connect("bob").await;
+    let opened = std::time::Instant::now();
+    for n in 0..8 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let event = json!({"user_id": "bob", "kind": "tick", "payload": {"n": n}});
+        assert_eq!(gw.publish(&publisher, &event).await.0, 200);
+        let frame = busy
+            .next_json()
+            .await
+            .expect("still open while events flow");
+        assert_eq!(frame["payload"]["n"], n, "{frame}");
+    }
+    let closed = busy.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1000, "idle timeout")
+    );
+    assert!(opened.elapsed() >= Duration::from_millis(3200 + 900));
+
     let gw = start(|l| {
         l.ping_interval_secs = 1;
         l.dead_peer_secs = 2;
