@@ -157,13 +157,15 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let drain = state.shutdown.clone();
+    let drain = state.clone();
     let signal = async move {
         tokio::select! {
             () = shutdown => {}
-            () = drain.cancelled() => {}
+            () = drain.shutdown.cancelled() => {}
         }
-        drain.cancel();
+        drain.shutdown.cancel();
+        // Every session learns it from its mailbox and closes with 1001.
+        drain.router.shut_down();
     };
     tokio::spawn(watch_jwks(state.clone()));
     axum::serve(listener, app(state.clone()))

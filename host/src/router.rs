@@ -7,11 +7,10 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
 use crate::metrics::Metrics;
@@ -41,16 +40,53 @@ pub struct Receipt {
 struct Route {
     connection_id: Arc<str>,
     events: mpsc::Sender<Arc<Event>>,
-    /// Bytes of events queued and not yet taken by the session.
-    queued_bytes: Arc<AtomicUsize>,
-    /// Cancelled when this session's queue overflows: it is a slow client.
-    overflow: CancellationToken,
+    queue: Arc<QueueState>,
 }
 
-/// The user already holds as many live connections as allowed.
+/// What the router and a session share besides the channel: plain atomics, because the
+/// session looks at them for every event.
+#[derive(Default)]
+struct QueueState {
+    /// Bytes of events queued and not yet taken by the session.
+    bytes: AtomicUsize,
+    /// Why the router closed this queue ([`Closed`] as a number), or 0 while it is open.
+    closed: AtomicU8,
+}
+
+/// Why the router stopped routing to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The session's queue overflowed: it is a slow client.
+    Overflow = 1,
+    /// The gateway is shutting down.
+    Shutdown = 2,
+}
+
+impl QueueState {
+    fn close(&self, why: Closed) {
+        // The first reason wins: a slow client stays a slow client during shutdown.
+        let _ = self
+            .closed
+            .compare_exchange(0, why as u8, Ordering::Release, Ordering::Relaxed);
+    }
+
+    fn closed(&self) -> Option<Closed> {
+        match self.closed.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(Closed::Overflow),
+            _ => Some(Closed::Shutdown),
+        }
+    }
+}
+
+/// Why a session could not be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("user already has {0} live connections")]
-pub struct UserLimit(pub usize);
+pub enum Refused {
+    #[error("user already has {0} live connections")]
+    UserLimit(usize),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
 
 /// Roughly what a queued event holds on to.
 fn event_bytes(event: &Event) -> usize {
@@ -74,6 +110,7 @@ pub struct Router {
     per_user: usize,
     queue_events: usize,
     queue_bytes: usize,
+    shut_down: AtomicBool,
 }
 
 impl std::fmt::Debug for Router {
@@ -89,33 +126,36 @@ pub struct Mailbox {
     user_id: String,
     connection_id: Arc<str>,
     events: mpsc::Receiver<Arc<Event>>,
-    queued_bytes: Arc<AtomicUsize>,
-    overflow: CancellationToken,
+    queue: Arc<QueueState>,
 }
 
 impl Mailbox {
-    /// The next event; pending forever once the queue is closed (it is not while registered).
-    pub async fn recv(&mut self) -> Arc<Event> {
+    /// The next event, or why the router closed this queue. Once closed, events still
+    /// queued are not handed out: the session ends now.
+    pub async fn recv(&mut self) -> Result<Arc<Event>, Closed> {
+        if let Some(why) = self.queue.closed() {
+            return Err(why);
+        }
         match self.events.recv().await {
-            Some(event) => self.taken(event),
-            None => std::future::pending().await,
+            Some(event) => Ok(self.taken(event)),
+            // The router drops the sender only after closing the queue.
+            None => Err(self.queue.closed().unwrap_or(Closed::Shutdown)),
         }
     }
 
-    /// An event already queued, if any.
+    /// An event already queued, if any and if the queue is open.
     pub fn try_recv(&mut self) -> Option<Arc<Event>> {
+        if self.queue.closed().is_some() {
+            return None;
+        }
         self.events.try_recv().ok().map(|event| self.taken(event))
     }
 
     fn taken(&self, event: Arc<Event>) -> Arc<Event> {
-        self.queued_bytes
+        self.queue
+            .bytes
             .fetch_sub(event_bytes(&event), Ordering::Relaxed);
         event
-    }
-
-    /// Cancelled when the queue overflowed: the session is a slow client.
-    pub fn overflow(&self) -> CancellationToken {
-        self.overflow.clone()
     }
 }
 
@@ -128,6 +168,7 @@ impl Router {
             per_user: limits.max_connections_per_user,
             queue_events: limits.event_queue.max(1),
             queue_bytes: limits.outbound_queue_bytes,
+            shut_down: AtomicBool::new(false),
         }
     }
 
@@ -142,20 +183,23 @@ impl Router {
         self: &Arc<Self>,
         user_id: &str,
         connection_id: Arc<str>,
-    ) -> Result<Mailbox, UserLimit> {
+    ) -> Result<Mailbox, Refused> {
         let (tx, rx) = mpsc::channel(self.queue_events);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let overflow = CancellationToken::new();
+        let queue = Arc::new(QueueState::default());
         let mut shard = lock(self.shard(user_id));
+        // Checked under the shard lock: `shut_down` closes each shard under its lock, so a
+        // session registered here is either refused or closed by it.
+        if self.shut_down.load(Ordering::Acquire) {
+            return Err(Refused::ShuttingDown);
+        }
         let routes = shard.entry(user_id.to_owned()).or_default();
         if routes.sessions.len() >= self.per_user {
-            return Err(UserLimit(routes.sessions.len()));
+            return Err(Refused::UserLimit(routes.sessions.len()));
         }
         routes.sessions.push(Route {
             connection_id: connection_id.clone(),
             events: tx,
-            queued_bytes: queued_bytes.clone(),
-            overflow: overflow.clone(),
+            queue: queue.clone(),
         });
         drop(shard);
         Ok(Mailbox {
@@ -163,9 +207,22 @@ impl Router {
             user_id: user_id.to_owned(),
             connection_id,
             events: rx,
-            queued_bytes,
-            overflow,
+            queue,
         })
+    }
+
+    /// Closes every session's queue (they end with "going away") and refuses new ones.
+    pub fn shut_down(&self) {
+        self.shut_down.store(true, Ordering::Release);
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            for routes in shard.values_mut() {
+                for route in routes.sessions.drain(..) {
+                    route.queue.close(Closed::Shutdown);
+                    // Dropping the sender wakes a session waiting for its next event.
+                }
+            }
+        }
     }
 
     /// Assigns the user's next `seq` and queues the event to each of the user's sessions.
@@ -186,28 +243,23 @@ impl Router {
         let size = event_bytes(&event);
         let mut queued = 0;
         let mut overflows = 0;
-        for route in &routes.sessions {
-            if route.overflow.is_cancelled() {
-                continue; // already closing as a slow client
+        routes.sessions.retain(|route| {
+            let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
+            let sent =
+                before + size <= self.queue_bytes && route.events.try_send(event.clone()).is_ok();
+            if sent {
+                queued += 1;
+                return true;
             }
-            let before = route.queued_bytes.fetch_add(size, Ordering::Relaxed);
-            let sent = if before + size > self.queue_bytes {
-                Err(())
-            } else {
-                route.events.try_send(event.clone()).map_err(|_| ())
-            };
-            match sent {
-                Ok(()) => queued += 1,
-                Err(()) => {
-                    route.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                    // Full (or the session is already ending): never block the publisher
-                    // or the user's other sessions, and never drop silently: the session
-                    // closes with the slow-client code and the client can resume.
-                    route.overflow.cancel();
-                    overflows += 1;
-                }
-            }
-        }
+            route.queue.bytes.fetch_sub(size, Ordering::Relaxed);
+            // Full (or the session is already ending): never block the publisher or the
+            // user's other sessions, and never drop silently. The queue closes, the route
+            // goes (dropping the sender wakes the session), and the session closes with the
+            // slow-client code so the client can reconnect and resume.
+            route.queue.close(Closed::Overflow);
+            overflows += 1;
+            false
+        });
         drop(shard); // the counters need no lock
         self.metrics.events_published.inc();
         self.metrics.events_routed.inc_by(queued as u64);

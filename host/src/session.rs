@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::AppState;
 use crate::api::ApiError;
 use crate::auth::{AuthError, Claims, now_secs};
-use crate::router::Mailbox;
+use crate::router::{Closed, Mailbox, Refused};
 use crate::sandbox::{CloseReason, Context, Event, Fault, Frame, Instance};
 
 /// Close codes the gateway sends (see the README's table).
@@ -133,16 +133,21 @@ fn admit(
     let mailbox = app
         .router
         .register(&ctx.user_id, ctx.connection_id.as_str().into())
-        .map_err(|limit| {
-            refuse(
+        .map_err(|refused| match refused {
+            Refused::UserLimit(_) => refuse(
                 "user_limit",
                 user,
                 ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_connections",
-                    format!("{limit}; close one first"),
+                    format!("{refused}; close one first"),
                 ),
-            )
+            ),
+            Refused::ShuttingDown => refuse(
+                "draining",
+                user,
+                ApiError::unavailable("this node is shutting down; retry another node"),
+            ),
         })?;
     let instance = app.sandbox.instantiate(&ctx).map_err(|err| {
         tracing::error!(user = %ctx.user_id, error = %format!("{err:#}"), "cannot instantiate guest");
@@ -278,17 +283,15 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
     let mut last_heard = Instant::now();
     let ping_every = Duration::from_secs(limits.ping_interval_secs.max(1));
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    let overflow = mailbox.overflow();
     let mut rate = RateLimit::new(limits.client_messages_per_sec, limits.client_message_burst);
-    // Built once and polled in every turn of the loop: a future made inside `select!` would
-    // register with the timer wheel (or the token's waiter list) and leave it again for
-    // every event. Activity only moves `last_active`; the idle timer catches up when it fires.
-    let shutdown = app.shutdown.cancelled();
-    let overflowed = overflow.cancelled();
+    // Timers are built once and polled in every turn of the loop: a timer made inside
+    // `select!` would enter the timer wheel and leave it again for every event. Activity only
+    // moves `last_active`; the idle timer catches up when it fires. Shutdown and overflow
+    // come through the mailbox, so an event costs no lock here.
     let expiry = sleep_until(expiry_instant(token_exp));
     let mut last_active = Instant::now();
     let idle_timer = sleep_until(last_active + idle);
-    tokio::pin!(shutdown, overflowed, expiry, idle_timer);
+    tokio::pin!(expiry, idle_timer);
 
     let end = 'session: {
         // Events queued since registration wait until `init` has run.
@@ -303,8 +306,6 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         loop {
             let produced = tokio::select! {
                 biased;
-                () = &mut shutdown => break End::Shutdown,
-                () = &mut overflowed => break End::SlowClient,
                 () = &mut expiry => break End::TokenExpired,
                 () = &mut idle_timer => {
                     let deadline = last_active + idle;
@@ -357,10 +358,14 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
                         Err(frame) => instance.on_client_message(&frame),
                     }
                 }
-                event = mailbox.recv() => {
-                    last_active = Instant::now();
-                    deliver(&mut instance, event, &mut mailbox, &app)
-                }
+                event = mailbox.recv() => match event {
+                    Ok(event) => {
+                        last_active = Instant::now();
+                        deliver(&mut instance, event, &mut mailbox, &app)
+                    }
+                    Err(Closed::Overflow) => break End::SlowClient,
+                    Err(Closed::Shutdown) => break End::Shutdown,
+                },
             };
             match produced {
                 Ok(frames) => {

@@ -168,6 +168,29 @@ async fn a_slow_client_is_closed_and_its_neighbours_lose_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_past_the_queue_bound_closes_a_waiting_session_at_once() {
+    // The session is idle (waiting for its next event) when its queue overflows: the
+    // router must wake it, and it must close as a slow client, not sit on a dead queue.
+    let gw = start(|l| l.outbound_queue_bytes = 4096).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let publisher = gw.publisher_token();
+    let big = json!({"user_id": "alice", "kind": "big", "payload": {"pad": "x".repeat(8000)}});
+    let (status, body) = gw.publish(&publisher, &big).await;
+    assert_eq!((status, &body["delivered"]), (200, &json!(0)), "{body}");
+    let closed = tokio::time::timeout(Duration::from_secs(2), alice.closed())
+        .await
+        .expect("closed at once, not at the next ping or timeout");
+    assert_eq!((closed.code, closed.reason.as_str()), (4000, "slow client"));
+    assert_eq!(gw.metric("gateway_queue_overflows_total").await, 1.0);
+
+    let small = json!({"user_id": "bob", "kind": "small", "payload": {"n": 1}});
+    assert_eq!(gw.publish(&publisher, &small).await.0, 200);
+    let frame = bob.next_json().await.unwrap();
+    assert_eq!(frame["payload"]["n"], 1, "{frame}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_expiry_closes_live_connections_unless_refreshed() {
     let gw = start(|_| {}).await;
     let short = |user: &str| {
