@@ -142,9 +142,11 @@ impl State {
         })
     }
 
-    /// Tracks the run and returns the frame to send, or `None` when the client's
-    /// subscriptions exclude this event's thread.
-    pub fn event(&mut self, event: EventIn) -> Option<String> {
+    /// Tracks the run and writes the frame to send into `out` (emptied first); false when
+    /// the client's subscriptions exclude this event's thread. The caller keeps `out` from
+    /// event to event, so its buffer is allocated once, not per event.
+    pub fn event(&mut self, event: EventIn, out: &mut String) -> bool {
+        out.clear();
         self.events_in += 1;
         if !self.subscriptions.is_empty()
             && !event
@@ -153,7 +155,7 @@ impl State {
                 .is_some_and(|t| self.subscriptions.contains(t))
         {
             self.events_filtered += 1;
-            return None;
+            return false;
         }
         let phase = event
             .run_id
@@ -164,20 +166,20 @@ impl State {
 
         // Built by hand so the payload, already JSON, is not parsed and printed again when
         // it holds nothing to redact.
-        let mut out = String::with_capacity(payload.len() + 96);
+        out.reserve(payload.len() + 96);
         out.push_str(r#"{"type":"event","seq":"#);
-        push_u64(&mut out, event.seq);
+        push_u64(out, event.seq);
         out.push_str(r#","kind":"#);
-        push_json_str(&mut out, &event.kind);
+        push_json_str(out, &event.kind);
         out.push_str(r#","payload":"#);
         out.push_str(&payload);
         if let Some(run) = &event.run_id {
             out.push_str(r#","run_id":"#);
-            push_json_str(&mut out, run);
+            push_json_str(out, run);
         }
         if let Some(thread) = &event.thread_id {
             out.push_str(r#","thread_id":"#);
-            push_json_str(&mut out, thread);
+            push_json_str(out, thread);
         }
         if let Some(phase) = phase {
             out.push_str(r#","run_state":""#);
@@ -185,7 +187,7 @@ impl State {
             out.push('"');
         }
         out.push('}');
-        Some(out)
+        true
     }
 
     fn track(&mut self, run_id: &str, kind: &str) -> Phase {
@@ -289,31 +291,27 @@ fn is_sensitive(key: &str) -> bool {
     SENSITIVE_KEYS.contains(&norm.as_str()) || SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
 }
 
-/// Cheap pre-check: can any key in this text be sensitive? Every entry above contains one of
-/// these stems, so a payload without them needs no parsing. Runs on every event, so it is
-/// one pass over the bytes that only looks closer at the few that can start a stem.
+/// Cheap pre-check: can any key in this text be sensitive? Every sensitive key above contains
+/// one of the stems below, so a payload without them needs no parsing. Runs on every event:
+/// one pass over the bytes, looking closer only at those that can start a stem.
 fn may_hold_secret(payload: &str) -> bool {
-    const STEMS: &[&[u8]] = &[
-        b"pass",
-        b"pwd",
-        b"secret",
-        b"key",
-        b"token",
-        b"auth",
-        b"cookie",
-        b"credential",
-    ];
     let bytes = payload.as_bytes();
-    bytes.iter().enumerate().any(|(i, &b)| {
-        let rest = &bytes[i..];
-        match b.to_ascii_lowercase() {
-            // A key spelled with \u escapes could hide a stem from the byte scan.
-            b'\\' => rest.get(1) == Some(&b'u'),
-            b'p' | b's' | b'k' | b't' | b'a' | b'c' => STEMS.iter().any(|stem| {
-                rest.len() >= stem.len() && rest[..stem.len()].eq_ignore_ascii_case(stem)
-            }),
-            _ => false,
-        }
+    let at = |i: usize, stem: &[u8]| {
+        bytes
+            .get(i..i + stem.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(stem))
+    };
+    (0..bytes.len()).any(|i| match bytes[i] | 0x20 {
+        // A key spelled with \u escapes could hide a stem from the byte scan
+        // (`\\` | 0x20 is `|`, and no stem starts with `|`).
+        b'|' => bytes[i] == b'\\' && bytes.get(i + 1) == Some(&b'u'),
+        b'p' => at(i, b"pass") || at(i, b"pwd"),
+        b's' => at(i, b"secret"),
+        b'k' => at(i, b"key"),
+        b't' => at(i, b"token"),
+        b'a' => at(i, b"auth"),
+        b'c' => at(i, b"cookie") || at(i, b"credential"),
+        _ => false,
     })
 }
 
@@ -444,15 +442,17 @@ mod tests {
     #[test]
     fn event_frame_is_valid_json_with_every_field() {
         let mut state = State::default();
-        let frame = state
-            .event(EventIn {
+        let mut frame = "left over from the last event".to_owned();
+        assert!(state.event(
+            EventIn {
                 seq: 42,
                 kind: "tool\"executing".into(),
                 payload: r#"{"api_key":"k","n":1}"#.into(),
                 run_id: Some("r1".into()),
                 thread_id: Some("t\n1".into()),
-            })
-            .unwrap();
+            },
+            &mut frame
+        ));
         let v: Value = serde_json::from_str(&frame).unwrap();
         assert_eq!(v["seq"], 42);
         assert_eq!(v["kind"], "tool\"executing");

@@ -20,7 +20,7 @@ pub mod handler;
 
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
 
     use crate::handler::{EventIn, State};
 
@@ -30,6 +30,7 @@ mod component {
 
     thread_local! {
         static STATE: RefCell<State> = RefCell::new(State::default());
+        static FRAME: Cell<String> = const { Cell::new(String::new()) };
     }
 
     struct Handler;
@@ -58,9 +59,21 @@ mod component {
                 run_id: event.run_id,
                 thread_id: event.thread_id,
             };
-            if let Some(frame) = STATE.with_borrow_mut(|s| s.event(event)) {
-                emit(&Frame::Text(frame));
+            // The frame buffer lives from event to event: no allocation per event once it
+            // has grown to the usual frame size. One unusually large frame is not kept.
+            let mut text = FRAME.take();
+            if STATE.with_borrow_mut(|s| s.event(event, &mut text)) {
+                let frame = Frame::Text(text);
+                emit(&frame);
+                text = match frame {
+                    Frame::Text(sent) => sent,
+                    Frame::Binary(_) => String::new(),
+                };
             }
+            if text.capacity() > 4096 {
+                text = String::new();
+            }
+            FRAME.set(text);
         }
 
         fn on_close(_reason: CloseReason) {}

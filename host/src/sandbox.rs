@@ -596,7 +596,12 @@ mod native {
                 run_id: event.run_id.clone(),
                 thread_id: event.thread_id.clone(),
             };
-            self.0.event(event).map(Frame::Text).into_iter().collect()
+            let mut out = String::new();
+            if self.0.event(event, &mut out) {
+                vec![Frame::Text(out)]
+            } else {
+                Vec::new()
+            }
         }
     }
 }
