@@ -254,7 +254,7 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
         }
         GuestCommand::Check { component } => {
             let config = crate::config::Config::default();
-            Sandbox::load(&component, &config, Arc::new(Metrics::new()))?;
+            Sandbox::load(&component, &config, 1, Arc::new(Metrics::new()))?;
             println!("{}: accepted", component.display());
         }
     }

@@ -81,14 +81,15 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let verifier = Verifier::from_config(&config)?;
         let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
-        let mut sandbox = Sandbox::load(guest, &config, metrics.clone())?;
-        adjust(&mut sandbox);
         let capacity = Capacity::of_this_process(config.limits.max_connections);
+        let mut sandbox = Sandbox::load(guest, &config, capacity.effective, metrics.clone())?;
+        adjust(&mut sandbox);
         tracing::info!(
             connections = capacity.effective,
             fd_limit = capacity.fd_limit,
             max_map_count = capacity.max_map_count,
             configured = capacity.configured,
+            guest_memory_reservation = sandbox.reservation.as_str(),
             "connection capacity of this node"
         );
         Ok(Arc::new(AppState {

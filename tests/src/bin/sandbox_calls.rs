@@ -25,6 +25,11 @@ struct Args {
     /// Measurements; the median is reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Instances the sandbox is sized for, as the gateway sizes it for its connection
+    /// capacity: up to ~24,000 the memories get full reservations (no bounds checks), above
+    /// that compact ones.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Write /tmp/perf-<pid>.map so `perf report` names the guest's functions.
     #[arg(long)]
     perf_map: bool,
@@ -32,10 +37,17 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut config = Config::default();
-    config.guest = Some(args.guest.clone());
-    config.guest_perf_map = args.perf_map;
-    let sandbox = Sandbox::load(&args.guest, &config, Arc::new(Metrics::new()))?;
+    let config = Config {
+        guest: Some(args.guest.clone()),
+        guest_perf_map: args.perf_map,
+        ..Config::default()
+    };
+    let sandbox = Sandbox::load(
+        &args.guest,
+        &config,
+        args.instances,
+        Arc::new(Metrics::new()),
+    )?;
     let ctx = Context {
         connection_id: "c1".into(),
         user_id: "u1".into(),
@@ -99,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     let (w, n) = (median(&mut wasm), median(&mut native));
+    println!("guest memory reservation: {}", sandbox.reservation.as_str());
     println!(
         "on-event, median of {} rounds of {} calls: sandbox {w:.0} ns/call, native {n:.0} ns/call, sandbox overhead {:.0} ns/call",
         args.rounds,
