@@ -6,10 +6,11 @@
 # Scenarios (see tests/bench/RESULTS.md for what each measures):
 #   density   idle connections at 1k, 5k, 10k and the most one process admits; RSS each
 #   storm     new connections as fast as possible at a few --max-inflight settings
-#   delivery  10,000 connections (2,000 users x 5): as fast as the gateway takes events,
-#             then 25 % and 50 % of that rate
-#   native    the 100 % delivery scenario with the handler run natively (no Wasm), for the
-#             sandbox's cost
+#   delivery  10,000 connections (2,000 users x 5): as fast as the gateway takes events
+#             (batches of 100), then 25 % and 50 % of that rate (steady, batches of 10)
+#   native    the 100 % delivery runs alternate with the same runs on the handler compiled
+#             natively (no Wasm), for the sandbox's cost; plus sandbox_calls, the per-call
+#             cost without sockets
 #   multi     100,000 connections across several gateway processes, if time allows
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (900, the whole run including the
@@ -32,6 +33,7 @@ MAKE=${MAKE:-make}
 GATEWAY=$ROOT/target/release/gateway
 NATIVE=$ROOT/target/release/gateway-bench-native
 LOADGEN=$ROOT/target/release/loadgen
+SANDBOX_CALLS=$ROOT/target/release/sandbox_calls
 GUEST=$ROOT/target/components/handler.wasm
 OUT=$ROOT/target/bench
 LOGS=$OUT/logs
@@ -58,6 +60,7 @@ else
     MULTI_PER_GATEWAY=16667
 fi
 DELIVERY_BATCH=100
+STEADY_BATCH=10
 DELIVERY_PUBLISHERS=4
 # Connections the most-one-process point asks for beyond the advertised capacity, to show
 # the cap is where the gateway says it is (the extra ones must be refused with 503).
@@ -237,7 +240,7 @@ if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     cp "$GATEWAY" "$NATIVE"
     $CARGO build --release --locked -p gateway
 fi
-for f in "$GATEWAY" "$NATIVE" "$LOADGEN" "$GUEST"; do
+for f in "$GATEWAY" "$NATIVE" "$LOADGEN" "$SANDBOX_CALLS" "$ROOT/target/release/benchplot" "$GUEST"; do
     [[ -e $f ]] || { log "missing $f (run without BENCH_SKIP_BUILD)"; exit 2; }
 done
 if "$GATEWAY" serve --help | grep -q native-handler-for-benchmark; then
@@ -331,11 +334,23 @@ fi
 delivery_args=(--connections "$DELIVERY_CONNECTIONS" --users "$DELIVERY_USERS"
     --max-inflight 128 --publish-secs "$PUBLISH_SECS" --batch "$DELIVERY_BATCH"
     --publishers "$DELIVERY_PUBLISHERS" --drain-secs 5 --max-secs 120)
+# At a steady rate a publisher sends small batches often: one batch of 100 events for 500
+# connections is a burst whose last frame waits for the 499 before it.
+steady_args=(--connections "$DELIVERY_CONNECTIONS" --users "$DELIVERY_USERS"
+    --max-inflight 128 --publish-secs "$PUBLISH_SECS" --batch "$STEADY_BATCH"
+    --publishers "$DELIVERY_PUBLISHERS" --drain-secs 5 --max-secs 120)
 FULL_RATE=""
 if has delivery; then
+    # Wasm and native runs alternate, so that both see the same machine (it is shared and
+    # its speed drifts); the ratio is taken per pair.
     for run in $(seq 1 "$RUNS"); do
         log "delivery 100 % (as fast as it takes them) run $run"
         one_run "delivery-wasm-100-r$run" "$GATEWAY" "" "${delivery_args[@]}" --publish-max
+        if has native; then
+            log "delivery 100 % with the native handler (no sandbox) run $run"
+            one_run "delivery-native-100-r$run" "$NATIVE" "--native-handler-for-benchmark" \
+                "${delivery_args[@]}" --publish-max
+        fi
     done
     delivered=$(median_of events_per_sec "$OUT"/delivery-wasm-100-r*.json)
     published=$(median_of events_published "$OUT"/delivery-wasm-100-r*.json)
@@ -348,8 +363,8 @@ if has delivery; then
         for pct in 25 50; do
             rate=$(python3 -c "print(max(1, round($pct / 100 * $delivered / $fanout)))")
             for run in $(seq 1 "$RUNS"); do
-                log "delivery $pct % ($rate events/s published) run $run"
-                one_run "delivery-wasm-$pct-r$run" "$GATEWAY" "" "${delivery_args[@]}" --publish-rate "$rate"
+                log "delivery $pct % ($rate events/s published, batches of $STEADY_BATCH) run $run"
+                one_run "delivery-wasm-$pct-r$run" "$GATEWAY" "" "${steady_args[@]}" --publish-rate "$rate"
             done
         done
     else
@@ -358,12 +373,14 @@ if has delivery; then
 fi
 
 # ---------------------------------------------------------------------------------------
-# Sandbox cost: the 100 % delivery scenario with the handler compiled natively.
+# Sandbox cost per call, without sockets: the reference handler's on-event through the
+# sandbox and natively, with full and with compact memory reservations.
 if has native; then
-    for run in $(seq 1 "$RUNS"); do
-        log "delivery 100 % with the native handler (no sandbox) run $run"
-        one_run "delivery-native-100-r$run" "$NATIVE" "--native-handler-for-benchmark" \
-            "${delivery_args[@]}" --publish-max
+    for instances in 1 1000000; do
+        log "sandbox_calls --instances $instances"
+        "$SANDBOX_CALLS" --guest "$GUEST" --instances "$instances" --calls 200000 --rounds 5 \
+            --json "$OUT/sandbox-calls-$instances.json" >"$LOGS/sandbox-calls-$instances.log" 2>&1 ||
+            note "sandbox_calls --instances $instances failed (see target/bench/logs/sandbox-calls-$instances.log)"
     done
 fi
 
@@ -538,8 +555,20 @@ json.dump({
     "delivery_users": $DELIVERY_USERS,
     "publish_secs": $PUBLISH_SECS,
     "delivery_batch": $DELIVERY_BATCH,
+    "steady_batch": $STEADY_BATCH,
     "full_rate": "$FULL_RATE",
 }, open(sys.argv[1], "w"), indent=2)
 EOF
 python3 "$ROOT/tests/bench/summarize.py" "$OUT" -o "$RESULTS"
+# The plots' labels need a TrueType font; Debian's fonts-dejavu-core has the default one.
+FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+if [[ ! -e $FONT ]] && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+    log "installing fonts-dejavu-core for the plots' labels"
+    apt-get install -y -qq fonts-dejavu-core >"$LOGS/apt-fonts.log" 2>&1 ||
+        (apt-get update -qq && apt-get install -y -qq fonts-dejavu-core) >>"$LOGS/apt-fonts.log" 2>&1 || true
+fi
+if ! "$ROOT/target/release/benchplot" --data "$OUT/plots.json" --out "$ROOT/tests/bench" --font "$FONT" \
+    >"$LOGS/benchplot.log" 2>&1; then
+    log "plots not drawn: $(tail -1 "$LOGS/benchplot.log")"
+fi
 log "done in ${WALL} s; results in ${RESULTS#"$ROOT"/}"

@@ -30,6 +30,9 @@ struct Args {
     /// that compact ones.
     #[arg(long, default_value_t = 1)]
     instances: usize,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Write /tmp/perf-<pid>.map so `perf report` names the guest's functions.
     #[arg(long)]
     perf_map: bool,
@@ -118,5 +121,17 @@ fn main() -> anyhow::Result<()> {
         args.calls,
         w - n
     );
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "reservation": sandbox.reservation.as_str(),
+            "calls": args.calls,
+            "rounds": args.rounds,
+            "sandbox_ns_per_call": w,
+            "native_ns_per_call": n,
+            "sandbox_rounds_ns": wasm,
+            "native_rounds_ns": native,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
     Ok(())
 }
