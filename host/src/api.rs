@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
@@ -72,11 +72,31 @@ struct PublishRequest {
     thread_id: Option<String>,
 }
 
+/// A batch parsed in one pass. Only when that fails is it parsed again event by event
+/// ([`BatchOfRaw`]), so that the error can name the event's index.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
-    /// Parsed one by one, so an error can name the event's index.
+    events: Vec<PublishRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchOfRaw {
     events: Vec<Box<RawValue>>,
+}
+
+/// What a publish answers for one event.
+#[derive(Debug, Serialize)]
+struct PublishReceipt<'a> {
+    seq: u64,
+    user_id: &'a str,
+    delivered: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchReceipt<'a> {
+    results: Vec<PublishReceipt<'a>>,
 }
 
 /// `POST /v1/publish`: one event. Answers `{"seq", "user_id", "delivered"}`.
@@ -84,15 +104,20 @@ pub async fn publish(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     authorize_publisher(&app, &headers)?;
     let body = read_body(&app, body).await?;
     let request: PublishRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid event: {e}")))?;
-    let user_id = request.user_id.clone();
     let publication = validate(request, &app).map_err(ApiError::bad_request)?;
+    let user_id = publication.user_id.clone();
     let receipt = app.router.publish(publication);
-    Ok(Json(receipt_json(&user_id, receipt)))
+    Ok(Json(PublishReceipt {
+        seq: receipt.seq,
+        user_id: &user_id,
+        delivered: receipt.sessions,
+    })
+    .into_response())
 }
 
 /// `POST /v1/publish/batch`: `{"events": [...]}`, all validated before any is published.
@@ -101,42 +126,62 @@ pub async fn publish_batch(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     authorize_publisher(&app, &headers)?;
     let body = read_body(&app, body).await?;
-    let batch: BatchRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid batch: {e}")))?;
+    let events = match serde_json::from_slice::<BatchRequest>(&body) {
+        Ok(batch) => batch.events,
+        Err(err) => return Err(batch_error(&body, err)),
+    };
     let max = app.config.limits.max_batch_events;
-    if batch.events.len() > max {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_events",
-            format!("a batch holds at most {max} events"),
-        ));
+    if events.len() > max {
+        return Err(too_many_events(max));
     }
-    let publications = batch
-        .events
+    let publications = events
         .into_iter()
         .enumerate()
-        .map(|(i, event)| {
-            serde_json::from_str::<PublishRequest>(event.get())
-                .map_err(|e| e.to_string())
-                .and_then(|request| validate(request, &app))
-                .map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))
+        .map(|(i, request)| {
+            validate(request, &app).map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let results: Vec<Value> = publications
+    let receipts: Vec<(String, Receipt)> = publications
         .into_iter()
         .map(|p| {
             let user_id = p.user_id.clone();
-            receipt_json(&user_id, app.router.publish(p))
+            (user_id, app.router.publish(p))
         })
         .collect();
-    Ok(Json(json!({ "results": results })))
+    let results = receipts
+        .iter()
+        .map(|(user_id, receipt)| PublishReceipt {
+            seq: receipt.seq,
+            user_id,
+            delivered: receipt.sessions,
+        })
+        .collect();
+    Ok(Json(BatchReceipt { results }).into_response())
 }
 
-fn receipt_json(user_id: &str, receipt: Receipt) -> Value {
-    json!({"seq": receipt.seq, "user_id": user_id, "delivered": receipt.sessions})
+/// Why a batch did not parse, naming the first bad event's index when the batch itself is
+/// well formed.
+fn batch_error(body: &[u8], err: serde_json::Error) -> ApiError {
+    let Ok(raw) = serde_json::from_slice::<BatchOfRaw>(body) else {
+        return ApiError::bad_request(format!("invalid batch: {err}"));
+    };
+    for (i, event) in raw.events.iter().enumerate() {
+        if let Err(e) = serde_json::from_str::<PublishRequest>(event.get()) {
+            return ApiError::bad_request(format!("events[{i}]: {e}"));
+        }
+    }
+    ApiError::bad_request(format!("invalid batch: {err}"))
+}
+
+fn too_many_events(max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_many_events",
+        format!("a batch holds at most {max} events"),
+    )
 }
 
 /// Users with the most live connections listed by `/v1/stats`.

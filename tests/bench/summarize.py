@@ -215,6 +215,7 @@ def density_section(out, meta, findings):
             num(rss_after / 1024 if rss_after else None, 1),
             med_runs(reports, "rss_kib_per_connection", 1),
             num(median(total_per_conn), 1),
+            med_runs(reports, "pss_kib_per_connection", 1),
             med_runs(reports, "connect_rate_per_sec"),
             num(cpu(reports, "server", "connect")),
             num(cpu(reports, "loadgen", "connect")),
@@ -230,6 +231,7 @@ def density_section(out, meta, findings):
             "established": established,
             "rss_per_conn": med(reports, "rss_kib_per_connection"),
             "total_per_conn": median(total_per_conn),
+            "pss_per_conn": med(reports, "pss_kib_per_connection"),
         }
 
     text = [
@@ -239,7 +241,10 @@ def density_section(out, meta, findings):
         f"per-user limit) and samples the gateway's VmRSS before connecting and one second "
         f"after the last connection is up. *RSS/conn* is (after - before) / established, the "
         f"marginal cost of a connection with its own live Wasm instance; *total RSS/conn* "
-        f"divides the whole process RSS. The last point asks for the gateway's advertised "
+        f"divides the whole process RSS. *PSS/conn* is the marginal proportional set size "
+        f"(`/proc/<pid>/smaps_rollup`): a page mapped N times counts 1/N each time, so the "
+        f"guest's read-only data pages, mapped into every instance and counted again in each "
+        f"mapping's RSS, count once. The last point asks for the gateway's advertised "
         f"capacity plus a few, so the surplus must be refused (503).",
         "",
         f"- `vm.max_map_count`: {meta.get('sysctl_result', '?')} (used: {meta.get('max_map_count_used', '?')}).",
@@ -250,7 +255,7 @@ def density_section(out, meta, findings):
         "",
         table(
             ["connections asked", "established", "refused/failed", "RSS before MiB",
-             "RSS after MiB", "RSS/conn KiB", "total RSS/conn KiB", "connect rate /s",
+             "RSS after MiB", "RSS/conn KiB", "total RSS/conn KiB", "PSS/conn KiB", "connect rate /s",
              "server CPU % connecting", "loadgen CPU % connecting", "closed early"],
             rows,
         ),
@@ -704,7 +709,7 @@ def notes_section(out):
 def plot_data(out, findings):
     """The series tests/src/bin/benchplot.rs draws; written next to the raw data."""
     rss = sorted(
-        (v["established"], v["total_per_conn"], v["rss_per_conn"])
+        (v["established"], v["total_per_conn"], v["rss_per_conn"], v.get("pss_per_conn"))
         for v in findings["density"].values()
         if v["established"] and v["total_per_conn"] and v["rss_per_conn"]
     )

@@ -28,8 +28,9 @@ struct Args {
 
 #[derive(Deserialize)]
 struct Plots {
-    /// (connections, whole-process RSS KiB / connection, marginal RSS KiB / connection).
-    rss: Vec<(f64, f64, f64)>,
+    /// (connections, whole-process RSS KiB / connection, marginal RSS KiB / connection,
+    /// marginal PSS KiB / connection when measured).
+    rss: Vec<(f64, f64, f64, Option<f64>)>,
     /// (delivered events/s, p50 ms, p99 ms, p999 ms), one point per load level.
     latency: Vec<(f64, f64, f64, f64)>,
     /// The per-connection RSS target, KiB.
@@ -117,6 +118,18 @@ fn rss_chart(root: &Area, plots: &Plots) -> anyhow::Result<()> {
         .label("marginal: (RSS after - before) / connections")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
     chart.draw_series(marginal.iter().map(|&p| Circle::new(p, 4, GREEN.filled())))?;
+    let pss: Vec<(f64, f64)> = plots
+        .rss
+        .iter()
+        .filter_map(|p| p.3.map(|pss| (p.0, pss)))
+        .collect();
+    if !pss.is_empty() {
+        chart
+            .draw_series(LineSeries::new(pss.clone(), MAGENTA.stroke_width(2)))?
+            .label("marginal PSS (shared pages counted once)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA.stroke_width(2)));
+        chart.draw_series(pss.iter().map(|&p| Circle::new(p, 4, MAGENTA.filled())))?;
+    }
     chart
         .draw_series(LineSeries::new(
             vec![(0.0, plots.rss_target_kib), (max_x, plots.rss_target_kib)],

@@ -404,6 +404,10 @@ impl CpuMark {
 struct Memory {
     rss_kib: u64,
     hwm_kib: u64,
+    /// Proportional set size: a page mapped N times counts 1/N each time. The guest's
+    /// read-only data pages, mapped once per instance, count once in all rather than once per
+    /// instance as in RSS.
+    pss_kib: Option<u64>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -720,6 +724,10 @@ async fn connection(
         }
     };
 
+    // Made once: a `changed()` made in every turn would join and leave the watch's waiter
+    // list for every frame, which is loadgen CPU taken from the server it measures.
+    let stop = shutdown.changed();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             msg = ws.next() => match msg {
@@ -737,7 +745,7 @@ async fn connection(
                 None => return stats.closed_early("stream ended".to_owned()),
             },
             // Err means the sender is gone, which also means stop.
-            _ = shutdown.changed() => break,
+            _ = &mut stop => break,
         }
     }
     let _ = timeout(CLOSE_WAIT, async {
@@ -1064,7 +1072,7 @@ async fn print_progress(stats: Arc<Stats>, plan: Arc<Plan>) {
     }
 }
 
-/// VmRSS and VmHWM of a process, in KiB.
+/// VmRSS, VmHWM and PSS of a process, in KiB.
 fn read_memory(pid: u32) -> Option<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {
@@ -1076,9 +1084,21 @@ fn read_memory(pid: u32) -> Option<Memory> {
             .parse()
             .ok()
     };
+    let pss_kib = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|rollup| {
+            let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+            line["Pss:".len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        });
     Some(Memory {
         rss_kib: field("VmRSS:")?,
         hwm_kib: field("VmHWM:")?,
+        pss_kib,
     })
 }
 
@@ -1165,6 +1185,13 @@ fn build_report(
         }
         _ => None,
     };
+    let pss_per_connection = match (phases.rss_before, phases.rss_after) {
+        (Some(before), Some(after)) if established > 0 => before
+            .pss_kib
+            .zip(after.pss_kib)
+            .map(|(b, a)| (a as f64 - b as f64) / established as f64),
+        _ => None,
+    };
     let round2 = |x: f64| (x * 100.0).round() / 100.0;
     let rate =
         |count: u64, secs: Option<f64>| secs.filter(|s| *s > 0.0).map(|s| round2(count as f64 / s));
@@ -1198,6 +1225,8 @@ fn build_report(
         "server_rss_kib_end": rss(phases.rss_end),
         "server_hwm_kib_end": phases.rss_end.map(|m| m.hwm_kib),
         "rss_kib_per_connection": per_connection.map(round2),
+        "server_pss_kib_after": phases.rss_after.and_then(|m| m.pss_kib),
+        "pss_kib_per_connection": pss_per_connection.map(round2),
         "server_cpu_percent": server_cpu.map(round2),
         "loadgen_cpu_percent": own_cpu.map(round2),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -1266,6 +1295,7 @@ fn print_table(report: &Value) {
         ("server RSS KiB at end", "server_rss_kib_end"),
         ("server peak RSS KiB", "server_hwm_kib_end"),
         ("RSS KiB per connection", "rss_kib_per_connection"),
+        ("PSS KiB per connection", "pss_kib_per_connection"),
         ("server CPU %", "server_cpu_percent"),
         ("loadgen CPU %", "loadgen_cpu_percent"),
         ("server CPU % connecting", "server_cpu_percent_connect"),
