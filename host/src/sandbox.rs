@@ -667,3 +667,40 @@ mod native {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_are_full_only_while_they_fit_the_address_space() {
+        if cfg!(all(target_arch = "x86_64", target_os = "linux"))
+            && rlimit::Resource::AS
+                .get()
+                .is_ok_and(|(soft, _)| soft == rlimit::INFINITY)
+        {
+            assert_eq!(Reservation::for_instances(1), Reservation::Full);
+            assert_eq!(Reservation::for_instances(20_000), Reservation::Full);
+        }
+        // 48 TiB of 4 GiB reservations is more than 3/4 of any 47-bit address space.
+        assert_eq!(Reservation::for_instances(100_000), Reservation::Compact);
+    }
+
+    #[test]
+    fn a_call_clock_counts_at_most_two_ticks_before_its_first_check() {
+        let mut clock = CallClock {
+            wall: Instant::now() - Duration::from_millis(50),
+            mark: None,
+        };
+        // Preempted for 50 ms before the first check: not counted as CPU.
+        let (cpu, wall) = clock.used();
+        assert_eq!(cpu, 2 * EPOCH_TICK);
+        assert!(wall >= Duration::from_millis(50));
+        // From then on, the thread's own CPU time is added (spin until it has used 5 ms,
+        // however long that takes on a busy machine).
+        let start = thread_cpu_time();
+        while thread_cpu_time() - start < Duration::from_millis(5) {}
+        let (cpu, _) = clock.used();
+        assert!(cpu >= 2 * EPOCH_TICK + Duration::from_millis(5), "{cpu:?}");
+    }
+}
