@@ -143,6 +143,11 @@ impl Mailbox {
         }
     }
 
+    /// Whether an event (or the closing) is waiting, so that `recv` would not wait.
+    pub fn is_ready(&self) -> bool {
+        !self.events.is_empty() || self.queue.closed().is_some()
+    }
+
     /// An event already queued, if any and if the queue is open.
     pub fn try_recv(&mut self) -> Option<Arc<Event>> {
         if self.queue.closed().is_some() {

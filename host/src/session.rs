@@ -42,6 +42,9 @@ pub mod close_code {
 /// them saves a flush (a syscall) per event under load.
 const EVENT_BATCH: u64 = 64;
 
+/// Turns in a row the session may serve queued events without polling its socket.
+const READS_SKIPPED_MAX: u32 = 8;
+
 /// `GET /ws`: the HTTP phase. Nothing is upgraded unless the origin is allowed, the token
 /// is good, the node and the user have room, and the connection has its own instance.
 pub async fn connect(
@@ -303,7 +306,14 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
             }
             Err(fault) => break 'session End::Fault(fault),
         }
+        // Reads that were passed over in favour of queued events (see `read` below).
+        let mut reads_skipped = 0u32;
         loop {
+            // Polling the socket costs a trip through tungstenite even when nothing came in;
+            // while events are already queued (the usual reason this task woke) the socket
+            // waits, a few turns at most, so a stream of events cannot starve the client.
+            let read = !mailbox.is_ready() || reads_skipped >= READS_SKIPPED_MAX;
+            reads_skipped = if read { 0 } else { reads_skipped + 1 };
             let produced = tokio::select! {
                 biased;
                 () = &mut expiry => break End::TokenExpired,
@@ -325,7 +335,7 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
                         Err(_) => break End::SlowClient,
                     }
                 }
-                msg = socket.recv() => {
+                msg = socket.recv(), if read => {
                     last_heard = Instant::now();
                     let frame = match msg {
                         None | Some(Ok(Message::Close(_))) => break End::Client,
