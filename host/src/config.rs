@@ -83,6 +83,10 @@ pub struct Limits {
     pub outbound_queue_bytes: usize,
     /// Cap on one instance's linear memory.
     pub guest_memory_bytes: usize,
+    /// How instances' linear memories are reserved: `auto` (full while the node's capacity
+    /// fits the address space), `full` (4 GiB each: no bounds checks in guest code, about
+    /// 4 KiB more page tables per connection) or `compact` (the least memory).
+    pub guest_memory_reservation: ReservationPolicy,
     /// CPU time one guest call may use, in milliseconds (time the thread is preempted does
     /// not count, beyond at most the call's first 2 ms).
     pub guest_call_ms: u64,
@@ -105,6 +109,16 @@ pub struct Limits {
     pub max_batch_events: usize,
     /// How long shutdown waits for connections to close.
     pub shutdown_grace_secs: u64,
+}
+
+/// See [`Limits::guest_memory_reservation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReservationPolicy {
+    #[default]
+    Auto,
+    Full,
+    Compact,
 }
 
 impl Default for Config {
@@ -147,6 +161,7 @@ impl Default for Limits {
             event_queue: 1024,
             outbound_queue_bytes: 1 << 20,
             guest_memory_bytes: 8 << 20,
+            guest_memory_reservation: ReservationPolicy::Auto,
             guest_call_ms: 10,
             guest_call_wall_ms: 100,
             max_emits_per_call: 64,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 
-use crate::config::Config;
+use crate::config::{Config, ReservationPolicy};
 use crate::metrics::Metrics;
 
 mod bindings {
@@ -152,7 +152,7 @@ impl Sandbox {
             &bytes,
             &path.display().to_string(),
             config,
-            Reservation::for_instances(instances),
+            Reservation::choose(config.limits.guest_memory_reservation, instances),
             metrics,
         )
     }
@@ -296,6 +296,15 @@ impl Reservation {
             Reservation::Full
         } else {
             Reservation::Compact
+        }
+    }
+
+    /// What the operator asked for; `auto` decides by [`Reservation::for_instances`].
+    pub fn choose(policy: ReservationPolicy, instances: usize) -> Self {
+        match policy {
+            ReservationPolicy::Auto => Self::for_instances(instances),
+            ReservationPolicy::Full => Reservation::Full,
+            ReservationPolicy::Compact => Reservation::Compact,
         }
     }
 
@@ -684,6 +693,19 @@ mod tests {
         }
         // 48 TiB of 4 GiB reservations is more than 3/4 of any 47-bit address space.
         assert_eq!(Reservation::for_instances(100_000), Reservation::Compact);
+        // An operator's choice stands, whatever the capacity.
+        assert_eq!(
+            Reservation::choose(ReservationPolicy::Compact, 1),
+            Reservation::Compact
+        );
+        assert_eq!(
+            Reservation::choose(ReservationPolicy::Full, 100_000),
+            Reservation::Full
+        );
+        assert_eq!(
+            Reservation::choose(ReservationPolicy::Auto, 100_000),
+            Reservation::Compact
+        );
     }
 
     #[test]
