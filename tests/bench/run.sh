@@ -425,14 +425,15 @@ run_multi() {
     local t0 t peak=0 peak_rss=0 peak_at=0 done_count live rss line
     t0=$(date +%s)
     : >"$OUT/multi.samples"
-    while :; do
-        sleep 1
+    # One sample: seconds since t0, then live:rss per gateway; the peak keeps its own copy.
+    # $1 = ge also takes a sample equal to the peak (the last one, with everything connected).
+    sample() {
+        local k l r
         t=$(($(date +%s) - t0))
         live=0
         rss=0
         line="$t"
         for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
-            local l r
             l=$(curl -s "http://127.0.0.1:${ports[$k]}/metrics" | awk '$1=="gateway_sessions_live"{print $2}')
             r=$(awk '/^VmRSS:/{print $2}' "/proc/${pids[$k]}/status" 2>/dev/null || echo 0)
             live=$((live + ${l:-0}))
@@ -440,13 +441,16 @@ run_multi() {
             line+=" ${l:-0}:${r:-0}"
         done
         echo "$line" >>"$OUT/multi.samples"
-        if ((live > peak)); then
+        if ((live > peak)) || [[ ${1:-} == ge && $live -eq $peak ]]; then
             peak=$live
             peak_rss=$rss
             peak_at=$t
-            # Per-gateway sample at the peak.
             printf '%s\n' "$line" >"$OUT/multi.peak"
         fi
+    }
+    while :; do
+        sleep 1
+        sample
         done_count=0
         for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
             if grep -q '^connected:' "$LOGS/multi-g$k.loadgen.err" 2>/dev/null ||
@@ -460,24 +464,7 @@ run_multi() {
     done
     # One more sample with everything connected, then release the holds.
     sleep 2
-    live=0
-    rss=0
-    line="$(($(date +%s) - t0))"
-    for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
-        local l r
-        l=$(curl -s "http://127.0.0.1:${ports[$k]}/metrics" | awk '$1=="gateway_sessions_live"{print $2}')
-        r=$(awk '/^VmRSS:/{print $2}' "/proc/${pids[$k]}/status" 2>/dev/null || echo 0)
-        live=$((live + ${l:-0}))
-        rss=$((rss + ${r:-0}))
-        line+=" ${l:-0}:${r:-0}"
-    done
-    echo "$line" >>"$OUT/multi.samples"
-    if ((live >= peak)); then
-        peak=$live
-        peak_rss=$rss
-        peak_at=${line%% *}
-        printf '%s\n' "$line" >"$OUT/multi.peak"
-    fi
+    sample ge
     local mem_avail
     mem_avail=$(awk '/^MemAvailable:/{print $2}' /proc/meminfo)
     touch "$release"
