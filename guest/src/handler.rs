@@ -19,7 +19,14 @@ pub struct EventIn {
 /// cannot grow this instance's memory until it hits the gateway's cap.
 const MAX_SUBSCRIPTIONS: usize = 64;
 const MAX_TRACKED_RUNS: usize = 128;
+/// Longest `thread_id` a client may subscribe to: the gateway's publish API takes ids of at
+/// most 256 bytes, so a longer one can never match and would only grow this instance.
+pub const MAX_THREAD_ID_BYTES: usize = 256;
 const REDACTED: &str = "[redacted]";
+/// What a payload becomes when the handler cannot inspect all of it (deeper than its JSON
+/// parser goes, or not JSON at all): redaction fails closed, the payload is never forwarded
+/// as it came.
+pub const WITHHELD: &str = "[redacted: payload could not be inspected]";
 
 /// Everything the handler keeps for its one connection.
 #[derive(Default)]
@@ -33,6 +40,8 @@ pub struct State {
     events_out: u64,
     events_filtered: u64,
     redactions: u64,
+    /// Payloads replaced whole because they could not be inspected.
+    payloads_withheld: u64,
 }
 
 /// Where one agent run is in its lifecycle, as seen from its events.
@@ -97,6 +106,11 @@ impl State {
         let thread = msg.get("thread_id").and_then(Value::as_str);
         match (msg.get("type").and_then(Value::as_str), thread) {
             (Some("ping"), _) => self.pong(),
+            (Some("subscribe" | "unsubscribe"), Some(thread))
+                if thread.len() > MAX_THREAD_ID_BYTES =>
+            {
+                error_frame("thread_id is longer than 256 bytes")
+            }
             (Some("subscribe"), Some(thread)) => {
                 if self.subscriptions.len() >= MAX_SUBSCRIPTIONS
                     && !self.subscriptions.contains(thread)
@@ -137,6 +151,7 @@ impl State {
             "events_out": self.events_out,
             "events_filtered": self.events_filtered,
             "redactions": self.redactions,
+            "payloads_withheld": self.payloads_withheld,
             "subscriptions": self.subscriptions,
             "runs": runs,
         })
@@ -244,9 +259,13 @@ impl State {
             return payload;
         }
         let Ok(mut value) = serde_json::from_str::<Value>(&payload) else {
-            // The gateway only hands over valid JSON; if that ever changes, send it as a
-            // string rather than pass on something unparsed that might hold a secret.
-            return Value::String(payload).to_string();
+            // Nested deeper than the parser goes (the gateway's publish API refuses those, but
+            // a handler must not rely on it) or not JSON: what cannot be inspected is not
+            // forwarded, not even as a string, since the secret would still be in it.
+            self.payloads_withheld += 1;
+            let mut withheld = String::new();
+            push_json_str(&mut withheld, WITHHELD);
+            return withheld;
         };
         let count = redact(&mut value);
         if count == 0 {
@@ -288,31 +307,52 @@ fn is_sensitive(key: &str) -> bool {
         .filter(|c| *c != '_' && *c != '-')
         .flat_map(char::to_lowercase)
         .collect();
+    // `may_hold_secret` must find every key this matches, so it normalises the same way
+    // (test `every_key_this_matches_is_found_by_the_pre_check`).
     SENSITIVE_KEYS.contains(&norm.as_str()) || SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
 }
 
-/// Cheap pre-check: can any key in this text be sensitive? Every sensitive key above contains
-/// one of the stems below, so a payload without them needs no parsing. Runs on every event:
-/// one pass over the bytes, looking closer only at those that can start a stem.
+/// The Kelvin sign (U+212A): the one character outside ASCII whose lower case is an ASCII
+/// letter of a stem (`k`), so `is_sensitive` reads `toKen` as `token`.
+const KELVIN: &[u8] = "\u{212a}".as_bytes();
+
+/// Cheap pre-check: can any key in this text be sensitive? Every sensitive key contains one
+/// of the stems below once lower-cased with `-` and `_` dropped, exactly as `is_sensitive`
+/// normalises it, so a payload without any needs no parsing. Runs on every event: one pass
+/// over the bytes, looking closer only at those that can start a stem.
 fn may_hold_secret(payload: &str) -> bool {
     let bytes = payload.as_bytes();
-    let at = |i: usize, stem: &[u8]| {
-        bytes
-            .get(i..i + stem.len())
-            .is_some_and(|w| w.eq_ignore_ascii_case(stem))
-    };
     (0..bytes.len()).any(|i| match bytes[i] | 0x20 {
         // A key spelled with \u escapes could hide a stem from the byte scan
         // (`\\` | 0x20 is `|`, and no stem starts with `|`).
         b'|' => bytes[i] == b'\\' && bytes.get(i + 1) == Some(&b'u'),
-        b'p' => at(i, b"pass") || at(i, b"pwd"),
-        b's' => at(i, b"secret"),
-        b'k' => at(i, b"key"),
-        b't' => at(i, b"token"),
-        b'a' => at(i, b"auth"),
-        b'c' => at(i, b"cookie") || at(i, b"credential"),
+        // 0xE2 | 0x20 is itself: the first byte of the Kelvin sign.
+        0xe2 | b'k' => stem_at(bytes, i, b"key"),
+        b'p' => stem_at(bytes, i, b"pass") || stem_at(bytes, i, b"pwd"),
+        b's' => stem_at(bytes, i, b"secret"),
+        b't' => stem_at(bytes, i, b"token"),
+        b'a' => stem_at(bytes, i, b"auth"),
+        b'c' => stem_at(bytes, i, b"cookie") || stem_at(bytes, i, b"credential"),
         _ => false,
     })
+}
+
+/// Whether `stem` (lower-case ASCII) starts at `i`, ignoring ASCII case, `-` and `_` between
+/// its letters, and reading the Kelvin sign as `k`: the normalisation of `is_sensitive`.
+fn stem_at(bytes: &[u8], mut i: usize, stem: &[u8]) -> bool {
+    for (n, &want) in stem.iter().enumerate() {
+        if n > 0 {
+            while matches!(bytes.get(i), Some(b'-' | b'_')) {
+                i += 1;
+            }
+        }
+        match bytes.get(i) {
+            Some(b) if b.to_ascii_lowercase() == want => i += 1,
+            Some(0xe2) if want == b'k' && bytes[i..].starts_with(KELVIN) => i += KELVIN.len(),
+            _ => return false,
+        }
+    }
+    true
 }
 
 fn redact(value: &mut Value) -> u64 {
@@ -436,6 +476,80 @@ mod tests {
             "p",
         ] {
             assert!(!may_hold_secret(payload), "{payload}");
+        }
+    }
+
+    #[test]
+    fn every_key_this_matches_is_found_by_the_pre_check() {
+        // Separators, case and the Kelvin sign inside a key change nothing.
+        for key in [
+            "to_ken",
+            "se-cret",
+            "A_u_t_h_o_r_i_z_a_t_i_o_n",
+            "p-w-d",
+            "api_\u{212a}ey",
+            "to\u{212a}en",
+            "API\u{212a}EY",
+            "Coo_Kie",
+            "credent-ials",
+            "db_PASS_word",
+        ] {
+            assert!(is_sensitive(key), "{key} is sensitive");
+            let payload = serde_json::json!({ key: "sk-live" }).to_string();
+            assert!(may_hold_secret(&payload), "pre-check misses {payload}");
+            let mut state = State::default();
+            let mut frame = String::new();
+            state.event(event_with(&payload), &mut frame);
+            assert!(!frame.contains("sk-live"), "{frame}");
+        }
+        // No other character lower-cases to an ASCII letter that could complete a stem:
+        // besides ASCII, only the Kelvin sign (to `k`) and U+0130 (to `i` plus a combining
+        // dot, which no stem can contain) lower-case to anything with ASCII in it.
+        let folding: Vec<char> = (0..=0x10ffff_u32)
+            .filter_map(char::from_u32)
+            .filter(|c| !c.is_ascii() && c.to_lowercase().any(|l| l.is_ascii()))
+            .collect();
+        assert_eq!(folding, ['\u{130}', '\u{212a}']);
+        assert!('\u{130}'.to_lowercase().any(|l| !l.is_ascii()));
+    }
+
+    #[test]
+    fn a_payload_too_deep_to_inspect_is_withheld_not_forwarded() {
+        let deep = format!(
+            "{}{{\"api_key\":\"sk-live-SECRET\"}}{}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let mut state = State::default();
+        let mut frame = String::new();
+        assert!(state.event(event_with(&deep), &mut frame));
+        assert!(!frame.contains("sk-live"), "{frame}");
+        let v: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v["payload"], WITHHELD);
+        assert_eq!(state.pong()["payloads_withheld"], 1);
+        // Not JSON at all: withheld the same way.
+        state.event(event_with("{\"token\": sk-live"), &mut frame);
+        assert!(!frame.contains("sk-live"), "{frame}");
+        assert_eq!(state.pong()["payloads_withheld"], 2);
+    }
+
+    #[test]
+    fn long_thread_ids_are_refused_not_kept() {
+        let mut state = State::default();
+        let long = "t".repeat(MAX_THREAD_ID_BYTES + 1);
+        let reply = state
+            .text_message(&serde_json::json!({"type": "subscribe", "thread_id": long}).to_string());
+        assert!(reply.contains("longer than 256"), "{reply}");
+        assert_eq!(state.pong()["subscriptions"], serde_json::json!([]));
+    }
+
+    fn event_with(payload: &str) -> EventIn {
+        EventIn {
+            seq: 1,
+            kind: "k".into(),
+            payload: payload.into(),
+            run_id: None,
+            thread_id: None,
         }
     }
 

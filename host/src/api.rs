@@ -13,11 +13,17 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::auth::{AuthError, PUBLISH_SCOPE, STATS_SCOPE};
+use crate::auth::{AuthError, Identity, PUBLISH_SCOPE, STATS_SCOPE, bearer};
 use crate::router::{Publication, Receipt};
 
-/// Longest `user_id`, `kind`, `run_id` or `thread_id` accepted.
+/// Longest `user_id`, `tenant_id`, `kind`, `run_id` or `thread_id` accepted.
 const MAX_ID_BYTES: usize = 256;
+
+/// Room in an event frame besides its fields: the reference handler's
+/// `{"type":"event","seq":N,"kind":..,"payload":..,"run_id":..,"thread_id":..,"run_state":..}`.
+const FRAME_OVERHEAD: usize = 160;
+/// What redacting one value may add: the shortest value (`0`) becomes `"[redacted]"`.
+const REDACTION_GROWTH: usize = 11;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -43,6 +49,28 @@ impl ApiError {
     fn bad_request(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
     }
+    fn forbidden(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", reason)
+    }
+    /// The same refusal for one event of a batch, its index in front of the reason.
+    fn in_batch(mut self, i: usize) -> Self {
+        self.reason = format!("events[{i}]: {}", self.reason);
+        self
+    }
+}
+
+/// Counts a refusal and writes its audit record: every refused connect, publish or stats
+/// request goes through here, so none is missed and all read alike.
+pub fn refuse(app: &AppState, label: &'static str, who: Option<&str>, err: ApiError) -> ApiError {
+    app.metrics.refusal(label);
+    tracing::info!(
+        target: "audit",
+        reason = label,
+        user = who.unwrap_or(""),
+        status = err.status.as_u16(),
+        "request refused"
+    );
+    err
 }
 
 impl IntoResponse for ApiError {
@@ -63,6 +91,9 @@ impl IntoResponse for ApiError {
 #[serde(deny_unknown_fields)]
 struct PublishRequest {
     user_id: String,
+    /// The tenant of the user; required to reach connections whose token had a `tenant`.
+    #[serde(default)]
+    tenant_id: Option<String>,
     kind: String,
     /// Kept as the publisher's text: valid JSON by construction, never re-encoded.
     payload: Box<RawValue>,
@@ -91,7 +122,21 @@ struct BatchOfRaw {
 struct PublishReceipt<'a> {
     seq: u64,
     user_id: &'a str,
-    delivered: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_id: Option<&'a str>,
+    /// Live connections the event was queued to (not yet handled by their guests).
+    queued: usize,
+}
+
+impl<'a> PublishReceipt<'a> {
+    fn new(identity: &'a Identity, receipt: Receipt) -> Self {
+        PublishReceipt {
+            seq: receipt.seq,
+            user_id: &identity.user,
+            tenant_id: identity.tenant.as_deref(),
+            queued: receipt.sessions,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -99,7 +144,7 @@ struct BatchReceipt<'a> {
     results: Vec<PublishReceipt<'a>>,
 }
 
-/// `POST /v1/publish`: one event. Answers `{"seq", "user_id", "delivered"}`.
+/// `POST /v1/publish`: one event. Answers `{"seq", "user_id", "queued"}`.
 pub async fn publish(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -109,19 +154,14 @@ pub async fn publish(
     let body = read_body(&app, body).await?;
     let request: PublishRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid event: {e}")))?;
-    let publication = validate(request, &app).map_err(ApiError::bad_request)?;
-    let user_id = publication.user_id.clone();
+    let publication = validate(request, &app)?;
+    let identity = publication.identity.clone();
     let receipt = app.router.publish(publication);
-    Ok(Json(PublishReceipt {
-        seq: receipt.seq,
-        user_id: &user_id,
-        delivered: receipt.sessions,
-    })
-    .into_response())
+    Ok(Json(PublishReceipt::new(&identity, receipt)).into_response())
 }
 
 /// `POST /v1/publish/batch`: `{"events": [...]}`, all validated before any is published.
-/// Answers `{"results": [{"seq", "user_id", "delivered"}, ...]}` in request order.
+/// Answers `{"results": [{"seq", "user_id", "queued"}, ...]}` in request order.
 pub async fn publish_batch(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -140,24 +180,18 @@ pub async fn publish_batch(
     let publications = events
         .into_iter()
         .enumerate()
-        .map(|(i, request)| {
-            validate(request, &app).map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))
-        })
+        .map(|(i, request)| validate(request, &app).map_err(|e| e.in_batch(i)))
         .collect::<Result<Vec<_>, _>>()?;
-    let receipts: Vec<(String, Receipt)> = publications
+    let receipts: Vec<(Identity, Receipt)> = publications
         .into_iter()
         .map(|p| {
-            let user_id = p.user_id.clone();
-            (user_id, app.router.publish(p))
+            let identity = p.identity.clone();
+            (identity, app.router.publish(p))
         })
         .collect();
     let results = receipts
         .iter()
-        .map(|(user_id, receipt)| PublishReceipt {
-            seq: receipt.seq,
-            user_id,
-            delivered: receipt.sessions,
-        })
+        .map(|(identity, receipt)| PublishReceipt::new(identity, *receipt))
         .collect();
     Ok(Json(BatchReceipt { results }).into_response())
 }
@@ -206,7 +240,9 @@ pub async fn stats(
     let (users_connected, top) = app.router.busiest_users(STATS_TOP_USERS);
     let top: Vec<Value> = top
         .into_iter()
-        .map(|(user, connections)| json!({"user_id": user, "connections": connections}))
+        .map(|(identity, connections)| {
+            json!({"user_id": identity.user, "tenant_id": identity.tenant, "connections": connections})
+        })
         .collect();
     Ok(Json(json!({
         "instances": {
@@ -242,74 +278,156 @@ fn authorize_publisher(app: &AppState, headers: &HeaderMap) -> Result<(), ApiErr
 }
 
 fn authorize(app: &AppState, headers: &HeaderMap, scope: &'static str) -> Result<(), ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let claims = token
+    let claims = bearer(headers)
         .ok_or(AuthError::Missing)
         .and_then(|t| app.verifier.verify(t))
-        .map_err(|err| {
-            app.metrics.refusal(err.label());
-            ApiError::unauthorized(err)
-        })?;
+        .map_err(|err| refuse(app, err.label(), None, ApiError::unauthorized(err)))?;
     if !claims.has_scope(scope) {
-        app.metrics.refusal("scope");
-        tracing::info!(target: "audit", user = %claims.sub, scope, "request refused: scope missing");
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("token lacks the {scope} scope"),
+        return Err(refuse(
+            app,
+            "scope",
+            Some(&claims.sub),
+            ApiError::forbidden(format!("token lacks the {scope} scope")),
         ));
     }
     Ok(())
 }
 
+/// The request body, at most `max_body_bytes` and within `body_read_timeout_secs`: a
+/// publisher that sends its body slowly must not hold a connection and a task forever.
 async fn read_body(app: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
-    let max = app.config.limits.max_body_bytes;
-    axum::body::to_bytes(body, max).await.map_err(|_| {
-        ApiError::new(
+    let limits = &app.config.limits;
+    let max = limits.max_body_bytes;
+    let wait = std::time::Duration::from_secs(limits.body_read_timeout_secs);
+    match tokio::time::timeout(wait, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!("request body is larger than {max} bytes"),
-        )
-    })
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("request body not received within {} s", wait.as_secs()),
+        )),
+    }
 }
 
-fn validate(request: PublishRequest, app: &AppState) -> Result<Publication, String> {
+fn validate(request: PublishRequest, app: &AppState) -> Result<Publication, ApiError> {
+    let limits = &app.config.limits;
     for (name, value) in [
         ("user_id", Some(&request.user_id)),
         ("kind", Some(&request.kind)),
+        ("tenant_id", request.tenant_id.as_ref()),
     ] {
         if value.is_some_and(|v| v.is_empty()) {
-            return Err(format!("{name} must not be empty"));
+            return Err(ApiError::bad_request(format!("{name} must not be empty")));
         }
     }
     for (name, value) in [
         ("user_id", Some(&request.user_id)),
+        ("tenant_id", request.tenant_id.as_ref()),
         ("kind", Some(&request.kind)),
         ("run_id", request.run_id.as_ref()),
         ("thread_id", request.thread_id.as_ref()),
     ] {
         if value.is_some_and(|v| v.len() > MAX_ID_BYTES) {
-            return Err(format!("{name} is longer than {MAX_ID_BYTES} bytes"));
+            return Err(ApiError::bad_request(format!(
+                "{name} is longer than {MAX_ID_BYTES} bytes"
+            )));
         }
     }
     let payload = String::from(request.payload.get());
-    // The frame carrying it must fit the clients' message limit.
-    let max = app.config.limits.max_message_bytes.saturating_sub(1024);
-    if payload.len() > max {
-        return Err(format!("payload is larger than {max} bytes"));
+    let shape = PayloadShape::of(&payload);
+    if shape.depth > limits.max_payload_depth {
+        return Err(ApiError::bad_request(format!(
+            "payload nests {} levels deep; at most {} (limits.max_payload_depth)",
+            shape.depth, limits.max_payload_depth
+        )));
+    }
+    // A publisher's event must never turn into a guest fault of every connection of the
+    // user: the frame carrying it, redaction markers included, must fit what a guest may
+    // emit and a client takes.
+    let framed = FRAME_OVERHEAD
+        + escaped_len(&request.kind)
+        + request.run_id.as_deref().map_or(0, escaped_len)
+        + request.thread_id.as_deref().map_or(0, escaped_len)
+        + payload.len()
+        + shape.members * REDACTION_GROWTH;
+    if framed > limits.max_message_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "event_too_large",
+            format!(
+                "the event's frame could take {framed} bytes (payload {} bytes, {} object \
+                 members that may be redacted, escaped ids); clients take at most {} \
+                 (limits.max_message_bytes)",
+                payload.len(),
+                shape.members,
+                limits.max_message_bytes
+            ),
+        ));
     }
     Ok(Publication {
-        user_id: request.user_id,
+        identity: Identity {
+            tenant: request.tenant_id,
+            user: request.user_id,
+        },
         kind: request.kind,
         payload,
         run_id: request.run_id,
         thread_id: request.thread_id,
     })
+}
+
+/// What the publish API needs to know of a payload, read in one pass over its (valid) JSON.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PayloadShape {
+    /// Deepest nesting of arrays and objects.
+    depth: usize,
+    /// Object members (each may have its value redacted).
+    members: usize,
+}
+
+impl PayloadShape {
+    fn of(json: &str) -> PayloadShape {
+        let mut shape = PayloadShape::default();
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for b in json.bytes() {
+            if in_string {
+                match (escaped, b) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    shape.depth = shape.depth.max(depth);
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b':' => shape.members += 1,
+                _ => {}
+            }
+        }
+        shape
+    }
+}
+
+/// Length of `s` once written as a JSON string literal (without the quotes).
+fn escaped_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 pub async fn healthz() -> Json<Value> {
@@ -338,4 +456,31 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
         app.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_shape_counts_depth_and_members_outside_strings() {
+        assert_eq!(PayloadShape::of("1"), PayloadShape::default());
+        assert_eq!(
+            PayloadShape::of(r#"{"a":[1,{"b":2}],"c":"x:{[\"]"}"#),
+            PayloadShape {
+                depth: 3,
+                members: 3
+            }
+        );
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(PayloadShape::of(&deep).depth, 200);
+    }
+
+    #[test]
+    fn escaped_length_matches_serde() {
+        for s in ["", "plain", "q\"uote\\", "\n\r\t", "\u{1}\u{1f}", "ünï€"] {
+            let quoted = serde_json::to_string(s).unwrap();
+            assert_eq!(escaped_len(s), quoted.len() - 2, "{s:?}");
+        }
+    }
 }

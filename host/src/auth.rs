@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -32,8 +32,9 @@ pub struct Claims {
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// A string or an array of strings (RFC 7519, 4.1.3); identity providers send both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
     /// Space-separated scopes, as in OAuth 2.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
@@ -44,7 +45,47 @@ pub struct Claims {
     pub sid: Option<String>,
 }
 
+/// The `aud` claim in either of its two forms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<&str> for Audience {
+    fn from(aud: &str) -> Self {
+        Audience::One(aud.to_owned())
+    }
+}
+
+/// Who a connection is, for routing: the token's `sub` within its `tenant` (when the token
+/// names one). Two tokens with the same `sub` and different tenants, or one with a tenant
+/// and one without, are different identities and never share an event.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub tenant: Option<String>,
+    pub user: String,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.tenant {
+            Some(tenant) => write!(f, "{tenant}/{}", self.user),
+            None => f.write_str(&self.user),
+        }
+    }
+}
+
 impl Claims {
+    /// The routing identity these claims bind a connection to.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            tenant: self.tenant.clone(),
+            user: self.sub.clone(),
+        }
+    }
+
     pub fn scopes(&self) -> impl Iterator<Item = &str> {
         self.scope.as_deref().unwrap_or("").split_whitespace()
     }
@@ -140,6 +181,14 @@ pub enum KeyError {
     NoKeys,
     #[error("the HS256 secret must be at least 32 bytes")]
     ShortSecret,
+    #[error(
+        "{0} trust roots are configured (jwt_secret, each of auth.public_keys, auth.jwks_file) \
+         and auth.issuer is not set: two issuers could then mint tokens with the same sub for \
+         different people, who would share one identity and each other's events. Set \
+         auth.issuer so that every token must name the one issuer these keys belong to, or \
+         configure a single root"
+    )]
+    AmbiguousRoots(usize),
     #[error("auth.public_keys: algorithm {0:?} is not one of RS256, ES256, EdDSA")]
     Algorithm(String),
     #[error("auth.public_keys: cannot read {path}: {source}")]
@@ -161,6 +210,12 @@ pub enum KeyError {
 
 impl Verifier {
     pub fn from_config(config: &Config) -> Result<Self, KeyError> {
+        let roots = usize::from(config.jwt_secret.is_some())
+            + config.auth.public_keys.len()
+            + usize::from(config.auth.jwks_file.is_some());
+        if roots > 1 && config.auth.issuer.is_none() {
+            return Err(KeyError::AmbiguousRoots(roots));
+        }
         let mut keys = Vec::new();
         if let Some(secret) = &config.jwt_secret {
             if secret.len() < 32 {
@@ -240,9 +295,17 @@ impl Verifier {
         }
         let (modified, keys) = load_jwks(&jwks.path)?;
         let count = keys.len();
+        // `load_jwks` never returns an empty set: a file emptied by a half-finished rotation
+        // must not lock every client out.
         *jwks.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
         *loaded = modified;
         Ok(Some(count))
+    }
+
+    /// Clock skew allowed on `exp` and `nbf`. A live connection's token expires at
+    /// `exp + leeway`, the same rule that admitted it.
+    pub fn leeway_secs(&self) -> u64 {
+        self.leeway
     }
 
     pub fn jwks_path(&self) -> Option<&Path> {
@@ -313,37 +376,75 @@ impl Jwks {
     }
 }
 
-/// Reads a JWKS file. Only asymmetric keys with a supported algorithm are used: a shared
-/// secret has no place in a key set that is meant to be public.
+/// Reads a JWKS file. Only asymmetric signature keys with a supported algorithm are used (a
+/// shared secret has no place in a key set meant to be public); any other key is skipped
+/// and logged, so one key an identity provider adds for another purpose does not fail the
+/// set. A set with no usable key is an error: the caller keeps the keys it had.
 fn load_jwks(path: &Path) -> Result<(Option<SystemTime>, Vec<Key>), KeyError> {
     let fail = |reason: String| KeyError::Jwks {
         path: path.display().to_string(),
         reason,
     };
+    #[derive(Deserialize)]
+    struct RawSet {
+        keys: Vec<serde_json::Value>,
+    }
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let set: JwkSet = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    let set: RawSet = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
     let mut keys = Vec::new();
-    for jwk in &set.keys {
-        let kid = jwk.common.key_id.clone();
-        let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
-            (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
-            (AlgorithmParameters::EllipticCurve(_), None | Some(KeyAlgorithm::ES256)) => {
-                Algorithm::ES256
+    let mut skipped = Vec::new();
+    for (i, raw) in set.keys.into_iter().enumerate() {
+        match jwk_key(raw) {
+            Ok(key) => keys.push(key),
+            Err(reason) => {
+                tracing::warn!(path = %path.display(), key = i, %reason, "JWKS key skipped");
+                skipped.push(format!("keys[{i}]: {reason}"));
             }
-            (AlgorithmParameters::OctetKeyPair(_), None | Some(KeyAlgorithm::EdDSA)) => {
-                Algorithm::EdDSA
-            }
-            (_, alg) => {
-                return Err(fail(format!(
-                    "key {kid:?}: only RS256, ES256 and EdDSA public keys are accepted (alg {alg:?})"
-                )));
-            }
-        };
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| fail(format!("key {kid:?}: {e}")))?;
-        keys.push(Key { alg, kid, key });
+        }
+    }
+    if keys.is_empty() {
+        return Err(fail(if skipped.is_empty() {
+            "the key set is empty".into()
+        } else {
+            format!("no usable key ({})", skipped.join("; "))
+        }));
     }
     Ok((modified, keys))
+}
+
+/// One JWKS entry as a verification key, or why it cannot be one.
+fn jwk_key(raw: serde_json::Value) -> Result<Key, String> {
+    let jwk: Jwk = serde_json::from_value(raw).map_err(|e| format!("not a usable JWK: {e}"))?;
+    let kid = jwk.common.key_id.clone();
+    if let Some(usage) = &jwk.common.public_key_use
+        && *usage != PublicKeyUse::Signature
+    {
+        return Err(format!("key {kid:?} is not for signatures (use {usage:?})"));
+    }
+    if let Some(ops) = &jwk.common.key_operations
+        && !ops.contains(&KeyOperations::Verify)
+    {
+        return Err(format!(
+            "key {kid:?} does not allow verify (key_ops {ops:?})"
+        ));
+    }
+    let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
+        (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+        (AlgorithmParameters::EllipticCurve(_), None | Some(KeyAlgorithm::ES256)) => {
+            Algorithm::ES256
+        }
+        (AlgorithmParameters::OctetKeyPair(_), None | Some(KeyAlgorithm::EdDSA)) => {
+            Algorithm::EdDSA
+        }
+        (_, alg) => {
+            return Err(format!(
+                "key {kid:?}: only RS256, ES256 and EdDSA public keys are accepted (alg {alg:?})"
+            ));
+        }
+    };
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("key {kid:?}: {e}"))?;
+    Ok(Key { alg, kid, key })
 }
 
 fn classify(kind: &ErrorKind) -> AuthError {
@@ -360,6 +461,16 @@ fn classify(kind: &ErrorKind) -> AuthError {
         // A claim of the wrong type (e.g. a numeric `sub`) or bad base64/JSON.
         _ => AuthError::Malformed,
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 pub fn now_secs() -> u64 {

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::auth::{Claims, PUBLISH_SCOPE, mint_hs256, now_secs};
+use crate::auth::{Audience, Claims, PUBLISH_SCOPE, mint_hs256, now_secs};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::sandbox::Sandbox;
-use crate::{AppState, serve};
+use crate::{AppState, serve_with_ops};
 
 /// Where `--dev` keeps the generated HS256 secret, relative to the working directory.
 pub const DEV_SECRET_FILE: &str = ".gateway-dev-secret";
@@ -126,12 +126,20 @@ fn dev_secret(path: &Path) -> anyhow::Result<String> {
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    std::fs::write(path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    // Created with mode 0600 from the start (never readable by others, not even for the
+    // moment between a write and a chmod), and never over an existing file.
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        file.mode(0o600);
     }
+    let mut file = file
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    std::io::Write::write_all(&mut file, secret.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(secret)
 }
 
@@ -153,13 +161,22 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             sandbox.use_native_handler_for_benchmark();
         }
     })?;
+    let ops_listen = state.config.ops_listen;
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    let ops = match ops_listen {
+        Some(ops) => {
+            let ops = bind(ops).with_context(|| format!("cannot listen on {ops} (ops_listen)"))?;
+            tracing::info!(addr = %ops.local_addr()?, "ops endpoints listening");
+            Some(ops)
+        }
+        None => None,
+    };
     tracing::info!(%addr, "gateway listening");
     if args.config.dev {
         print_dev_help(addr);
     }
-    serve(listener, state, shutdown_signal()).await?;
+    serve_with_ops(listener, ops, state, shutdown_signal()).await?;
     tracing::info!("gateway stopped");
     Ok(())
 }
@@ -233,7 +250,7 @@ pub fn run_token(args: TokenArgs) -> anyhow::Result<String> {
         exp: now_secs() + args.ttl,
         nbf: None,
         iss: config.auth.issuer.clone(),
-        aud: config.auth.audience.clone(),
+        aud: config.auth.audience.as_deref().map(Audience::from),
         scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
         tenant: args.tenant,
         sid: args.sid,

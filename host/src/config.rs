@@ -7,14 +7,18 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// A second address serving only `/healthz`, `/readyz` and `/metrics`, with its own
+    /// connection bound, so operators can see a node whose public listener is under attack.
+    /// Unset: those endpoints are served on `listen` only.
+    pub ops_listen: Option<SocketAddr>,
     /// Path of the guest component every connection instantiates.
     pub guest: Option<PathBuf>,
     /// HS256 secret for connect and publisher tokens.
@@ -105,6 +109,19 @@ pub struct Limits {
     pub dead_peer_secs: u64,
     /// Largest publish request body.
     pub max_body_bytes: usize,
+    /// Time a client has to send a request's complete headers (the `/ws` upgrade request
+    /// included), and the longest an HTTP connection may sit idle between requests.
+    pub header_read_timeout_secs: u64,
+    /// Time a publisher has to send a request body.
+    pub body_read_timeout_secs: u64,
+    /// Connections still speaking HTTP (not upgraded: handshakes, publishers, probes) the
+    /// listener holds at once; past it, new ones wait in the kernel's backlog. Upgraded
+    /// WebSocket connections do not count (`max_connections` bounds them).
+    pub max_http_connections: usize,
+    /// Deepest nesting of arrays and objects in an event's payload. Handlers parse payloads
+    /// (the reference one to redact them) and a parser stops at some depth (serde_json's at
+    /// 128); a payload it cannot parse cannot be inspected, so the publish API refuses it.
+    pub max_payload_depth: usize,
     /// Most events in one batch publish.
     pub max_batch_events: usize,
     /// How long shutdown waits for connections to close.
@@ -125,6 +142,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ops_listen: None,
             guest: None,
             jwt_secret: None,
             guest_perf_map: false,
@@ -170,29 +188,277 @@ impl Default for Limits {
             ping_interval_secs: 30,
             dead_peer_secs: 75,
             max_body_bytes: 1 << 20,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 10,
+            max_http_connections: 1024,
+            max_payload_depth: 32,
             max_batch_events: 1000,
             shutdown_grace_secs: 10,
         }
     }
 }
 
+impl std::fmt::Debug for Config {
+    /// Never prints the secret: `AppState`'s Debug output reaches logs and panics.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("ops_listen", &self.ops_listen)
+            .field("guest", &self.guest)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("guest_perf_map", &self.guest_perf_map)
+            .field("auth", &self.auth)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Longest any configured duration may be. Durations are added to instants; a bound keeps
+/// every such sum far from overflowing, and nothing here needs more than a year.
+pub const MAX_CONFIG_SECS: u64 = 365 * 24 * 3600;
+
+/// A configuration value that cannot work, named by its key.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {key} = {value}: {reason}")]
+pub struct Invalid {
+    pub key: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Top-level sections and keys, as environment variables spell them after `GATEWAY_`.
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "ops_listen",
+    "guest",
+    "jwt_secret",
+    "guest_perf_map",
+];
+const ENV_SECTIONS: &[&str] = &["auth", "limits"];
+/// `GATEWAY_*` variables that are read elsewhere, not config keys.
+const ENV_NOT_CONFIG: &[&str] = &["log", "log_json"];
+
 impl Config {
+    /// Refuses values that cannot work or would overflow a computation, with the key named.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let l = &self.limits;
+        let a = &self.auth;
+        let bad = |key: &'static str, value: &dyn std::fmt::Display, reason: &str| Invalid {
+            key,
+            value: value.to_string(),
+            reason: reason.to_owned(),
+        };
+        for (key, value) in [
+            ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            ("limits.ping_interval_secs", l.ping_interval_secs),
+            ("limits.dead_peer_secs", l.dead_peer_secs),
+            ("limits.write_timeout_secs", l.write_timeout_secs),
+            ("limits.shutdown_grace_secs", l.shutdown_grace_secs),
+            (
+                "limits.header_read_timeout_secs",
+                l.header_read_timeout_secs,
+            ),
+            ("limits.body_read_timeout_secs", l.body_read_timeout_secs),
+            ("auth.jwks_poll_secs", a.jwks_poll_secs),
+            ("auth.leeway_secs", a.leeway_secs),
+        ] {
+            if value > MAX_CONFIG_SECS {
+                return Err(bad(key, &value, "at most one year (31536000)"));
+            }
+        }
+        for (key, value) in [
+            ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            ("limits.ping_interval_secs", l.ping_interval_secs),
+            ("limits.dead_peer_secs", l.dead_peer_secs),
+            ("limits.write_timeout_secs", l.write_timeout_secs),
+            (
+                "limits.max_connections_per_user",
+                l.max_connections_per_user as u64,
+            ),
+            ("limits.max_message_bytes", l.max_message_bytes as u64),
+            ("limits.read_buffer_bytes", l.read_buffer_bytes as u64),
+            ("limits.event_queue", l.event_queue as u64),
+            ("limits.outbound_queue_bytes", l.outbound_queue_bytes as u64),
+            ("limits.guest_memory_bytes", l.guest_memory_bytes as u64),
+            ("limits.guest_call_ms", l.guest_call_ms),
+            ("limits.max_emits_per_call", l.max_emits_per_call as u64),
+            ("limits.max_body_bytes", l.max_body_bytes as u64),
+            ("limits.max_batch_events", l.max_batch_events as u64),
+            ("limits.max_payload_depth", l.max_payload_depth as u64),
+            (
+                "limits.header_read_timeout_secs",
+                l.header_read_timeout_secs,
+            ),
+            ("limits.body_read_timeout_secs", l.body_read_timeout_secs),
+            ("limits.max_http_connections", l.max_http_connections as u64),
+            (
+                "limits.client_message_burst",
+                u64::from(l.client_message_burst),
+            ),
+        ] {
+            if value == 0 {
+                return Err(bad(key, &value, "must be at least 1"));
+            }
+        }
+        if l.dead_peer_secs < l.ping_interval_secs {
+            return Err(bad(
+                "limits.dead_peer_secs",
+                &l.dead_peer_secs,
+                "must be at least limits.ping_interval_secs, or every peer is dead before its first ping",
+            ));
+        }
+        if l.guest_call_ms > 60_000 || l.guest_call_wall_ms > 60_000 {
+            return Err(bad(
+                "limits.guest_call_ms / guest_call_wall_ms",
+                &l.guest_call_wall_ms.max(l.guest_call_ms),
+                "at most 60000: a guest call holds a worker thread",
+            ));
+        }
+        if l.guest_call_wall_ms < l.guest_call_ms {
+            return Err(bad(
+                "limits.guest_call_wall_ms",
+                &l.guest_call_wall_ms,
+                "must be at least limits.guest_call_ms",
+            ));
+        }
+        if l.max_message_bytes > 256 << 20 {
+            return Err(bad(
+                "limits.max_message_bytes",
+                &l.max_message_bytes,
+                "at most 256 MiB",
+            ));
+        }
+        if l.guest_memory_bytes > 4 << 30 {
+            return Err(bad(
+                "limits.guest_memory_bytes",
+                &l.guest_memory_bytes,
+                "at most 4 GiB, the size of a 32-bit linear memory",
+            ));
+        }
+        if l.max_payload_depth > 100 {
+            return Err(bad(
+                "limits.max_payload_depth",
+                &l.max_payload_depth,
+                "at most 100: handlers' JSON parsers stop near 128 levels, and a payload they cannot parse cannot be redacted",
+            ));
+        }
+        Ok(())
+    }
+
     /// Defaults, then the TOML file (if given), then `GATEWAY_*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Config, Box<figment::Error>> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// [`Config::load`] with the environment given, for tests.
+    pub fn load_from(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Box<figment::Error>> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        // Only our own keys: other GATEWAY_* variables in an operator's environment are not
-        // config and must not fail the unknown-key check.
-        let env = Env::prefixed("GATEWAY_")
-            .filter(|key| {
-                let key = key.as_str().to_ascii_lowercase();
-                ["listen", "guest", "jwt_secret", "guest_perf_map"].contains(&key.as_str())
-                    || key.starts_with("auth__")
-                    || key.starts_with("limits__")
-            })
-            .split("__");
-        figment.merge(env).extract().map_err(Box::new)
+        // A `GATEWAY_` variable with `__` can only be meant as a nested key, so an unknown
+        // section there (a misspelt `GATEWAY_LIMIT__...`) is an error like an unknown key in
+        // the file. A plain `GATEWAY_X` may belong to something else in an operator's
+        // environment; an unknown one is only warned about.
+        let mut pairs = Vec::new();
+        for (name, value) in vars {
+            let Some(key) = name.strip_prefix("GATEWAY_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            match key.split_once("__") {
+                Some((section, _)) if ENV_SECTIONS.contains(&section) => pairs.push((key, value)),
+                Some((section, _)) => {
+                    return Err(Box::new(figment::Error::from(format!(
+                        "environment variable {name}: unknown config section `{section}` \
+                         (known: {})",
+                        ENV_SECTIONS.join(", ")
+                    ))));
+                }
+                None if ENV_KEYS.contains(&key.as_str()) => pairs.push((key, value)),
+                None if ENV_NOT_CONFIG.contains(&key.as_str()) => {}
+                None => tracing::warn!(
+                    variable = %name,
+                    "environment variable is not a config key and is ignored"
+                ),
+            }
+        }
+        for (key, value) in pairs {
+            // Parsed as figment's `Env` provider parses values (numbers, booleans, arrays).
+            let value: figment::value::Value = value.parse().unwrap_or_else(|e| match e {});
+            let key = key.replace("__", ".");
+            figment = figment.merge(Serialized::global(&key, value));
+        }
+        figment.extract().map_err(Box::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_keys_override_and_misspelt_sections_are_errors() {
+        let config = Config::load_from(
+            None,
+            vars(&[
+                ("GATEWAY_LIMITS__EVENT_QUEUE", "7"),
+                ("GATEWAY_AUTH__ALLOWED_ORIGINS", "[\"https://a.example\"]"),
+                ("GATEWAY_JWT_SECRET", "s"),
+                ("GATEWAY_LOG", "debug"),
+                ("GATEWAY_SOMETHING_ELSE", "x"),
+                ("OTHER", "y"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.limits.event_queue, 7);
+        assert_eq!(config.auth.allowed_origins, ["https://a.example"]);
+        assert_eq!(config.jwt_secret.as_deref(), Some("s"));
+
+        let err = Config::load_from(None, vars(&[("GATEWAY_LIMIT__EVENT_QUEUE", "7")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("GATEWAY_LIMIT__EVENT_QUEUE"), "{err}");
+        let err = Config::load_from(None, vars(&[("GATEWAY_LIMITS__EVENT_QUEU", "7")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("event_queu"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_valid_and_absurd_values_are_named() {
+        Config::default().validate().unwrap();
+        let mut config = Config::default();
+        config.limits.write_timeout_secs = u64::MAX;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key, "limits.write_timeout_secs");
+        let mut config = Config::default();
+        config.limits.guest_call_wall_ms = 1;
+        assert_eq!(
+            config.validate().unwrap_err().key,
+            "limits.guest_call_wall_ms"
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_secret() {
+        let config = Config {
+            jwt_secret: Some("very-secret-value".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("very-secret-value"));
     }
 }

@@ -2,7 +2,8 @@
 //! sandbox.
 //!
 //! Modules, in the order a connection meets them:
-//! - [`config`]: defaults, TOML file, `GATEWAY_*` environment.
+//! - [`config`]: defaults, TOML file, `GATEWAY_*` environment, validation.
+//! - [`listener`]: accepting connections, with the limits that apply before an upgrade.
 //! - [`auth`]: JWT verification (algorithm allow-list, `exp`/`nbf`/`iss`/`aud`), token minting.
 //! - [`admission`]: how many connections this node can hold (fds, memory mappings).
 //! - [`session`]: one connection's path: auth and instantiation before the upgrade, then the
@@ -20,6 +21,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod listener;
 pub mod metrics;
 pub mod router;
 pub mod sandbox;
@@ -59,6 +61,8 @@ pub struct AppState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::Invalid),
     #[error("no guest component configured: set GATEWAY_GUEST or `guest` in the config file")]
     NoGuest,
     #[error(transparent)]
@@ -78,6 +82,7 @@ impl AppState {
         config: Config,
         adjust: impl FnOnce(&mut Sandbox),
     ) -> Result<Arc<Self>, StartError> {
+        config.validate()?;
         let metrics = Arc::new(Metrics::new());
         let verifier = Verifier::from_config(&config)?;
         let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
@@ -105,6 +110,18 @@ impl AppState {
     }
 }
 
+/// What the ops listener serves: health and metrics only.
+pub fn ops_app(state: Arc<AppState>) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .with_state(state)
+}
+
+/// Connections the ops listener holds at once: probes and scrapers, a handful.
+const OPS_HTTP_CONNECTIONS: usize = 64;
+
 /// The HTTP application, shared by the binary and the tests.
 pub fn app(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
@@ -118,11 +135,10 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .with_state(state)
 }
 
-/// Re-reads the JWKS file when it changes or on SIGHUP, until shutdown.
+/// Re-reads the JWKS file when it changes or on SIGHUP, until shutdown. SIGHUP is handled
+/// even without a JWKS file: its default action would end the process.
 async fn watch_jwks(state: Arc<AppState>) {
-    let Some(path) = state.verifier.jwks_path().map(|p| p.display().to_string()) else {
-        return;
-    };
+    let path = state.verifier.jwks_path().map(|p| p.display().to_string());
     let poll = Duration::from_secs(state.config.auth.jwks_poll_secs.max(1));
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -138,50 +154,101 @@ async fn watch_jwks(state: Arc<AppState>) {
         let sighup = std::future::pending::<Option<()>>();
         let force = tokio::select! {
             () = state.shutdown.cancelled() => return,
-            () = tokio::time::sleep(poll) => false,
+            () = tokio::time::sleep(poll), if path.is_some() => false,
             _ = sighup => true,
+        };
+        let Some(path) = &path else {
+            tracing::info!("SIGHUP: no auth.jwks_file configured, nothing to reload");
+            continue;
         };
         match state.verifier.reload_jwks(force) {
             Ok(Some(keys)) => tracing::info!(%path, keys, "JWKS reloaded"),
             Ok(None) => {}
-            Err(err) => {
-                tracing::error!(%path, error = %err, "JWKS reload failed; keeping the current keys")
-            }
+            Err(err) => tracing::error!(
+                %path,
+                error = %err,
+                "JWKS reload failed; KEEPING THE PREVIOUS KEYS until the file is fixed"
+            ),
         }
     }
 }
 
-/// Serves until `shutdown` completes, then closes every session (1001) and waits for them,
-/// at most the configured grace period.
+/// Serves `listener` until `shutdown` completes, then drains (see [`serve_with_ops`]).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let drain = state.clone();
-    let signal = async move {
-        tokio::select! {
-            () = shutdown => {}
-            () = drain.shutdown.cancelled() => {}
-        }
-        drain.shutdown.cancel();
-        // Every session learns it from its mailbox and closes with 1001.
-        drain.router.shut_down();
+    serve_with_ops(listener, None, state, shutdown).await
+}
+
+/// Serves the public listener (and the ops listener, if given) until `shutdown` completes
+/// or the state's shutdown token is cancelled. Then the drain: no new connections, every
+/// session closes with 1001, HTTP connections finish their request; all of it bounded by
+/// `shutdown_grace_secs`, after which whatever is left is dropped.
+pub async fn serve_with_ops(
+    listener: TcpListener,
+    ops: Option<TcpListener>,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let limits = &state.config.limits;
+    let serving = listener::Serving {
+        header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
+        draining: CancellationToken::new(),
+        stopped: CancellationToken::new(),
+        connections: TaskTracker::new(),
+        metrics: state.metrics.clone(),
     };
-    tokio::spawn(watch_jwks(state.clone()));
-    axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(signal)
-        .await?;
+    let mut accepting = vec![tokio::spawn(listener::accept(
+        listener::Listener {
+            socket: listener,
+            app: app(state.clone()),
+            http_connections: limits.max_http_connections,
+            name: "public",
+        },
+        serving.clone(),
+    ))];
+    if let Some(ops) = ops {
+        accepting.push(tokio::spawn(listener::accept(
+            listener::Listener {
+                socket: ops,
+                app: ops_app(state.clone()),
+                http_connections: OPS_HTTP_CONNECTIONS,
+                name: "ops",
+            },
+            serving.clone(),
+        )));
+    }
+    let jwks = tokio::spawn(watch_jwks(state.clone()));
+
+    tokio::select! {
+        () = shutdown => {}
+        () = state.shutdown.cancelled() => {}
+    }
+    state.shutdown.cancel();
+    serving.draining.cancel();
+    // Every session learns it from its mailbox and closes with 1001.
+    state.router.shut_down();
+    for task in accepting {
+        let _ = task.await;
+    }
+    let _ = jwks.await;
+
+    serving.connections.close();
     state.sessions.close();
-    let grace = Duration::from_secs(state.config.limits.shutdown_grace_secs);
-    if tokio::time::timeout(grace, state.sessions.wait())
-        .await
-        .is_err()
-    {
+    let grace = Duration::from_secs(limits.shutdown_grace_secs);
+    let drained = async {
+        serving.connections.wait().await;
+        state.sessions.wait().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
-            left = state.sessions.len(),
-            "sessions still open after the shutdown grace period"
+            http_connections = serving.connections.len(),
+            sessions = state.sessions.len(),
+            "connections still open after the shutdown grace period; dropping them"
         );
     }
+    serving.stopped.cancel();
     Ok(())
 }

@@ -17,6 +17,8 @@ type Labels = Vec<(&'static str, &'static str)>;
 pub struct Metrics {
     registry: Registry,
     pub sessions_live: Gauge,
+    /// Connections still speaking HTTP (not upgraded), on all listeners.
+    pub http_connections: Gauge,
     pub instances_live: Gauge,
     pub instantiations: Counter,
     pub instantiate_seconds: Histogram,
@@ -48,6 +50,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("gateway");
         let m = Metrics {
             sessions_live: Gauge::default(),
+            http_connections: Gauge::default(),
             instances_live: Gauge::default(),
             instantiations: Counter::default(),
             instantiate_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 16)),
@@ -68,6 +71,11 @@ impl Metrics {
             "sessions_live",
             "WebSocket sessions open",
             m.sessions_live.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "Connections not upgraded to WebSocket (handshakes, publishers, probes)",
+            m.http_connections.clone(),
         );
         registry.register(
             "instances_live",

@@ -1,6 +1,7 @@
-//! Routes published events to the live sessions of one user, by authenticated user id only.
+//! Routes published events to the live sessions of one identity (tenant and user, from the
+//! verified token), and by nothing else.
 //!
-//! The router holds, per user, the next sequence number and a queue sender for each of that
+//! The router holds, per identity, the next sequence number and a queue sender for each of that
 //! user's live sessions; never any handler state. Users are spread over shards so publishes
 //! for different users rarely contend. Sequence assignment and queueing happen under the
 //! user's shard lock, so every session of a user sees that user's events in `seq` order.
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use crate::auth::Identity;
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::sandbox::Event;
@@ -21,7 +23,8 @@ const SHARDS: usize = 64;
 /// An event as published, before it has a sequence number.
 #[derive(Debug, Clone)]
 pub struct Publication {
-    pub user_id: String,
+    /// Whose connections get it: the publish request's `tenant_id` and `user_id`.
+    pub identity: Identity,
     pub kind: String,
     /// JSON text.
     pub payload: String,
@@ -104,7 +107,7 @@ struct UserRoutes {
 }
 
 pub struct Router {
-    shards: Box<[Mutex<HashMap<String, UserRoutes>>]>,
+    shards: Box<[Mutex<HashMap<Identity, UserRoutes>>]>,
     hasher: RandomState,
     metrics: Arc<Metrics>,
     per_user: usize,
@@ -123,7 +126,7 @@ impl std::fmt::Debug for Router {
 /// from the router.
 pub struct Mailbox {
     router: Arc<Router>,
-    user_id: String,
+    identity: Identity,
     connection_id: Arc<str>,
     events: mpsc::Receiver<Arc<Event>>,
     queue: Arc<QueueState>,
@@ -177,27 +180,27 @@ impl Router {
         }
     }
 
-    fn shard(&self, user_id: &str) -> &Mutex<HashMap<String, UserRoutes>> {
-        let i = self.hasher.hash_one(user_id) as usize % self.shards.len();
+    fn shard(&self, identity: &Identity) -> &Mutex<HashMap<Identity, UserRoutes>> {
+        let i = self.hasher.hash_one(identity) as usize % self.shards.len();
         &self.shards[i]
     }
 
-    /// Adds a live session of `user_id`, unless the user is at the per-user limit. Events
+    /// Adds a live session of `identity`, unless it is at the per-user limit. Events
     /// published from now on wait in the returned mailbox.
     pub fn register(
         self: &Arc<Self>,
-        user_id: &str,
+        identity: &Identity,
         connection_id: Arc<str>,
     ) -> Result<Mailbox, Refused> {
         let (tx, rx) = mpsc::channel(self.queue_events);
         let queue = Arc::new(QueueState::default());
-        let mut shard = lock(self.shard(user_id));
+        let mut shard = lock(self.shard(identity));
         // Checked under the shard lock: `shut_down` closes each shard under its lock, so a
         // session registered here is either refused or closed by it.
         if self.shut_down.load(Ordering::Acquire) {
             return Err(Refused::ShuttingDown);
         }
-        let routes = shard.entry(user_id.to_owned()).or_default();
+        let routes = shard.entry(identity.clone()).or_default();
         if routes.sessions.len() >= self.per_user {
             return Err(Refused::UserLimit(routes.sessions.len()));
         }
@@ -209,7 +212,7 @@ impl Router {
         drop(shard);
         Ok(Mailbox {
             router: self.clone(),
-            user_id: user_id.to_owned(),
+            identity: identity.clone(),
             connection_id,
             events: rx,
             queue,
@@ -234,8 +237,8 @@ impl Router {
     /// A session whose queue is full is told to close as a slow client; it never blocks the
     /// publisher or the user's other sessions.
     pub fn publish(&self, publication: Publication) -> Receipt {
-        let mut shard = lock(self.shard(&publication.user_id));
-        let routes = shard.entry(publication.user_id).or_default();
+        let mut shard = lock(self.shard(&publication.identity));
+        let routes = shard.entry(publication.identity).or_default();
         routes.next_seq += 1;
         let seq = routes.next_seq;
         let event = Arc::new(Event {
@@ -277,8 +280,8 @@ impl Router {
         }
     }
 
-    /// How many users have live sessions, and the `top` users with the most.
-    pub fn busiest_users(&self, top: usize) -> (usize, Vec<(String, usize)>) {
+    /// How many identities have live sessions, and the `top` ones with the most.
+    pub fn busiest_users(&self, top: usize) -> (usize, Vec<(Identity, usize)>) {
         let mut users = Vec::new();
         for shard in &self.shards {
             let shard = lock(shard);
@@ -295,9 +298,9 @@ impl Router {
         (with_sessions, users)
     }
 
-    fn unregister(&self, user_id: &str, connection_id: &str) {
-        let mut shard = lock(self.shard(user_id));
-        if let Some(routes) = shard.get_mut(user_id) {
+    fn unregister(&self, identity: &Identity, connection_id: &str) {
+        let mut shard = lock(self.shard(identity));
+        if let Some(routes) = shard.get_mut(identity) {
             routes
                 .sessions
                 .retain(|r| &*r.connection_id != connection_id);
@@ -309,7 +312,7 @@ impl Router {
 
 impl Drop for Mailbox {
     fn drop(&mut self) {
-        self.router.unregister(&self.user_id, &self.connection_id);
+        self.router.unregister(&self.identity, &self.connection_id);
     }
 }
 

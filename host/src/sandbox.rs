@@ -601,7 +601,13 @@ impl WasmInstance {
         if let Some(fault) = self.faulted {
             return Err(fault);
         }
-        self.store.data_mut().clock = CallClock::start();
+        let state = self.store.data_mut();
+        state.clock = CallClock::start();
+        // What a call learns about why it failed belongs to that call only: a memory
+        // request refused (and survived) earlier must not name a later fault.
+        state.memory_exceeded = false;
+        state.cpu_exceeded = false;
+        state.violation = None;
         // The first check comes after one tick; `check_deadline` sets the ones after it.
         self.store.set_epoch_deadline(1);
         let result = f(&self.handler, &mut self.store);

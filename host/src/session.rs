@@ -22,8 +22,8 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tracing::Instrument;
 
 use crate::AppState;
-use crate::api::ApiError;
-use crate::auth::{AuthError, Claims, now_secs};
+use crate::api::{ApiError, refuse};
+use crate::auth::{AuthError, Claims, Identity, bearer, now_secs};
 use crate::router::{Closed, Mailbox, Refused};
 use crate::sandbox::{CloseReason, Context, Event, Fault, Frame, Instance};
 
@@ -79,6 +79,8 @@ pub async fn connect(
 /// What a connection holds from admission until it ends.
 struct Admitted {
     ctx: Context,
+    /// Who this connection is; an in-band refresh must name the same identity.
+    identity: Identity,
     token_exp: u64,
     instance: Instance,
     mailbox: Mailbox,
@@ -91,11 +93,8 @@ fn admit(
     headers: &HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Admitted, ApiError> {
-    let refuse = |reason: &'static str, user: Option<&str>, err: ApiError| {
-        app.metrics.refusal(reason);
-        tracing::info!(target: "audit", reason, user = user.unwrap_or(""), "connection refused");
-        err
-    };
+    let refuse =
+        |reason: &'static str, user: Option<&str>, err: ApiError| refuse(app, reason, user, err);
     if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
         let allowed = &app.config.auth.allowed_origins;
         let origin = origin.to_str().unwrap_or("");
@@ -115,11 +114,11 @@ fn admit(
         query
             .as_ref()
             .ok()
-            .and_then(|Query(q)| q.get("access_token").cloned())
+            .and_then(|Query(q)| q.get("access_token").map(String::as_str))
     });
     let claims = token
         .ok_or(AuthError::Missing)
-        .and_then(|t| app.verifier.verify(&t))
+        .and_then(|t| app.verifier.verify(t))
         .map_err(|err| refuse(err.label(), None, ApiError::unauthorized(err)))?;
     let user = Some(claims.sub.as_str());
 
@@ -133,9 +132,10 @@ fn admit(
         )
     })?;
     let ctx = context(&claims);
+    let identity = claims.identity();
     let mailbox = app
         .router
-        .register(&ctx.user_id, ctx.connection_id.as_str().into())
+        .register(&identity, ctx.connection_id.as_str().into())
         .map_err(|refused| match refused {
             Refused::UserLimit(_) => refuse(
                 "user_limit",
@@ -162,22 +162,12 @@ fn admit(
     })?;
     Ok(Admitted {
         token_exp: claims.exp,
+        identity,
         ctx,
         instance,
         mailbox,
         _permit: permit,
     })
-}
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
 }
 
 fn context(claims: &Claims) -> Context {
@@ -269,6 +259,7 @@ impl End {
 async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
     let Admitted {
         ctx,
+        identity,
         token_exp,
         mut instance,
         mut mailbox,
@@ -276,8 +267,9 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
     } = admitted;
     let limits = &app.config.limits;
     let metrics = &app.metrics;
-    metrics.sessions_live.inc();
+    let _live = LiveSession::open(metrics);
     let opened = std::time::Instant::now();
+    let leeway = app.verifier.leeway_secs();
     tracing::debug!("session open");
 
     let write_timeout = Duration::from_secs(limits.write_timeout_secs);
@@ -291,7 +283,7 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
     // `select!` would enter the timer wheel and leave it again for every event. Activity only
     // moves `last_active`; the idle timer catches up when it fires. Shutdown and overflow
     // come through the mailbox, so an event costs no lock here.
-    let expiry = sleep_until(expiry_instant(token_exp));
+    let expiry = sleep_until(expiry_instant(token_exp, leeway));
     let mut last_active = Instant::now();
     let idle_timer = sleep_until(last_active + idle);
     tokio::pin!(expiry, idle_timer);
@@ -341,9 +333,9 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
                         None | Some(Ok(Message::Close(_))) => break End::Client,
                         Some(Ok(Message::Text(text))) => {
                             if let Some(refresh) = Refresh::parse(text.as_str()) {
-                                match refresh.apply(&app, &ctx) {
+                                match refresh.apply(&app, &ctx, &identity) {
                                     Refreshed::Renewed(exp, reply) => {
-                                        expiry.as_mut().reset(expiry_instant(exp));
+                                        expiry.as_mut().reset(expiry_instant(exp, leeway));
                                         Ok(vec![reply])
                                     }
                                     Refreshed::Refused(reply) => Ok(vec![reply]),
@@ -354,7 +346,13 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
                             }
                         }
                         Some(Ok(Message::Binary(bytes))) => Err(Frame::Binary(bytes.to_vec())),
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        // Control frames cost a wake-up too: they count against the rate.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                            if !rate.allow() {
+                                break End::RateLimited;
+                            }
+                            continue;
+                        }
                         Some(Err(err)) => break classify(err),
                     };
                     if !rate.allow() {
@@ -428,12 +426,43 @@ async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
     metrics
         .session_lifetime_seconds
         .inc_by(opened.elapsed().as_secs_f64());
-    metrics.sessions_live.dec();
     tracing::debug!(reason = end.label(), "session closed");
 }
 
-fn expiry_instant(exp: u64) -> Instant {
-    Instant::now() + Duration::from_secs(exp.saturating_sub(now_secs()))
+/// Counts a session as live for exactly as long as it exists: decremented on drop, so even
+/// a session task that ends abnormally leaves the gauge right.
+struct LiveSession<'a>(&'a crate::metrics::Metrics);
+
+impl<'a> LiveSession<'a> {
+    fn open(metrics: &'a crate::metrics::Metrics) -> Self {
+        metrics.sessions_live.inc();
+        LiveSession(metrics)
+    }
+}
+
+impl Drop for LiveSession<'_> {
+    fn drop(&mut self) {
+        self.0.sessions_live.dec();
+    }
+}
+
+/// Longest a timer is set ahead. A token's `exp` is the signer's input: any `u64` must give
+/// an instant, never an overflow (a century is "never" for a connection).
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// When a token with this `exp` stops being valid: `exp + leeway`, the same rule that
+/// admitted it (verification allows the leeway), so a token admitted inside the leeway is
+/// not closed the moment its session starts.
+fn expiry_instant(exp: u64, leeway: u64) -> Instant {
+    let left = exp.saturating_add(leeway).saturating_sub(now_secs());
+    far_ahead(Duration::from_secs(left))
+}
+
+/// `now + d`, clamped to [`FAR_FUTURE`].
+fn far_ahead(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d.min(FAR_FUTURE))
+        .unwrap_or(now + FAR_FUTURE)
 }
 
 /// Token bucket over client messages.
@@ -491,11 +520,18 @@ impl Refresh {
             .filter(|r| r.kind == Self::TYPE)
     }
 
-    fn apply(&self, app: &AppState, ctx: &Context) -> Refreshed {
+    fn apply(&self, app: &AppState, ctx: &Context, identity: &Identity) -> Refreshed {
         let claims = match app.verifier.verify(&self.access_token) {
             Ok(claims) => claims,
             Err(err) => {
                 app.metrics.refusal(err.label());
+                tracing::info!(
+                    target: "audit",
+                    conn = %ctx.connection_id,
+                    user = %ctx.user_id,
+                    reason = err.label(),
+                    "in-band refresh refused"
+                );
                 let reply = serde_json::json!({
                     "type": "gateway.refresh_failed",
                     "reason": err.to_string(),
@@ -503,7 +539,8 @@ impl Refresh {
                 return Refreshed::Refused(Frame::Text(reply.to_string()));
             }
         };
-        if claims.sub != ctx.user_id {
+        // The whole identity: the same `sub` in another tenant is someone else.
+        if claims.identity() != *identity {
             app.metrics.refusal("foreign_refresh");
             tracing::warn!(
                 target: "audit",

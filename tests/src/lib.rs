@@ -31,6 +31,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The ops listener (health and metrics only), when started with one.
+    pub ops_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
@@ -51,15 +53,36 @@ impl TestGateway {
     }
 
     pub async fn start_with(config: Config) -> Self {
+        Self::start_listening(config, false).await
+    }
+
+    /// Also opens the ops listener on another port.
+    pub async fn start_with_ops(config: Config) -> Self {
+        Self::start_listening(config, true).await
+    }
+
+    async fn start_listening(config: Config, with_ops: bool) -> Self {
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let ops = if with_ops {
+            Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+        } else {
+            None
+        };
+        let ops_addr = ops.as_ref().map(|l| l.local_addr().unwrap());
         let state = AppState::new(config).expect("gateway starts");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(gateway::serve(listener, state.clone(), async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(gateway::serve_with_ops(
+            listener,
+            ops,
+            state.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
         TestGateway {
             addr,
+            ops_addr,
             state,
             shutdown: Some(tx),
             task: Some(task),

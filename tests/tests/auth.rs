@@ -28,8 +28,11 @@ fn pem_key(alg: Algorithm, file: &str) -> EncodingKey {
     }
 }
 
+/// The issuer the test key pairs belong to: several keys need one (see `AmbiguousRoots`).
+const KEYS_ISSUER: &str = "https://keys.example";
+
 fn user_claims(user: &str) -> Value {
-    json!({"sub": user, "exp": now_secs() + 600})
+    json!({"sub": user, "exp": now_secs() + 600, "iss": KEYS_ISSUER})
 }
 
 /// Asks for an upgrade with `token` and returns the HTTP status and JSON body. A refusal
@@ -164,6 +167,7 @@ async fn hs256_failures_are_refused_before_the_upgrade() {
 async fn asymmetric_keys_kid_and_no_algorithm_confusion() {
     let mut cfg = config(guests::REFERENCE);
     cfg.jwt_secret = None;
+    cfg.auth.issuer = Some(KEYS_ISSUER.into());
     cfg.auth.public_keys = vec![
         PublicKeyConfig {
             alg: "RS256".into(),

@@ -37,7 +37,7 @@ async fn every_connection_gets_exactly_its_users_events_in_order() {
             for user in users {
                 let (status, body) = gw.publish(&publisher, &event(user, n)).await;
                 assert_eq!(status, 200, "{body}");
-                assert_eq!(body["delivered"], 3, "{body}");
+                assert_eq!(body["queued"], 3, "{body}");
                 expected_seq.insert((user, n), body["seq"].as_u64().unwrap());
             }
         } else {
@@ -185,7 +185,7 @@ async fn instances_are_dropped_when_clients_disconnect() {
     // Nothing is routed to a closed session: a publish now reaches no one.
     let (status, body) = gw.publish(&gw.publisher_token(), &event("user-1", 0)).await;
     assert_eq!(status, 200);
-    assert_eq!(body["delivered"], 0);
+    assert_eq!(body["queued"], 0);
     gw.stop().await;
 }
 

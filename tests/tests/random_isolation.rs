@@ -344,8 +344,7 @@ impl Books {
         assert_eq!(results.len(), batch.len(), "{body}");
         for (&user, result) in targets.iter().zip(results) {
             let name = &self.names[user];
-            let (Some(seq), Some(delivered)) =
-                (result["seq"].as_u64(), result["delivered"].as_u64())
+            let (Some(seq), Some(delivered)) = (result["seq"].as_u64(), result["queued"].as_u64())
             else {
                 panic!("malformed receipt {result}");
             };

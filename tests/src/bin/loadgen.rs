@@ -17,7 +17,7 @@
 //! 2. Optionally publishes `kind: "bench"` events for E events/s (or, with `--publish-max`,
 //!    as fast as the server answers) over P seconds through `POST /v1/publish/batch`
 //!    (T publisher tasks, B events a batch, users round robin). The
-//!    `delivered` counts in the answers give the receives to expect; every connection checks
+//!    `queued` counts in the answers give the receives to expect; every connection checks
 //!    that each event it gets is for its own user (`misdeliveries`, must be 0) and records the
 //!    publish-to-receive latency from the `ts_us` the event carries.
 //! 3. With `--server-pid`, samples the server's VmRSS before connecting and once all
@@ -914,7 +914,7 @@ struct BatchResponse {
 
 #[derive(Deserialize)]
 struct Receipt {
-    delivered: u64,
+    queued: u64,
 }
 
 /// Publish phase: `--publishers` tasks sharing the total rate, for `--publish-secs`.
@@ -1005,11 +1005,11 @@ async fn publisher(
         };
         match response.json::<BatchResponse>().await {
             Ok(answer) => {
-                let delivered: u64 = answer.results.iter().map(|r| r.delivered).sum();
+                let queued: u64 = answer.results.iter().map(|r| r.queued).sum();
                 stats
                     .published
                     .fetch_add(answer.results.len() as u64, Relaxed);
-                stats.expected.fetch_add(delivered, Relaxed);
+                stats.expected.fetch_add(queued, Relaxed);
             }
             Err(err) => publish_failed(
                 &stats,

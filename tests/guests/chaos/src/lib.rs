@@ -3,7 +3,8 @@
 //!
 //! At `init` the token's `sid` claim picks an identity fault: `no-ack`, `ack-other-user`,
 //! `ack-other-connection`, `emit-before-ack`, or none. Afterwards a client text frame picks
-//! a runtime fault: `trap`, `loop`, `grow`, `flood`, `big`; anything else is echoed back.
+//! a runtime fault: `trap`, `loop`, `grow`, `flood`, `big`; or `try-grow` (asks for more
+//! memory than any cap, survives the refusal and says so); anything else is echoed back.
 //! Events are forwarded as `{"type":"event","seq":N}`.
 
 // The generated export glue takes one argument per flattened record field.
@@ -58,6 +59,13 @@ impl Guest for Chaos {
                 }
             }
             "big" => emit(&Frame::Text("x".repeat(1 << 20))),
+            "try-grow" => {
+                // 60,000 pages (3.7 GiB): past any cap, refused without a trap.
+                let refused = grow_memory(60_000);
+                emit(&Frame::Text(format!(
+                    r#"{{"type":"grow","refused":{refused}}}"#
+                )));
+            }
             _ => emit(&Frame::Text(text)),
         }
     }
@@ -72,6 +80,16 @@ impl Guest for Chaos {
     }
 
     fn on_close(_reason: CloseReason) {}
+}
+
+#[cfg(target_arch = "wasm32")]
+fn grow_memory(pages: usize) -> bool {
+    core::arch::wasm32::memory_grow(0, pages) == usize::MAX
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn grow_memory(_pages: usize) -> bool {
+    true
 }
 
 export!(Chaos);

@@ -1,0 +1,29 @@
+//! A guest that echoes every client message back unchanged: text as text, binary as binary.
+//! It sends nothing else (no welcome frame), ignores events and keeps no state, so a
+//! WebSocket conformance client (the Autobahn fuzzing cases, `tests/autobahn/`) sees exactly
+//! the behaviour of an echo server.
+
+// The generated export glue takes one argument per flattened record field.
+#![allow(clippy::too_many_arguments)]
+
+wit_bindgen::generate!({ path: "../../../wit", world: "handler" });
+
+use gateway::handler::connection::{ack_context, emit};
+
+struct Echo;
+
+impl Guest for Echo {
+    fn init(ctx: Context) {
+        ack_context(&ctx.connection_id, &ctx.user_id);
+    }
+
+    fn on_client_message(frame: Frame) {
+        emit(&frame);
+    }
+
+    fn on_event(_event: Event) {}
+
+    fn on_close(_reason: CloseReason) {}
+}
+
+export!(Echo);
