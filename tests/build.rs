@@ -14,6 +14,7 @@ const GUESTS: &[(&str, &str, &str)] = &[
     ("REFERENCE", "gateway-guest", "gateway_guest"),
     ("CHAOS", "chaos-guest", "chaos_guest"),
     ("WASI_IMPORT", "wasi-import-guest", "wasi_import_guest"),
+    ("ECHO", "echo-guest", "echo_guest"),
 ];
 
 const TARGET: &str = "wasm32-unknown-unknown";
