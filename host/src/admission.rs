@@ -26,9 +26,18 @@ pub struct Capacity {
     pub max_map_count: Option<u64>,
     /// `limits.max_connections` as configured (0: no configured cap).
     pub configured: usize,
-    /// What the node admits: the smallest of the three.
+    /// Connections the memory available to this process holds, at what a trial instance
+    /// measured (see [`Capacity::limit_by_memory`]); `None` until measured.
+    pub by_memory: Option<u64>,
+    /// What the node admits: the smallest of these.
     pub effective: usize,
 }
+
+/// What a connection costs besides its instance's resident memory: the session task, its
+/// socket's buffers and queues (measured with the native handler: ~9 KiB; rounded up).
+const SESSION_BYTES: u64 = 16 << 10;
+/// Share of the available memory connections may take; the rest is for everything else.
+const MEMORY_SHARE: f64 = 0.8;
 
 impl Capacity {
     pub fn of_this_process(configured: usize) -> Capacity {
@@ -49,9 +58,43 @@ impl Capacity {
             fd_limit,
             max_map_count,
             configured,
+            by_memory: None,
             effective,
         }
     }
+
+    /// Lowers the capacity to what the memory available to this process holds, each
+    /// connection costing `instance_bytes` (a trial instance's resident size) plus the
+    /// session's own. File descriptors and mappings alone would admit ~19,000 connections
+    /// of a guest that takes 2-3 MiB each, far more than most machines' memory.
+    pub fn limit_by_memory(&mut self, instance_bytes: u64) {
+        let Some(available) = available_memory() else {
+            return;
+        };
+        let per_connection = instance_bytes + SESSION_BYTES;
+        let by_memory = (available as f64 * MEMORY_SHARE) as u64 / per_connection;
+        self.by_memory = Some(by_memory);
+        self.effective = self.effective.min(by_memory as usize);
+    }
+}
+
+/// Memory this process may still take: `MemAvailable`, or less under a cgroup limit.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo.lines().find_map(|line| {
+        let kib = line
+            .strip_prefix("MemAvailable:")?
+            .trim()
+            .strip_suffix("kB")?;
+        kib.trim().parse::<u64>().ok().map(|k| k * 1024)
+    })?;
+    let cgroup = || -> Option<u64> {
+        let max = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok()?;
+        let max = max.trim().parse::<u64>().ok()?; // "max": no limit
+        let current = std::fs::read_to_string("/sys/fs/cgroup/memory.current").ok()?;
+        Some(max.saturating_sub(current.trim().parse().ok()?))
+    };
+    Some(cgroup().map_or(available, |c| c.min(available)))
 }
 
 /// The node-wide connection cap: a permit per live connection, released when its session

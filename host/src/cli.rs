@@ -104,8 +104,14 @@ pub enum GuestCommand {
         #[arg(long, short)]
         output: PathBuf,
     },
-    /// Check that a component would be accepted by this gateway.
-    Check { component: PathBuf },
+    /// Check that a component would be accepted by this gateway and can run under the
+    /// configured limits (`--config` / GATEWAY_* as for serve): reports its interface, size,
+    /// compile time, a trial instantiation and the cost of a few synthetic events.
+    Check {
+        component: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
@@ -269,14 +275,64 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot write {}", output.display()))?;
             println!("wrote {}", output.display());
         }
-        GuestCommand::Check { component } => {
-            let config = crate::config::Config::default();
-            Sandbox::load(&component, &config, 1, Arc::new(Metrics::new()))?;
-            println!("{}: accepted", component.display());
+        GuestCommand::Check { component, config } => {
+            let config = load_config(&config)?;
+            config.validate()?;
+            let report = check_guest(&component, &config)?;
+            println!("{report}");
         }
     }
     Ok(())
 }
+
+/// What `gateway guest check` reports, one fact a line.
+fn check_guest(path: &Path, config: &Config) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    let started = std::time::Instant::now();
+    let sandbox = Sandbox::load(path, config, 1, Arc::new(Metrics::new()))?;
+    let compile = started.elapsed();
+    let (imports, exports) = sandbox.interface();
+    let trial = sandbox.trial(config)?;
+    let per_event = sandbox.synthetic_events(EVENTS_TIMED)?;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: accepted", path.display());
+    let _ = writeln!(out, "  world:        {}", crate::sandbox::WORLD_IMPORT);
+    let _ = writeln!(out, "  imports:      {}", imports.join(", "));
+    let _ = writeln!(out, "  exports:      {}", exports.join(", "));
+    let _ = writeln!(out, "  size:         {size} bytes");
+    let _ = writeln!(out, "  compile:      {} ms", compile.as_millis());
+    let _ = writeln!(
+        out,
+        "  trial:        instantiated and initialised under the configured limits \
+         (memory cap {} bytes, {} instances, {} tables, {} memories)",
+        config.limits.guest_memory_bytes,
+        config.limits.guest_max_instances,
+        config.limits.guest_max_tables,
+        config.limits.guest_max_memories
+    );
+    let _ = writeln!(
+        out,
+        "  instantiate:  {} us (with init, median)",
+        trial.instantiate.as_micros()
+    );
+    let _ = writeln!(
+        out,
+        "  resident:     {} KiB per live instance",
+        trial.resident_bytes_per_instance / 1024
+    );
+    let _ = write!(
+        out,
+        "  on-event:     {:.1} us per synthetic event (median of {EVENTS_TIMED})",
+        per_event.as_secs_f64() * 1e6
+    );
+    Ok(out)
+}
+
+/// Synthetic events `guest check` times.
+const EVENTS_TIMED: usize = 200;
 
 /// Turns a core module (with the component-type section wit-bindgen embeds) into a
 /// component that imports exactly what the module's world imports; no WASI adapter.

@@ -91,11 +91,20 @@ pub struct Limits {
     /// fits the address space), `full` (4 GiB each: no bounds checks in guest code, about
     /// 4 KiB more page tables per connection) or `compact` (the least memory).
     pub guest_memory_reservation: ReservationPolicy,
+    /// Core instances, tables and memories one guest component may create, and elements in
+    /// one table: a wit-bindgen guest needs 3 / 2 / 1, componentize-py's 39 instances.
+    pub guest_max_instances: usize,
+    pub guest_max_tables: usize,
+    pub guest_max_memories: usize,
+    pub guest_table_elements: usize,
     /// CPU time one guest call may use, in milliseconds (time the thread is preempted does
     /// not count, beyond at most the call's first 2 ms).
     pub guest_call_ms: u64,
     /// Wall-clock bound on one guest call, in milliseconds, however little CPU it got: no
-    /// guest holds a runtime worker thread longer than this.
+    /// guest holds a runtime worker thread longer than this. A safety net behind the CPU
+    /// bound (guests cannot block, so a call's wall time beyond its CPU time is time the
+    /// thread was preempted); set well above it so a loaded node does not fault healthy
+    /// guests.
     pub guest_call_wall_ms: u64,
     /// Frames a guest may emit in one call.
     pub max_emits_per_call: usize,
@@ -180,8 +189,12 @@ impl Default for Limits {
             outbound_queue_bytes: 1 << 20,
             guest_memory_bytes: 8 << 20,
             guest_memory_reservation: ReservationPolicy::Auto,
+            guest_max_instances: 16,
+            guest_max_tables: 16,
+            guest_max_memories: 4,
+            guest_table_elements: 10_000,
             guest_call_ms: 10,
-            guest_call_wall_ms: 100,
+            guest_call_wall_ms: 1000,
             max_emits_per_call: 64,
             write_timeout_secs: 10,
             idle_timeout_secs: 30 * 60,
@@ -284,6 +297,10 @@ impl Config {
             ("limits.outbound_queue_bytes", l.outbound_queue_bytes as u64),
             ("limits.guest_memory_bytes", l.guest_memory_bytes as u64),
             ("limits.guest_call_ms", l.guest_call_ms),
+            ("limits.guest_max_instances", l.guest_max_instances as u64),
+            ("limits.guest_max_tables", l.guest_max_tables as u64),
+            ("limits.guest_max_memories", l.guest_max_memories as u64),
+            ("limits.guest_table_elements", l.guest_table_elements as u64),
             ("limits.max_emits_per_call", l.max_emits_per_call as u64),
             ("limits.max_body_bytes", l.max_body_bytes as u64),
             ("limits.max_batch_events", l.max_batch_events as u64),

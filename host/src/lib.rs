@@ -8,7 +8,8 @@
 //! - [`admission`]: how many connections this node can hold (fds, memory mappings).
 //! - [`session`]: one connection's path: auth and instantiation before the upgrade, then the
 //!   loop that owns socket, instance and event queue, then the close.
-//! - [`sandbox`]: the wasmtime engine, the world's two imports, one `Store` per connection.
+//! - [`sandbox`]: the wasmtime engine, the world's two imports, one `Store` per connection
+//!   behind the [`sandbox::Handler`] trait; the trial instantiation at start-up.
 //! - [`router`]: user id -> that user's live sessions; per-user sequence numbers.
 //! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
 //! - [`metrics`]: Prometheus counters.
@@ -68,6 +69,8 @@ pub enum StartError {
     #[error(transparent)]
     Guest(#[from] sandbox::LoadError),
     #[error(transparent)]
+    Trial(#[from] sandbox::TrialError),
+    #[error(transparent)]
     Keys(#[from] auth::KeyError),
 }
 
@@ -86,13 +89,18 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let verifier = Verifier::from_config(&config)?;
         let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
-        let capacity = Capacity::of_this_process(config.limits.max_connections);
+        let mut capacity = Capacity::of_this_process(config.limits.max_connections);
         let mut sandbox = Sandbox::load(guest, &config, capacity.effective, metrics.clone())?;
         adjust(&mut sandbox);
+        let trial = sandbox.trial(&config)?;
+        capacity.limit_by_memory(trial.resident_bytes_per_instance);
         tracing::info!(
             connections = capacity.effective,
             fd_limit = capacity.fd_limit,
             max_map_count = capacity.max_map_count,
+            by_memory = capacity.by_memory,
+            instance_resident_bytes = trial.resident_bytes_per_instance,
+            instantiate_us = trial.instantiate.as_micros() as u64,
             configured = capacity.configured,
             guest_memory_reservation = sandbox.reservation.as_str(),
             "connection capacity of this node"

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub frames_received: Counter,
     /// Sessions closed as slow clients because their queue was full.
     pub queue_overflows: Counter,
+    /// Turns that stopped handing events to a guest at the turn's byte or time bound, with
+    /// events still queued (the session yielded and took them in its next turn).
+    pub turns_cut: Counter,
     guest_faults: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     closes: Family<Labels, Counter>,
@@ -62,6 +65,7 @@ impl Metrics {
             frames_sent: Counter::default(),
             frames_received: Counter::default(),
             queue_overflows: Counter::default(),
+            turns_cut: Counter::default(),
             guest_faults: Family::default(),
             refusals: Family::default(),
             closes: Family::default(),
@@ -131,6 +135,11 @@ impl Metrics {
             "queue_overflows",
             "Event queues that overflowed (the session closes as a slow client)",
             m.queue_overflows.clone(),
+        );
+        registry.register(
+            "turns_cut",
+            "Session turns that stopped feeding events to the guest at the turn's byte or time bound",
+            m.turns_cut.clone(),
         );
         registry.register(
             "guest_faults",

@@ -25,7 +25,7 @@ use crate::AppState;
 use crate::api::{ApiError, refuse};
 use crate::auth::{AuthError, Claims, Identity, bearer, now_secs};
 use crate::router::{Closed, Mailbox, Refused};
-use crate::sandbox::{CloseReason, Context, Event, Fault, Frame, Instance};
+use crate::sandbox::{CloseReason, Context, Event, Fault, Frame, Handler};
 
 /// Close codes the gateway sends (see the README's table).
 pub mod close_code {
@@ -82,7 +82,7 @@ struct Admitted {
     /// Who this connection is; an in-band refresh must name the same identity.
     identity: Identity,
     token_exp: u64,
-    instance: Instance,
+    handler: Box<dyn Handler>,
     mailbox: Mailbox,
     /// The node-wide connection slot, released when the session ends.
     _permit: OwnedSemaphorePermit,
@@ -152,8 +152,8 @@ fn admit(
                 ApiError::unavailable("this node is shutting down; retry another node"),
             ),
         })?;
-    let instance = app.sandbox.instantiate(&ctx).map_err(|err| {
-        tracing::error!(user = %ctx.user_id, error = %format!("{err:#}"), "cannot instantiate guest");
+    let handler = app.sandbox.instantiate(&ctx).map_err(|err| {
+        tracing::error!(user = %ctx.user_id, error = %err.advice(&app.config), "cannot instantiate guest");
         refuse(
             "instantiate",
             user,
@@ -164,7 +164,7 @@ fn admit(
         token_exp: claims.exp,
         identity,
         ctx,
-        instance,
+        handler,
         mailbox,
         _permit: permit,
     })
@@ -255,178 +255,360 @@ impl End {
     }
 }
 
-/// The socket phase of one connection. Owns the socket, the instance and the event queue.
-async fn run(mut socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
+/// The socket phase of one connection: the session owns the socket, the handler and the
+/// event queue until the connection ends.
+async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
     let Admitted {
         ctx,
         identity,
         token_exp,
-        mut instance,
-        mut mailbox,
+        handler,
+        mailbox,
         _permit,
     } = admitted;
-    let limits = &app.config.limits;
-    let metrics = &app.metrics;
-    let _live = LiveSession::open(metrics);
+    let metrics = app.metrics.clone();
+    let _live = LiveSession::open(&metrics);
     let opened = std::time::Instant::now();
-    let leeway = app.verifier.leeway_secs();
     tracing::debug!("session open");
-
-    let write_timeout = Duration::from_secs(limits.write_timeout_secs);
-    let idle = Duration::from_secs(limits.idle_timeout_secs);
-    let dead_peer = Duration::from_secs(limits.dead_peer_secs);
-    let mut last_heard = Instant::now();
-    let ping_every = Duration::from_secs(limits.ping_interval_secs.max(1));
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    let mut rate = RateLimit::new(limits.client_messages_per_sec, limits.client_message_burst);
-    // Timers are built once and polled in every turn of the loop: a timer made inside
-    // `select!` would enter the timer wheel and leave it again for every event. Activity only
-    // moves `last_active`; the idle timer catches up when it fires. Shutdown and overflow
-    // come through the mailbox, so an event costs no lock here.
-    let expiry = sleep_until(expiry_instant(token_exp, leeway));
-    let mut last_active = Instant::now();
-    let idle_timer = sleep_until(last_active + idle);
-    tokio::pin!(expiry, idle_timer);
-
-    let end = 'session: {
-        // Events queued since registration wait until `init` has run.
-        match instance.init(&ctx) {
-            Ok(frames) => {
-                if let Err(end) = write(&mut socket, frames, write_timeout, &app).await {
-                    break 'session end;
-                }
-            }
-            Err(fault) => break 'session End::Fault(fault),
-        }
-        // Reads that were passed over in favour of queued events (see `read` below).
-        let mut reads_skipped = 0u32;
-        loop {
-            // Polling the socket costs a trip through tungstenite even when nothing came in;
-            // while events are already queued (the usual reason this task woke) the socket
-            // waits, a few turns at most, so a stream of events cannot starve the client.
-            let read = !mailbox.is_ready() || reads_skipped >= READS_SKIPPED_MAX;
-            reads_skipped = if read { 0 } else { reads_skipped + 1 };
-            let produced = tokio::select! {
-                biased;
-                () = &mut expiry => break End::TokenExpired,
-                () = &mut idle_timer => {
-                    let deadline = last_active + idle;
-                    if deadline <= Instant::now() {
-                        break End::Idle;
-                    }
-                    idle_timer.as_mut().reset(deadline);
-                    continue;
-                }
-                _ = ping.tick() => {
-                    if last_heard.elapsed() > dead_peer {
-                        break End::DeadPeer;
-                    }
-                    match timeout(write_timeout, socket.send(Message::Ping(Default::default()))).await {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(_)) => break End::Transport,
-                        Err(_) => break End::SlowClient,
-                    }
-                }
-                msg = socket.recv(), if read => {
-                    last_heard = Instant::now();
-                    let frame = match msg {
-                        None | Some(Ok(Message::Close(_))) => break End::Client,
-                        Some(Ok(Message::Text(text))) => {
-                            if let Some(refresh) = Refresh::parse(text.as_str()) {
-                                match refresh.apply(&app, &ctx, &identity) {
-                                    Refreshed::Renewed(exp, reply) => {
-                                        expiry.as_mut().reset(expiry_instant(exp, leeway));
-                                        Ok(vec![reply])
-                                    }
-                                    Refreshed::Refused(reply) => Ok(vec![reply]),
-                                    Refreshed::ForeignUser => break End::ForeignRefresh,
-                                }
-                            } else {
-                                Err(Frame::Text(text.as_str().to_owned()))
-                            }
-                        }
-                        Some(Ok(Message::Binary(bytes))) => Err(Frame::Binary(bytes.to_vec())),
-                        // Control frames cost a wake-up too: they count against the rate.
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                            if !rate.allow() {
-                                break End::RateLimited;
-                            }
-                            continue;
-                        }
-                        Some(Err(err)) => break classify(err),
-                    };
-                    if !rate.allow() {
-                        break End::RateLimited;
-                    }
-                    last_active = last_heard;
-                    metrics.frames_received.inc();
-                    match frame {
-                        // Handled by the gateway itself.
-                        Ok(reply) => Ok(reply),
-                        Err(frame) => instance.on_client_message(&frame),
-                    }
-                }
-                event = mailbox.recv() => match event {
-                    Ok(event) => {
-                        last_active = Instant::now();
-                        deliver(&mut instance, event, &mut mailbox, &app)
-                    }
-                    Err(Closed::Overflow) => break End::SlowClient,
-                    Err(Closed::Shutdown) => break End::Shutdown,
-                },
-            };
-            match produced {
-                Ok(frames) => {
-                    if let Err(end) = write(&mut socket, frames, write_timeout, &app).await {
-                        break end;
-                    }
-                }
-                Err(fault) => break End::Fault(fault),
-            }
-        }
+    let limits = &app.config.limits;
+    let mut session = Session {
+        rate: RateLimit::new(limits.client_messages_per_sec, limits.client_message_burst),
+        write_timeout: Duration::from_secs(limits.write_timeout_secs),
+        turn_bytes: limits.write_buffer_bytes.max(1),
+        turn_time: Duration::from_millis(limits.guest_call_ms.max(1)),
+        last_heard: Instant::now(),
+        last_active: Instant::now(),
+        reads_skipped: 0,
+        socket,
+        handler,
+        mailbox,
+        ctx,
+        identity,
+        app: app.clone(),
     };
-    // Stop routing before the goodbye: nothing more is queued for this session.
-    drop(mailbox);
-
-    if let End::Fault(fault) = end {
-        metrics.guest_fault(fault.as_str());
-        tracing::warn!(
-            target: "audit",
-            conn = %ctx.connection_id,
-            user = %ctx.user_id,
-            fault = fault.as_str(),
-            "guest fault: connection closed"
-        );
-    } else if instance.fault().is_none() {
-        // A faulted instance is never entered again; a healthy one gets its goodbye.
-        if let Ok(frames) = instance.on_close(end.guest_reason())
-            && end.close_frame().is_some()
-            && end != End::SlowClient
-        {
-            let _ = write(&mut socket, frames, write_timeout, &app).await;
-        }
-    }
-    drop(instance); // frees the connection's linear memory now, not when the socket closes
-
-    match end.close_frame() {
-        Some((code, reason)) => {
-            let close = Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            }));
-            let _ = timeout(write_timeout, socket.send(close)).await;
-        }
-        // Flushes the reply to a client's Close, if tungstenite queued one.
-        None => {
-            let _ = timeout(write_timeout, socket.flush()).await;
-        }
-    }
+    let end = session.serve(token_exp).await;
+    session.close(end).await;
     metrics.session_closed(end.label());
     metrics.sessions_ended.inc();
     metrics
         .session_lifetime_seconds
         .inc_by(opened.elapsed().as_secs_f64());
     tracing::debug!(reason = end.label(), "session closed");
+}
+
+/// One live connection: its socket, its own handler, its event queue.
+struct Session {
+    app: Arc<AppState>,
+    socket: WebSocket,
+    handler: Box<dyn Handler>,
+    mailbox: Mailbox,
+    ctx: Context,
+    /// Who this connection is; an in-band refresh must name the same identity.
+    identity: Identity,
+    rate: RateLimit,
+    write_timeout: Duration,
+    /// A turn hands events to the guest until their frames reach this many bytes...
+    turn_bytes: usize,
+    /// ...or the guest has had this much time, whichever comes first; the rest wait for
+    /// the next turn, after other tasks had theirs.
+    turn_time: Duration,
+    /// Anything received, pongs included: what the dead-peer check looks at.
+    last_heard: Instant,
+    /// Frames either way: what the idle timeout looks at.
+    last_active: Instant,
+    /// Reads passed over in favour of queued events (see [`Session::serve`]).
+    reads_skipped: u32,
+}
+
+/// What woke the session.
+enum Work {
+    Expired,
+    IdleCheck,
+    Ping,
+    Client(Option<Result<Message, axum::Error>>),
+    Event(Result<Arc<Event>, Closed>),
+}
+
+impl Session {
+    /// Runs `init`, then serves the connection until it ends; returns why.
+    async fn serve(&mut self, token_exp: u64) -> End {
+        let limits = &self.app.config.limits;
+        let leeway = self.app.verifier.leeway_secs();
+        let idle = Duration::from_secs(limits.idle_timeout_secs);
+        let dead_peer = Duration::from_secs(limits.dead_peer_secs);
+        let ping_every = Duration::from_secs(limits.ping_interval_secs.max(1));
+        let mut ping = tokio::time::interval_at(far_ahead(ping_every), ping_every);
+        // Timers are built once and polled in every turn: a timer made inside `select!`
+        // would enter the timer wheel and leave it again for every event. Activity only
+        // moves `last_active`; the idle timer catches up when it fires. Shutdown and
+        // overflow come through the mailbox, so an event costs no lock here.
+        let expiry = sleep_until(expiry_instant(token_exp, leeway));
+        let idle_timer = sleep_until(far_ahead(idle));
+        tokio::pin!(expiry, idle_timer);
+
+        // Events queued since registration wait until `init` has run.
+        let ctx = self.ctx.clone();
+        if let Err(end) = self.call(|h| h.init(&ctx)).await {
+            return end;
+        }
+        loop {
+            // Polling the socket costs a trip through tungstenite even when nothing came
+            // in; while events are already queued (the usual reason this task woke) the
+            // socket waits, a few turns at most, so a stream of events cannot starve the
+            // client.
+            let read = !self.mailbox.is_ready() || self.reads_skipped >= READS_SKIPPED_MAX;
+            self.reads_skipped = if read { 0 } else { self.reads_skipped + 1 };
+            let work = tokio::select! {
+                biased;
+                () = &mut expiry => Work::Expired,
+                () = &mut idle_timer => Work::IdleCheck,
+                _ = ping.tick() => Work::Ping,
+                msg = self.socket.recv(), if read => Work::Client(msg),
+                event = self.mailbox.recv() => Work::Event(event),
+            };
+            let result = match work {
+                Work::Expired => Err(End::TokenExpired),
+                Work::IdleCheck => {
+                    let deadline = self.last_active + idle;
+                    if deadline <= Instant::now() {
+                        Err(End::Idle)
+                    } else {
+                        idle_timer.as_mut().reset(deadline);
+                        Ok(())
+                    }
+                }
+                Work::Ping => self.ping(dead_peer).await,
+                Work::Client(msg) => match self.on_client(msg).await {
+                    Ok(Some(renewed_exp)) => {
+                        expiry.as_mut().reset(expiry_instant(renewed_exp, leeway));
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(end) => Err(end),
+                },
+                Work::Event(Ok(first)) => self.on_events(first).await,
+                Work::Event(Err(Closed::Overflow)) => Err(End::SlowClient),
+                Work::Event(Err(Closed::Shutdown)) => Err(End::Shutdown),
+            };
+            if let Err(end) = result {
+                return end;
+            }
+        }
+    }
+
+    /// A ping to the client, unless it has been silent too long already.
+    async fn ping(&mut self, dead_peer: Duration) -> Result<(), End> {
+        if self.last_heard.elapsed() > dead_peer {
+            return Err(End::DeadPeer);
+        }
+        match timeout(
+            self.write_timeout,
+            self.socket.send(Message::Ping(Default::default())),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Transport),
+            Err(_) => Err(End::SlowClient),
+        }
+    }
+
+    /// A message from the client: an in-band refresh (handled here; returns the new
+    /// expiry), a control frame, or a frame for the guest.
+    async fn on_client(
+        &mut self,
+        msg: Option<Result<Message, axum::Error>>,
+    ) -> Result<Option<u64>, End> {
+        self.last_heard = Instant::now();
+        let frame = match msg {
+            None | Some(Ok(Message::Close(_))) => return Err(End::Client),
+            Some(Err(err)) => return Err(classify(err)),
+            // Control frames cost a wake-up too: they count against the rate.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                return if self.rate.allow() {
+                    Ok(None)
+                } else {
+                    Err(End::RateLimited)
+                };
+            }
+            Some(Ok(Message::Text(text))) => match Refresh::parse(text.as_str()) {
+                Some(refresh) => {
+                    if !self.rate.allow() {
+                        return Err(End::RateLimited);
+                    }
+                    self.count_received();
+                    let (renewed, reply) = match refresh.apply(&self.app, &self.ctx, &self.identity)
+                    {
+                        Refreshed::Renewed(exp, reply) => (Some(exp), reply),
+                        Refreshed::Refused(reply) => (None, reply),
+                        Refreshed::ForeignUser => return Err(End::ForeignRefresh),
+                    };
+                    self.write(vec![reply]).await?;
+                    return Ok(renewed);
+                }
+                None => Frame::Text(text.as_str().to_owned()),
+            },
+            Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes.to_vec()),
+        };
+        if !self.rate.allow() {
+            return Err(End::RateLimited);
+        }
+        self.count_received();
+        self.call(|h| h.on_client_message(&frame)).await?;
+        Ok(None)
+    }
+
+    fn count_received(&mut self) {
+        self.last_active = self.last_heard;
+        self.app.metrics.frames_received.inc();
+    }
+
+    /// Hands `first` and whatever else is already queued to the guest, in one turn bounded
+    /// by count, by the bytes of the frames produced and by the guest's time, then writes
+    /// the frames with one flush. A turn cut short yields, so a busy connection cannot keep
+    /// a worker from the other sessions.
+    async fn on_events(&mut self, first: Arc<Event>) -> Result<(), End> {
+        self.last_active = Instant::now();
+        let started = Instant::now();
+        let mut frames = self.handler.on_event(&first).map_err(End::Fault)?;
+        let mut bytes: usize = frames.iter().map(frame_len).sum();
+        let mut delivered: u64 = 1;
+        let mut cut = false;
+        while delivered < EVENT_BATCH {
+            if bytes >= self.turn_bytes || started.elapsed() >= self.turn_time {
+                cut = self.mailbox.is_ready();
+                break;
+            }
+            let Some(event) = self.mailbox.try_recv() else {
+                break;
+            };
+            match self.handler.on_event(&event) {
+                Ok(more) => {
+                    bytes += more.iter().map(frame_len).sum::<usize>();
+                    frames.extend(more);
+                    delivered += 1;
+                }
+                Err(fault) => {
+                    self.app.metrics.events_delivered.inc_by(delivered);
+                    return Err(End::Fault(fault));
+                }
+            }
+        }
+        self.app.metrics.events_delivered.inc_by(delivered);
+        self.write(frames).await?;
+        if cut {
+            self.app.metrics.turns_cut.inc();
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+
+    /// One guest call, then its frames written.
+    async fn call(
+        &mut self,
+        f: impl FnOnce(&mut dyn Handler) -> Result<Vec<Frame>, Fault>,
+    ) -> Result<(), End> {
+        let frames = f(self.handler.as_mut()).map_err(End::Fault)?;
+        self.write(frames).await
+    }
+
+    async fn write(&mut self, frames: Vec<Frame>) -> Result<(), End> {
+        write(
+            &mut self.socket,
+            frames,
+            self.write_timeout,
+            &self.app.metrics,
+        )
+        .await
+    }
+
+    /// The way out: stop routing, audit a fault or give a healthy guest its `on-close`,
+    /// free the instance, and send the close frame.
+    async fn close(self, end: End) {
+        let Session {
+            app,
+            mut socket,
+            mut handler,
+            mailbox,
+            ctx,
+            write_timeout,
+            ..
+        } = self;
+        // Stop routing before the goodbye: nothing more is queued for this session.
+        drop(mailbox);
+        if let End::Fault(fault) = end {
+            app.metrics.guest_fault(fault.as_str());
+            tracing::warn!(
+                target: "audit",
+                conn = %ctx.connection_id,
+                user = %ctx.user_id,
+                fault = fault.as_str(),
+                "guest fault: connection closed"
+            );
+        } else if handler.fault().is_none() {
+            // A faulted instance is never entered again; a healthy one gets its goodbye.
+            if let Ok(frames) = handler.on_close(end.guest_reason())
+                && end.close_frame().is_some()
+                && end != End::SlowClient
+            {
+                let _ = write(&mut socket, frames, write_timeout, &app.metrics).await;
+            }
+        }
+        drop(handler); // frees the connection's linear memory now, not at socket close
+
+        match end.close_frame() {
+            Some((code, reason)) => {
+                let close = Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                }));
+                let _ = timeout(write_timeout, socket.send(close)).await;
+            }
+            // Flushes the reply to a client's Close, if tungstenite queued one.
+            None => {
+                let _ = timeout(write_timeout, socket.flush()).await;
+            }
+        }
+    }
+}
+
+/// Writes frames with one flush. A client that does not take them within the write timeout
+/// is a slow client.
+async fn write(
+    socket: &mut WebSocket,
+    frames: Vec<Frame>,
+    limit: Duration,
+    metrics: &crate::metrics::Metrics,
+) -> Result<(), End> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let count = frames.len() as u64;
+    let send = async {
+        for frame in frames {
+            let msg = match frame {
+                Frame::Text(text) => Message::Text(text.into()),
+                Frame::Binary(bytes) => Message::Binary(bytes.into()),
+            };
+            socket.feed(msg).await?;
+        }
+        socket.flush().await
+    };
+    match timeout(limit, send).await {
+        Ok(Ok(())) => {
+            metrics.frames_sent.inc_by(count);
+            Ok(())
+        }
+        Ok(Err(_)) => Err(End::Transport),
+        Err(_) => Err(End::SlowClient),
+    }
+}
+
+fn frame_len(frame: &Frame) -> usize {
+    match frame {
+        Frame::Text(text) => text.len(),
+        Frame::Binary(bytes) => bytes.len(),
+    }
 }
 
 /// Counts a session as live for exactly as long as it exists: decremented on drop, so even
@@ -562,58 +744,6 @@ enum Refreshed {
     Refused(Frame),
     /// A token for another user: the connection closes (policy).
     ForeignUser,
-}
-
-/// Hands `first` and whatever else is already queued (up to a batch) to the guest.
-fn deliver(
-    instance: &mut Instance,
-    first: Arc<Event>,
-    mailbox: &mut Mailbox,
-    app: &AppState,
-) -> Result<Vec<Frame>, Fault> {
-    let mut frames = instance.on_event(&first)?;
-    let mut delivered: u64 = 1;
-    while delivered < EVENT_BATCH {
-        let Some(event) = mailbox.try_recv() else {
-            break;
-        };
-        frames.extend(instance.on_event(&event)?);
-        delivered += 1;
-    }
-    app.metrics.events_delivered.inc_by(delivered);
-    Ok(frames)
-}
-
-/// Writes frames with one flush. A client that does not take them within the write timeout
-/// is a slow client.
-async fn write(
-    socket: &mut WebSocket,
-    frames: Vec<Frame>,
-    limit: Duration,
-    app: &AppState,
-) -> Result<(), End> {
-    if frames.is_empty() {
-        return Ok(());
-    }
-    let count = frames.len() as u64;
-    let send = async {
-        for frame in frames {
-            let msg = match frame {
-                Frame::Text(text) => Message::Text(text.into()),
-                Frame::Binary(bytes) => Message::Binary(bytes.into()),
-            };
-            socket.feed(msg).await?;
-        }
-        socket.flush().await
-    };
-    match timeout(limit, send).await {
-        Ok(Ok(())) => {
-            app.metrics.frames_sent.inc_by(count);
-            Ok(())
-        }
-        Ok(Err(_)) => Err(End::Transport),
-        Err(_) => Err(End::SlowClient),
-    }
 }
 
 /// Maps a read error to how the session ends, so that a bad frame gets its specific code.

@@ -82,6 +82,9 @@ GATEWAY_LIMITS = {
     # per call (1011 `guest fault: cpu` on 9.1.4-9.1.6, 9.4.8/9.4.9 on 2 cores).
     "GUEST_CALL_MS": "2000",
     "GUEST_CALL_WALL_MS": "5000",
+    # One call may emit at most what a connection may have queued; echoing a 16 MiB message
+    # emits 16 MiB (the default 1 MiB ends 9.1.4+ with 1011 `guest fault: emit_budget`).
+    "OUTBOUND_QUEUE_BYTES": "33554432",
     # --parallelism N opens N connections of the same user at once (default limit 5).
     "MAX_CONNECTIONS_PER_USER": "64",
     # Stop quickly at the end of the run.

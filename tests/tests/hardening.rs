@@ -467,3 +467,84 @@ fn sighup_without_a_key_set_keeps_the_binary_running() {
     assert!(kill("-TERM").success());
     assert!(child.wait().unwrap().success());
 }
+
+/// Item 8: what one call may emit is bounded by what a connection may have queued, and a
+/// turn of events stops at its time bound (yielding the worker) without losing or
+/// reordering anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_budgets_hold_per_call_and_per_turn() {
+    let mut cfg = config(guests::CHAOS);
+    cfg.limits.max_message_bytes = 64 << 10;
+    cfg.limits.outbound_queue_bytes = 1 << 20;
+    // A slow event takes ~10-20 ms of CPU: inside one call's 100 ms, while a turn of 64 of
+    // them would take a second, ten times the turn's bound (a call's CPU budget).
+    cfg.limits.guest_call_ms = 100;
+    cfg.limits.guest_call_wall_ms = 2_000;
+    let gw = TestGateway::start_with(cfg).await;
+    let connect = || async {
+        let mut client = gw.try_connect(&token(claims("alice"))).await.unwrap();
+        assert_eq!(client.next_json().await.unwrap()["type"], "welcome");
+        client
+    };
+    // 60 frames of 60 KiB in one call: 3.6 MiB, past the 1 MiB a connection may queue.
+    let mut flooder = connect().await;
+    flooder.send_text("emit-bytes").await;
+    let closed = flooder.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1011, "guest fault: emit_budget")
+    );
+
+    let mut slow = connect().await;
+    slow.send_text("slow-events").await;
+    assert_eq!(slow.next_json().await.unwrap()["type"], "slow");
+    let events: Vec<Value> = (0..64)
+        .map(|n| json!({"user_id": "alice", "kind": "k", "payload": n}))
+        .collect();
+    let (status, _) = gw.publish_batch(&gw.publisher_token(), &events).await;
+    assert_eq!(status, 200);
+    for seq in 1..=64 {
+        let frame = slow.next_json().await.unwrap();
+        assert_eq!(frame["seq"], seq, "{frame}");
+    }
+    assert!(gw.metric("gateway_turns_cut_total").await >= 1.0);
+}
+
+/// Item 10: a guest that cannot run under the configured limits is refused at start-up
+/// (and by `guest check`) naming the limit to raise; the capacity accounts for memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_that_cannot_run_are_refused_with_the_limit_to_raise() {
+    let mut cfg = config(guests::REFERENCE);
+    cfg.limits.guest_max_instances = 2; // a wit-bindgen component has 3 core instances
+    let err = AppState::new(cfg).expect_err("refused").to_string();
+    assert!(err.contains("limits.guest_max_instances"), "{err}");
+    let mut cfg = config(guests::REFERENCE);
+    cfg.limits.guest_memory_bytes = 64 << 10; // below the guest's initial memory
+    let err = AppState::new(cfg).expect_err("refused").to_string();
+    assert!(err.contains("limits.guest_memory_bytes"), "{err}");
+
+    let gw = TestGateway::start().await;
+    let capacity = gw.state.admission.capacity;
+    let by_memory = capacity.by_memory.expect("measured");
+    assert!(capacity.effective as u64 <= by_memory, "{capacity:?}");
+
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe.parent().unwrap().parent().unwrap().join("gateway");
+    let check = |instances: &str| {
+        std::process::Command::new(&binary)
+            .args(["guest", "check", guests::REFERENCE])
+            .env("GATEWAY_LIMITS__GUEST_MAX_INSTANCES", instances)
+            .output()
+            .unwrap()
+    };
+    let ok = check("16");
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    for line in ["accepted", "exports:", "trial:", "resident:", "on-event:"] {
+        assert!(stdout.contains(line), "{line} missing in {stdout}");
+    }
+    let refused = check("2");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("limits.guest_max_instances"), "{stderr}");
+}

@@ -4,7 +4,9 @@
 //! At `init` the token's `sid` claim picks an identity fault: `no-ack`, `ack-other-user`,
 //! `ack-other-connection`, `emit-before-ack`, or none. Afterwards a client text frame picks
 //! a runtime fault: `trap`, `loop`, `grow`, `flood`, `big`; or `try-grow` (asks for more
-//! memory than any cap, survives the refusal and says so); anything else is echoed back.
+//! memory than any cap, survives the refusal and says so), `emit-bytes` (60 frames of 60 KiB
+//! in one call), `slow-events` (every later event burns ~20 million loop turns of CPU);
+//! anything else is echoed back.
 //! Events are forwarded as `{"type":"event","seq":N}`.
 
 // The generated export glue takes one argument per flattened record field.
@@ -18,6 +20,7 @@ use gateway::handler::connection::{ack_context, emit};
 
 thread_local! {
     static EVENTS: Cell<u64> = const { Cell::new(0) };
+    static SLOW: Cell<bool> = const { Cell::new(false) };
 }
 
 struct Chaos;
@@ -59,6 +62,15 @@ impl Guest for Chaos {
                 }
             }
             "big" => emit(&Frame::Text("x".repeat(1 << 20))),
+            "emit-bytes" => {
+                for _ in 0..60 {
+                    emit(&Frame::Text("x".repeat(60 << 10)));
+                }
+            }
+            "slow-events" => {
+                SLOW.set(true);
+                emit(&Frame::Text(r#"{"type":"slow"}"#.into()));
+            }
             "try-grow" => {
                 // 60,000 pages (3.7 GiB): past any cap, refused without a trap.
                 let refused = grow_memory(60_000);
@@ -71,6 +83,12 @@ impl Guest for Chaos {
     }
 
     fn on_event(event: Event) {
+        if SLOW.get() {
+            let mut n = 0u64;
+            for _ in 0..20_000_000 {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
         let n = EVENTS.get() + 1;
         EVENTS.set(n);
         emit(&Frame::Text(format!(
