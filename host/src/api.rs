@@ -30,6 +30,8 @@ pub struct ApiError {
     status: StatusCode,
     error: &'static str,
     reason: String,
+    /// Seconds for a `Retry-After` header, when trying again later will help.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -38,6 +40,7 @@ impl ApiError {
             status,
             error,
             reason: reason.into(),
+            retry_after: None,
         }
     }
     pub fn unauthorized(err: AuthError) -> Self {
@@ -82,6 +85,11 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
         }
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, secs.into());
+        }
         response
     }
 }
@@ -101,6 +109,10 @@ struct PublishRequest {
     run_id: Option<String>,
     #[serde(default)]
     thread_id: Option<String>,
+    /// A repeat of this key (for the same identity) within the idempotency window is not
+    /// published again: the answer carries the original `seq` and `"duplicate": true`.
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 /// A batch parsed in one pass. Only when that fails is it parsed again event by event
@@ -126,6 +138,8 @@ struct PublishReceipt<'a> {
     tenant_id: Option<&'a str>,
     /// Live connections the event was queued to (not yet handled by their guests).
     queued: usize,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
 }
 
 impl<'a> PublishReceipt<'a> {
@@ -135,8 +149,31 @@ impl<'a> PublishReceipt<'a> {
             user_id: &identity.user,
             tenant_id: identity.tenant.as_deref(),
             queued: receipt.sessions,
+            duplicate: receipt.duplicate,
         }
     }
+}
+
+/// Refuses new events while this node's sessions have more queued than they can take: a
+/// publisher that keeps sending as fast as it is accepted would otherwise grow the queues,
+/// and every event's latency with them, without bound.
+fn check_backlog(app: &AppState) -> Result<(), ApiError> {
+    let queued = app.router.queued_bytes();
+    let max = app.config.limits.max_queued_bytes;
+    if queued > max {
+        app.metrics.refusal("overloaded");
+        let mut err = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "this node has {queued} bytes of events waiting for its connections (limit \
+                 {max}); retry after the Retry-After delay"
+            ),
+        );
+        err.retry_after = Some(1);
+        return Err(err);
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -154,9 +191,10 @@ pub async fn publish(
     let body = read_body(&app, body).await?;
     let request: PublishRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid event: {e}")))?;
-    let publication = validate(request, &app)?;
+    let (publication, key) = validate(request, &app)?;
+    check_backlog(&app)?;
     let identity = publication.identity.clone();
-    let receipt = app.router.publish(publication);
+    let receipt = app.router.publish(publication, key.as_deref());
     Ok(Json(PublishReceipt::new(&identity, receipt)).into_response())
 }
 
@@ -182,11 +220,12 @@ pub async fn publish_batch(
         .enumerate()
         .map(|(i, request)| validate(request, &app).map_err(|e| e.in_batch(i)))
         .collect::<Result<Vec<_>, _>>()?;
+    check_backlog(&app)?;
     let receipts: Vec<(Identity, Receipt)> = publications
         .into_iter()
-        .map(|p| {
+        .map(|(p, key)| {
             let identity = p.identity.clone();
-            (identity, app.router.publish(p))
+            (identity, app.router.publish(p, key.as_deref()))
         })
         .collect();
     let results = receipts
@@ -314,12 +353,17 @@ async fn read_body(app: &AppState, body: Body) -> Result<axum::body::Bytes, ApiE
     }
 }
 
-fn validate(request: PublishRequest, app: &AppState) -> Result<Publication, ApiError> {
+/// The event to publish and its idempotency key, or why it is refused.
+fn validate(
+    request: PublishRequest,
+    app: &AppState,
+) -> Result<(Publication, Option<String>), ApiError> {
     let limits = &app.config.limits;
     for (name, value) in [
         ("user_id", Some(&request.user_id)),
         ("kind", Some(&request.kind)),
         ("tenant_id", request.tenant_id.as_ref()),
+        ("idempotency_key", request.idempotency_key.as_ref()),
     ] {
         if value.is_some_and(|v| v.is_empty()) {
             return Err(ApiError::bad_request(format!("{name} must not be empty")));
@@ -331,6 +375,7 @@ fn validate(request: PublishRequest, app: &AppState) -> Result<Publication, ApiE
         ("kind", Some(&request.kind)),
         ("run_id", request.run_id.as_ref()),
         ("thread_id", request.thread_id.as_ref()),
+        ("idempotency_key", request.idempotency_key.as_ref()),
     ] {
         if value.is_some_and(|v| v.len() > MAX_ID_BYTES) {
             return Err(ApiError::bad_request(format!(
@@ -369,7 +414,7 @@ fn validate(request: PublishRequest, app: &AppState) -> Result<Publication, ApiE
             ),
         ));
     }
-    Ok(Publication {
+    let publication = Publication {
         identity: Identity {
             tenant: request.tenant_id,
             user: request.user_id,
@@ -378,7 +423,8 @@ fn validate(request: PublishRequest, app: &AppState) -> Result<Publication, ApiE
         payload,
         run_id: request.run_id,
         thread_id: request.thread_id,
-    })
+    };
+    Ok((publication, request.idempotency_key))
 }
 
 /// What the publish API needs to know of a payload, read in one pass over its (valid) JSON.

@@ -29,6 +29,40 @@ pub struct Config {
     pub guest_perf_map: bool,
     pub auth: AuthConfig,
     pub limits: Limits,
+    pub history: History,
+}
+
+/// The event log's bounds: what a reconnecting client can get back (`?since=`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct History {
+    /// Events kept per identity (tenant and user).
+    pub max_events_per_user: usize,
+    /// How long an event is kept.
+    pub max_age_secs: u64,
+    /// Bytes the whole log may hold (events, keys and bookkeeping); past it the oldest
+    /// events of any identity go first.
+    pub max_bytes: usize,
+    /// Most events one resume replays; a resume that would need more is answered
+    /// `recovered: false` (`too_many`), never truncated.
+    pub max_replay_events: usize,
+    /// How long an `idempotency_key` is remembered.
+    pub idempotency_window_secs: u64,
+    /// Idempotency keys remembered per identity (the oldest go first).
+    pub idempotency_keys_per_user: usize,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            max_events_per_user: 1000,
+            max_age_secs: 300,
+            max_bytes: 256 << 20,
+            max_replay_events: 1000,
+            idempotency_window_secs: 120,
+            idempotency_keys_per_user: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,6 +157,10 @@ pub struct Limits {
     pub header_read_timeout_secs: u64,
     /// Time a publisher has to send a request body.
     pub body_read_timeout_secs: u64,
+    /// Bytes of events queued to this node's sessions and not yet handed to their guests;
+    /// past it, publishes are refused with 503 and `Retry-After` until delivery catches up,
+    /// so that latency under overload stays bounded instead of growing with the queues.
+    pub max_queued_bytes: usize,
     /// Connections still speaking HTTP (not upgraded: handshakes, publishers, probes) the
     /// listener holds at once; past it, new ones wait in the kernel's backlog. Upgraded
     /// WebSocket connections do not count (`max_connections` bounds them).
@@ -157,6 +195,7 @@ impl Default for Config {
             guest_perf_map: false,
             auth: AuthConfig::default(),
             limits: Limits::default(),
+            history: History::default(),
         }
     }
 }
@@ -201,6 +240,7 @@ impl Default for Limits {
             ping_interval_secs: 30,
             dead_peer_secs: 75,
             max_body_bytes: 1 << 20,
+            max_queued_bytes: 64 << 20,
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 10,
             max_http_connections: 1024,
@@ -225,6 +265,7 @@ impl std::fmt::Debug for Config {
             .field("guest_perf_map", &self.guest_perf_map)
             .field("auth", &self.auth)
             .field("limits", &self.limits)
+            .field("history", &self.history)
             .finish()
     }
 }
@@ -250,7 +291,7 @@ const ENV_KEYS: &[&str] = &[
     "jwt_secret",
     "guest_perf_map",
 ];
-const ENV_SECTIONS: &[&str] = &["auth", "limits"];
+const ENV_SECTIONS: &[&str] = &["auth", "limits", "history"];
 /// `GATEWAY_*` variables that are read elsewhere, not config keys.
 const ENV_NOT_CONFIG: &[&str] = &["log", "log_json"];
 
@@ -277,6 +318,11 @@ impl Config {
             ("limits.body_read_timeout_secs", l.body_read_timeout_secs),
             ("auth.jwks_poll_secs", a.jwks_poll_secs),
             ("auth.leeway_secs", a.leeway_secs),
+            ("history.max_age_secs", self.history.max_age_secs),
+            (
+                "history.idempotency_window_secs",
+                self.history.idempotency_window_secs,
+            ),
         ] {
             if value > MAX_CONFIG_SECS {
                 return Err(bad(key, &value, "at most one year (31536000)"));
@@ -311,6 +357,25 @@ impl Config {
             ),
             ("limits.body_read_timeout_secs", l.body_read_timeout_secs),
             ("limits.max_http_connections", l.max_http_connections as u64),
+            ("limits.max_queued_bytes", l.max_queued_bytes as u64),
+            (
+                "history.max_events_per_user",
+                self.history.max_events_per_user as u64,
+            ),
+            ("history.max_age_secs", self.history.max_age_secs),
+            ("history.max_bytes", self.history.max_bytes as u64),
+            (
+                "history.max_replay_events",
+                self.history.max_replay_events as u64,
+            ),
+            (
+                "history.idempotency_window_secs",
+                self.history.idempotency_window_secs,
+            ),
+            (
+                "history.idempotency_keys_per_user",
+                self.history.idempotency_keys_per_user as u64,
+            ),
             (
                 "limits.client_message_burst",
                 u64::from(l.client_message_burst),

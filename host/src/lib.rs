@@ -10,7 +10,8 @@
 //!   loop that owns socket, instance and event queue, then the close.
 //! - [`sandbox`]: the wasmtime engine, the world's two imports, one `Store` per connection
 //!   behind the [`sandbox::Handler`] trait; the trial instantiation at start-up.
-//! - [`router`]: user id -> that user's live sessions; per-user sequence numbers.
+//! - [`router`]: identity -> its live sessions; appends to the log and fans out.
+//! - [`event_log`]: recent events per identity and their sequence numbers, for resume.
 //! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
 //! - [`metrics`]: Prometheus counters.
 //! - [`cli`]: `gateway serve` and `gateway token`.
@@ -22,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod event_log;
 pub mod listener;
 pub mod metrics;
 pub mod router;
@@ -40,6 +42,7 @@ use tokio_util::task::TaskTracker;
 use crate::admission::{Admission, Capacity};
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::event_log::MemoryLog;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::sandbox::Sandbox;
@@ -108,7 +111,11 @@ impl AppState {
         Ok(Arc::new(AppState {
             verifier,
             sandbox,
-            router: Arc::new(Router::new(metrics.clone(), &config.limits)),
+            router: Arc::new(Router::new(
+                metrics.clone(),
+                &config.limits,
+                Arc::new(MemoryLog::new(config.history.clone())),
+            )),
             admission: Admission::new(capacity),
             metrics,
             shutdown: CancellationToken::new(),
@@ -181,6 +188,33 @@ async fn watch_jwks(state: Arc<AppState>) {
     }
 }
 
+/// Once a second until shutdown: drops events and idempotency keys past their age, and
+/// publishes the log's size and evictions as metrics.
+async fn expire_history(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut reported = [0u64; 3];
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let log = state.router.log();
+        log.expire();
+        state.metrics.history_bytes.set(log.bytes() as i64);
+        for (i, (cause, total)) in log.evicted().into_iter().enumerate() {
+            let new = total.saturating_sub(reported[i]);
+            if new > 0 {
+                state
+                    .metrics
+                    .history_evictions
+                    .get_or_create(&vec![("reason", cause)])
+                    .inc_by(new);
+                reported[i] = total;
+            }
+        }
+    }
+}
+
 /// Serves `listener` until `shutdown` completes, then drains (see [`serve_with_ops`]).
 pub async fn serve(
     listener: TcpListener,
@@ -229,6 +263,7 @@ pub async fn serve_with_ops(
         )));
     }
     let jwks = tokio::spawn(watch_jwks(state.clone()));
+    let history = tokio::spawn(expire_history(state.clone()));
 
     tokio::select! {
         () = shutdown => {}
@@ -242,6 +277,7 @@ pub async fn serve_with_ops(
         let _ = task.await;
     }
     let _ = jwks.await;
+    let _ = history.await;
 
     serving.connections.close();
     state.sessions.close();

@@ -34,10 +34,17 @@ pub struct Metrics {
     pub frames_received: Counter,
     /// Sessions closed as slow clients because their queue was full.
     pub queue_overflows: Counter,
+    /// Events replayed to resuming clients.
+    pub events_replayed: Counter,
+    /// Bytes the event log holds.
+    pub history_bytes: Gauge,
+    /// Events the log evicted, by cause (count, age, bytes).
+    pub history_evictions: Family<Labels, Counter>,
     /// Turns that stopped handing events to a guest at the turn's byte or time bound, with
     /// events still queued (the session yielded and took them in its next turn).
     pub turns_cut: Counter,
     guest_faults: Family<Labels, Counter>,
+    resumes: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     closes: Family<Labels, Counter>,
 }
@@ -66,6 +73,10 @@ impl Metrics {
             frames_received: Counter::default(),
             queue_overflows: Counter::default(),
             turns_cut: Counter::default(),
+            events_replayed: Counter::default(),
+            history_bytes: Gauge::default(),
+            history_evictions: Family::default(),
+            resumes: Family::default(),
             guest_faults: Family::default(),
             refusals: Family::default(),
             closes: Family::default(),
@@ -137,6 +148,26 @@ impl Metrics {
             m.queue_overflows.clone(),
         );
         registry.register(
+            "events_replayed",
+            "Events replayed to clients resuming with ?since=",
+            m.events_replayed.clone(),
+        );
+        registry.register(
+            "history_bytes",
+            "Bytes held by the event log (events, idempotency keys, bookkeeping)",
+            m.history_bytes.clone(),
+        );
+        registry.register(
+            "history_evictions",
+            "Events evicted from the log, by cause: count, age, bytes",
+            m.history_evictions.clone(),
+        );
+        registry.register(
+            "resumes",
+            "Resumes, by result: recovered (complete replay) or not_recovered",
+            m.resumes.clone(),
+        );
+        registry.register(
             "turns_cut",
             "Session turns that stopped feeding events to the guest at the turn's byte or time bound",
             m.turns_cut.clone(),
@@ -161,6 +192,15 @@ impl Metrics {
 
     pub fn guest_fault(&self, kind: &'static str) {
         self.guest_faults.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    pub fn resume(&self, recovered: bool) {
+        let result = if recovered {
+            "recovered"
+        } else {
+            "not_recovered"
+        };
+        self.resumes.get_or_create(&vec![("result", result)]).inc();
     }
 
     pub fn refusal(&self, reason: &'static str) {

@@ -1,10 +1,12 @@
 //! Routes published events to the live sessions of one identity (tenant and user, from the
 //! verified token), and by nothing else.
 //!
-//! The router holds, per identity, the next sequence number and a queue sender for each of that
-//! user's live sessions; never any handler state. Users are spread over shards so publishes
-//! for different users rarely contend. Sequence assignment and queueing happen under the
-//! user's shard lock, so every session of a user sees that user's events in `seq` order.
+//! The router holds, per identity with live sessions, a queue sender for each of them; never
+//! any handler state, and nothing for an identity without sessions (sequence numbers and
+//! history are the [`EventLog`]'s). Identities are spread over shards so publishes for
+//! different users rarely contend. Appending to the log and queueing happen under the
+//! identity's shard lock, so every session sees its identity's events in `seq` order, and a
+//! session that registers and then reads the log (resume) misses nothing in between.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -15,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Identity;
 use crate::config::Limits;
+use crate::event_log::{Appended, EventLog};
 use crate::metrics::Metrics;
 use crate::sandbox::Event;
 
@@ -38,6 +41,9 @@ pub struct Receipt {
     pub seq: u64,
     /// Live sessions of the user the event was queued to.
     pub sessions: usize,
+    /// The idempotency key was seen within its window: `seq` is the original event's and
+    /// nothing was queued.
+    pub duplicate: bool,
 }
 
 struct Route {
@@ -102,7 +108,6 @@ fn event_bytes(event: &Event) -> usize {
 
 #[derive(Default)]
 struct UserRoutes {
-    next_seq: u64,
     sessions: Vec<Route>,
 }
 
@@ -114,6 +119,9 @@ pub struct Router {
     queue_events: usize,
     queue_bytes: usize,
     shut_down: AtomicBool,
+    log: Arc<dyn EventLog>,
+    /// Bytes of events queued to all sessions and not yet taken: the node's backlog.
+    queued: AtomicUsize,
 }
 
 impl std::fmt::Debug for Router {
@@ -160,15 +168,15 @@ impl Mailbox {
     }
 
     fn taken(&self, event: Arc<Event>) -> Arc<Event> {
-        self.queue
-            .bytes
-            .fetch_sub(event_bytes(&event), Ordering::Relaxed);
+        let n = event_bytes(&event);
+        self.queue.bytes.fetch_sub(n, Ordering::Relaxed);
+        self.router.queued.fetch_sub(n, Ordering::Relaxed);
         event
     }
 }
 
 impl Router {
-    pub fn new(metrics: Arc<Metrics>, limits: &Limits) -> Self {
+    pub fn new(metrics: Arc<Metrics>, limits: &Limits, log: Arc<dyn EventLog>) -> Self {
         Router {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
@@ -177,7 +185,19 @@ impl Router {
             queue_events: limits.event_queue.max(1),
             queue_bytes: limits.outbound_queue_bytes,
             shut_down: AtomicBool::new(false),
+            log,
+            queued: AtomicUsize::new(0),
         }
+    }
+
+    /// The log events are appended to and resumes read from.
+    pub fn log(&self) -> &dyn EventLog {
+        &*self.log
+    }
+
+    /// Bytes of events queued to this node's sessions, not yet handed to their guests.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     fn shard(&self, identity: &Identity) -> &Mutex<HashMap<Identity, UserRoutes>> {
@@ -233,41 +253,49 @@ impl Router {
         }
     }
 
-    /// Assigns the user's next `seq` and queues the event to each of the user's sessions.
-    /// A session whose queue is full is told to close as a slow client; it never blocks the
-    /// publisher or the user's other sessions.
-    pub fn publish(&self, publication: Publication) -> Receipt {
+    /// Appends the event to the log (which numbers it) and queues it to each of the
+    /// identity's sessions. A session whose queue is full is told to close as a slow client;
+    /// it never blocks the publisher or the identity's other sessions. A repeated
+    /// idempotency key queues nothing and answers the original `seq`.
+    pub fn publish(&self, publication: Publication, idempotency_key: Option<&str>) -> Receipt {
         let mut shard = lock(self.shard(&publication.identity));
-        let routes = shard.entry(publication.identity).or_default();
-        routes.next_seq += 1;
-        let seq = routes.next_seq;
-        let event = Arc::new(Event {
-            seq,
-            kind: publication.kind,
-            payload: publication.payload,
-            run_id: publication.run_id,
-            thread_id: publication.thread_id,
-        });
+        let routes = shard.get_mut(&publication.identity);
+        let event = match self.log.append(publication, idempotency_key) {
+            Appended::New(event) => event,
+            Appended::Duplicate(seq) => {
+                return Receipt {
+                    seq,
+                    sessions: 0,
+                    duplicate: true,
+                };
+            }
+        };
+        let seq = event.seq;
         let size = event_bytes(&event);
         let mut queued = 0;
         let mut overflows = 0;
-        routes.sessions.retain(|route| {
-            let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
-            let sent =
-                before + size <= self.queue_bytes && route.events.try_send(event.clone()).is_ok();
-            if sent {
-                queued += 1;
-                return true;
-            }
-            route.queue.bytes.fetch_sub(size, Ordering::Relaxed);
-            // Full (or the session is already ending): never block the publisher or the
-            // user's other sessions, and never drop silently. The queue closes, the route
-            // goes (dropping the sender wakes the session), and the session closes with the
-            // slow-client code so the client can reconnect and resume.
-            route.queue.close(Closed::Overflow);
-            overflows += 1;
-            false
-        });
+        if let Some(routes) = routes {
+            routes.sessions.retain(|route| {
+                // Counted before it is sent: the session may take it (and subtract) at once.
+                let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
+                self.queued.fetch_add(size, Ordering::Relaxed);
+                let sent = before + size <= self.queue_bytes
+                    && route.events.try_send(event.clone()).is_ok();
+                if sent {
+                    queued += 1;
+                    return true;
+                }
+                route.queue.bytes.fetch_sub(size, Ordering::Relaxed);
+                self.queued.fetch_sub(size, Ordering::Relaxed);
+                // Full (or the session is already ending): never block the publisher or the
+                // identity's other sessions, and never drop silently. The queue closes, the
+                // route goes (dropping the sender wakes the session), and the session closes
+                // with the slow-client code so the client can reconnect and resume.
+                route.queue.close(Closed::Overflow);
+                overflows += 1;
+                false
+            });
+        }
         drop(shard); // the counters need no lock
         self.metrics.events_published.inc();
         self.metrics.events_routed.inc_by(queued as u64);
@@ -277,6 +305,7 @@ impl Router {
         Receipt {
             seq,
             sessions: queued,
+            duplicate: false,
         }
     }
 
@@ -304,8 +333,10 @@ impl Router {
             routes
                 .sessions
                 .retain(|r| &*r.connection_id != connection_id);
-            // Keep the entry while it carries a sequence; it is tiny and the user's next
-            // event must continue the sequence.
+            // An identity without sessions holds nothing here.
+            if routes.sessions.is_empty() {
+                shard.remove(identity);
+            }
         }
     }
 }
@@ -313,6 +344,9 @@ impl Router {
 impl Drop for Mailbox {
     fn drop(&mut self) {
         self.router.unregister(&self.identity, &self.connection_id);
+        // Whatever was still queued leaves the node's backlog with the session.
+        let left = self.queue.bytes.swap(0, Ordering::Relaxed);
+        self.router.queued.fetch_sub(left, Ordering::Relaxed);
     }
 }
 

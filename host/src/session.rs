@@ -82,6 +82,8 @@ struct Admitted {
     /// Who this connection is; an in-band refresh must name the same identity.
     identity: Identity,
     token_exp: u64,
+    /// `?since=<seq>`: resume after this position before going live.
+    since: Option<u64>,
     handler: Box<dyn Handler>,
     mailbox: Mailbox,
     /// The node-wide connection slot, released when the session ends.
@@ -121,6 +123,20 @@ fn admit(
         .and_then(|t| app.verifier.verify(t))
         .map_err(|err| refuse(err.label(), None, ApiError::unauthorized(err)))?;
     let user = Some(claims.sub.as_str());
+    let since = match query.as_ref().ok().and_then(|Query(q)| q.get("since")) {
+        None => None,
+        Some(since) => Some(since.parse::<u64>().map_err(|_| {
+            refuse(
+                "bad_since",
+                user,
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "since must be the seq of the last event received (an unsigned integer)",
+                ),
+            )
+        })?),
+    };
 
     let permit = app.admission.try_admit().ok_or_else(|| {
         refuse(
@@ -162,6 +178,7 @@ fn admit(
     })?;
     Ok(Admitted {
         token_exp: claims.exp,
+        since,
         identity,
         ctx,
         handler,
@@ -225,7 +242,10 @@ impl End {
             End::Client | End::Transport => return None,
             End::Idle => (NORMAL, "idle timeout".into()),
             End::TokenExpired => (POLICY, "token expired".into()),
-            End::Shutdown => (GOING_AWAY, "gateway shutting down".into()),
+            End::Shutdown => (
+                GOING_AWAY,
+                "gateway shutting down; resume with since".into(),
+            ),
             End::SlowClient => (SLOW_CLIENT, "slow client".into()),
             End::DeadPeer => (GOING_AWAY, "no answer to pings".into()),
             End::RateLimited => (POLICY, "message rate exceeded".into()),
@@ -262,6 +282,7 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         ctx,
         identity,
         token_exp,
+        since,
         handler,
         mailbox,
         _permit,
@@ -279,6 +300,7 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         last_heard: Instant::now(),
         last_active: Instant::now(),
         reads_skipped: 0,
+        replayed_up_to: 0,
         socket,
         handler,
         mailbox,
@@ -286,7 +308,7 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         identity,
         app: app.clone(),
     };
-    let end = session.serve(token_exp).await;
+    let end = session.serve(token_exp, since).await;
     session.close(end).await;
     metrics.session_closed(end.label());
     metrics.sessions_ended.inc();
@@ -318,6 +340,9 @@ struct Session {
     last_active: Instant,
     /// Reads passed over in favour of queued events (see [`Session::serve`]).
     reads_skipped: u32,
+    /// After a resume, the last `seq` replayed: live events up to it were queued while the
+    /// replay ran and are already delivered.
+    replayed_up_to: u64,
 }
 
 /// What woke the session.
@@ -330,8 +355,9 @@ enum Work {
 }
 
 impl Session {
-    /// Runs `init`, then serves the connection until it ends; returns why.
-    async fn serve(&mut self, token_exp: u64) -> End {
+    /// Runs `init`, replays what a resuming client missed, then serves the connection until
+    /// it ends; returns why.
+    async fn serve(&mut self, token_exp: u64, since: Option<u64>) -> End {
         let limits = &self.app.config.limits;
         let leeway = self.app.verifier.leeway_secs();
         let idle = Duration::from_secs(limits.idle_timeout_secs);
@@ -349,6 +375,11 @@ impl Session {
         // Events queued since registration wait until `init` has run.
         let ctx = self.ctx.clone();
         if let Err(end) = self.call(|h| h.init(&ctx)).await {
+            return end;
+        }
+        if let Some(since) = since
+            && let Err(end) = self.resume(since).await
+        {
             return end;
         }
         loop {
@@ -394,6 +425,43 @@ impl Session {
                 return end;
             }
         }
+    }
+
+    /// The resume protocol: the host's `gateway.resumed` frame, then every retained event
+    /// after `since` through the guest, in order. The session registered with the router
+    /// before reading the log, so events published meanwhile wait in its queue; those the
+    /// replay already covered are skipped there. Never a partial replay: when the log cannot
+    /// prove it holds everything after `since`, nothing is replayed and the frame says why.
+    async fn resume(&mut self, since: u64) -> Result<(), End> {
+        let replay = self.app.router.log().read(&self.identity, since);
+        let metrics = &self.app.metrics;
+        metrics.resume(replay.recovered);
+        metrics.events_replayed.inc_by(replay.events.len() as u64);
+        let resumed = serde_json::json!({
+            "type": "gateway.resumed",
+            "recovered": replay.recovered,
+            "since": since,
+            "replayed": replay.events.len(),
+            "head": replay.head,
+            "earliest": replay.earliest,
+            "reason": replay.reason.map(|r| r.as_str()),
+        });
+        self.write(vec![Frame::Text(resumed.to_string())]).await?;
+        if !replay.recovered {
+            return Ok(());
+        }
+        self.replayed_up_to = since;
+        for chunk in replay.events.chunks(EVENT_BATCH as usize) {
+            let mut frames = Vec::new();
+            for event in chunk {
+                frames.extend(self.handler.on_event(event).map_err(End::Fault)?);
+                self.replayed_up_to = event.seq;
+            }
+            self.app.metrics.events_delivered.inc_by(chunk.len() as u64);
+            self.write(frames).await?;
+            tokio::task::yield_now().await;
+        }
+        Ok(())
     }
 
     /// A ping to the client, unless it has been silent too long already.
@@ -470,9 +538,13 @@ impl Session {
     async fn on_events(&mut self, first: Arc<Event>) -> Result<(), End> {
         self.last_active = Instant::now();
         let started = Instant::now();
-        let mut frames = self.handler.on_event(&first).map_err(End::Fault)?;
+        let mut frames = Vec::new();
+        let mut delivered: u64 = 0;
+        if first.seq > self.replayed_up_to {
+            frames = self.handler.on_event(&first).map_err(End::Fault)?;
+            delivered = 1;
+        }
         let mut bytes: usize = frames.iter().map(frame_len).sum();
-        let mut delivered: u64 = 1;
         let mut cut = false;
         while delivered < EVENT_BATCH {
             if bytes >= self.turn_bytes || started.elapsed() >= self.turn_time {
@@ -482,6 +554,9 @@ impl Session {
             let Some(event) = self.mailbox.try_recv() else {
                 break;
             };
+            if event.seq <= self.replayed_up_to {
+                continue; // delivered by the replay
+            }
             match self.handler.on_event(&event) {
                 Ok(more) => {
                     bytes += more.iter().map(frame_len).sum::<usize>();

@@ -29,6 +29,22 @@ pub const SECRET: &str = "gateway-tests-secret-0123456789abcdef";
 /// How long a test waits for something that should happen promptly.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// How often a wait looks again at what it waits for.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Waits until `check` holds, looking again every few milliseconds; fails naming `what`
+/// if it does not within [`WAIT`]. For conditions no metric or frame announces.
+pub async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {WAIT:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 pub struct TestGateway {
     pub addr: SocketAddr,
     /// The ops listener (health and metrics only), when started with one.
@@ -163,17 +179,24 @@ impl TestGateway {
 
     /// Waits until a metric reaches `want`, or fails with the last value seen.
     pub async fn wait_metric(&self, name: &str, want: f64) {
+        if let Err(err) = self.try_wait_metric(name, want).await {
+            panic!("{err}");
+        }
+    }
+
+    /// Waits until a metric reaches `want`; past [`WAIT`], says what it is instead. For a
+    /// test that collects failures rather than stopping at the first.
+    pub async fn try_wait_metric(&self, name: &str, want: f64) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let value = self.metric(name).await;
             if value == want {
-                return;
+                return Ok(());
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{name} is {value}, expected {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("{name} is {value}, expected {want}"));
+            }
+            tokio::time::sleep(POLL).await;
         }
     }
 

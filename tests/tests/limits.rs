@@ -1,11 +1,12 @@
 //! Every limit a client can push against gets a specific, documented answer.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use gateway::auth::now_secs;
-use gateway_tests::{TestGateway, claims, config, guests, token};
+use gateway_tests::{Client, TestGateway, claims, config, guests, post, token};
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
@@ -171,16 +172,22 @@ async fn a_slow_client_is_closed_and_its_neighbours_lose_nothing() {
 async fn an_event_past_the_queue_bound_closes_a_waiting_session_at_once() {
     // The session is idle (waiting for its next event) when its queue overflows: the
     // router must wake it, and it must close as a slow client, not sit on a dead queue.
-    let gw = start(|l| l.outbound_queue_bytes = 4096).await;
+    // Nothing else would wake it within the wait: no ping, idle or dead-peer timer is due
+    // for an hour.
+    let gw = start(|l| {
+        l.outbound_queue_bytes = 4096;
+        l.ping_interval_secs = 3600;
+        l.dead_peer_secs = 3600;
+        l.idle_timeout_secs = 3600;
+    })
+    .await;
     let mut alice = gw.connect("alice").await;
     let mut bob = gw.connect("bob").await;
     let publisher = gw.publisher_token();
     let big = json!({"user_id": "alice", "kind": "big", "payload": {"pad": "x".repeat(8000)}});
     let (status, body) = gw.publish(&publisher, &big).await;
     assert_eq!((status, &body["queued"]), (200, &json!(0)), "{body}");
-    let closed = tokio::time::timeout(Duration::from_secs(2), alice.closed())
-        .await
-        .expect("closed at once, not at the next ping or timeout");
+    let closed = alice.closed().await;
     assert_eq!((closed.code, closed.reason.as_str()), (4000, "slow client"));
     assert_eq!(gw.metric("gateway_queue_overflows_total").await, 1.0);
 
@@ -192,25 +199,23 @@ async fn an_event_past_the_queue_bound_closes_a_waiting_session_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_expiry_closes_live_connections_unless_refreshed() {
-    // A live token ends at `exp` plus the leeway, as at connect: 1 s + 1 s here.
+    // A live token ends at `exp` plus the leeway, as at connect: 2 s + 1 s here (whole
+    // seconds: 2 s to 3 s from now). Only the two connects and the refresh race that; the
+    // rest of the test waits for the close.
     let mut cfg = config(guests::REFERENCE);
     cfg.auth.leeway_secs = 1;
     let gw = TestGateway::start_with(cfg).await;
-    let short = |user: &str| {
-        let mut c = claims(user);
-        c.exp = now_secs() + 1;
-        c
-    };
-    let mut expiring = gw.connect_with(short("alice")).await;
-    let mut refreshed = gw.connect_with(short("alice")).await;
-    let mut hijacker = gw.connect_with(short("alice")).await;
-
+    let mut short = claims("alice");
+    short.exp = now_secs() + 2;
+    let mut refreshed = gw.connect_with(short.clone()).await;
     refreshed
         .send_json(&json!({"type": "gateway.refresh", "access_token": gw.token("alice")}))
         .await;
     let reply = refreshed.next_json().await.unwrap();
     assert_eq!(reply["type"], "gateway.refreshed", "{reply}");
     assert!(reply["expires_at"].as_u64().unwrap() > now_secs() + 600);
+    let mut expiring = gw.connect_with(short).await;
+    let mut hijacker = gw.connect("alice").await;
 
     // A refresh with a bad token is refused but does not end the connection by itself.
     refreshed
@@ -241,50 +246,98 @@ async fn token_expiry_closes_live_connections_unless_refreshed() {
     );
 }
 
+/// Keeps `client` (bob's) busy until `stop`: every 100 ms a frame from the client or an
+/// event to it, alternately, each of which must be answered.
+async fn keep_busy(
+    mut client: Client,
+    publish_url: String,
+    publisher: String,
+    mut stop: oneshot::Receiver<()>,
+) -> Client {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for n in 0u64.. {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        if n % 2 == 0 {
+            client.send_json(&json!({"type": "ping"})).await;
+            let frame = client
+                .next_json()
+                .await
+                .expect("the busy connection is open");
+            assert_eq!(frame["type"], "pong", "{frame}");
+        } else {
+            let event = json!({"user_id": "bob", "kind": "tick", "payload": {"n": n}});
+            let (status, body) = post(&publish_url, &publisher, event.to_string()).await;
+            assert_eq!(status, 200, "{body}");
+            let frame = client
+                .next_json()
+                .await
+                .expect("the busy connection is open");
+            assert_eq!(frame["payload"]["n"], n, "{frame}");
+        }
+    }
+    client
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_dead_peers_are_closed() {
+    // The gateway's pings (every second) and their pongs are not activity.
     let gw = start(|l| {
         l.idle_timeout_secs = 1;
         l.ping_interval_secs = 1;
         l.dead_peer_secs = 2;
     })
     .await;
-    let mut idle = gw.connect("alice").await;
-    let closed = idle.closed().await;
-    assert_eq!(
-        (closed.code, closed.reason.as_str()),
-        (1000, "idle timeout")
-    );
+    let idle_closes = r#"gateway_session_closes_total{reason="idle"}"#;
 
-    // Traffic keeps a connection open for several idle timeouts; silence then closes it.
-    let publisher = gw.publisher_token();
-    let mut busy = gw.connect("bob").await;
-    let opened = std::time::Instant::now();
-    for n in 0..8 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let event = json!({"user_id": "bob", "kind": "tick", "payload": {"n": n}});
-        assert_eq!(gw.publish(&publisher, &event).await.0, 200);
-        let frame = busy
-            .next_json()
-            .await
-            .expect("still open while events flow");
-        assert_eq!(frame["payload"]["n"], n, "{frame}");
+    // Traffic keeps a connection open...
+    let (stop, stopped) = oneshot::channel();
+    let busy = tokio::spawn(keep_busy(
+        gw.connect("bob").await,
+        gw.url("/v1/publish"),
+        gw.publisher_token(),
+        stopped,
+    ));
+    // ...while one silent connection after another is closed for idleness, each no sooner
+    // than its timeout: the busy one outlives two idle timeouts.
+    for round in 1..=2 {
+        let connecting = Instant::now();
+        let mut idle = gw.connect("alice").await;
+        let closed = idle.closed().await;
+        assert_eq!(
+            (closed.code, closed.reason.as_str()),
+            (1000, "idle timeout")
+        );
+        assert!(
+            connecting.elapsed() >= Duration::from_secs(1),
+            "closed before its idle timeout"
+        );
+        gw.wait_metric(idle_closes, f64::from(round)).await;
     }
+    assert!(!busy.is_finished(), "the busy connection ended early");
+
+    // Silence then closes it too.
+    stop.send(()).unwrap();
+    let mut busy = busy.await.unwrap();
     let closed = busy.closed().await;
     assert_eq!(
         (closed.code, closed.reason.as_str()),
         (1000, "idle timeout")
     );
-    assert!(opened.elapsed() >= Duration::from_millis(3200 + 900));
+    gw.wait_metric(idle_closes, 3.0).await;
 
     let gw = start(|l| {
         l.ping_interval_secs = 1;
         l.dead_peer_secs = 2;
     })
     .await;
-    // Not reading means not answering pings.
+    // Not reading means not answering pings. The client reads nothing until the gateway
+    // has given up on it (reading would answer the pings), then finds the close frame.
     let mut deaf = gw.connect("alice").await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    gw.wait_metric(r#"gateway_session_closes_total{reason="dead_peer"}"#, 1.0)
+        .await;
     let closed = deaf.closed().await;
     assert_eq!(closed.code, 1001, "{closed:?}");
     assert!(closed.reason.contains("ping"), "{closed:?}");

@@ -2,7 +2,6 @@
 //! stay inside their own connection.
 
 use std::process::Command;
-use std::time::Duration;
 
 use gateway::AppState;
 use gateway_tests::{Client, TestGateway, claims, config, guests};
@@ -97,7 +96,7 @@ async fn faults_close_only_their_own_connection() {
         healthy.push(c);
     }
 
-    let mut seq = 0;
+    let mut count = 0;
     for (trigger, kind) in [
         ("trap", "trap"),
         ("loop", "cpu"),
@@ -110,32 +109,26 @@ async fn faults_close_only_their_own_connection() {
         let mut faulty = chaos_connect(&gw, "alice", None).await;
         assert!(faulty.next_json().await.is_ok());
         faulty.send_text(trigger).await;
-        let started = std::time::Instant::now();
+        // The loop is cut by its CPU budget (the reason says so), however long a loaded
+        // machine takes to get there: no wall-clock guess here.
         let closed = faulty.closed().await;
         assert_eq!(closed.code, 1011, "{trigger}: {closed:?}");
         assert!(closed.reason.contains(kind), "{trigger}: {closed:?}");
-        if trigger == "loop" {
-            assert!(
-                started.elapsed() < Duration::from_millis(1000),
-                "loop cut after {:?}",
-                started.elapsed()
-            );
-        }
 
-        let (status, _) = gw
+        let (status, reply) = gw
             .publish(
                 &publisher,
                 &json!({"user_id": "alice", "kind": trigger, "payload": {}}),
             )
             .await;
         assert_eq!(status, 200);
-        seq += 1;
+        count += 1;
         for client in &mut healthy {
             let frame = client.next_json().await.unwrap();
-            assert_eq!(frame["seq"], seq, "{frame}");
+            assert_eq!(frame["seq"], reply["seq"], "{frame}");
             assert_eq!(frame["kind"], trigger);
             // The instance's own counter: its state survived the neighbours' faults.
-            assert_eq!(frame["count"], seq, "{frame}");
+            assert_eq!(frame["count"], count, "{frame}");
         }
         assert_eq!(
             gw.metric(&format!(r#"gateway_guest_faults_total{{kind="{kind}"}}"#))

@@ -1,0 +1,577 @@
+//! The event log: recent events per identity, so that a client that reconnects with
+//! `?since=<seq>` gets what it missed, and the sequence numbers that make that provable.
+//!
+//! [`EventLog`] is the seam: the publish path appends, resume reads, and neither knows which
+//! log runs. [`MemoryLog`] is the embedded one: per identity a bounded history (count, age),
+//! all of it bounded in bytes, and the idempotency keys of recent publishes. An identity with
+//! no retained event and no live key holds no memory here.
+//!
+//! **Sequence numbers.** An identity's first event on this node (or its first after all its
+//! history was evicted) is numbered with the node's clock in microseconds, and each next
+//! event adds one. So `seq` keeps growing across restarts and evictions (as long as one
+//! identity publishes fewer than a million events per second, and the clock is not set
+//! back), and a `since` from before them lies below what the log knows: the log answers
+//! `recovered: false` instead of replaying a partial history as complete.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::auth::Identity;
+use crate::config::History;
+use crate::router::Publication;
+use crate::sandbox::Event;
+
+const SHARDS: usize = 64;
+
+/// What appending did.
+#[derive(Debug, Clone)]
+pub enum Appended {
+    /// A new event with this `seq`, now in the log.
+    New(Arc<Event>),
+    /// The idempotency key was seen within the window: the original event's `seq`; nothing
+    /// was appended.
+    Duplicate(u64),
+}
+
+/// What a resume gets.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Every event after `since` the log holds, oldest first (empty when not recovered).
+    pub events: Vec<Arc<Event>>,
+    /// Whether `events` is provably everything after `since`.
+    pub recovered: bool,
+    /// Why not, when not recovered.
+    pub reason: Option<NotRecovered>,
+    /// The oldest `seq` the log still holds for the identity, if any.
+    pub earliest: Option<u64>,
+    /// The identity's latest `seq` on this node, if any.
+    pub head: Option<u64>,
+}
+
+/// Why a resume could not be proven complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRecovered {
+    /// Events after `since` were evicted (count, age or the log's byte bound).
+    Evicted,
+    /// `since` is not a position this log numbered: before a restart, from another
+    /// deployment, or ahead of the head.
+    UnknownPosition,
+    /// More events after `since` than `history.max_replay_events`.
+    TooMany,
+}
+
+impl NotRecovered {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotRecovered::Evicted => "evicted",
+            NotRecovered::UnknownPosition => "unknown_position",
+            NotRecovered::TooMany => "too_many",
+        }
+    }
+}
+
+/// The seam between the publish path and resume on one side and where events are kept on
+/// the other.
+pub trait EventLog: Send + Sync + std::fmt::Debug {
+    /// Numbers the event and keeps it; with an `idempotency_key` seen within the window,
+    /// returns the original `seq` instead. Callers that need one order for appends and live
+    /// delivery (the router) call this under their own per-identity lock.
+    fn append(&self, publication: Publication, idempotency_key: Option<&str>) -> Appended;
+
+    /// Events after `since`, or why they cannot be proven complete.
+    fn read(&self, identity: &Identity, since: u64) -> Replay;
+
+    /// Drops what has outlived `history.max_age_secs` and idempotency keys past their window.
+    fn expire(&self);
+
+    /// Bytes held (events and keys, with their bookkeeping), for metrics and bounds.
+    fn bytes(&self) -> usize;
+
+    /// Events evicted so far: by count, by age, by the byte bound.
+    fn evicted(&self) -> [(&'static str, u64); 3];
+}
+
+/// One identity's history and keys.
+struct Stream {
+    /// The first `seq` this log assigned to the identity: nothing before it is known here.
+    base: u64,
+    next_seq: u64,
+    events: VecDeque<(Instant, Arc<Event>)>,
+    /// Idempotency keys of recent publishes, oldest first for expiry.
+    keys: HashMap<String, u64>,
+    key_order: VecDeque<(Instant, String)>,
+    bytes: usize,
+}
+
+impl Stream {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.keys.is_empty()
+    }
+
+    fn earliest(&self) -> Option<u64> {
+        self.events.front().map(|(_, e)| e.seq)
+    }
+}
+
+/// Bytes an event costs in the log, with its bookkeeping.
+fn event_bytes(event: &Event) -> usize {
+    event.payload.len()
+        + event.kind.len()
+        + event.run_id.as_ref().map_or(0, String::len)
+        + event.thread_id.as_ref().map_or(0, String::len)
+        + 128
+}
+
+/// Bytes an identity's entry costs besides its events and keys.
+fn stream_bytes(identity: &Identity) -> usize {
+    identity.user.len() + identity.tenant.as_ref().map_or(0, String::len) + 160
+}
+
+fn key_bytes(key: &str) -> usize {
+    2 * key.len() + 64
+}
+
+/// The embedded log: in this process, bounded per identity by count and age and overall
+/// by bytes. Each eviction is counted in `evictions`.
+pub struct MemoryLog {
+    shards: Box<[Mutex<HashMap<Identity, Stream>>]>,
+    hasher: RandomState,
+    limits: History,
+    /// Bytes held in all shards.
+    bytes: AtomicUsize,
+    /// Every event appended, oldest first, to find what to evict when the log is over its
+    /// byte bound: (identity, seq). Entries of events already gone are skipped.
+    order: Mutex<VecDeque<(Identity, u64)>>,
+    /// The last stream base handed out, so that two bases never collide.
+    last_base: AtomicU64,
+    pub evictions: Evictions,
+}
+
+/// Events evicted, by cause.
+#[derive(Debug, Default)]
+pub struct Evictions {
+    pub count: AtomicU64,
+    pub age: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for MemoryLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryLog")
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl MemoryLog {
+    pub fn new(limits: History) -> Self {
+        MemoryLog {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            limits,
+            bytes: AtomicUsize::new(0),
+            order: Mutex::default(),
+            last_base: AtomicU64::new(0),
+            evictions: Evictions::default(),
+        }
+    }
+
+    fn shard(&self, identity: &Identity) -> &Mutex<HashMap<Identity, Stream>> {
+        &self.shards[self.hasher.hash_one(identity) as usize % self.shards.len()]
+    }
+
+    /// A new stream's first `seq`: the clock in microseconds, above every base before it.
+    fn new_base(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        let mut last = self.last_base.load(Ordering::Relaxed);
+        loop {
+            let base = now.max(last + 1);
+            match self.last_base.compare_exchange_weak(
+                last,
+                base,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return base,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    fn add_bytes(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub_bytes(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Drops the stream's oldest event.
+    fn pop_oldest(&self, stream: &mut Stream) {
+        if let Some((_, event)) = stream.events.pop_front() {
+            let n = event_bytes(&event);
+            stream.bytes -= n;
+            self.sub_bytes(n);
+        }
+    }
+
+    /// Drops expired events and keys of one stream.
+    fn expire_stream(&self, stream: &mut Stream, now: Instant) {
+        let max_age = Duration::from_secs(self.limits.max_age_secs);
+        while stream
+            .events
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= max_age)
+        {
+            self.pop_oldest(stream);
+            self.evictions.age.fetch_add(1, Ordering::Relaxed);
+        }
+        let window = Duration::from_secs(self.limits.idempotency_window_secs);
+        while stream
+            .key_order
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= window)
+        {
+            if let Some((_, key)) = stream.key_order.pop_front() {
+                stream.keys.remove(&key);
+                let n = key_bytes(&key);
+                stream.bytes -= n;
+                self.sub_bytes(n);
+            }
+        }
+    }
+
+    /// Removes a stream that holds nothing, so an identity without history costs nothing.
+    fn drop_if_empty(&self, shard: &mut HashMap<Identity, Stream>, identity: &Identity) {
+        if shard.get(identity).is_some_and(Stream::is_empty) {
+            shard.remove(identity);
+            self.sub_bytes(stream_bytes(identity));
+        }
+    }
+
+    /// While the log is over its byte bound, evicts the oldest events of any identity.
+    fn enforce_bytes(&self) {
+        while self.bytes.load(Ordering::Relaxed) > self.limits.max_bytes {
+            let Some((identity, seq)) = lock(&self.order).pop_front() else {
+                return;
+            };
+            let mut shard = lock(self.shard(&identity));
+            let Some(stream) = shard.get_mut(&identity) else {
+                continue;
+            };
+            if stream.earliest() == Some(seq) {
+                self.pop_oldest(stream);
+                self.evictions.bytes.fetch_add(1, Ordering::Relaxed);
+            }
+            self.drop_if_empty(&mut shard, &identity);
+        }
+        // The order queue holds one small entry per retained event; events evicted by count
+        // or age leave theirs behind until it reaches the front. Bound it too.
+        let mut order = lock(&self.order);
+        let retained_bound = self.limits.max_bytes / 64;
+        while order.len() > retained_bound {
+            order.pop_front();
+        }
+    }
+}
+
+impl EventLog for MemoryLog {
+    fn append(&self, publication: Publication, idempotency_key: Option<&str>) -> Appended {
+        let now = Instant::now();
+        let identity = publication.identity;
+        let appended = {
+            let mut shard = lock(self.shard(&identity));
+            let stream = match shard.get_mut(&identity) {
+                Some(stream) => stream,
+                None => {
+                    let base = self.new_base();
+                    self.add_bytes(stream_bytes(&identity));
+                    shard.entry(identity.clone()).or_insert(Stream {
+                        base,
+                        next_seq: base,
+                        events: VecDeque::new(),
+                        keys: HashMap::new(),
+                        key_order: VecDeque::new(),
+                        bytes: 0,
+                    })
+                }
+            };
+            self.expire_stream(stream, now);
+            if let Some(key) = idempotency_key
+                && let Some(&seq) = stream.keys.get(key)
+            {
+                return Appended::Duplicate(seq);
+            }
+            let seq = stream.next_seq;
+            stream.next_seq += 1;
+            let event = Arc::new(Event {
+                seq,
+                kind: publication.kind,
+                payload: publication.payload,
+                run_id: publication.run_id,
+                thread_id: publication.thread_id,
+            });
+            let n = event_bytes(&event);
+            stream.events.push_back((now, event.clone()));
+            stream.bytes += n;
+            self.add_bytes(n);
+            while stream.events.len() > self.limits.max_events_per_user {
+                self.pop_oldest(stream);
+                self.evictions.count.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(key) = idempotency_key {
+                stream.keys.insert(key.to_owned(), seq);
+                stream.key_order.push_back((now, key.to_owned()));
+                let n = key_bytes(key);
+                stream.bytes += n;
+                self.add_bytes(n);
+                while stream.keys.len() > self.limits.idempotency_keys_per_user {
+                    if let Some((_, old)) = stream.key_order.pop_front() {
+                        stream.keys.remove(&old);
+                        let n = key_bytes(&old);
+                        stream.bytes -= n;
+                        self.sub_bytes(n);
+                    }
+                }
+            }
+            Appended::New(event)
+        };
+        if let Appended::New(event) = &appended {
+            lock(&self.order).push_back((identity, event.seq));
+        }
+        self.enforce_bytes();
+        appended
+    }
+
+    fn read(&self, identity: &Identity, since: u64) -> Replay {
+        let mut shard = lock(self.shard(identity));
+        let Some(stream) = shard.get_mut(identity) else {
+            // Nothing retained and nothing known: whatever came before is unprovable.
+            return Replay {
+                events: Vec::new(),
+                recovered: false,
+                reason: Some(NotRecovered::UnknownPosition),
+                earliest: None,
+                head: None,
+            };
+        };
+        self.expire_stream(stream, Instant::now());
+        let head = stream.next_seq.checked_sub(1).filter(|h| *h >= stream.base);
+        let earliest = stream.earliest();
+        let not = |reason| Replay {
+            events: Vec::new(),
+            recovered: false,
+            reason: Some(reason),
+            earliest,
+            head,
+        };
+        // Positions this log numbered run from `base - 1` (nothing seen yet) to the head.
+        if since.saturating_add(1) < stream.base || since >= stream.next_seq {
+            return not(NotRecovered::UnknownPosition);
+        }
+        // Everything after `since` must still be here: the oldest retained event (or, with
+        // none retained, the next to come) must directly follow it.
+        let first_held = earliest.unwrap_or(stream.next_seq);
+        if since.saturating_add(1) < first_held {
+            return not(NotRecovered::Evicted);
+        }
+        let count = stream.next_seq - since - 1;
+        if count > self.limits.max_replay_events as u64 {
+            return not(NotRecovered::TooMany);
+        }
+        let skip = stream.events.len() - count as usize;
+        Replay {
+            events: stream
+                .events
+                .iter()
+                .skip(skip)
+                .map(|(_, e)| e.clone())
+                .collect(),
+            recovered: true,
+            reason: None,
+            earliest,
+            head,
+        }
+    }
+
+    fn expire(&self) {
+        let now = Instant::now();
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            let mut empty = Vec::new();
+            for (identity, stream) in shard.iter_mut() {
+                self.expire_stream(stream, now);
+                if stream.is_empty() {
+                    empty.push(identity.clone());
+                }
+            }
+            for identity in empty {
+                self.drop_if_empty(&mut shard, &identity);
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn evicted(&self) -> [(&'static str, u64); 3] {
+        let e = &self.evictions;
+        [
+            ("count", e.count.load(Ordering::Relaxed)),
+            ("age", e.age.load(Ordering::Relaxed)),
+            ("bytes", e.bytes.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+/// Every critical section here leaves the maps consistent, so a poisoned lock is usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> History {
+        History {
+            max_events_per_user: 5,
+            max_age_secs: 300,
+            max_bytes: 1 << 20,
+            max_replay_events: 4,
+            idempotency_window_secs: 120,
+            idempotency_keys_per_user: 3,
+        }
+    }
+
+    fn publication(user: &str, n: u64) -> Publication {
+        Publication {
+            identity: Identity {
+                tenant: None,
+                user: user.into(),
+            },
+            kind: "k".into(),
+            payload: n.to_string(),
+            run_id: None,
+            thread_id: None,
+        }
+    }
+
+    fn seq(a: Appended) -> u64 {
+        match a {
+            Appended::New(e) => e.seq,
+            Appended::Duplicate(s) => s,
+        }
+    }
+
+    #[test]
+    fn sequences_grow_by_one_from_a_clock_base_and_resume_proves_completeness() {
+        let log = MemoryLog::new(limits());
+        let alice = publication("alice", 0).identity;
+        let first = seq(log.append(publication("alice", 1), None));
+        assert!(
+            first > 1_700_000_000_000_000,
+            "a clock base in microseconds"
+        );
+        let second = seq(log.append(publication("alice", 2), None));
+        assert_eq!(second, first + 1);
+
+        // From before the first event: everything, provably.
+        let r = log.read(&alice, first - 1);
+        assert!(r.recovered);
+        assert_eq!(
+            r.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [first, second]
+        );
+        // Up to date: nothing, recovered.
+        let r = log.read(&alice, second);
+        assert!(r.recovered && r.events.is_empty());
+        // A position from before this log (a restart) or ahead of it: not provable.
+        assert_eq!(
+            log.read(&alice, 5).reason,
+            Some(NotRecovered::UnknownPosition)
+        );
+        assert_eq!(
+            log.read(&alice, 0).reason,
+            Some(NotRecovered::UnknownPosition)
+        );
+        assert_eq!(
+            log.read(&alice, second + 1).reason,
+            Some(NotRecovered::UnknownPosition)
+        );
+        let bob = publication("bob", 0).identity;
+        assert_eq!(
+            log.read(&bob, 0).reason,
+            Some(NotRecovered::UnknownPosition)
+        );
+    }
+
+    #[test]
+    fn evicted_and_oversized_replays_are_not_recovered() {
+        let log = MemoryLog::new(limits());
+        let alice = publication("alice", 0).identity;
+        let seqs: Vec<u64> = (0..7)
+            .map(|n| seq(log.append(publication("alice", n), None)))
+            .collect();
+        assert_eq!(log.evictions.count.load(Ordering::Relaxed), 2);
+        let r = log.read(&alice, seqs[0]);
+        assert_eq!(r.reason, Some(NotRecovered::Evicted));
+        assert_eq!(r.earliest, Some(seqs[2]));
+        assert!(r.events.is_empty(), "never a partial replay");
+        // Five retained, four allowed in one replay.
+        assert_eq!(
+            log.read(&alice, seqs[1]).reason,
+            Some(NotRecovered::TooMany)
+        );
+        let r = log.read(&alice, seqs[2]);
+        assert!(r.recovered);
+        assert_eq!(r.events.len(), 4);
+    }
+
+    #[test]
+    fn idempotency_keys_return_the_original_seq_within_bounds() {
+        let log = MemoryLog::new(limits());
+        let a = seq(log.append(publication("alice", 1), Some("k1")));
+        assert!(matches!(
+            log.append(publication("alice", 1), Some("k1")),
+            Appended::Duplicate(s) if s == a
+        ));
+        // Keys are per identity.
+        assert!(matches!(
+            log.append(publication("bob", 1), Some("k1")),
+            Appended::New(_)
+        ));
+        // At most 3 keys kept: the oldest goes first.
+        for k in ["k2", "k3", "k4"] {
+            log.append(publication("alice", 2), Some(k));
+        }
+        assert!(matches!(
+            log.append(publication("alice", 1), Some("k1")),
+            Appended::New(_)
+        ));
+    }
+
+    #[test]
+    fn the_byte_bound_holds_over_a_million_identities_and_empty_streams_are_freed() {
+        let mut limits = limits();
+        limits.max_bytes = 4 << 20;
+        let log = MemoryLog::new(limits);
+        for n in 0..1_000_000u64 {
+            log.append(publication(&format!("user-{n}"), n), None);
+            assert!(log.bytes() <= 4 << 20);
+        }
+        assert!(log.evictions.bytes.load(Ordering::Relaxed) > 900_000);
+        let streams: usize = log.shards.iter().map(|s| lock(s).len()).sum();
+        assert!(streams < 20_000, "{streams} streams kept");
+        // The first users' streams are gone entirely: their positions are unknown now.
+        let first = publication("user-0", 0).identity;
+        assert!(!log.read(&first, 0).recovered);
+    }
+}
