@@ -371,6 +371,23 @@ impl EventLog for MemoryLog {
             earliest,
             head,
         };
+        // `since = 0` asks for everything retained: complete when nothing the log numbered
+        // for the identity has been evicted.
+        if since == 0 {
+            if earliest != Some(stream.base) {
+                return not(NotRecovered::Evicted);
+            }
+            if stream.events.len() > self.limits.max_replay_events {
+                return not(NotRecovered::TooMany);
+            }
+            return Replay {
+                events: stream.events.iter().map(|(_, e)| e.clone()).collect(),
+                recovered: true,
+                reason: None,
+                earliest,
+                head,
+            };
+        }
         // Positions this log numbered run from `base - 1` (nothing seen yet) to the head.
         if since.saturating_add(1) < stream.base || since >= stream.next_seq {
             return not(NotRecovered::UnknownPosition);
@@ -498,10 +515,10 @@ mod tests {
             log.read(&alice, 5).reason,
             Some(NotRecovered::UnknownPosition)
         );
-        assert_eq!(
-            log.read(&alice, 0).reason,
-            Some(NotRecovered::UnknownPosition)
-        );
+        // Everything retained, complete since nothing was evicted.
+        let r = log.read(&alice, 0);
+        assert!(r.recovered);
+        assert_eq!(r.events.len(), 2);
         assert_eq!(
             log.read(&alice, second + 1).reason,
             Some(NotRecovered::UnknownPosition)
@@ -523,6 +540,7 @@ mod tests {
         assert_eq!(log.evictions.count.load(Ordering::Relaxed), 2);
         let r = log.read(&alice, seqs[0]);
         assert_eq!(r.reason, Some(NotRecovered::Evicted));
+        assert_eq!(log.read(&alice, 0).reason, Some(NotRecovered::Evicted));
         assert_eq!(r.earliest, Some(seqs[2]));
         assert!(r.events.is_empty(), "never a partial replay");
         // Five retained, four allowed in one replay.

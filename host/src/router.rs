@@ -355,3 +355,153 @@ impl Drop for Mailbox {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::History;
+    use crate::event_log::MemoryLog;
+
+    fn router(limits: Limits) -> Arc<Router> {
+        Arc::new(Router::new(
+            Arc::new(Metrics::new()),
+            &limits,
+            Arc::new(MemoryLog::new(History::default())),
+        ))
+    }
+
+    fn who(tenant: Option<&str>, user: &str) -> Identity {
+        Identity {
+            tenant: tenant.map(str::to_owned),
+            user: user.into(),
+        }
+    }
+
+    fn publication(identity: &Identity, payload: &str) -> Publication {
+        Publication {
+            identity: identity.clone(),
+            kind: "k".into(),
+            payload: payload.into(),
+            run_id: None,
+            thread_id: None,
+        }
+    }
+
+    #[test]
+    fn events_reach_only_the_sessions_of_their_identity_in_order() {
+        let router = router(Limits::default());
+        let alice = who(None, "alice");
+        let acme_alice = who(Some("acme"), "alice");
+        let mut a1 = router.register(&alice, "a1".into()).unwrap();
+        let mut a2 = router.register(&alice, "a2".into()).unwrap();
+        let mut t = router.register(&acme_alice, "t".into()).unwrap();
+        let r1 = router.publish(publication(&alice, "1"), None);
+        let r2 = router.publish(publication(&alice, "2"), None);
+        assert_eq!((r1.sessions, r2.sessions), (2, 2));
+        assert_eq!(r2.seq, r1.seq + 1);
+        for mailbox in [&mut a1, &mut a2] {
+            assert_eq!(mailbox.try_recv().unwrap().seq, r1.seq);
+            assert_eq!(mailbox.try_recv().unwrap().seq, r2.seq);
+            assert!(mailbox.try_recv().is_none());
+        }
+        assert!(t.try_recv().is_none(), "same sub, other tenant: nothing");
+        assert_eq!(router.queued_bytes(), 0, "everything taken");
+    }
+
+    #[test]
+    fn the_per_identity_limit_counts_live_sessions_only() {
+        let router = router(Limits {
+            max_connections_per_user: 2,
+            ..Limits::default()
+        });
+        let alice = who(None, "alice");
+        let first = router.register(&alice, "1".into()).unwrap();
+        let _second = router.register(&alice, "2".into()).unwrap();
+        assert_eq!(
+            router.register(&alice, "3".into()).err(),
+            Some(Refused::UserLimit(2))
+        );
+        // Another tenant's alice is someone else.
+        assert!(
+            router
+                .register(&who(Some("acme"), "alice"), "4".into())
+                .is_ok()
+        );
+        drop(first);
+        assert!(router.register(&alice, "5".into()).is_ok());
+    }
+
+    #[test]
+    fn an_overflowing_queue_closes_its_session_and_frees_its_backlog() {
+        let router = router(Limits {
+            event_queue: 2,
+            ..Limits::default()
+        });
+        let alice = who(None, "alice");
+        let mut slow = router.register(&alice, "slow".into()).unwrap();
+        let mut quick = router.register(&alice, "quick".into()).unwrap();
+        router.publish(publication(&alice, "1"), None);
+        quick.try_recv().unwrap();
+        router.publish(publication(&alice, "2"), None);
+        quick.try_recv().unwrap();
+        let third = router.publish(publication(&alice, "3"), None);
+        assert_eq!(third.sessions, 1, "only the quick one took it");
+        assert!(slow.is_ready());
+        assert!(
+            slow.try_recv().is_none(),
+            "a closed queue hands nothing out"
+        );
+        assert!(router.queued_bytes() > 0);
+        drop(slow);
+        quick.try_recv().unwrap();
+        assert_eq!(
+            router.queued_bytes(),
+            0,
+            "the closed session's backlog left with it"
+        );
+    }
+
+    #[test]
+    fn shutdown_closes_every_queue_and_refuses_new_sessions() {
+        let router = router(Limits::default());
+        let alice = who(None, "alice");
+        let mailbox = router.register(&alice, "1".into()).unwrap();
+        router.shut_down();
+        assert!(mailbox.is_ready());
+        assert_eq!(
+            router.register(&alice, "2".into()).err(),
+            Some(Refused::ShuttingDown)
+        );
+        let (users, _) = router.busiest_users(10);
+        assert_eq!(users, 0);
+    }
+
+    #[test]
+    fn an_identity_without_sessions_holds_nothing_here() {
+        let router = router(Limits::default());
+        let alice = who(None, "alice");
+        let mailbox = router.register(&alice, "1".into()).unwrap();
+        assert_eq!(router.busiest_users(10).0, 1);
+        drop(mailbox);
+        assert_eq!(router.busiest_users(10).0, 0);
+        let shards: usize = router.shards.iter().map(|s| lock(s).len()).sum();
+        assert_eq!(shards, 0);
+        // Publishing to it keeps nothing in the router either (the log has the event).
+        router.publish(publication(&alice, "1"), None);
+        let shards: usize = router.shards.iter().map(|s| lock(s).len()).sum();
+        assert_eq!(shards, 0);
+    }
+
+    #[test]
+    fn a_repeated_idempotency_key_queues_nothing() {
+        let router = router(Limits::default());
+        let alice = who(None, "alice");
+        let mut mailbox = router.register(&alice, "1".into()).unwrap();
+        let first = router.publish(publication(&alice, "1"), Some("k"));
+        let again = router.publish(publication(&alice, "1"), Some("k"));
+        assert!(again.duplicate && !first.duplicate);
+        assert_eq!((again.seq, again.sessions), (first.seq, 0));
+        assert!(mailbox.try_recv().is_some());
+        assert!(mailbox.try_recv().is_none());
+    }
+}
