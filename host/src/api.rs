@@ -187,11 +187,12 @@ pub async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize_publisher(&app, &headers)?;
+    let tenant = authorize_publisher(&app, &headers)?;
     let body = read_body(&app, body).await?;
     let request: PublishRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid event: {e}")))?;
-    let (publication, key) = validate(request, &app)?;
+    let (mut publication, key) = validate(request, &app)?;
+    bind_tenant(&app, tenant.as_deref(), &mut publication)?;
     check_backlog(&app)?;
     let identity = publication.identity.clone();
     let receipt = app.router.publish(publication, key.as_deref());
@@ -205,7 +206,7 @@ pub async fn publish_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize_publisher(&app, &headers)?;
+    let tenant = authorize_publisher(&app, &headers)?;
     let body = read_body(&app, body).await?;
     let events = match serde_json::from_slice::<BatchRequest>(&body) {
         Ok(batch) => batch.events,
@@ -218,8 +219,12 @@ pub async fn publish_batch(
     let publications = events
         .into_iter()
         .enumerate()
-        .map(|(i, request)| validate(request, &app).map_err(|e| e.in_batch(i)))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|(i, request)| {
+            let (mut publication, key) = validate(request, &app).map_err(|e| e.in_batch(i))?;
+            bind_tenant(&app, tenant.as_deref(), &mut publication).map_err(|e| e.in_batch(i))?;
+            Ok((publication, key))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     check_backlog(&app)?;
     let receipts: Vec<(Identity, Receipt)> = publications
         .into_iter()
@@ -312,11 +317,43 @@ pub async fn stats(
 
 /// A publisher is whoever holds a valid token with the publish scope. A user's connect token
 /// lacks it, so it can never publish, not even to its own user.
-fn authorize_publisher(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    authorize(app, headers, PUBLISH_SCOPE)
+/// A publisher token with a `tenant` claim publishes to that tenant only: its events go to
+/// that tenant's users (`tenant_id` may be left out), any other `tenant_id` is refused.
+fn authorize_publisher(app: &AppState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    Ok(authorize(app, headers, PUBLISH_SCOPE)?.tenant)
 }
 
-fn authorize(app: &AppState, headers: &HeaderMap, scope: &'static str) -> Result<(), ApiError> {
+/// Applies a tenant-bound publisher's tenant to one event.
+fn bind_tenant(
+    app: &AppState,
+    publisher_tenant: Option<&str>,
+    publication: &mut Publication,
+) -> Result<(), ApiError> {
+    let Some(bound) = publisher_tenant else {
+        return Ok(());
+    };
+    match &publication.identity.tenant {
+        None => publication.identity.tenant = Some(bound.to_owned()),
+        Some(tenant) if tenant == bound => {}
+        Some(_) => {
+            return Err(refuse(
+                app,
+                "tenant",
+                None,
+                ApiError::forbidden(format!(
+                    "this publisher token is bound to tenant {bound:?} and cannot publish to another"
+                )),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn authorize(
+    app: &AppState,
+    headers: &HeaderMap,
+    scope: &'static str,
+) -> Result<crate::auth::Claims, ApiError> {
     let claims = bearer(headers)
         .ok_or(AuthError::Missing)
         .and_then(|t| app.verifier.verify(t))
@@ -329,7 +366,7 @@ fn authorize(app: &AppState, headers: &HeaderMap, scope: &'static str) -> Result
             ApiError::forbidden(format!("token lacks the {scope} scope")),
         ));
     }
-    Ok(())
+    Ok(claims)
 }
 
 /// The request body, at most `max_body_bytes` and within `body_read_timeout_secs`: a

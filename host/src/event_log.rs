@@ -99,11 +99,14 @@ struct Stream {
     /// The first `seq` this log assigned to the identity: nothing before it is known here.
     base: u64,
     next_seq: u64,
+    /// Whether this log can vouch for everything the identity had within the retention
+    /// bounds since `base`: false for a stream created soon after the log forgot streams to
+    /// stay in its byte bound, or soon after the node started (see [`MemoryLog::forgot`]).
+    complete: bool,
     events: VecDeque<(Instant, Arc<Event>)>,
     /// Idempotency keys of recent publishes, oldest first for expiry.
     keys: HashMap<String, u64>,
     key_order: VecDeque<(Instant, String)>,
-    bytes: usize,
 }
 
 impl Stream {
@@ -127,26 +130,34 @@ fn event_bytes(event: &Event) -> usize {
 
 /// Bytes an identity's entry costs besides its events and keys.
 fn stream_bytes(identity: &Identity) -> usize {
-    identity.user.len() + identity.tenant.as_ref().map_or(0, String::len) + 160
+    identity.user.len() + identity.tenant.as_ref().map_or(0, String::len) + 200
 }
 
 fn key_bytes(key: &str) -> usize {
-    2 * key.len() + 64
+    2 * key.len() + 96
 }
 
-/// The embedded log: in this process, bounded per identity by count and age and overall
-/// by bytes. Each eviction is counted in `evictions`.
+/// The embedded log: in this process, bounded per identity by count and age, and overall
+/// by bytes: events and their streams within `max_bytes`, idempotency keys within a quarter
+/// of it on top. Past a bound, the oldest event (or key) of each identity goes in turn.
+/// Each eviction is counted in `evictions`.
 pub struct MemoryLog {
     shards: Box<[Mutex<HashMap<Identity, Stream>>]>,
     hasher: RandomState,
     limits: History,
-    /// Bytes held in all shards.
+    /// Bytes of events and streams.
     bytes: AtomicUsize,
-    /// Every event appended, oldest first, to find what to evict when the log is over its
-    /// byte bound: (identity, seq). Entries of events already gone are skipped.
-    order: Mutex<VecDeque<(Identity, u64)>>,
-    /// The last stream base handed out, so that two bases never collide.
+    /// Bytes of idempotency keys.
+    key_bytes: AtomicUsize,
+    /// The shard the next eviction pass starts in, so that passes go round.
+    cursor: AtomicUsize,
+    /// At least the last `seq` handed out by any stream dropped so far: a new stream's base
+    /// is above it, so no `seq` is ever given twice.
     last_base: AtomicU64,
+    /// When the log last forgot a stream to stay within its bytes (at start-up, everything
+    /// before is unknown too). A stream created within `max_age_secs` of it cannot vouch for
+    /// being complete: its identity may have had events here that are gone with no trace.
+    forgot: Mutex<Instant>,
     pub evictions: Evictions,
 }
 
@@ -161,7 +172,7 @@ pub struct Evictions {
 impl std::fmt::Debug for MemoryLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryLog")
-            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .field("bytes", &self.bytes())
             .field("limits", &self.limits)
             .finish()
     }
@@ -174,8 +185,10 @@ impl MemoryLog {
             hasher: RandomState::new(),
             limits,
             bytes: AtomicUsize::new(0),
-            order: Mutex::default(),
+            key_bytes: AtomicUsize::new(0),
+            cursor: AtomicUsize::new(0),
             last_base: AtomicU64::new(0),
+            forgot: Mutex::new(Instant::now()),
             evictions: Evictions::default(),
         }
     }
@@ -184,41 +197,50 @@ impl MemoryLog {
         &self.shards[self.hasher.hash_one(identity) as usize % self.shards.len()]
     }
 
-    /// A new stream's first `seq`: the clock in microseconds, above every base before it.
+    /// A new stream's first `seq`: the clock in microseconds, above every `seq` before it.
     fn new_base(&self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_micros() as u64);
-        let mut last = self.last_base.load(Ordering::Relaxed);
-        loop {
-            let base = now.max(last + 1);
-            match self.last_base.compare_exchange_weak(
-                last,
-                base,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return base,
-                Err(seen) => last = seen,
-            }
+        let last = self
+            .last_base
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or_else(|last| last);
+        now.max(last + 1)
+    }
+
+    fn max_key_bytes(&self) -> usize {
+        self.limits.max_bytes / 4
+    }
+
+    fn events_over(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) > self.limits.max_bytes
+    }
+
+    fn keys_over(&self) -> bool {
+        self.key_bytes.load(Ordering::Relaxed) > self.max_key_bytes()
+    }
+
+    /// Drops the stream's oldest event; whether there was one.
+    fn pop_event(&self, stream: &mut Stream) -> bool {
+        let Some((_, event)) = stream.events.pop_front() else {
+            return false;
+        };
+        self.bytes.fetch_sub(event_bytes(&event), Ordering::Relaxed);
+        true
+    }
+
+    /// Drops the stream's oldest idempotency key; whether there was one.
+    fn pop_key(&self, stream: &mut Stream) -> bool {
+        let Some((_, key)) = stream.key_order.pop_front() else {
+            return false;
+        };
+        if stream.keys.remove(&key).is_some() {
+            self.key_bytes.fetch_sub(key_bytes(&key), Ordering::Relaxed);
         }
-    }
-
-    fn add_bytes(&self, n: usize) {
-        self.bytes.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn sub_bytes(&self, n: usize) {
-        self.bytes.fetch_sub(n, Ordering::Relaxed);
-    }
-
-    /// Drops the stream's oldest event.
-    fn pop_oldest(&self, stream: &mut Stream) {
-        if let Some((_, event)) = stream.events.pop_front() {
-            let n = event_bytes(&event);
-            stream.bytes -= n;
-            self.sub_bytes(n);
-        }
+        true
     }
 
     /// Drops expired events and keys of one stream.
@@ -229,7 +251,7 @@ impl MemoryLog {
             .front()
             .is_some_and(|(at, _)| now.duration_since(*at) >= max_age)
         {
-            self.pop_oldest(stream);
+            self.pop_event(stream);
             self.evictions.age.fetch_add(1, Ordering::Relaxed);
         }
         let window = Duration::from_secs(self.limits.idempotency_window_secs);
@@ -238,45 +260,53 @@ impl MemoryLog {
             .front()
             .is_some_and(|(at, _)| now.duration_since(*at) >= window)
         {
-            if let Some((_, key)) = stream.key_order.pop_front() {
-                stream.keys.remove(&key);
-                let n = key_bytes(&key);
-                stream.bytes -= n;
-                self.sub_bytes(n);
-            }
+            self.pop_key(stream);
         }
     }
 
-    /// Removes a stream that holds nothing, so an identity without history costs nothing.
-    fn drop_if_empty(&self, shard: &mut HashMap<Identity, Stream>, identity: &Identity) {
-        if shard.get(identity).is_some_and(Stream::is_empty) {
-            shard.remove(identity);
-            self.sub_bytes(stream_bytes(identity));
+    /// Removes a stream that holds nothing, so an identity without history costs nothing;
+    /// its last `seq` stays known, so its next stream numbers above it.
+    fn remove(&self, shard: &mut HashMap<Identity, Stream>, identity: &Identity) {
+        if let Some(stream) = shard.remove(identity) {
+            self.last_base.fetch_max(stream.next_seq, Ordering::Relaxed);
+            self.bytes
+                .fetch_sub(stream_bytes(identity), Ordering::Relaxed);
         }
     }
 
-    /// While the log is over its byte bound, evicts the oldest events of any identity.
-    fn enforce_bytes(&self) {
-        while self.bytes.load(Ordering::Relaxed) > self.limits.max_bytes {
-            let Some((identity, seq)) = lock(&self.order).pop_front() else {
-                return;
-            };
-            let mut shard = lock(self.shard(&identity));
-            let Some(stream) = shard.get_mut(&identity) else {
-                continue;
-            };
-            if stream.earliest() == Some(seq) {
-                self.pop_oldest(stream);
-                self.evictions.bytes.fetch_add(1, Ordering::Relaxed);
+    /// While the log is over a bound, evicts the oldest event (or key) of each identity in
+    /// turn, shard by shard. Streams emptied this way are forgotten, and the log notes when.
+    fn enforce_bounds(&self) {
+        let mut idle = 0;
+        while (self.events_over() || self.keys_over()) && idle < SHARDS {
+            let i = self.cursor.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+            let mut shard = lock(&self.shards[i]);
+            let mut progressed = false;
+            let mut emptied = Vec::new();
+            for (identity, stream) in shard.iter_mut() {
+                let (events, keys) = (self.events_over(), self.keys_over());
+                if !events && !keys {
+                    break;
+                }
+                if events && self.pop_event(stream) {
+                    self.evictions.bytes.fetch_add(1, Ordering::Relaxed);
+                    progressed = true;
+                }
+                if keys && self.pop_key(stream) {
+                    progressed = true;
+                }
+                if stream.is_empty() {
+                    emptied.push(identity.clone());
+                }
             }
-            self.drop_if_empty(&mut shard, &identity);
-        }
-        // The order queue holds one small entry per retained event; events evicted by count
-        // or age leave theirs behind until it reaches the front. Bound it too.
-        let mut order = lock(&self.order);
-        let retained_bound = self.limits.max_bytes / 64;
-        while order.len() > retained_bound {
-            order.pop_front();
+            if !emptied.is_empty() {
+                *lock(&self.forgot) = Instant::now();
+                for identity in &emptied {
+                    self.remove(&mut shard, identity);
+                }
+                progressed = true;
+            }
+            idle = if progressed { 0 } else { idle + 1 };
         }
     }
 }
@@ -291,14 +321,17 @@ impl EventLog for MemoryLog {
                 Some(stream) => stream,
                 None => {
                     let base = self.new_base();
-                    self.add_bytes(stream_bytes(&identity));
+                    let max_age = Duration::from_secs(self.limits.max_age_secs);
+                    let complete = now.duration_since(*lock(&self.forgot)) >= max_age;
+                    self.bytes
+                        .fetch_add(stream_bytes(&identity), Ordering::Relaxed);
                     shard.entry(identity.clone()).or_insert(Stream {
                         base,
                         next_seq: base,
+                        complete,
                         events: VecDeque::new(),
                         keys: HashMap::new(),
                         key_order: VecDeque::new(),
-                        bytes: 0,
                     })
                 }
             };
@@ -317,35 +350,23 @@ impl EventLog for MemoryLog {
                 run_id: publication.run_id,
                 thread_id: publication.thread_id,
             });
-            let n = event_bytes(&event);
+            self.bytes.fetch_add(event_bytes(&event), Ordering::Relaxed);
             stream.events.push_back((now, event.clone()));
-            stream.bytes += n;
-            self.add_bytes(n);
             while stream.events.len() > self.limits.max_events_per_user {
-                self.pop_oldest(stream);
+                self.pop_event(stream);
                 self.evictions.count.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(key) = idempotency_key {
                 stream.keys.insert(key.to_owned(), seq);
                 stream.key_order.push_back((now, key.to_owned()));
-                let n = key_bytes(key);
-                stream.bytes += n;
-                self.add_bytes(n);
+                self.key_bytes.fetch_add(key_bytes(key), Ordering::Relaxed);
                 while stream.keys.len() > self.limits.idempotency_keys_per_user {
-                    if let Some((_, old)) = stream.key_order.pop_front() {
-                        stream.keys.remove(&old);
-                        let n = key_bytes(&old);
-                        stream.bytes -= n;
-                        self.sub_bytes(n);
-                    }
+                    self.pop_key(stream);
                 }
             }
             Appended::New(event)
         };
-        if let Appended::New(event) = &appended {
-            lock(&self.order).push_back((identity, event.seq));
-        }
-        self.enforce_bytes();
+        self.enforce_bounds();
         appended
     }
 
@@ -371,10 +392,10 @@ impl EventLog for MemoryLog {
             earliest,
             head,
         };
-        // `since = 0` asks for everything retained: complete when nothing the log numbered
-        // for the identity has been evicted.
+        // `since = 0` asks for everything retained: complete when the stream can vouch for
+        // its start and nothing it numbered has been evicted.
         if since == 0 {
-            if earliest != Some(stream.base) {
+            if !stream.complete || earliest != Some(stream.base) {
                 return not(NotRecovered::Evicted);
             }
             if stream.events.len() > self.limits.max_replay_events {
@@ -428,14 +449,15 @@ impl EventLog for MemoryLog {
                     empty.push(identity.clone());
                 }
             }
+            // Emptied by age: nothing retained is lost by forgetting them.
             for identity in empty {
-                self.drop_if_empty(&mut shard, &identity);
+                self.remove(&mut shard, &identity);
             }
         }
     }
 
     fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
+        self.bytes.load(Ordering::Relaxed) + self.key_bytes.load(Ordering::Relaxed)
     }
 
     fn evicted(&self) -> [(&'static str, u64); 3] {
@@ -481,6 +503,16 @@ mod tests {
         }
     }
 
+    /// A log whose start lies a retention period back, so new streams can vouch for
+    /// themselves (a log just started cannot, see `forgot`).
+    fn settled(limits: History) -> MemoryLog {
+        let log = MemoryLog::new(limits);
+        *lock(&log.forgot) = Instant::now()
+            .checked_sub(Duration::from_secs(log.limits.max_age_secs + 1))
+            .expect("the machine has been up for minutes");
+        log
+    }
+
     fn seq(a: Appended) -> u64 {
         match a {
             Appended::New(e) => e.seq,
@@ -490,7 +522,7 @@ mod tests {
 
     #[test]
     fn sequences_grow_by_one_from_a_clock_base_and_resume_proves_completeness() {
-        let log = MemoryLog::new(limits());
+        let log = settled(limits());
         let alice = publication("alice", 0).identity;
         let first = seq(log.append(publication("alice", 1), None));
         assert!(
@@ -532,7 +564,7 @@ mod tests {
 
     #[test]
     fn evicted_and_oversized_replays_are_not_recovered() {
-        let log = MemoryLog::new(limits());
+        let log = settled(limits());
         let alice = publication("alice", 0).identity;
         let seqs: Vec<u64> = (0..7)
             .map(|n| seq(log.append(publication("alice", n), None)))
@@ -555,7 +587,7 @@ mod tests {
 
     #[test]
     fn idempotency_keys_return_the_original_seq_within_bounds() {
-        let log = MemoryLog::new(limits());
+        let log = settled(limits());
         let a = seq(log.append(publication("alice", 1), Some("k1")));
         assert!(matches!(
             log.append(publication("alice", 1), Some("k1")),
@@ -580,7 +612,7 @@ mod tests {
     fn the_byte_bound_holds_over_a_million_identities_and_empty_streams_are_freed() {
         let mut limits = limits();
         limits.max_bytes = 4 << 20;
-        let log = MemoryLog::new(limits);
+        let log = settled(limits);
         for n in 0..1_000_000u64 {
             log.append(publication(&format!("user-{n}"), n), None);
             assert!(log.bytes() <= 4 << 20);
@@ -588,8 +620,75 @@ mod tests {
         assert!(log.evictions.bytes.load(Ordering::Relaxed) > 900_000);
         let streams: usize = log.shards.iter().map(|s| lock(s).len()).sum();
         assert!(streams < 20_000, "{streams} streams kept");
-        // The first users' streams are gone entirely: their positions are unknown now.
-        let first = publication("user-0", 0).identity;
-        assert!(!log.read(&first, 0).recovered);
+        // A stream made after the log forgot others cannot vouch for its start.
+        let fresh = publication("newcomer", 0);
+        let identity = fresh.identity.clone();
+        log.append(fresh, None);
+        assert_eq!(log.read(&identity, 0).reason, Some(NotRecovered::Evicted));
+    }
+
+    #[test]
+    fn a_new_log_cannot_vouch_for_history_before_it() {
+        let log = MemoryLog::new(limits());
+        let alice = publication("alice", 0).identity;
+        let s = seq(log.append(publication("alice", 1), None));
+        assert!(
+            !log.read(&alice, 0).recovered,
+            "events before a restart may be gone"
+        );
+        assert!(
+            log.read(&alice, s - 1).recovered,
+            "positions it numbered are fine"
+        );
+    }
+
+    #[test]
+    fn idempotency_keys_never_crowd_out_events() {
+        let mut limits = limits();
+        limits.max_bytes = 64 << 10;
+        limits.idempotency_keys_per_user = 1_000_000;
+        let log = settled(limits);
+        let alice = publication("alice", 0).identity;
+        let mut last = 0;
+        for n in 0..20_000u64 {
+            last = seq(log.append(publication("alice", n), Some(&format!("key-{n}"))));
+        }
+        assert!(log.key_bytes.load(Ordering::Relaxed) <= (64 << 10) / 4);
+        assert!(log.bytes.load(Ordering::Relaxed) <= 64 << 10);
+        let r = log.read(&alice, last - 3);
+        assert!(r.recovered, "{r:?}");
+        assert_eq!(r.events.len(), 3);
+        // The newest keys are still remembered.
+        assert!(matches!(
+            log.append(publication("alice", 0), Some("key-19999")),
+            Appended::Duplicate(s) if s == last
+        ));
+    }
+
+    #[test]
+    fn a_forgotten_stream_never_numbers_a_seq_twice() {
+        let mut limits = limits();
+        limits.max_bytes = 2048;
+        let log = settled(limits);
+        let alice = publication("alice", 0).identity;
+        // Far more than one event per microsecond: the head runs ahead of the clock.
+        let mut head = 0;
+        for n in 0..5 {
+            head = seq(log.append(publication("alice", n), None));
+        }
+        // Others push alice's stream out of the byte bound entirely.
+        for n in 0..200 {
+            log.append(publication(&format!("other-{n}"), n), None);
+        }
+        assert!(
+            lock(log.shard(&alice)).get(&alice).is_none(),
+            "alice forgotten"
+        );
+        let next = seq(log.append(publication("alice", 9), None));
+        assert!(next > head, "{next} after {head}");
+        assert_eq!(
+            log.read(&alice, head).reason,
+            Some(NotRecovered::UnknownPosition)
+        );
     }
 }

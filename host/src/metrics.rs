@@ -36,6 +36,8 @@ pub struct Metrics {
     pub queue_overflows: Counter,
     /// Events replayed to resuming clients.
     pub events_replayed: Counter,
+    /// Event frames a guest made too large for the client, replaced by a marker.
+    pub event_frames_too_large: Counter,
     /// Bytes the event log holds.
     pub history_bytes: Gauge,
     /// Events the log evicted, by cause (count, age, bytes).
@@ -74,6 +76,7 @@ impl Metrics {
             queue_overflows: Counter::default(),
             turns_cut: Counter::default(),
             events_replayed: Counter::default(),
+            event_frames_too_large: Counter::default(),
             history_bytes: Gauge::default(),
             history_evictions: Family::default(),
             resumes: Family::default(),
@@ -151,6 +154,11 @@ impl Metrics {
             "events_replayed",
             "Events replayed to clients resuming with ?since=",
             m.events_replayed.clone(),
+        );
+        registry.register(
+            "event_frames_too_large",
+            "Event frames over the client message limit, sent as a gateway.event_too_large marker",
+            m.event_frames_too_large.clone(),
         );
         registry.register(
             "history_bytes",

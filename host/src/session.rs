@@ -451,13 +451,24 @@ impl Session {
             return Ok(());
         }
         self.replayed_up_to = since;
-        for chunk in replay.events.chunks(EVENT_BATCH as usize) {
-            let mut frames = Vec::new();
-            for event in chunk {
-                frames.extend(self.handler.on_event(event).map_err(End::Fault)?);
+        // In turns, with the same bounds as live events: a resume storm must not hold the
+        // workers any more than a burst of live events does.
+        let mut events = replay.events.iter().peekable();
+        while events.peek().is_some() {
+            let started = Instant::now();
+            let (mut frames, mut bytes, mut delivered) = (Vec::new(), 0usize, 0u64);
+            while delivered < EVENT_BATCH
+                && bytes < self.turn_bytes
+                && started.elapsed() < self.turn_time
+            {
+                let Some(event) = events.next() else { break };
+                let more = self.handler.on_event(event).map_err(End::Fault)?;
+                bytes += more.iter().map(frame_len).sum::<usize>();
+                frames.extend(more);
                 self.replayed_up_to = event.seq;
+                delivered += 1;
             }
-            self.app.metrics.events_delivered.inc_by(chunk.len() as u64);
+            self.app.metrics.events_delivered.inc_by(delivered);
             self.write(frames).await?;
             tokio::task::yield_now().await;
         }

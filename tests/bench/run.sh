@@ -11,12 +11,14 @@
 #   native    the 100 % delivery runs alternate with the same runs on the handler compiled
 #             natively (no Wasm), for the sandbox's cost; plus sandbox_calls, the per-call
 #             cost without sockets
+#   resume    a resume storm: 10,000 clients (2,000 users) miss 20 events each, then all
+#             reconnect at once with ?since=; time to recovered, and the log's bytes per event
 #   multi     100,000 connections across several gateway processes, if time allows
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (900, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
 # numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
-# subset of: density storm delivery native multi).
+# subset of: density storm delivery native resume multi).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -26,7 +28,7 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-900}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
@@ -34,6 +36,7 @@ GATEWAY=$ROOT/target/release/gateway
 NATIVE=$ROOT/target/release/gateway-bench-native
 LOADGEN=$ROOT/target/release/loadgen
 SANDBOX_CALLS=$ROOT/target/release/sandbox_calls
+RESUME_STORM=$ROOT/target/release/resume_storm
 GUEST=$ROOT/target/components/handler.wasm
 OUT=$ROOT/target/bench
 LOGS=$OUT/logs
@@ -49,6 +52,8 @@ if [[ $QUICK == 1 ]]; then
     PUBLISH_SECS=2
     MULTI_GATEWAYS=2
     MULTI_PER_GATEWAY=200
+    RESUME_CLIENTS=200
+    RESUME_USERS=40
 else
     DENSITY_POINTS=(1000 5000 10000)
     STORM_CONNECTIONS=5000
@@ -58,7 +63,10 @@ else
     PUBLISH_SECS=10
     MULTI_GATEWAYS=6
     MULTI_PER_GATEWAY=16667
+    RESUME_CLIENTS=10000
+    RESUME_USERS=2000
 fi
+RESUME_MISSED=20
 DELIVERY_BATCH=100
 STEADY_BATCH=10
 DELIVERY_PUBLISHERS=4
@@ -240,7 +248,7 @@ if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     cp "$GATEWAY" "$NATIVE"
     $CARGO build --release --locked -p gateway
 fi
-for f in "$GATEWAY" "$NATIVE" "$LOADGEN" "$SANDBOX_CALLS" "$ROOT/target/release/benchplot" "$GUEST"; do
+for f in "$GATEWAY" "$NATIVE" "$LOADGEN" "$SANDBOX_CALLS" "$RESUME_STORM" "$ROOT/target/release/benchplot" "$GUEST"; do
     [[ -e $f ]] || { log "missing $f (run without BENCH_SKIP_BUILD)"; exit 2; }
 done
 if "$GATEWAY" serve --help | grep -q native-handler-for-benchmark; then
@@ -381,6 +389,28 @@ if has native; then
         "$SANDBOX_CALLS" --guest "$GUEST" --instances "$instances" --calls 200000 --rounds 5 \
             --json "$OUT/sandbox-calls-$instances.json" >"$LOGS/sandbox-calls-$instances.log" 2>&1 ||
             note "sandbox_calls --instances $instances failed (see target/bench/logs/sandbox-calls-$instances.log)"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# Resume storm: every client reconnects at once with ?since= after missing a burst.
+if has resume; then
+    for run in $(seq 1 "$RUNS"); do
+        label=resume-r$run
+        log "resume storm: $RESUME_CLIENTS clients, $RESUME_USERS users, $RESUME_MISSED missed each, run $run"
+        if ! start_gateway "$label" "$GATEWAY"; then
+            note "$label: the gateway did not start; run skipped"
+            continue
+        fi
+        # Each client connects twice: twice the source addresses of one loadgen run.
+        ips=$(($(source_ips_for "$RESUME_CLIENTS") * 2))
+        "$RESUME_STORM" --addr "127.0.0.1:$GW_PORT" --clients "$RESUME_CLIENTS" \
+            --users "$RESUME_USERS" --missed "$RESUME_MISSED" --server-pid "$GW_PID" \
+            --source-ips "$ips" --source-ip-offset "$SRC_NEXT" --json "$OUT/$label.json" \
+            >"$LOGS/$label.out" 2>"$LOGS/$label.err" ||
+            note "resume_storm $label failed (see target/bench/logs/$label.out and .err)"
+        SRC_NEXT=$((SRC_NEXT + ips))
+        stop_gateway "$GW_PID" "$label"
     done
 fi
 

@@ -432,19 +432,33 @@ fn sighup_without_a_key_set_keeps_the_binary_running() {
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("GATEWAY_JWT_SECRET", gateway_tests::SECRET)
         .env("GATEWAY_GUEST", guests::REFERENCE)
+        .env("GATEWAY_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Lines of the log arrive on a channel, so that every wait below has a bound.
     let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let wait_for = |what: &str| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    };
     // Listening means the signal handlers are in place.
-    assert!(
-        lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|l| l.contains("gateway listening")),
-        "gateway did not start"
-    );
+    assert!(wait_for("gateway listening"), "gateway did not start");
     let pid = child.id().to_string();
     let kill = |signal: &str| {
         std::process::Command::new("kill")
@@ -453,13 +467,7 @@ fn sighup_without_a_key_set_keeps_the_binary_running() {
             .unwrap()
     };
     assert!(kill("-HUP").success());
-    assert!(
-        lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|l| l.contains("nothing to reload")),
-        "SIGHUP not handled"
-    );
+    assert!(wait_for("nothing to reload"), "SIGHUP not handled");
     assert!(
         child.try_wait().unwrap().is_none(),
         "the process ended on SIGHUP"
@@ -547,4 +555,71 @@ async fn guests_that_cannot_run_are_refused_with_the_limit_to_raise() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("limits.guest_max_instances"), "{stderr}");
+}
+
+/// Item 9: an event that passes the API but whose frame outgrows the client limit in the
+/// guest (here: redaction re-prints `1e15` as `1000000000000000.0`) is the publisher's
+/// doing: the client gets a marker naming it and keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_framed_too_large_is_a_marker_not_a_guest_fault() {
+    let gw = TestGateway::start().await;
+    let publisher = gw.publisher_token();
+    let mut client = gw.connect("alice").await;
+    let numbers = vec!["1e15"; 10_000].join(",");
+    let body = format!(
+        r#"{{"user_id":"alice","kind":"k","payload":{{"token":"sk-1","values":[{numbers}]}}}}"#
+    );
+    let (status, reply) = gateway_tests::post(&gw.url("/v1/publish"), &publisher, body).await;
+    assert_eq!(status, 200, "{reply}");
+    let marker = client.next_json().await.unwrap();
+    assert_eq!(marker["type"], "gateway.event_too_large", "{marker}");
+    assert_eq!(marker["seq"], reply["seq"]);
+    let (_, next) = gw
+        .publish(
+            &publisher,
+            &json!({"user_id": "alice", "kind": "k", "payload": 1}),
+        )
+        .await;
+    assert_eq!(client.next_json().await.unwrap()["seq"], next["seq"]);
+    assert_eq!(gw.metric("gateway_event_frames_too_large_total").await, 1.0);
+    assert_eq!(
+        gw.metric(r#"gateway_guest_faults_total{kind="emit_too_large"}"#)
+            .await,
+        0.0
+    );
+}
+
+/// Item 5: a publisher token bound to a tenant publishes to that tenant only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_bound_publisher_reaches_its_tenant_only() {
+    let gw = TestGateway::start().await;
+    let mut c = claims("alice");
+    c.tenant = Some("acme".into());
+    let mut acme_alice = gw.connect_with(c).await;
+    let mut bare_alice = gw.connect("alice").await;
+    let mut publisher = claims("acme-backend");
+    publisher.scope = Some(gateway::auth::PUBLISH_SCOPE.into());
+    publisher.tenant = Some("acme".into());
+    let publisher = token(publisher);
+    // No tenant_id: the publisher's own tenant.
+    let (status, reply) = gw
+        .publish(
+            &publisher,
+            &json!({"user_id": "alice", "kind": "k", "payload": 1}),
+        )
+        .await;
+    assert_eq!(
+        (status, reply["tenant_id"].as_str()),
+        (200, Some("acme")),
+        "{reply}"
+    );
+    assert_eq!(acme_alice.next_json().await.unwrap()["seq"], reply["seq"]);
+    bare_alice.expect_silence(Duration::from_millis(200)).await;
+    let (status, reply) = gw
+        .publish(
+            &publisher,
+            &json!({"user_id": "alice", "tenant_id": "globex", "kind": "k", "payload": 1}),
+        )
+        .await;
+    assert_eq!(status, 403, "{reply}");
 }

@@ -39,3 +39,33 @@ async fn loadgen_smoke_run_sees_every_event_at_its_user() {
     assert_eq!(report["events_received"].as_u64().unwrap(), published * 5);
     gw.wait_metric("gateway_sessions_live", 0.0).await;
 }
+
+/// A short resume storm: every client reconnects at once with `?since=` after missing a
+/// burst, and each gets `recovered: true` and exactly the events it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_storm_smoke_run_recovers_every_client() {
+    let gw = TestGateway::start().await;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_resume_storm"));
+    command
+        .args(["--addr", &gw.addr.to_string()])
+        .args(["--clients", "60", "--users", "12", "--missed", "5"])
+        .args(["--max-secs", "60"])
+        .env("GATEWAY_JWT_SECRET", SECRET);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "resume_storm failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["recovered"], 60, "{report}");
+    assert_eq!(report["failures"], 0, "{report}");
+    assert!(
+        report["history_bytes_per_event"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+}

@@ -30,6 +30,9 @@ pub struct HostState {
     pub(super) memory_wanted: usize,
     /// Set when a call ran out of CPU time (or wall time).
     pub(super) cpu_exceeded: bool,
+    /// The event being handled, during `on-event`: a frame too large for the client made
+    /// from it is the publisher's doing, not the guest's (see `emit`).
+    pub(super) event_seq: Option<u64>,
     pub(super) clock: CallClock,
     pub(super) limits: InstanceLimits,
     pub(super) metrics: Arc<Metrics>,
@@ -90,6 +93,21 @@ impl Host for HostState {
             Frame::Text(text) => text.len(),
             Frame::Binary(bytes) => bytes.len(),
         };
+        if len > self.limits.emit_bytes
+            && let Some(seq) = self.event_seq
+        {
+            // An event's frame can outgrow the client limit through what the publisher put
+            // in it (the API's size check is an estimate): the client gets a marker naming
+            // the event instead, and the guest keeps its connection.
+            self.metrics.event_frames_too_large.inc();
+            let marker = format!(
+                r#"{{"type":"gateway.event_too_large","seq":{seq},"bytes":{len},"limit":{}}}"#,
+                self.limits.emit_bytes
+            );
+            self.outbox_bytes += marker.len();
+            self.outbox.push(Frame::Text(marker));
+            return Ok(());
+        }
         if len > self.limits.emit_bytes {
             self.violation = Some(Fault::EmitTooLarge);
             wasmtime::bail!(

@@ -358,6 +358,7 @@ impl Sandbox {
             memory_exceeded: false,
             memory_wanted: 0,
             cpu_exceeded: false,
+            event_seq: None,
             clock: clock::CallClock::start(),
             limits: self.limits,
             metrics: self.metrics.clone(),

@@ -28,7 +28,10 @@ impl Handler for WasmHandler {
     }
 
     fn on_event(&mut self, event: &Event) -> Result<Vec<Frame>, Fault> {
-        self.call(|w, s| w.call_on_event(s, event))
+        self.store.data_mut().event_seq = Some(event.seq);
+        let result = self.call(|w, s| w.call_on_event(s, event));
+        self.store.data_mut().event_seq = None;
+        result
     }
 
     fn on_close(&mut self, reason: CloseReason) -> Result<Vec<Frame>, Fault> {
