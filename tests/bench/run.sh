@@ -405,7 +405,7 @@ if has resume; then
         # Each client connects twice: twice the source addresses of one loadgen run.
         ips=$(($(source_ips_for "$RESUME_CLIENTS") * 2))
         "$RESUME_STORM" --addr "127.0.0.1:$GW_PORT" --clients "$RESUME_CLIENTS" \
-            --users "$RESUME_USERS" --missed "$RESUME_MISSED" --server-pid "$GW_PID" \
+            --users "$RESUME_USERS" --missed "$RESUME_MISSED" \
             --source-ips "$ips" --source-ip-offset "$SRC_NEXT" --json "$OUT/$label.json" \
             >"$LOGS/$label.out" 2>"$LOGS/$label.err" ||
             note "resume_storm $label failed (see target/bench/logs/$label.out and .err)"

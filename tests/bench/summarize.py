@@ -748,14 +748,13 @@ def resume_section(out):
         f"run {i + 1}", num(r["recovered"]), num(r["failures"]), num(r["storm_secs"], 2),
         num(r["resumes_per_sec"]), num(r["recover_ms"]["p50"], 1), num(r["recover_ms"]["p99"], 1),
         num(r["recover_ms"]["max"], 1), num(r["history_bytes_per_event"]),
-        num(r["rss_bytes_per_event"]) if r.get("rss_bytes_per_event") is not None else "-",
     ] for i, r in enumerate(reports)]
     def m(*keys, digits=0):
         return num(median([get(r, *keys) for r in reports]), digits)
     rows.append([
         "median", m("recovered"), m("failures"), m("storm_secs", digits=2),
         m("resumes_per_sec"), m("recover_ms", "p50", digits=1), m("recover_ms", "p99", digits=1),
-        m("recover_ms", "max", digits=1), m("history_bytes_per_event"), m("rss_bytes_per_event"),
+        m("recover_ms", "max", digits=1), m("history_bytes_per_event"),
     ])
     return "\n".join([
         "## 5. Resume storm",
@@ -766,10 +765,11 @@ def resume_section(out):
         "`?since=<its last seq>` (at most 512 handshakes in flight). A client is recovered when "
         "it has `gateway.resumed` with `recovered: true` and every missed event in order; "
         "times are from the start of the storm. *Log bytes/event* is the growth of "
-        "`gateway_history_bytes` over the burst; *RSS bytes/event* the gateway's RSS growth.",
+        "`gateway_history_bytes` over the burst (the log's own accounting of an event with "
+        "its bookkeeping).",
         "",
         table(["", "recovered", "failures", "storm s", "resumes/s", "p50 ms", "p99 ms", "max ms",
-               "log bytes/event", "RSS bytes/event"], rows),
+               "log bytes/event"], rows),
     ]) + "\n"
 
 

@@ -7,9 +7,9 @@
 //!    in order, exactly once.
 //!
 //! Reports time to all recovered, per-client time to recovered (p50/p99/max), failures, and
-//! the log's bytes per retained event (`gateway_history_bytes` over the events retained),
-//! with the server's RSS growth per retained event when `--server-pid` is given. Exit 1 on
-//! any failure.
+//! the log's bytes per retained event (`gateway_history_bytes` over the events retained).
+//! (The server's RSS says nothing here: the burst lands in memory the closed connections
+//! just freed.) Exit 1 on any failure.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -50,9 +50,6 @@ struct Args {
     /// Skip this many source addresses (consecutive runs must not share ports in TIME_WAIT).
     #[arg(long, default_value_t = 0)]
     source_ip_offset: u32,
-    /// The gateway's pid, to report its RSS growth per retained event.
-    #[arg(long)]
-    server_pid: Option<u32>,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     max_secs: u64,
@@ -168,18 +165,6 @@ async fn metric(http: &reqwest::Client, addr: SocketAddr, name: &str) -> anyhow:
         .unwrap_or(0.0))
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        l.strip_prefix("VmRSS:")?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -233,7 +218,6 @@ async fn main() -> anyhow::Result<()> {
     for mut ws in sockets {
         let _ = ws.close(None).await;
     }
-    let rss_before = args.server_pid.and_then(rss_kib);
     let bytes_before = metric(&http, args.addr, "gateway_history_bytes").await?;
     let mut burst = Vec::with_capacity(users * args.missed);
     for n in 1..=args.missed {
@@ -244,13 +228,10 @@ async fn main() -> anyhow::Result<()> {
     for (k, seq) in seqs.into_iter().enumerate() {
         expected[k % users].push(seq);
     }
-    // The log's gauge is refreshed once a second: wait until it shows the burst.
-    let mut bytes_after = bytes_before;
-    while bytes_after == bytes_before && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        bytes_after = metric(&http, args.addr, "gateway_history_bytes").await?;
-    }
-    let rss_after = args.server_pid.and_then(rss_kib);
+    // The log's gauge is refreshed once a second: a full period after the last publish was
+    // answered, it counts the whole burst.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let bytes_after = metric(&http, args.addr, "gateway_history_bytes").await?;
     let retained = (users * args.missed) as f64;
 
     // 3. The storm: everyone reconnects with `since` at once.
@@ -307,9 +288,6 @@ async fn main() -> anyhow::Result<()> {
             "max": times.last().copied().unwrap_or(0.0),
         },
         "history_bytes_per_event": (bytes_after - bytes_before) / retained,
-        "rss_bytes_per_event": rss_before
-            .zip(rss_after)
-            .map(|(b, a)| (a.saturating_sub(b) * 1024) as f64 / retained),
     });
     println!("{report}");
     if let Some(path) = &args.json {
