@@ -112,6 +112,22 @@ pub enum GuestCommand {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Run a guest offline under the configured limits: a context, then each client frame
+    /// (`--client`, one text frame a line), then each event (`--events`, one publish body a
+    /// line, `user_id` optional), then on-close. Prints one JSON line per emitted frame, and
+    /// one for a fault, which ends the run with status 1.
+    Replay {
+        component: PathBuf,
+        #[arg(long)]
+        events: PathBuf,
+        #[arg(long)]
+        client: Option<PathBuf>,
+        /// The user id in the context the guest gets.
+        #[arg(long, default_value = "replay-user")]
+        user: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
@@ -274,6 +290,36 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
             std::fs::write(&output, component)
                 .with_context(|| format!("cannot write {}", output.display()))?;
             println!("wrote {}", output.display());
+        }
+        GuestCommand::Replay {
+            component,
+            events,
+            client,
+            user,
+            config,
+        } => {
+            let config = load_config(&config)?;
+            config.validate()?;
+            let sandbox = Sandbox::load(&component, &config, 1, Arc::new(Metrics::new()))?;
+            let open = |path: &Path| {
+                std::fs::File::open(path)
+                    .map(std::io::BufReader::new)
+                    .with_context(|| format!("cannot read {}", path.display()))
+            };
+            let mut events = open(&events)?;
+            let mut client = client.as_deref().map(open).transpose()?;
+            let stdout = std::io::stdout();
+            let outcome = crate::replay::replay(
+                &sandbox,
+                &config,
+                &user,
+                client.as_mut().map(|c| c as &mut dyn std::io::BufRead),
+                &mut events,
+                &mut stdout.lock(),
+            )?;
+            if let crate::replay::Outcome::Faulted(fault) = outcome {
+                anyhow::bail!("the guest faulted: {}", fault.as_str());
+            }
         }
         GuestCommand::Check { component, config } => {
             let config = load_config(&config)?;

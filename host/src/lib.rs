@@ -14,7 +14,8 @@
 //! - [`event_log`]: recent events per identity and their sequence numbers, for resume.
 //! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
 //! - [`metrics`]: Prometheus counters.
-//! - [`cli`]: `gateway serve` and `gateway token`.
+//! - [`cli`]: `gateway serve`, `gateway token`, `gateway guest wrap|check|replay`.
+//! - [`replay`]: a guest run offline over client frames and events, for plugin authors.
 //!
 //! [`serve`] runs the whole thing on a listener the caller bound, so tests use port 0.
 
@@ -26,6 +27,7 @@ pub mod config;
 pub mod event_log;
 pub mod listener;
 pub mod metrics;
+pub mod replay;
 pub mod router;
 pub mod sandbox;
 pub mod session;

@@ -1,11 +1,15 @@
 //! The path of one connection, from HTTP request to closed socket.
 //!
-//! 1. [`connect`] (HTTP phase): verify the token, build the connection's [`Context`],
-//!    instantiate its own guest instance, then upgrade. Any refusal is an HTTP answer.
-//! 2. [`run`] (socket phase): register with the router, call the guest's `init`, then one
-//!    loop owns the socket, the instance and the event queue until the connection ends.
-//! 3. On the way out: `on-close`, a close frame with a documented code, and the instance is
-//!    dropped with its memory. The router registration goes with it.
+//! 1. [`connect`] (HTTP phase): check the origin, verify the token, take a node slot,
+//!    register with the router (events queue from here on), instantiate the connection's own
+//!    guest, then upgrade. Any refusal is an HTTP answer.
+//! 2. `run` (socket phase): a `Session` owns the socket, the handler and the event queue.
+//!    `Session::serve` calls `init`, replays what a resuming client missed
+//!    (`Session::resume`), then serves one source of work at a time: the client
+//!    (`Session::on_client`), events (`Session::on_events`, in bounded turns), pings
+//!    and timers, until the connection ends.
+//! 3. `Session::close`: `on-close`, a close frame with a documented code, and the instance
+//!    is dropped with its memory. The router registration goes with it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -338,7 +342,7 @@ struct Session {
     last_heard: Instant,
     /// Frames either way: what the idle timeout looks at.
     last_active: Instant,
-    /// Reads passed over in favour of queued events (see [`Session::serve`]).
+    /// Reads passed over in favour of queued events (see `Session::serve`).
     reads_skipped: u32,
     /// After a resume, the last `seq` replayed: live events up to it were queued while the
     /// replay ran and are already delivered.

@@ -1,0 +1,93 @@
+//! Tools for plugin authors, through the real binary: `gateway guest replay`.
+
+use std::process::Command;
+
+use gateway_tests::guests;
+use serde_json::Value;
+
+fn gateway() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("gateway")
+}
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("gateway-toolkit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn replay(guest: &str, client: &str, events: &str) -> (bool, Vec<Value>, String) {
+    let output = Command::new(gateway())
+        .args(["guest", "replay", guest])
+        .arg("--client")
+        .arg(write(&format!("{}-client.jsonl", events.len()), client))
+        .arg("--events")
+        .arg(write(&format!("{}-events.jsonl", events.len()), events))
+        .output()
+        .unwrap();
+    let lines = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (
+        output.status.success(),
+        lines,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn replay_runs_the_reference_guest_offline_frame_by_frame() {
+    let client = r#"{"type":"subscribe","thread_id":"t1"}
+
+{"type":"ping"}
+"#;
+    let events = r#"{"user_id":"alice","kind":"agent_started","payload":{"api_key":"sk-1","step":1},"run_id":"r1","thread_id":"t1"}
+{"kind":"agent_thinking","payload":{"n":2},"thread_id":"t2"}
+"#;
+    let (ok, lines, stderr) = replay(guests::REFERENCE, client, events);
+    assert!(ok, "{stderr}");
+    let calls: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["call"].as_str().unwrap(),
+                l["frame"]["type"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // The second event's thread is not subscribed: no frame for it.
+    assert_eq!(
+        calls,
+        [
+            ("init", "welcome"),
+            ("on-client-message", "subscribed"),
+            ("on-client-message", "pong"),
+            ("on-event", "event"),
+        ]
+    );
+    assert_eq!(lines[1]["line"], 1);
+    assert_eq!(lines[2]["line"], 3, "blank lines keep their numbers");
+    let event = &lines[3]["frame"];
+    assert_eq!(event["payload"]["api_key"], "[redacted]");
+    assert_eq!(
+        (event["seq"].as_u64(), event["run_state"].as_str()),
+        (Some(1), Some("started"))
+    );
+}
+
+#[test]
+fn replay_reports_a_fault_and_fails() {
+    let (ok, lines, stderr) = replay(guests::CHAOS, "hello\ntrap\nnever\n", "");
+    assert!(!ok);
+    assert!(stderr.contains("the guest faulted: trap"), "{stderr}");
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (last["call"].as_str(), last["line"].as_u64()),
+        (Some("on-client-message"), Some(2))
+    );
+    assert_eq!(last["fault"], "trap");
+    assert_eq!(lines.len(), 3, "welcome, the echo, the fault: {lines:?}");
+}
