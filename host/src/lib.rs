@@ -33,7 +33,7 @@ pub mod sandbox;
 pub mod session;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::routing::{get, post};
@@ -54,7 +54,9 @@ use crate::sandbox::Sandbox;
 pub struct AppState {
     pub config: Config,
     pub verifier: Verifier,
-    pub sandbox: Sandbox,
+    /// The compiled guest new connections instantiate. A reload swaps it; connections keep
+    /// the instance they were given (and with it the guest version they started with).
+    sandbox: RwLock<Arc<Sandbox>>,
     pub router: Arc<Router>,
     pub admission: Admission,
     pub metrics: Arc<Metrics>,
@@ -112,7 +114,7 @@ impl AppState {
         );
         Ok(Arc::new(AppState {
             verifier,
-            sandbox,
+            sandbox: RwLock::new(Arc::new(sandbox)),
             router: Arc::new(Router::new(
                 metrics.clone(),
                 &config.limits,
@@ -124,6 +126,40 @@ impl AppState {
             sessions: TaskTracker::new(),
             config,
         }))
+    }
+}
+
+impl AppState {
+    /// The guest new connections get now.
+    pub fn sandbox(&self) -> Arc<Sandbox> {
+        self.sandbox
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Loads the guest from its configured path again, proves it with a trial
+    /// instantiation under the configured limits, and only then makes it the guest of new
+    /// connections. Live connections keep theirs. A guest that fails to load or to run is
+    /// refused, and the one in use stays.
+    pub fn reload_guest(&self) -> Result<(), StartError> {
+        let result = self.load_guest();
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        self.metrics.guest_reload(outcome);
+        result
+    }
+
+    fn load_guest(&self) -> Result<(), StartError> {
+        let path = self.config.guest.as_deref().ok_or(StartError::NoGuest)?;
+        let sandbox = Sandbox::load(
+            path,
+            &self.config,
+            self.admission.capacity.effective,
+            self.metrics.clone(),
+        )?;
+        sandbox.trial(&self.config)?;
+        *self.sandbox.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(sandbox);
+        Ok(())
     }
 }
 
@@ -152,9 +188,9 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .with_state(state)
 }
 
-/// Re-reads the JWKS file when it changes or on SIGHUP, until shutdown. SIGHUP is handled
-/// even without a JWKS file: its default action would end the process.
-async fn watch_jwks(state: Arc<AppState>) {
+/// Re-reads the JWKS file when it changes, and on SIGHUP the JWKS file and the guest
+/// component, until shutdown.
+async fn watch_reloads(state: Arc<AppState>) {
     let path = state.verifier.jwks_path().map(|p| p.display().to_string());
     let poll = Duration::from_secs(state.config.auth.jwks_poll_secs.max(1));
     #[cfg(unix)]
@@ -174,8 +210,10 @@ async fn watch_jwks(state: Arc<AppState>) {
             () = tokio::time::sleep(poll), if path.is_some() => false,
             _ = sighup => true,
         };
+        if force {
+            reload_guest(&state).await;
+        }
         let Some(path) = &path else {
-            tracing::info!("SIGHUP: no auth.jwks_file configured, nothing to reload");
             continue;
         };
         match state.verifier.reload_jwks(force) {
@@ -187,6 +225,28 @@ async fn watch_jwks(state: Arc<AppState>) {
                 "JWKS reload failed; KEEPING THE PREVIOUS KEYS until the file is fixed"
             ),
         }
+    }
+}
+
+/// SIGHUP's guest reload, logged either way.
+async fn reload_guest(state: &Arc<AppState>) {
+    let path = state
+        .config
+        .guest
+        .as_deref()
+        .map(|p| p.display().to_string());
+    // Compiling a large guest takes seconds: off the runtime's workers.
+    let reloading = state.clone();
+    match tokio::task::spawn_blocking(move || reloading.reload_guest())
+        .await
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
+    {
+        Ok(()) => tracing::info!(guest = path, "guest reloaded: new connections use it"),
+        Err(err) => tracing::error!(
+            guest = path,
+            error = %err,
+            "guest reload refused; KEEPING THE GUEST IN USE"
+        ),
     }
 }
 
@@ -264,7 +324,7 @@ pub async fn serve_with_ops(
             serving.clone(),
         )));
     }
-    let jwks = tokio::spawn(watch_jwks(state.clone()));
+    let jwks = tokio::spawn(watch_reloads(state.clone()));
     let history = tokio::spawn(expire_history(state.clone()));
 
     tokio::select! {

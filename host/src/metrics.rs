@@ -47,6 +47,7 @@ pub struct Metrics {
     pub turns_cut: Counter,
     guest_faults: Family<Labels, Counter>,
     resumes: Family<Labels, Counter>,
+    guest_reloads: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     closes: Family<Labels, Counter>,
 }
@@ -80,6 +81,7 @@ impl Metrics {
             history_bytes: Gauge::default(),
             history_evictions: Family::default(),
             resumes: Family::default(),
+            guest_reloads: Family::default(),
             guest_faults: Family::default(),
             refusals: Family::default(),
             closes: Family::default(),
@@ -171,6 +173,11 @@ impl Metrics {
             m.history_evictions.clone(),
         );
         registry.register(
+            "guest_reloads",
+            "Guest reloads (SIGHUP), by result: ok, refused (the guest in use stays)",
+            m.guest_reloads.clone(),
+        );
+        registry.register(
             "resumes",
             "Resumes, by result: recovered (complete replay) or not_recovered",
             m.resumes.clone(),
@@ -200,6 +207,12 @@ impl Metrics {
 
     pub fn guest_fault(&self, kind: &'static str) {
         self.guest_faults.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    pub fn guest_reload(&self, result: &'static str) {
+        self.guest_reloads
+            .get_or_create(&vec![("result", result)])
+            .inc();
     }
 
     pub fn resume(&self, recovered: bool) {

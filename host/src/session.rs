@@ -172,7 +172,7 @@ fn admit(
                 ApiError::unavailable("this node is shutting down; retry another node"),
             ),
         })?;
-    let handler = app.sandbox.instantiate(&ctx).map_err(|err| {
+    let handler = app.sandbox().instantiate(&ctx).map_err(|err| {
         tracing::error!(user = %ctx.user_id, error = %err.advice(&app.config), "cannot instantiate guest");
         refuse(
             "instantiate",

@@ -423,7 +423,8 @@ async fn smaller_findings() {
     );
 }
 
-/// Smaller finding: SIGHUP without a JWKS file is handled, not the end of the process.
+/// Smaller finding: SIGHUP without a JWKS file is handled, not the end of the process (it
+/// reloads the guest).
 #[test]
 fn sighup_without_a_key_set_keeps_the_binary_running() {
     let exe = std::env::current_exe().unwrap();
@@ -467,7 +468,7 @@ fn sighup_without_a_key_set_keeps_the_binary_running() {
             .unwrap()
     };
     assert!(kill("-HUP").success());
-    assert!(wait_for("nothing to reload"), "SIGHUP not handled");
+    assert!(wait_for("guest reloaded"), "SIGHUP not handled");
     assert!(
         child.try_wait().unwrap().is_none(),
         "the process ended on SIGHUP"
