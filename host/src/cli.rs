@@ -388,3 +388,26 @@ pub fn wrap_module(module: &[u8]) -> anyhow::Result<Vec<u8>> {
         .validate(true)
         .encode()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_secret_is_created_private_and_then_reused() {
+        let dir = std::env::temp_dir().join(format!("gateway-dev-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(DEV_SECRET_FILE);
+        let _ = std::fs::remove_file(&path);
+        let secret = dev_secret(&path).unwrap();
+        assert!(secret.len() >= 32);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        }
+        assert_eq!(dev_secret(&path).unwrap(), secret);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

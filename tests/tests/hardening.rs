@@ -624,3 +624,41 @@ async fn a_tenant_bound_publisher_reaches_its_tenant_only() {
         .await;
     assert_eq!(status, 403, "{reply}");
 }
+
+/// Item 9: an event whose frame could exceed what a client takes is refused at the API with
+/// 413 and a reason, before it reaches any guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_framed_past_the_client_limit_are_refused_with_413() {
+    let mut cfg = config(guests::REFERENCE);
+    cfg.limits.max_message_bytes = 16 << 10;
+    let gw = TestGateway::start_with(cfg).await;
+    let publisher = gw.publisher_token();
+    // 1,000 members: 9 KiB of JSON, but up to 11 KiB more once redaction markers go in.
+    let members: serde_json::Map<String, Value> =
+        (0..1000).map(|i| (format!("k{i:03}"), json!(0))).collect();
+    let (status, reply) = gw
+        .publish(
+            &publisher,
+            &json!({"user_id": "alice", "kind": "k", "payload": members}),
+        )
+        .await;
+    assert_eq!(status, 413, "{reply}");
+    assert_eq!(reply["error"], "event_too_large");
+    assert!(
+        reply["reason"]
+            .as_str()
+            .unwrap()
+            .contains("1000 object members"),
+        "{reply}"
+    );
+    // Control characters in ids are escaped six-fold in the frame.
+    let kind = "\u{1}".repeat(250);
+    let payload = "x".repeat(15 << 10);
+    let (status, reply) = gw
+        .publish(
+            &publisher,
+            &json!({"user_id": "alice", "kind": kind, "payload": payload}),
+        )
+        .await;
+    assert_eq!(status, 413, "{reply}");
+}
