@@ -119,8 +119,8 @@ impl Stream {
     }
 }
 
-/// Bytes an event costs in the log, with its bookkeeping.
-fn event_bytes(event: &Event) -> usize {
+/// Bytes an event costs, with its bookkeeping: in the log, and in a session's queue.
+pub fn event_bytes(event: &Event) -> usize {
     event.payload.len()
         + event.kind.len()
         + event.run_id.as_ref().map_or(0, String::len)

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Identity;
 use crate::config::Limits;
-use crate::event_log::{Appended, EventLog};
+use crate::event_log::{Appended, EventLog, event_bytes};
 use crate::metrics::Metrics;
 use crate::sandbox::Event;
 
@@ -95,15 +95,6 @@ pub enum Refused {
     UserLimit(usize),
     #[error("the gateway is shutting down")]
     ShuttingDown,
-}
-
-/// Roughly what a queued event holds on to.
-fn event_bytes(event: &Event) -> usize {
-    event.payload.len()
-        + event.kind.len()
-        + event.run_id.as_ref().map_or(0, String::len)
-        + event.thread_id.as_ref().map_or(0, String::len)
-        + 64
 }
 
 #[derive(Default)]

@@ -143,7 +143,20 @@ impl TestGateway {
         &self,
         token: &str,
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-        let mut request = self.ws_url().into_client_request()?;
+        self.try_connect_with_query(token, "").await
+    }
+
+    /// Connects to `/ws?<query>` (e.g. `since=42`) with `Authorization: Bearer <token>`.
+    pub async fn try_connect_with_query(
+        &self,
+        token: &str,
+        query: &str,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let url = match query {
+            "" => self.ws_url(),
+            query => format!("{}?{query}", self.ws_url()),
+        };
+        let mut request = url.into_client_request()?;
         request
             .headers_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());

@@ -5,19 +5,11 @@ use gateway_tests::{Client, TestGateway, claims, config, guests, token};
 use serde_json::{Value, json};
 
 async fn connect_since(gw: &TestGateway, user: &str, since: Option<u64>) -> Client {
-    let url = match since {
-        Some(since) => format!("{}?since={since}", gw.ws_url()),
-        None => gw.ws_url(),
-    };
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token(claims(user))).parse().unwrap(),
-    );
-    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    let mut client = Client { ws };
+    let query = since.map_or(String::new(), |s| format!("since={s}"));
+    let mut client = gw
+        .try_connect_with_query(&token(claims(user)), &query)
+        .await
+        .unwrap();
     assert_eq!(client.next_json().await.unwrap()["type"], "welcome");
     client
 }

@@ -25,17 +25,11 @@ impl Rng {
     }
 }
 
-async fn connect(gw_url: &str, user: &str, since: u64) -> Client {
-    let url = format!("{gw_url}?since={since}");
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token(claims(user))).parse().unwrap(),
-    );
-    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    let mut client = Client { ws };
+async fn connect(gw: &TestGateway, user: &str, since: u64) -> Client {
+    let mut client = gw
+        .try_connect_with_query(&token(claims(user)), &format!("since={since}"))
+        .await
+        .unwrap();
     assert_eq!(client.next_json().await.unwrap()["type"], "welcome");
     let resumed = client.next_json().await.unwrap();
     assert_eq!(resumed["type"], "gateway.resumed", "{resumed}");
@@ -46,7 +40,7 @@ async fn connect(gw_url: &str, user: &str, since: u64) -> Client {
 /// One logical client: reads, drops its connection now and then, resumes from the last
 /// `seq` it saw, until it has seen `last` (sent on `done`).
 async fn run_client(
-    gw_url: String,
+    gw: Arc<TestGateway>,
     user: String,
     start: u64,
     seed: u64,
@@ -56,7 +50,7 @@ async fn run_client(
     let mut seen = Vec::new();
     let mut last = start;
     loop {
-        let mut client = connect(&gw_url, &user, last).await;
+        let mut client = connect(&gw, &user, last).await;
         let mut budget = 5 + rng.below(60);
         loop {
             let end = done.borrow().as_ref().map(|ends| ends[&user]);
@@ -87,7 +81,7 @@ async fn run_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_resuming_at_random_see_each_event_of_their_user_exactly_once() {
-    let gw = TestGateway::start().await;
+    let gw = Arc::new(TestGateway::start().await);
     let publisher = gw.publisher_token();
     let user = |u: usize| format!("user-{u}");
     // A first event per user gives each client its starting position.
@@ -112,7 +106,7 @@ async fn clients_resuming_at_random_see_each_event_of_their_user_exactly_once() 
             clients.push((
                 user(u),
                 tokio::spawn(run_client(
-                    gw.ws_url(),
+                    gw.clone(),
                     user(u),
                     start[&user(u)],
                     seed,
