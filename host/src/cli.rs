@@ -112,6 +112,15 @@ pub enum GuestCommand {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Write a buildable handler project in ./NAME: the WIT world, a handler, sample
+    /// frames and events, and a Makefile whose default target builds NAME/NAME.wasm
+    /// (`make test` replays the samples through it).
+    New {
+        name: String,
+        /// Only `rust` for now.
+        #[arg(long, default_value = "rust")]
+        lang: String,
+    },
     /// Run a guest offline under the configured limits: a context, then each client frame
     /// (`--client`, one text frame a line), then each event (`--events`, one publish body a
     /// line, `user_id` optional), then on-close. Prints one JSON line per emitted frame, and
@@ -291,6 +300,13 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot write {}", output.display()))?;
             println!("wrote {}", output.display());
         }
+        GuestCommand::New { name, lang } => {
+            let dir = new_project(Path::new("."), &name, &lang)?;
+            println!(
+                "wrote {}: `make -C {name}` builds {name}/{name}.wasm, `make -C {name} test` replays samples through it",
+                dir.display()
+            );
+        }
         GuestCommand::Replay {
             component,
             events,
@@ -331,6 +347,54 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Rust handler template, `{{name}}` and `{{lib}}` filled in by `new_project`.
+const RUST_TEMPLATE: &[(&str, &str)] = &[
+    ("Cargo.toml", include_str!("templates/rust/Cargo.toml.tmpl")),
+    ("Makefile", include_str!("templates/rust/Makefile.tmpl")),
+    ("src/lib.rs", include_str!("templates/rust/lib.rs.tmpl")),
+    ("wit/world.wit", include_str!("../../wit/world.wit")),
+    (
+        "tests/frames.jsonl",
+        include_str!("templates/rust/frames.jsonl"),
+    ),
+    (
+        "tests/events.jsonl",
+        include_str!("templates/rust/events.jsonl"),
+    ),
+    (".gitignore", "target/\n*.wasm\n"),
+];
+
+/// Writes a new handler project `name` under `parent`; refuses to touch an existing path.
+pub fn new_project(parent: &Path, name: &str, lang: &str) -> anyhow::Result<PathBuf> {
+    let valid = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    anyhow::ensure!(
+        valid,
+        "project name {name:?}: lower-case letters, digits, `-` and `_`, starting with a letter, at most 64"
+    );
+    anyhow::ensure!(
+        lang == "rust",
+        "--lang {lang}: only `rust` is available in this version (JavaScript and Python guests are \
+         described in the README's handler section)"
+    );
+    let dir = parent.join(name);
+    anyhow::ensure!(!dir.exists(), "{} already exists", dir.display());
+    let lib = name.replace('-', "_");
+    for (file, text) in RUST_TEMPLATE {
+        let path = dir.join(file);
+        if let Some(folder) = path.parent() {
+            std::fs::create_dir_all(folder)
+                .with_context(|| format!("cannot create {}", folder.display()))?;
+        }
+        let text = text.replace("{{name}}", name).replace("{{lib}}", &lib);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(dir)
+}
+
 /// What `gateway guest check` reports, one fact a line.
 fn check_guest(path: &Path, config: &Config) -> anyhow::Result<String> {
     use std::fmt::Write as _;
@@ -345,7 +409,7 @@ fn check_guest(path: &Path, config: &Config) -> anyhow::Result<String> {
     let per_event = sandbox.synthetic_events(EVENTS_TIMED)?;
     let mut out = String::new();
     let _ = writeln!(out, "{}: accepted", path.display());
-    let _ = writeln!(out, "  world:        {}", crate::sandbox::WORLD_IMPORT);
+    let _ = writeln!(out, "  world:        {}", crate::sandbox::WORLD);
     let _ = writeln!(out, "  imports:      {}", imports.join(", "));
     let _ = writeln!(out, "  exports:      {}", exports.join(", "));
     let _ = writeln!(out, "  size:         {size} bytes");
@@ -408,6 +472,25 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         }
         assert_eq!(dev_secret(&path).unwrap(), secret);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn new_projects_take_safe_names_and_never_overwrite() {
+        let dir = std::env::temp_dir().join(format!("gateway-new-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for bad in ["", "Caps", "1abc", "a/b", "../x", "a b"] {
+            assert!(new_project(&dir, bad, "rust").is_err(), "{bad:?} accepted");
+        }
+        assert!(new_project(&dir, "ok", "cobol").is_err());
+        let made = new_project(&dir, "my-agent", "rust").unwrap();
+        let makefile = std::fs::read_to_string(made.join("Makefile")).unwrap();
+        assert!(makefile.contains("release/my_agent.wasm"), "{makefile}");
+        assert!(!makefile.contains("{{"), "{makefile}");
+        assert!(
+            new_project(&dir, "my-agent", "rust").is_err(),
+            "overwrote a project"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -91,3 +91,39 @@ fn replay_reports_a_fault_and_fails() {
     assert_eq!(last["fault"], "trap");
     assert_eq!(lines.len(), 3, "welcome, the echo, the fault: {lines:?}");
 }
+
+/// `gateway guest new` writes a project that builds outside this repository, passes
+/// `guest check` and replays its samples (`make test` in the project does all three).
+#[test]
+fn a_new_rust_project_builds_checks_and_replays() {
+    let dir = std::env::temp_dir().join(format!("gateway-guest-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = Command::new(gateway())
+        .args(["guest", "new", "demo-handler"])
+        .current_dir(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let project = dir.join("demo-handler");
+    // The project's own cargo, as an author would run it: none of this build's settings.
+    let output = Command::new("make")
+        .arg("test")
+        .arg(format!("GATEWAY={}", gateway().display()))
+        .current_dir(&project)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("demo-handler.wasm: accepted"), "{stdout}");
+    assert!(project.join("demo-handler.wasm").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

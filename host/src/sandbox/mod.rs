@@ -41,6 +41,9 @@ mod bindings {
 pub use bindings::gateway::handler::connection::{CloseReason, Context, Event, Frame};
 use bindings::{Handler as World, HandlerPre as WorldPre};
 
+/// The world guests are built against.
+pub const WORLD: &str = "gateway:handler@0.1.0";
+
 /// The one interface a guest may import.
 pub const WORLD_IMPORT: &str = "gateway:handler/connection@0.1.0";
 
