@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures_util::StreamExt;
-use gateway::auth::{Claims, PUBLISH_SCOPE, mint_hs256, now_secs};
+use gateway::auth::{Claims, PUBLISH_SCOPE, mint_hs256};
+use gateway_tests::claims;
 use serde_json::{Value, json};
 use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
@@ -71,16 +72,7 @@ impl Plan {
     }
 
     fn user_token(&self, user: usize) -> String {
-        self.token(Claims {
-            sub: format!("storm-{user}"),
-            exp: now_secs() + 3600,
-            nbf: None,
-            iss: None,
-            aud: None,
-            scope: None,
-            tenant: None,
-            sid: None,
-        })
+        self.token(claims(&format!("storm-{user}")))
     }
 
     async fn open(&self, i: usize, user: usize, since: Option<u64>) -> anyhow::Result<Ws> {
@@ -120,16 +112,9 @@ async fn publish(
     plan: &Plan,
     events: Vec<Value>,
 ) -> anyhow::Result<Vec<u64>> {
-    let publisher = plan.token(Claims {
-        sub: "storm-publisher".into(),
-        exp: now_secs() + 3600,
-        nbf: None,
-        iss: None,
-        aud: None,
-        scope: Some(PUBLISH_SCOPE.into()),
-        tenant: None,
-        sid: None,
-    });
+    let mut publisher = claims("storm-publisher");
+    publisher.scope = Some(PUBLISH_SCOPE.into());
+    let publisher = plan.token(publisher);
     let mut seqs = Vec::with_capacity(events.len());
     for chunk in events.chunks(1000) {
         let reply: Value = http
