@@ -6,11 +6,20 @@ GATEWAY := target/release/gateway
 GUEST_MODULE := target/$(WASM_TARGET)/guest/gateway_guest.wasm
 GUEST := target/components/handler.wasm
 
-.PHONY: run test guest setup lint fmt clean bench
+.PHONY: run test guest setup browser lint fmt clean bench
+
+# Package installs need root; elsewhere they go through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 ## Install the toolchain pieces a fresh machine lacks.
 setup:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+## Headless Chromium for the browser tests: Debian's package, when missing (CHROMIUM names
+## another binary).
+browser:
+	@test -x "$${CHROMIUM:-/usr/bin/chromium}" || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
 ## Build the gateway (release).
 $(GATEWAY): setup
@@ -28,7 +37,7 @@ run: guest
 
 ## Run every test: the gateway over real sockets, with guests built from source. (The
 ## crates have no doc tests; leaving that empty suite out keeps the last summary a real one.)
-test: setup
+test: setup browser
 	$(CARGO) build --release --locked -p gateway
 	$(CARGO) test --release --locked -p gateway -p gateway-tests -p gateway-guest --lib --bins --tests
 

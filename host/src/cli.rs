@@ -144,6 +144,7 @@ pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
     if args.dev && config.jwt_secret.is_none() && config.auth.public_keys.is_empty() {
         config.jwt_secret = Some(dev_secret(Path::new(DEV_SECRET_FILE))?);
     }
+    config.dev = args.dev;
     Ok(config)
 }
 
@@ -231,6 +232,7 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 fn print_dev_help(addr: std::net::SocketAddr) {
     println!(
         "\ngateway (dev) listening on http://{addr}\n\
+         \n  demo page:     http://{addr}/  (a live agent run in the browser client)\n\
          \n  mint tokens:   USER=$(target/release/gateway token --dev --user alice)\n\
          \x20                PUB=$(target/release/gateway token --dev --publisher)\n\
          \x20 connect:       websocat \"ws://{addr}/ws?access_token=$USER\"\n\

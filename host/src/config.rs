@@ -30,6 +30,10 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: Limits,
     pub history: History,
+    /// Development mode (`serve --dev` only, never from a file or the environment): serves
+    /// the demo page at `/` and `/dev/token`, which mints a token for anyone who asks.
+    #[serde(skip)]
+    pub dev: bool,
 }
 
 /// The event log's bounds: what a reconnecting client can get back (`?since=`).
@@ -196,6 +200,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: Limits::default(),
             history: History::default(),
+            dev: false,
         }
     }
 }
@@ -266,6 +271,7 @@ impl std::fmt::Debug for Config {
             .field("auth", &self.auth)
             .field("limits", &self.limits)
             .field("history", &self.history)
+            .field("dev", &self.dev)
             .finish()
     }
 }

@@ -16,6 +16,7 @@
 //! - [`metrics`]: Prometheus counters.
 //! - [`cli`]: `gateway serve`, `gateway token`, `gateway guest wrap|check|replay`.
 //! - [`replay`]: a guest run offline over client frames and events, for plugin authors.
+//! - [`web`]: the browser client (`/client.js`), and in dev mode the demo page.
 //!
 //! [`serve`] runs the whole thing on a listener the caller bound, so tests use port 0.
 
@@ -31,6 +32,7 @@ pub mod replay;
 pub mod router;
 pub mod sandbox;
 pub mod session;
+pub mod web;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -112,6 +114,12 @@ impl AppState {
             guest_memory_reservation = sandbox.reservation.as_str(),
             "connection capacity of this node"
         );
+        if config.dev {
+            tracing::warn!(
+                "development mode: / serves the demo page, and /dev/token and /dev/run mint \
+                 tokens and publish events for anyone who can reach this port"
+            );
+        }
         Ok(Arc::new(AppState {
             verifier,
             sandbox: RwLock::new(Arc::new(sandbox)),
@@ -177,7 +185,7 @@ const OPS_HTTP_CONNECTIONS: usize = 64;
 
 /// The HTTP application, shared by the binary and the tests.
 pub fn app(state: Arc<AppState>) -> axum::Router {
-    axum::Router::new()
+    web::routes(state.config.dev)
         .route("/ws", get(session::connect))
         .route("/v1/publish", post(api::publish))
         .route("/v1/publish/batch", post(api::publish_batch))

@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod browser;
+
 /// Paths of the guest components `build.rs` built.
 pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));

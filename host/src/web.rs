@@ -1,0 +1,270 @@
+//! What the gateway serves to browsers: the client library (`GET /client.js`) always, and in
+//! development mode (`serve --dev`) the demo page at `/` with the two endpoints it uses.
+//!
+//! The dev endpoints mint tokens and publish events for anyone who can reach the port, so
+//! they exist only when the process was started with `--dev`; a configuration file or the
+//! environment cannot turn them on.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::AppState;
+use crate::api::{ApiError, refuse};
+use crate::auth::{Audience, AuthError, Claims, bearer, mint_hs256, now_secs};
+use crate::router::Publication;
+
+/// The client library, kept in this repository and compiled into the binary.
+pub const CLIENT_JS: &str = include_str!("../web/client.js");
+const DEMO_HTML: &str = include_str!("../web/demo.html");
+
+/// The client's `VERSION`, read from its source so the two cannot disagree.
+pub static CLIENT_VERSION: LazyLock<&'static str> = LazyLock::new(|| {
+    CLIENT_JS
+        .split_once("export const VERSION = \"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map_or("unknown", |(version, _)| version)
+});
+
+/// Content hash for the `ETag`: a rebuilt binary with another client gets another tag.
+const CLIENT_HASH: u64 = fnv1a(CLIENT_JS.as_bytes());
+
+const fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+/// Longest lifetime `/dev/token` mints.
+const MAX_DEV_TOKEN_SECS: u64 = 24 * 3600;
+
+/// The routes of this module for `state`'s mode.
+pub fn routes(dev: bool) -> axum::Router<Arc<AppState>> {
+    let router = axum::Router::new().route("/client.js", get(client_js));
+    if !dev {
+        return router;
+    }
+    router
+        .route("/", get(demo_page))
+        .route("/dev/token", get(dev_token))
+        .route("/dev/run", post(dev_run))
+}
+
+/// `GET /client.js`: cacheable, revalidated by its content hash, importable from any origin
+/// (a module script from another origin needs CORS).
+async fn client_js(headers: HeaderMap) -> Response {
+    let etag = format!("\"{}-{CLIENT_HASH:016x}\"", *CLIENT_VERSION);
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let mut response = if fresh {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        CLIENT_JS.into_response()
+    };
+    let version = HeaderValue::from_static(*CLIENT_VERSION);
+    let etag = HeaderValue::from_str(&etag).expect("ascii tag");
+    for (name, value) in [
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/javascript; charset=utf-8"),
+        ),
+        (
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=300"),
+        ),
+        (header::ETAG, etag),
+        (
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        ),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        (HeaderName::from_static("x-gateway-client-version"), version),
+    ] {
+        response.headers_mut().insert(name, value);
+    }
+    response
+}
+
+async fn demo_page() -> Response {
+    let mut response = axum::response::Html(DEMO_HTML).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenQuery {
+    user: String,
+    tenant: Option<String>,
+    ttl_secs: Option<u64>,
+}
+
+/// `GET /dev/token?user=alice[&tenant=acme][&ttl_secs=3600]`: a connect token signed with the
+/// configured HS256 secret, for the demo page. Development mode only.
+async fn dev_token(
+    State(app): State<Arc<AppState>>,
+    query: Result<Query<TokenQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("{e}; expected ?user=NAME[&tenant=T][&ttl_secs=N]"),
+        )
+    })?;
+    for (name, value) in [
+        ("user", Some(&query.user)),
+        ("tenant", query.tenant.as_ref()),
+    ] {
+        if let Some(value) = value
+            && (value.is_empty() || value.len() > 256)
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("{name} must be 1 to 256 bytes"),
+            ));
+        }
+    }
+    let ttl = query.ttl_secs.unwrap_or(3600);
+    if ttl == 0 || ttl > MAX_DEV_TOKEN_SECS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("ttl_secs must be 1 to {MAX_DEV_TOKEN_SECS}"),
+        ));
+    }
+    let Some(secret) = app.config.jwt_secret.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "no_dev_secret",
+            "dev tokens are signed with jwt_secret (HS256), and none is configured",
+        ));
+    };
+    let claims = Claims {
+        sub: query.user,
+        exp: now_secs() + ttl,
+        nbf: None,
+        iss: app.config.auth.issuer.clone(),
+        aud: app.config.auth.audience.as_deref().map(Audience::from),
+        scope: None,
+        tenant: query.tenant,
+        sid: None,
+    };
+    let token = mint_hs256(secret, &claims)
+        .map_err(|e| ApiError::unavailable(format!("cannot sign a token: {e}")))?;
+    let mut response = Json(json!({
+        "token": token,
+        "user_id": claims.sub,
+        "tenant_id": claims.tenant,
+        "expires_at": claims.exp,
+    }))
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// A scripted agent run: what the demo page shows, redactions included.
+const DEMO_RUN: &[(&str, &str)] = &[
+    (
+        "agent_started",
+        r#"{"goal":"Summarise the open incidents","model":"demo-1"}"#,
+    ),
+    (
+        "tool_executing",
+        r#"{"tool":"search_tickets","args":{"query":"status:open","api_key":"sk-demo-0123456789"}}"#,
+    ),
+    ("tool_completed", r#"{"tool":"search_tickets","results":3}"#),
+    (
+        "tool_executing",
+        r#"{"tool":"http_get","args":{"url":"https://status.example.com","headers":{"Authorization":"Bearer demo"}}}"#,
+    ),
+    ("tool_completed", r#"{"tool":"http_get","status":200}"#),
+    (
+        "agent_message",
+        r#"{"text":"Three incidents are open; the oldest is two days old."}"#,
+    ),
+    ("agent_completed", r#"{"tokens":1834,"duration_ms":2100}"#),
+];
+
+/// Time between the demo run's events: slow enough to watch.
+const DEMO_STEP: Duration = Duration::from_millis(350);
+
+/// `POST /dev/run` with the page's connect token: publishes [`DEMO_RUN`] to that token's
+/// identity, one event every [`DEMO_STEP`]. Development mode only.
+async fn dev_run(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let claims = bearer(&headers)
+        .ok_or(AuthError::Missing)
+        .and_then(|t| app.verifier.verify(t))
+        .map_err(|err| refuse(&app, err.label(), None, ApiError::unauthorized(err)))?;
+    let identity = claims.identity();
+    let run_id = format!("run-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let publishing = app.clone();
+    let run = run_id.clone();
+    tokio::spawn(async move {
+        for (kind, payload) in DEMO_RUN {
+            publishing.router.publish(
+                Publication {
+                    identity: identity.clone(),
+                    kind: (*kind).to_owned(),
+                    payload: (*payload).to_owned(),
+                    run_id: Some(run.clone()),
+                    thread_id: Some("demo".to_owned()),
+                },
+                None,
+            );
+            tokio::select! {
+                () = publishing.shutdown.cancelled() => return,
+                () = tokio::time::sleep(DEMO_STEP) => {}
+            }
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "run_id": run_id, "events": DEMO_RUN.len() })),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_version_is_the_clients_own() {
+        assert!(CLIENT_JS.contains(&format!("export const VERSION = \"{}\";", *CLIENT_VERSION)));
+        assert_ne!(*CLIENT_VERSION, "unknown");
+    }
+
+    #[test]
+    fn every_demo_payload_is_json() {
+        for (kind, payload) in DEMO_RUN {
+            serde_json::from_str::<serde_json::Value>(payload)
+                .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        }
+    }
+}

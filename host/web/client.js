@@ -1,0 +1,383 @@
+// The gateway's browser client: one ES module, no dependencies, no build step.
+//
+//   import { connect } from "https://gateway.example.com/client.js";
+//   const client = connect({ url: "wss://gateway.example.com/ws", token: fetchToken });
+//   client.on("event", (e) => render(e));
+//   client.on("resume", (r) => { if (!r.recovered) reloadState(); });
+//
+// What it guarantees to the application: events in `seq` order, never twice, across any
+// number of reconnects; a reconnect resumes with `since`, and a resume the gateway cannot
+// prove complete is surfaced (`recovered: false`); the token is refreshed in-band before it
+// expires; subscriptions are sent again on every new connection.
+
+/** The version of this client; the gateway serves it with an `X-Gateway-Client-Version` header. */
+export const VERSION = "0.1.0";
+
+/**
+ * An agent event, as the reference handler forwards it.
+ * @typedef {object} GatewayEvent
+ * @property {"event"} type
+ * @property {number} seq Strictly increasing per identity. Below 2^53, so exact in a Number.
+ * @property {string} kind e.g. `agent_started`, `tool_executing`, `agent_completed`
+ * @property {unknown} payload Sensitive values replaced by `"[redacted]"`.
+ * @property {string} [run_id]
+ * @property {string} [thread_id]
+ * @property {string} [run_state] `started`, `tools_running`, `completed` or `error`
+ */
+
+/**
+ * The gateway's answer to a reconnect with `since`.
+ * @typedef {object} Resume
+ * @property {boolean} recovered True: every event after `since` follows, none missing.
+ *   False: events may be missing; reload the state from the application.
+ * @property {number} since
+ * @property {number} replayed How many events the gateway replays.
+ * @property {number | null} head
+ * @property {number | null} earliest
+ * @property {null | "evicted" | "unknown_position" | "too_many"} reason
+ */
+
+/**
+ * @typedef {"connecting" | "open" | "reconnecting" | "closed"} State
+ *
+ * @typedef {object} Status
+ * @property {State} state
+ * @property {number} [attempt] Reconnect attempts since the last working connection.
+ * @property {number} [delayMs] When `reconnecting`: the wait before the next attempt.
+ * @property {number} [code] The close code that ended the previous connection.
+ * @property {string} [reason] Its close reason.
+ */
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {string} url The gateway's WebSocket endpoint, e.g. `wss://host/ws`.
+ * @property {() => string | Promise<string>} token Returns a connect token (JWT). Called
+ *   before every connection and before every in-band refresh, so it can fetch a fresh one.
+ * @property {number | null} [since] Resume position for the first connection: the `seq` of
+ *   the last event the application has, `0` for everything the gateway retains, or `null`
+ *   (the default) for live events only.
+ * @property {number} [refreshBeforeSecs] Refresh the token this long before it expires
+ *   (default 60; at most half of the token's remaining lifetime).
+ * @property {number} [backoffMinMs] First reconnect delay bound (default 500).
+ * @property {number} [backoffMaxMs] Largest reconnect delay bound (default 30000).
+ * @property {typeof WebSocket} [WebSocket] A WebSocket implementation outside browsers.
+ */
+
+/**
+ * @typedef {object} ClientEvents
+ * @property {GatewayEvent} event Each event, in order, once.
+ * @property {Resume} resume After every reconnect with `since`.
+ * @property {Status} status Connection state changes.
+ * @property {{expiresAt: number}} refresh The gateway accepted a refreshed token.
+ * @property {{reason: string}} refresh_failed A refresh was refused or no newer token came.
+ * @property {Record<string, unknown>} frame Any other frame: the handler's `welcome`,
+ *   `subscribed`, `pong`, `error`, and the gateway's `gateway.event_too_large`.
+ * @property {{message: string}} error The token callback failed, or a frame was not JSON.
+ */
+
+/**
+ * Close codes after which reconnecting would only repeat the failure: the server's idle
+ * timeout (1000), invalid UTF-8 (1007), token, identity, rate and protocol-policy errors
+ * (1008), and a message too big (1009). Everything else (1001 drain, 1006 network,
+ * 1011 guest fault, 4000 slow client, ...) reconnects with backoff and resumes.
+ */
+const FINAL_CLOSE_CODES = new Set([1000, 1007, 1008, 1009]);
+
+/** Our own close code for `reconnect()`: not one the gateway sends. */
+const RECONNECT_CODE = 4100;
+
+export class GatewayClient {
+  /** @type {ClientOptions} */ #options;
+  /** @type {{[K in keyof ClientEvents]?: Set<(value: ClientEvents[K]) => void>}} */
+  #listeners = {};
+  /** @type {WebSocket | null} */ #socket = null;
+  /** @type {number | null} */ #lastSeq;
+  /** @type {Set<string>} */ #threads = new Set();
+  /** @type {State} */ #state = "closed";
+  #attempt = 0;
+  #stopped = true;
+  /** @type {ReturnType<typeof setTimeout> | undefined} */ #retryTimer;
+  /** @type {ReturnType<typeof setTimeout> | undefined} */ #refreshTimer;
+  /** Expiry (seconds) of the token the connection holds now. */
+  #expiresAt = 0;
+  /** Whether any connection opened: from then on a reconnect always resumes. */
+  #everOpen = false;
+  #onOnline = () => {
+    if (this.#state === "reconnecting") this.#retrySoon(0);
+  };
+
+  /** @param {ClientOptions} options */
+  constructor(options) {
+    if (!options || typeof options.url !== "string" || typeof options.token !== "function") {
+      throw new TypeError("GatewayClient needs { url, token }");
+    }
+    this.#options = { refreshBeforeSecs: 60, backoffMinMs: 500, backoffMaxMs: 30000, ...options };
+    this.#lastSeq = options.since ?? null;
+  }
+
+  /** The `seq` of the last event delivered to the application (or the `since` given). */
+  get lastSeq() {
+    return this.#lastSeq;
+  }
+
+  /** @returns {State} */
+  get state() {
+    return this.#state;
+  }
+
+  /** The thread ids subscribed to; sent again on every new connection. */
+  get threads() {
+    return [...this.#threads];
+  }
+
+  /**
+   * Calls `listener` for each `type` notification; returns a function that stops it.
+   * @template {keyof ClientEvents} K
+   * @param {K} type
+   * @param {(value: ClientEvents[K]) => void} listener
+   * @returns {() => void}
+   */
+  on(type, listener) {
+    const set = (this.#listeners[type] ??= new Set());
+    set.add(listener);
+    return () => set.delete(listener);
+  }
+
+  /** Opens the connection (again, after `close()` or a final close code). */
+  connect() {
+    if (!this.#stopped) return this;
+    this.#stopped = false;
+    this.#attempt = 0;
+    globalThis.addEventListener?.("online", this.#onOnline);
+    void this.#open();
+    return this;
+  }
+
+  /** Closes the connection for good (code 1000); `connect()` starts again. */
+  close() {
+    this.#stopped = true;
+    globalThis.removeEventListener?.("online", this.#onOnline);
+    clearTimeout(this.#retryTimer);
+    clearTimeout(this.#refreshTimer);
+    const socket = this.#detach();
+    socket?.close(1000, "client closed");
+    this.#setStatus({ state: "closed", code: 1000, reason: "client closed" });
+  }
+
+  /** Drops the connection and opens a new one at once, resuming from `lastSeq`. */
+  reconnect() {
+    if (this.#stopped) return;
+    // The old socket is let go at once: whatever it still delivers comes again through the
+    // resume, and a dead network cannot hold the new connection behind a closing handshake.
+    this.#detach()?.close(RECONNECT_CODE, "client reconnect");
+    this.#attempt = 0;
+    this.#retrySoon(0, RECONNECT_CODE, "client reconnect");
+  }
+
+  /**
+   * Sends one frame to the handler. Returns false when not connected (nothing is queued:
+   * frames are commands for the live connection).
+   * @param {Record<string, unknown>} frame
+   */
+  send(frame) {
+    if (this.#socket?.readyState !== 1) return false;
+    this.#socket.send(JSON.stringify(frame));
+    return true;
+  }
+
+  /** Subscribes to one thread's events, now and on every later connection. */
+  subscribe(/** @type {string} */ threadId) {
+    this.#threads.add(threadId);
+    this.send({ type: "subscribe", thread_id: threadId });
+  }
+
+  unsubscribe(/** @type {string} */ threadId) {
+    this.#threads.delete(threadId);
+    this.send({ type: "unsubscribe", thread_id: threadId });
+  }
+
+  async #open() {
+    this.#setStatus({ state: this.#attempt === 0 ? "connecting" : "reconnecting", attempt: this.#attempt });
+    let token;
+    try {
+      token = await this.#options.token();
+    } catch (err) {
+      this.#emit("error", { message: `token callback failed: ${err}` });
+      this.#scheduleRetry(undefined, undefined);
+      return;
+    }
+    if (this.#stopped) return;
+    const url = new URL(this.#options.url);
+    url.searchParams.set("access_token", token);
+    // Until an event has arrived there is no position to resume from; `since=0` then asks
+    // for everything retained, so that nothing published during a drop is lost.
+    const since = this.#lastSeq ?? (this.#everOpen ? 0 : null);
+    if (since !== null) url.searchParams.set("since", String(since));
+    const Socket = this.#options.WebSocket ?? globalThis.WebSocket;
+    const socket = new Socket(url.toString());
+    this.#socket = socket;
+    this.#expiresAt = tokenExpiry(token);
+    socket.onopen = () => {
+      this.#everOpen = true;
+      this.#setStatus({ state: "open", attempt: this.#attempt });
+      for (const threadId of this.#threads) this.send({ type: "subscribe", thread_id: threadId });
+      this.#scheduleRefresh();
+    };
+    socket.onmessage = (message) => this.#receive(message.data);
+    socket.onclose = (close) => {
+      if (this.#socket !== socket) return;
+      this.#detach();
+      if (this.#stopped) return;
+      if (FINAL_CLOSE_CODES.has(close.code)) {
+        this.#stopped = true;
+        globalThis.removeEventListener?.("online", this.#onOnline);
+        this.#setStatus({ state: "closed", code: close.code, reason: close.reason });
+      } else {
+        this.#scheduleRetry(close.code, close.reason);
+      }
+    };
+  }
+
+  /** @param {unknown} data */
+  #receive(data) {
+    let frame;
+    try {
+      frame = JSON.parse(String(data));
+    } catch {
+      this.#emit("error", { message: "a frame that is not JSON" });
+      return;
+    }
+    // A frame arrived: this connection works, so the next drop starts the backoff over.
+    this.#attempt = 0;
+    switch (frame?.type) {
+      case "event":
+        if (this.#isNew(frame.seq)) this.#emit("event", frame);
+        return;
+      case "gateway.event_too_large":
+        // The event's place in the order: it was delivered, as a marker.
+        if (this.#isNew(frame.seq)) this.#emit("frame", frame);
+        return;
+      case "gateway.resumed":
+        this.#emit("resume", frame);
+        return;
+      case "gateway.refreshed":
+        this.#expiresAt = frame.expires_at;
+        this.#emit("refresh", { expiresAt: frame.expires_at });
+        this.#scheduleRefresh();
+        return;
+      case "gateway.refresh_failed":
+        this.#emit("refresh_failed", { reason: frame.reason });
+        this.#scheduleRefresh(5000);
+        return;
+      default:
+        this.#emit("frame", frame);
+    }
+  }
+
+  /** Whether an event's `seq` is past the last one delivered; if so it becomes the last. */
+  #isNew(/** @type {unknown} */ seq) {
+    if (typeof seq !== "number") return true;
+    if (this.#lastSeq !== null && seq <= this.#lastSeq) return false;
+    this.#lastSeq = seq;
+    return true;
+  }
+
+  /** Sends a fresh token before the one in use expires. */
+  #scheduleRefresh(atLeastMs = 1000) {
+    clearTimeout(this.#refreshTimer);
+    if (!this.#expiresAt) return;
+    const left = this.#expiresAt * 1000 - Date.now();
+    const margin = Math.min((this.#options.refreshBeforeSecs ?? 60) * 1000, left / 2);
+    const delay = Math.max(atLeastMs, left - margin);
+    this.#refreshTimer = setTimeout(() => void this.#refresh(), delay);
+  }
+
+  async #refresh() {
+    const socket = this.#socket;
+    let token;
+    try {
+      token = await this.#options.token();
+    } catch (err) {
+      this.#emit("refresh_failed", { reason: `token callback failed: ${err}` });
+      this.#scheduleRefresh(5000);
+      return;
+    }
+    if (socket !== this.#socket || socket?.readyState !== 1) return;
+    if (tokenExpiry(token) <= this.#expiresAt) {
+      // Sending the same token again would only repeat; the connection ends at its expiry.
+      this.#emit("refresh_failed", { reason: "the token callback returned no newer token" });
+      return;
+    }
+    this.send({ type: "gateway.refresh", access_token: token });
+  }
+
+  /** @param {number | undefined} code @param {string | undefined} reason */
+  #scheduleRetry(code, reason) {
+    // Full jitter: a node's worth of clients dropped at once spread their reconnects.
+    const { backoffMinMs = 500, backoffMaxMs = 30000 } = this.#options;
+    const bound = Math.min(backoffMaxMs, backoffMinMs * 2 ** Math.min(this.#attempt, 16));
+    this.#attempt += 1;
+    this.#retrySoon(Math.floor(Math.random() * bound), code, reason);
+  }
+
+  /** @param {number} delayMs @param {number} [code] @param {string} [reason] */
+  #retrySoon(delayMs, code, reason) {
+    clearTimeout(this.#retryTimer);
+    this.#setStatus({ state: "reconnecting", attempt: this.#attempt, delayMs, code, reason });
+    this.#retryTimer = setTimeout(() => {
+      if (!this.#stopped) void this.#open();
+    }, delayMs);
+  }
+
+  /** Forgets the current socket, so that nothing it still delivers reaches the app. */
+  #detach() {
+    const socket = this.#socket;
+    this.#socket = null;
+    clearTimeout(this.#refreshTimer);
+    if (socket) socket.onopen = socket.onmessage = socket.onclose = null;
+    return socket;
+  }
+
+  /** @param {Status} status */
+  #setStatus(status) {
+    this.#state = status.state;
+    this.#emit("status", status);
+  }
+
+  /**
+   * @template {keyof ClientEvents} K
+   * @param {K} type
+   * @param {ClientEvents[K]} value
+   */
+  #emit(type, value) {
+    for (const listener of this.#listeners[type] ?? []) {
+      try {
+        listener(value);
+      } catch (err) {
+        // One listener's bug must not stop delivery to the others, or the order.
+        setTimeout(() => {
+          throw err;
+        });
+      }
+    }
+  }
+}
+
+/**
+ * Creates a client and connects it.
+ * @param {ClientOptions} options
+ */
+export function connect(options) {
+  return new GatewayClient(options).connect();
+}
+
+/** A JWT's `exp` (seconds), or 0 when it cannot be read. */
+function tokenExpiry(/** @type {string} */ token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "="))).exp;
+    return typeof exp === "number" ? exp : 0;
+  } catch {
+    return 0;
+  }
+}
