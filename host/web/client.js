@@ -22,12 +22,13 @@ export const VERSION = "0.1.0";
  * @property {unknown} payload Sensitive values replaced by `"[redacted]"`.
  * @property {string} [run_id]
  * @property {string} [thread_id]
- * @property {string} [run_state] `started`, `tools_running`, `completed` or `error`
+ * @property {"started" | "tools_running" | "completed" | "error"} [run_state]
  */
 
 /**
  * The gateway's answer to a reconnect with `since`.
  * @typedef {object} Resume
+ * @property {"gateway.resumed"} type
  * @property {boolean} recovered True: every event after `since` follows, none missing.
  *   False: events may be missing; reload the state from the application.
  * @property {number} since
@@ -42,7 +43,8 @@ export const VERSION = "0.1.0";
  *
  * @typedef {object} Status
  * @property {State} state
- * @property {number} [attempt] Reconnect attempts since the last working connection.
+ * @property {number} [attempt] Reconnect attempts since a connection last stayed up for
+ *   10 s (the backoff grows with it).
  * @property {number} [delayMs] When `reconnecting`: the wait before the next attempt.
  * @property {number} [code] The close code that ended the previous connection.
  * @property {string} [reason] Its close reason.
@@ -69,7 +71,8 @@ export const VERSION = "0.1.0";
  * @property {Resume} resume After every reconnect with `since`.
  * @property {Status} status Connection state changes.
  * @property {{expiresAt: number}} refresh The gateway accepted a refreshed token.
- * @property {{reason: string}} refresh_failed A refresh was refused or no newer token came.
+ * @property {{reason: string}} refresh_failed The gateway refused a refreshed token, the
+ *   token callback failed (tried again every 5 s), or it returned no newer token.
  * @property {Record<string, unknown>} frame Any other frame: the handler's `welcome`,
  *   `subscribed`, `pong`, `error`, and the gateway's `gateway.event_too_large`.
  * @property {{message: string}} error The token callback failed, or a frame was not JSON.
@@ -86,6 +89,12 @@ const FINAL_CLOSE_CODES = new Set([1000, 1007, 1008, 1009]);
 /** Our own close code for `reconnect()`: not one the gateway sends. */
 const RECONNECT_CODE = 4100;
 
+/** A connection that stayed up this long resets the backoff. */
+const STABLE_MS = 10000;
+
+/** `setTimeout` fires at once past this (about 24.8 days). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 export class GatewayClient {
   /** @type {ClientOptions} */ #options;
   /** @type {{[K in keyof ClientEvents]?: Set<(value: ClientEvents[K]) => void>}} */
@@ -96,6 +105,12 @@ export class GatewayClient {
   /** @type {State} */ #state = "closed";
   #attempt = 0;
   #stopped = true;
+  /** Bumped by every open, close and reconnect: an open still awaiting its token that finds
+   * another generation gives up, so there is never more than one socket. */
+  #generation = 0;
+  /** A reconnect is scheduled and not yet started. */
+  #waiting = false;
+  #openedAt = 0;
   /** @type {ReturnType<typeof setTimeout> | undefined} */ #retryTimer;
   /** @type {ReturnType<typeof setTimeout> | undefined} */ #refreshTimer;
   /** Expiry (seconds) of the token the connection holds now. */
@@ -103,7 +118,7 @@ export class GatewayClient {
   /** Whether any connection opened: from then on a reconnect always resumes. */
   #everOpen = false;
   #onOnline = () => {
-    if (this.#state === "reconnecting") this.#retrySoon(0);
+    if (this.#waiting) this.#retrySoon(0);
   };
 
   /** @param {ClientOptions} options */
@@ -156,6 +171,8 @@ export class GatewayClient {
   /** Closes the connection for good (code 1000); `connect()` starts again. */
   close() {
     this.#stopped = true;
+    this.#generation += 1;
+    this.#waiting = false;
     globalThis.removeEventListener?.("online", this.#onOnline);
     clearTimeout(this.#retryTimer);
     clearTimeout(this.#refreshTimer);
@@ -169,6 +186,7 @@ export class GatewayClient {
     if (this.#stopped) return;
     // The old socket is let go at once: whatever it still delivers comes again through the
     // resume, and a dead network cannot hold the new connection behind a closing handshake.
+    this.#generation += 1;
     this.#detach()?.close(RECONNECT_CODE, "client reconnect");
     this.#attempt = 0;
     this.#retrySoon(0, RECONNECT_CODE, "client reconnect");
@@ -197,28 +215,42 @@ export class GatewayClient {
   }
 
   async #open() {
+    const generation = ++this.#generation;
+    const current = () => !this.#stopped && generation === this.#generation;
     this.#setStatus({ state: this.#attempt === 0 ? "connecting" : "reconnecting", attempt: this.#attempt });
     let token;
     try {
       token = await this.#options.token();
     } catch (err) {
+      if (!current()) return;
       this.#emit("error", { message: `token callback failed: ${err}` });
       this.#scheduleRetry(undefined, undefined);
       return;
     }
-    if (this.#stopped) return;
-    const url = new URL(this.#options.url);
-    url.searchParams.set("access_token", token);
-    // Until an event has arrived there is no position to resume from; `since=0` then asks
-    // for everything retained, so that nothing published during a drop is lost.
-    const since = this.#lastSeq ?? (this.#everOpen ? 0 : null);
-    if (since !== null) url.searchParams.set("since", String(since));
-    const Socket = this.#options.WebSocket ?? globalThis.WebSocket;
-    const socket = new Socket(url.toString());
+    if (!current()) return;
+    this.#detach()?.close(RECONNECT_CODE, "client reconnect");
+    let socket;
+    try {
+      const url = new URL(this.#options.url);
+      url.searchParams.set("access_token", token);
+      // Until an event has arrived there is no position to resume from; `since=0` then
+      // asks for everything retained, so that nothing published during a drop is lost.
+      const since = this.#lastSeq ?? (this.#everOpen ? 0 : null);
+      if (since !== null) url.searchParams.set("since", String(since));
+      const Socket = this.#options.WebSocket ?? globalThis.WebSocket;
+      socket = new Socket(url.toString());
+    } catch (err) {
+      // A malformed url: retrying cannot help.
+      this.#emit("error", { message: `cannot open a WebSocket: ${err}` });
+      this.#stopped = true;
+      this.#setStatus({ state: "closed" });
+      return;
+    }
     this.#socket = socket;
     this.#expiresAt = tokenExpiry(token);
     socket.onopen = () => {
       this.#everOpen = true;
+      this.#openedAt = Date.now();
       this.#setStatus({ state: "open", attempt: this.#attempt });
       for (const threadId of this.#threads) this.send({ type: "subscribe", thread_id: threadId });
       this.#scheduleRefresh();
@@ -228,6 +260,10 @@ export class GatewayClient {
       if (this.#socket !== socket) return;
       this.#detach();
       if (this.#stopped) return;
+      // A server that accepts and then closes at once must meet a growing backoff, so only
+      // a connection that lasted resets it.
+      if (this.#openedAt && Date.now() - this.#openedAt >= STABLE_MS) this.#attempt = 0;
+      this.#openedAt = 0;
       if (FINAL_CLOSE_CODES.has(close.code)) {
         this.#stopped = true;
         globalThis.removeEventListener?.("online", this.#onOnline);
@@ -247,8 +283,6 @@ export class GatewayClient {
       this.#emit("error", { message: "a frame that is not JSON" });
       return;
     }
-    // A frame arrived: this connection works, so the next drop starts the backoff over.
-    this.#attempt = 0;
     switch (frame?.type) {
       case "event":
         if (this.#isNew(frame.seq)) this.#emit("event", frame);
@@ -258,6 +292,9 @@ export class GatewayClient {
         if (this.#isNew(frame.seq)) this.#emit("frame", frame);
         return;
       case "gateway.resumed":
+        // Nothing is replayed and live events follow `head`. They may be numbered below
+        // `lastSeq` (another node, another clock), so the position starts over from there.
+        if (!frame.recovered) this.#lastSeq = typeof frame.head === "number" ? frame.head : null;
         this.#emit("resume", frame);
         return;
       case "gateway.refreshed":
@@ -288,7 +325,7 @@ export class GatewayClient {
     if (!this.#expiresAt) return;
     const left = this.#expiresAt * 1000 - Date.now();
     const margin = Math.min((this.#options.refreshBeforeSecs ?? 60) * 1000, left / 2);
-    const delay = Math.max(atLeastMs, left - margin);
+    const delay = Math.min(MAX_TIMER_MS, Math.max(atLeastMs, left - margin));
     this.#refreshTimer = setTimeout(() => void this.#refresh(), delay);
   }
 
@@ -298,6 +335,7 @@ export class GatewayClient {
     try {
       token = await this.#options.token();
     } catch (err) {
+      if (socket !== this.#socket) return;
       this.#emit("refresh_failed", { reason: `token callback failed: ${err}` });
       this.#scheduleRefresh(5000);
       return;
@@ -323,8 +361,10 @@ export class GatewayClient {
   /** @param {number} delayMs @param {number} [code] @param {string} [reason] */
   #retrySoon(delayMs, code, reason) {
     clearTimeout(this.#retryTimer);
+    this.#waiting = true;
     this.#setStatus({ state: "reconnecting", attempt: this.#attempt, delayMs, code, reason });
     this.#retryTimer = setTimeout(() => {
+      this.#waiting = false;
       if (!this.#stopped) void this.#open();
     }, delayMs);
   }

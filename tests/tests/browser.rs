@@ -339,3 +339,21 @@ async fn the_client_is_served_cacheable_and_dev_endpoints_only_in_dev_mode() {
     let client = http.get(production.url("/client.js")).send().await.unwrap();
     assert_eq!(client.status(), 200, "the client is served in every mode");
 }
+
+/// The client's state machine under races a browser cannot time (a scripted WebSocket):
+/// `tests/client/client.test.mjs` under `node --test`.
+#[test]
+fn the_client_passes_its_state_machine_tests_in_node() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("client");
+    let out = std::process::Command::new("node")
+        .args(["--test", "client.test.mjs"])
+        .current_dir(&dir)
+        .output()
+        .expect("node, which this machine's image has, on PATH");
+    assert!(
+        out.status.success(),
+        "node --test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

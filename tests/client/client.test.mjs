@@ -1,0 +1,288 @@
+// The browser client's state machine under `node --test`, with a scripted WebSocket: the
+// races and edge cases a real browser test cannot time (run by tests/tests/browser.rs).
+// The happy paths run against the real gateway in Chromium.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { copyFile, mkdtemp } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+
+// The module as served, under a name Node loads as an ES module.
+const copy = join(await mkdtemp(join(tmpdir(), "gateway-client-")), "client.mjs");
+await copyFile(new URL("../../host/web/client.js", import.meta.url), copy);
+const { GatewayClient } = await import(pathToFileURL(copy).href);
+
+// The `online` event of a browser window.
+const windowEvents = new EventTarget();
+globalThis.addEventListener = windowEvents.addEventListener.bind(windowEvents);
+globalThis.removeEventListener = windowEvents.removeEventListener.bind(windowEvents);
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const jwt = (exp) => `h.${Buffer.from(JSON.stringify({ sub: "a", exp })).toString("base64url")}.s`;
+const inSecs = (secs) => Math.floor(Date.now() / 1000) + secs;
+
+/** A WebSocket the test drives; every instance is kept in `sockets`. */
+function scriptedSockets() {
+  const sockets = [];
+  class ScriptedSocket {
+    constructor(url) {
+      this.url = new URL(url);
+      this.readyState = 0;
+      this.sent = [];
+      this.closedWith = null;
+      sockets.push(this);
+    }
+    send(data) {
+      this.sent.push(JSON.parse(data));
+    }
+    close(code, reason) {
+      this.closedWith = [code, reason];
+      this.readyState = 3;
+    }
+    open() {
+      this.readyState = 1;
+      this.onopen?.();
+    }
+    receive(frame) {
+      this.onmessage?.({ data: JSON.stringify(frame) });
+    }
+    drop(code, reason = "") {
+      this.readyState = 3;
+      this.onclose?.({ code, reason });
+    }
+    get live() {
+      return this.closedWith === null && this.readyState !== 3 && this.onmessage !== null;
+    }
+  }
+  return { sockets, ScriptedSocket };
+}
+
+async function until(what, condition, ms = 3000) {
+  const end = Date.now() + ms;
+  while (!condition()) {
+    if (Date.now() > end) throw new Error(`${what}: not within ${ms} ms`);
+    await sleep(2);
+  }
+}
+
+test("events reach the app in order, once, across a reconnect that resumes with since", async () => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1 });
+  const seen = [];
+  client.on("event", (e) => seen.push(e.seq));
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  assert.equal(sockets[0].url.searchParams.get("since"), null, "live only at first");
+  sockets[0].open();
+  for (const seq of [10, 11, 11, 12]) sockets[0].receive({ type: "event", seq });
+  sockets[0].drop(1006);
+  await until("a reconnect", () => sockets.length === 2);
+  assert.equal(sockets[1].url.searchParams.get("since"), "12");
+  sockets[1].open();
+  for (const seq of [12, 13]) sockets[1].receive({ type: "event", seq });
+  assert.deepEqual(seen, [10, 11, 12, 13]);
+  client.close();
+});
+
+test("a reconnect before any event asks for everything retained", async () => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1 });
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].open();
+  sockets[0].drop(1001);
+  await until("a reconnect", () => sockets.length === 2);
+  assert.equal(sockets[1].url.searchParams.get("since"), "0");
+  client.close();
+});
+
+test("an unrecoverable resume moves the position to the new head", async () => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, since: 500, backoffMinMs: 1 });
+  const seen = [];
+  const resumes = [];
+  client.on("event", (e) => seen.push(e.seq));
+  client.on("resume", (r) => resumes.push(r.recovered));
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  assert.equal(sockets[0].url.searchParams.get("since"), "500");
+  sockets[0].open();
+  // Another node, whose numbers are below ours: its live events must not be dropped.
+  sockets[0].receive({ type: "gateway.resumed", recovered: false, since: 500, replayed: 0, head: 40, earliest: 30, reason: "unknown_position" });
+  sockets[0].receive({ type: "event", seq: 41 });
+  assert.deepEqual(resumes, [false]);
+  assert.deepEqual(seen, [41]);
+  assert.equal(client.lastSeq, 41);
+  client.close();
+});
+
+test("subscriptions are sent again on every connection", async () => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1 });
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].open();
+  client.subscribe("t1");
+  client.subscribe("t2");
+  client.unsubscribe("t1");
+  sockets[0].drop(4000, "slow client");
+  await until("a reconnect", () => sockets.length === 2);
+  sockets[1].open();
+  assert.deepEqual(sockets[1].sent, [{ type: "subscribe", thread_id: "t2" }]);
+  client.close();
+});
+
+test("final close codes stop the client; others reconnect", async () => {
+  for (const [code, final] of [[1000, true], [1007, true], [1008, true], [1009, true], [1001, false], [1006, false], [1011, false], [4000, false]]) {
+    const { sockets, ScriptedSocket } = scriptedSockets();
+    const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1 });
+    client.connect();
+    await until("a socket", () => sockets.length === 1);
+    sockets[0].open();
+    sockets[0].drop(code, "why");
+    await sleep(20);
+    assert.equal(sockets.length, final ? 1 : 2, `close code ${code}`);
+    assert.equal(client.state === "closed", final, `close code ${code}: ${client.state}`);
+    client.close();
+  }
+});
+
+test("never two live sockets: online during a connect, close+connect and reconnect during the token wait", async () => {
+  {
+    const { sockets, ScriptedSocket } = scriptedSockets();
+    const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1 });
+    client.connect();
+    await until("a socket", () => sockets.length === 1);
+    sockets[0].open();
+    sockets[0].drop(1006);
+    await until("a reconnect", () => sockets.length === 2);
+    windowEvents.dispatchEvent(new Event("online")); // the reconnect is already connecting
+    await sleep(20);
+    assert.equal(sockets.filter((s) => s.live).length, 1);
+    client.close();
+  }
+  {
+    const { sockets, ScriptedSocket } = scriptedSockets();
+    const client = new GatewayClient({ url: "ws://gw/ws", token: () => sleep(10).then(() => jwt(inSecs(3600))), WebSocket: ScriptedSocket });
+    client.connect();
+    client.close();
+    client.connect();
+    client.reconnect();
+    await sleep(60);
+    assert.equal(sockets.length, 1, "one socket for the last request only");
+    client.close();
+  }
+});
+
+test("the backoff grows against a server that accepts and closes at once", async () => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1, backoffMaxMs: 1 << 20 });
+  const attempts = [];
+  client.on("status", (s) => s.delayMs !== undefined && attempts.push(s.attempt));
+  client.connect();
+  for (let i = 1; i <= 5; i++) {
+    await until(`socket ${i}`, () => sockets.length === i, 10000);
+    sockets[i - 1].open();
+    sockets[i - 1].receive({ type: "welcome" });
+    sockets[i - 1].drop(1011, "guest fault: trap");
+  }
+  assert.deepEqual(attempts, [1, 2, 3, 4, 5]);
+  client.close();
+});
+
+test("close() stops everything: no retry after a failed token, no refresh polling", async () => {
+  {
+    const { ScriptedSocket } = scriptedSockets();
+    const client = new GatewayClient({ url: "ws://gw/ws", token: () => sleep(10).then(() => { throw new Error("offline"); }), WebSocket: ScriptedSocket });
+    client.connect();
+    client.close();
+    await sleep(40);
+    assert.equal(client.state, "closed");
+  }
+  {
+    const { sockets, ScriptedSocket } = scriptedSockets();
+    let calls = 0;
+    const token = () => {
+      calls += 1;
+      return calls === 1 ? jwt(inSecs(2)) : sleep(20).then(() => { throw new Error("offline"); });
+    };
+    const client = new GatewayClient({ url: "ws://gw/ws", token, WebSocket: ScriptedSocket });
+    client.connect();
+    await until("a socket", () => sockets.length === 1);
+    sockets[0].open();
+    await until("a refresh attempt", () => calls === 2, 5000);
+    client.close();
+    await sleep(5500);
+    assert.equal(calls, 2, "no refresh after close()");
+  }
+});
+
+test("a refresh sends a newer token in-band, and never the same one again", async () => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  let exp = inSecs(2);
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(exp), WebSocket: ScriptedSocket });
+  const failures = [];
+  client.on("refresh_failed", (f) => failures.push(f.reason));
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].open();
+  exp = inSecs(3600);
+  await until("a refresh", () => sockets[0].sent.length === 1, 5000);
+  assert.deepEqual(sockets[0].sent[0], { type: "gateway.refresh", access_token: jwt(exp) });
+  sockets[0].receive({ type: "gateway.refreshed", expires_at: exp });
+  client.close();
+
+  const fixed = scriptedSockets();
+  const only = jwt(inSecs(2));
+  const stuck = new GatewayClient({ url: "ws://gw/ws", token: () => only, WebSocket: fixed.ScriptedSocket });
+  stuck.on("refresh_failed", (f) => failures.push(f.reason));
+  stuck.connect();
+  await until("a socket", () => fixed.sockets.length === 1);
+  fixed.sockets[0].open();
+  await until("a refresh attempt", () => failures.length === 1, 5000);
+  assert.match(failures[0], /no newer token/);
+  assert.equal(fixed.sockets[0].sent.length, 0);
+  stuck.close();
+});
+
+test("a token valid for months does not refresh at once", async () => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  let calls = 0;
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => { calls += 1; return jwt(inSecs(90 * 24 * 3600)); }, WebSocket: ScriptedSocket });
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].open();
+  await sleep(100);
+  assert.equal(calls, 1);
+  client.close();
+});
+
+test("one listener's exception reaches neither the client nor the other listeners", async () => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket });
+  const seen = [];
+  client.on("event", () => {
+    throw new Error("app bug");
+  });
+  client.on("event", (e) => seen.push(e.seq));
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].open();
+  // The client rethrows a listener's error from a timer of its own, so that it is reported
+  // without unwinding the delivery loop: catch those timers here.
+  const rethrown = [];
+  const realSetTimeout = globalThis.setTimeout;
+  globalThis.setTimeout = (fn, ms) => (ms === undefined ? rethrown.push(fn) : realSetTimeout(fn, ms));
+  try {
+    sockets[0].receive({ type: "event", seq: 1 });
+    sockets[0].receive({ type: "event", seq: 2 });
+  } finally {
+    globalThis.setTimeout = realSetTimeout;
+  }
+  assert.deepEqual(seen, [1, 2]);
+  assert.equal(rethrown.length, 2);
+  assert.throws(rethrown[0], /app bug/);
+  client.close();
+});
