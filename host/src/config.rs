@@ -30,10 +30,37 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: Limits,
     pub history: History,
+    pub tls: TlsConfig,
     /// Development mode (`serve --dev` only, never from a file or the environment): serves
     /// the demo page at `/` and `/dev/token`, which mints a token for anyone who asks.
     #[serde(skip)]
     pub dev: bool,
+}
+
+/// `https`/`wss` on the public listener (the ops listener stays plain: keep it on a
+/// private address).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first. With `key_file`, the public listener speaks TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// A TLS handshake must finish in this time, or the connection is dropped.
+    pub handshake_timeout_secs: u64,
+    /// How often the two files are checked for a change (they are also re-read on SIGHUP).
+    pub reload_poll_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            handshake_timeout_secs: 10,
+            reload_poll_secs: 10,
+        }
+    }
 }
 
 /// The event log's bounds: what a reconnecting client can get back (`?since=`).
@@ -200,6 +227,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: Limits::default(),
             history: History::default(),
+            tls: TlsConfig::default(),
             dev: false,
         }
     }
@@ -271,6 +299,7 @@ impl std::fmt::Debug for Config {
             .field("auth", &self.auth)
             .field("limits", &self.limits)
             .field("history", &self.history)
+            .field("tls", &self.tls)
             .field("dev", &self.dev)
             .finish()
     }
@@ -297,7 +326,7 @@ const ENV_KEYS: &[&str] = &[
     "jwt_secret",
     "guest_perf_map",
 ];
-const ENV_SECTIONS: &[&str] = &["auth", "limits", "history"];
+const ENV_SECTIONS: &[&str] = &["auth", "limits", "history", "tls"];
 /// `GATEWAY_*` variables that are read elsewhere, not config keys.
 const ENV_NOT_CONFIG: &[&str] = &["log", "log_json"];
 
@@ -324,6 +353,11 @@ impl Config {
             ("limits.body_read_timeout_secs", l.body_read_timeout_secs),
             ("auth.jwks_poll_secs", a.jwks_poll_secs),
             ("auth.leeway_secs", a.leeway_secs),
+            (
+                "tls.handshake_timeout_secs",
+                self.tls.handshake_timeout_secs,
+            ),
+            ("tls.reload_poll_secs", self.tls.reload_poll_secs),
             ("history.max_age_secs", self.history.max_age_secs),
             (
                 "history.idempotency_window_secs",
@@ -386,6 +420,11 @@ impl Config {
                 "limits.client_message_burst",
                 u64::from(l.client_message_burst),
             ),
+            (
+                "tls.handshake_timeout_secs",
+                self.tls.handshake_timeout_secs,
+            ),
+            ("tls.reload_poll_secs", self.tls.reload_poll_secs),
         ] {
             if value == 0 {
                 return Err(bad(key, &value, "must be at least 1"));
@@ -425,6 +464,16 @@ impl Config {
                 &l.guest_memory_bytes,
                 "at most 4 GiB, the size of a 32-bit linear memory",
             ));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            let (key, value) = match &self.tls.cert_file {
+                Some(cert) => (
+                    "tls.key_file",
+                    format!("unset (cert_file = {})", cert.display()),
+                ),
+                None => ("tls.cert_file", "unset (key_file is set)".to_owned()),
+            };
+            return Err(bad(key, &value, "TLS needs both cert_file and key_file"));
         }
         if l.max_payload_depth > 100 {
             return Err(bad(
@@ -539,6 +588,29 @@ mod tests {
             config.validate().unwrap_err().key,
             "limits.guest_call_wall_ms"
         );
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_reads_them_from_the_environment() {
+        let config = Config::load_from(
+            None,
+            vars(&[("GATEWAY_TLS__CERT_FILE", "/etc/gateway/cert.pem")]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.tls.cert_file.as_deref(),
+            Some(Path::new("/etc/gateway/cert.pem"))
+        );
+        assert_eq!(config.validate().unwrap_err().key, "tls.key_file");
+        let config = Config::load_from(
+            None,
+            vars(&[
+                ("GATEWAY_TLS__CERT_FILE", "/c.pem"),
+                ("GATEWAY_TLS__KEY_FILE", "/k.pem"),
+            ]),
+        )
+        .unwrap();
+        config.validate().unwrap();
     }
 
     #[test]

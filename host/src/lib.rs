@@ -4,6 +4,7 @@
 //! Modules, in the order a connection meets them:
 //! - [`config`]: defaults, TOML file, `GATEWAY_*` environment, validation.
 //! - [`listener`]: accepting connections, with the limits that apply before an upgrade.
+//! - [`tls`]: rustls on the public listener, certificates reloaded on change or SIGHUP.
 //! - [`auth`]: JWT verification (algorithm allow-list, `exp`/`nbf`/`iss`/`aud`), token minting.
 //! - [`admission`]: how many connections this node can hold (fds, memory mappings).
 //! - [`session`]: one connection's path: auth and instantiation before the upgrade, then the
@@ -32,6 +33,7 @@ pub mod replay;
 pub mod router;
 pub mod sandbox;
 pub mod session;
+pub mod tls;
 pub mod web;
 
 use std::future::Future;
@@ -67,6 +69,8 @@ pub struct AppState {
     /// Upgraded sockets are invisible to axum's graceful shutdown, so sessions are tracked
     /// here and awaited on drain.
     pub sessions: TaskTracker,
+    /// The public listener's TLS, when `[tls]` is configured.
+    pub tls: Option<Arc<tls::Tls>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +85,8 @@ pub enum StartError {
     Trial(#[from] sandbox::TrialError),
     #[error(transparent)]
     Keys(#[from] auth::KeyError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 impl AppState {
@@ -97,6 +103,7 @@ impl AppState {
         config.validate()?;
         let metrics = Arc::new(Metrics::new());
         let verifier = Verifier::from_config(&config)?;
+        let tls = tls::Tls::load(&config.tls)?;
         let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
         let mut capacity = Capacity::of_this_process(config.limits.max_connections);
         let mut sandbox = Sandbox::load(guest, &config, capacity.effective, metrics.clone())?;
@@ -132,6 +139,7 @@ impl AppState {
             metrics,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
+            tls,
             config,
         }))
     }
@@ -196,11 +204,19 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .with_state(state)
 }
 
-/// Re-reads the JWKS file when it changes, and on SIGHUP the JWKS file and the guest
-/// component, until shutdown.
+/// Re-reads the JWKS file and the TLS certificate when they change, and on SIGHUP those and
+/// the guest component, until shutdown.
 async fn watch_reloads(state: Arc<AppState>) {
     let path = state.verifier.jwks_path().map(|p| p.display().to_string());
-    let poll = Duration::from_secs(state.config.auth.jwks_poll_secs.max(1));
+    let polls = [
+        path.as_ref().map(|_| state.config.auth.jwks_poll_secs),
+        state
+            .tls
+            .as_ref()
+            .map(|_| state.config.tls.reload_poll_secs),
+    ];
+    let poll = polls.into_iter().flatten().min();
+    let poll = Duration::from_secs(poll.unwrap_or(u64::MAX).clamp(1, config::MAX_CONFIG_SECS));
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -215,11 +231,14 @@ async fn watch_reloads(state: Arc<AppState>) {
         let sighup = std::future::pending::<Option<()>>();
         let force = tokio::select! {
             () = state.shutdown.cancelled() => return,
-            () = tokio::time::sleep(poll), if path.is_some() => false,
+            () = tokio::time::sleep(poll), if polls.iter().any(Option::is_some) => false,
             _ = sighup => true,
         };
         if force {
             reload_guest(&state).await;
+        }
+        if state.tls.is_some() {
+            reload_tls(&state, force);
         }
         let Some(path) = &path else {
             continue;
@@ -232,6 +251,30 @@ async fn watch_reloads(state: Arc<AppState>) {
                 error = %err,
                 "JWKS reload failed; KEEPING THE PREVIOUS KEYS until the file is fixed"
             ),
+        }
+    }
+}
+
+/// Re-reads the certificate and key if they changed (or always, with `force`), logged
+/// and counted either way.
+pub fn reload_tls(state: &AppState, force: bool) {
+    let Some(tls) = &state.tls else {
+        return;
+    };
+    let cert = tls.cert_file().display().to_string();
+    match tls.reload(force) {
+        Ok(false) => {}
+        Ok(true) => {
+            state.metrics.tls_reload("ok");
+            tracing::info!(%cert, "TLS certificate reloaded: new handshakes use it");
+        }
+        Err(err) => {
+            state.metrics.tls_reload("refused");
+            tracing::error!(
+                %cert,
+                error = %err,
+                "TLS reload refused; KEEPING THE CERTIFICATE IN USE until the files are fixed"
+            );
         }
     }
 }
@@ -307,6 +350,7 @@ pub async fn serve_with_ops(
     let limits = &state.config.limits;
     let serving = listener::Serving {
         header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
+        tls_handshake_timeout: Duration::from_secs(state.config.tls.handshake_timeout_secs),
         draining: CancellationToken::new(),
         stopped: CancellationToken::new(),
         connections: TaskTracker::new(),
@@ -318,6 +362,7 @@ pub async fn serve_with_ops(
             app: app(state.clone()),
             http_connections: limits.max_http_connections,
             name: "public",
+            tls: state.tls.clone(),
         },
         serving.clone(),
     ))];
@@ -328,6 +373,7 @@ pub async fn serve_with_ops(
                 app: ops_app(state.clone()),
                 http_connections: OPS_HTTP_CONNECTIONS,
                 name: "ops",
+                tls: None,
             },
             serving.clone(),
         )));

@@ -8,6 +8,9 @@
 //! back when the connection closes or upgrades: an upgraded socket belongs to its session,
 //! which `limits.max_connections` bounds.
 //!
+//! With TLS, the handshake runs in the connection's own task (never in the accept loop),
+//! bounded by `tls.handshake_timeout_secs` and holding the same permit.
+//!
 //! On drain, every HTTP connection is told to finish its request and close; whatever is
 //! still open when the grace period ends is dropped, so no client can hold a shutdown.
 
@@ -16,6 +19,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
+use crate::tls::Tls;
 
 /// One listening socket and what it serves.
 pub struct Listener {
@@ -32,12 +37,15 @@ pub struct Listener {
     pub http_connections: usize,
     /// A name for logs: `public` or `ops`.
     pub name: &'static str,
+    /// Speaks TLS when set.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// What every accept loop shares.
 #[derive(Clone)]
 pub struct Serving {
     pub header_read_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
     /// Cancelled when the drain starts: stop accepting, finish requests, close.
     pub draining: CancellationToken,
     /// Cancelled when the grace period is over: drop whatever is left.
@@ -54,6 +62,7 @@ pub async fn accept(listener: Listener, serving: Serving) {
         app,
         http_connections,
         name,
+        tls,
     } = listener;
     let permits = Arc::new(Semaphore::new(http_connections.max(1)));
     loop {
@@ -80,10 +89,19 @@ pub async fn accept(listener: Listener, serving: Serving) {
         let span = tracing::debug_span!("http", listener = name, %peer);
         let serving_conn = serving.clone();
         let app = app.clone();
+        let tls = tls.clone();
         serving.connections.spawn(
             async move {
                 serving_conn.metrics.http_connections.inc();
-                serve_connection(stream, app, &serving_conn).await;
+                let _ = stream.set_nodelay(true);
+                match tls {
+                    None => serve_connection(stream, app, &serving_conn).await,
+                    Some(tls) => {
+                        if let Some(stream) = handshake(stream, &tls, &serving_conn).await {
+                            serve_connection(stream, app, &serving_conn).await;
+                        }
+                    }
+                }
                 serving_conn.metrics.http_connections.dec();
                 drop(permit); // closed or upgraded: another client may be accepted
             }
@@ -92,8 +110,40 @@ pub async fn accept(listener: Listener, serving: Serving) {
     }
 }
 
-async fn serve_connection(stream: TcpStream, app: axum::Router, serving: &Serving) {
-    let _ = stream.set_nodelay(true);
+/// The TLS handshake, bounded in time; `None` (counted, logged at debug) when it fails.
+async fn handshake(
+    stream: TcpStream,
+    tls: &Tls,
+    serving: &Serving,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accepting =
+        tokio::time::timeout(serving.tls_handshake_timeout, tls.acceptor().accept(stream));
+    let result = tokio::select! {
+        result = accepting => result,
+        () = serving.stopped.cancelled() => return None,
+    };
+    match result {
+        Ok(Ok(stream)) => {
+            serving.metrics.tls_handshake("ok");
+            Some(stream)
+        }
+        Ok(Err(err)) => {
+            // Scanners, plain HTTP on the TLS port, clients that distrust the certificate.
+            serving.metrics.tls_handshake("failed");
+            tracing::debug!(error = %err, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            serving.metrics.tls_handshake("timeout");
+            None
+        }
+    }
+}
+
+async fn serve_connection<S>(stream: S, app: axum::Router, serving: &Serving)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = TowerToHyperService::new(app);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())

@@ -48,6 +48,8 @@ pub struct Metrics {
     guest_faults: Family<Labels, Counter>,
     resumes: Family<Labels, Counter>,
     guest_reloads: Family<Labels, Counter>,
+    tls_handshakes: Family<Labels, Counter>,
+    tls_reloads: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     closes: Family<Labels, Counter>,
 }
@@ -82,6 +84,8 @@ impl Metrics {
             history_evictions: Family::default(),
             resumes: Family::default(),
             guest_reloads: Family::default(),
+            tls_handshakes: Family::default(),
+            tls_reloads: Family::default(),
             guest_faults: Family::default(),
             refusals: Family::default(),
             closes: Family::default(),
@@ -178,6 +182,16 @@ impl Metrics {
             m.guest_reloads.clone(),
         );
         registry.register(
+            "tls_handshakes",
+            "TLS handshakes on the public listener, by result: ok, failed, timeout",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Certificate reloads (file change or SIGHUP), by result: ok, refused (the certificate in use stays)",
+            m.tls_reloads.clone(),
+        );
+        registry.register(
             "resumes",
             "Resumes, by result: recovered (complete replay) or not_recovered",
             m.resumes.clone(),
@@ -207,6 +221,18 @@ impl Metrics {
 
     pub fn guest_fault(&self, kind: &'static str) {
         self.guest_faults.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    pub fn tls_handshake(&self, result: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&vec![("result", result)])
+            .inc();
+    }
+
+    pub fn tls_reload(&self, result: &'static str) {
+        self.tls_reloads
+            .get_or_create(&vec![("result", result)])
+            .inc();
     }
 
     pub fn guest_reload(&self, result: &'static str) {

@@ -177,8 +177,10 @@ impl TestGateway {
 
     /// A value from `/metrics`; `name` includes labels as rendered, e.g.
     /// `gateway_guest_faults_total{kind="trap"}`. Missing means zero.
+    /// Read from the ops listener when there is one (the public one may speak TLS).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics"))
+        let at = self.ops_addr.unwrap_or(self.addr);
+        let text = reqwest::get(format!("http://{at}/metrics"))
             .await
             .unwrap()
             .text()
