@@ -49,10 +49,10 @@ impl ApiError {
     pub fn unavailable(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason)
     }
-    fn bad_request(reason: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
     }
-    fn forbidden(reason: impl Into<String>) -> Self {
+    pub(crate) fn forbidden(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", reason)
     }
     /// The same refusal for one event of a batch, its index in front of the reason.
@@ -349,7 +349,7 @@ fn bind_tenant(
     Ok(())
 }
 
-fn authorize(
+pub(crate) fn authorize(
     app: &AppState,
     headers: &HeaderMap,
     scope: &'static str,
@@ -371,7 +371,7 @@ fn authorize(
 
 /// The request body, at most `max_body_bytes` and within `body_read_timeout_secs`: a
 /// publisher that sends its body slowly must not hold a connection and a task forever.
-async fn read_body(app: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_body(app: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
     let limits = &app.config.limits;
     let max = limits.max_body_bytes;
     let wait = std::time::Duration::from_secs(limits.body_read_timeout_secs);

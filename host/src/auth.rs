@@ -4,6 +4,7 @@
 //! and only those algorithms are accepted: there is no `none`, and an HS256 token can never
 //! be checked against an RSA public key used as an HMAC secret.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -21,6 +22,8 @@ use crate::config::{AuthConfig, Config};
 pub const PUBLISH_SCOPE: &str = "events:publish";
 /// The scope an operator token needs for `/v1/stats`.
 pub const STATS_SCOPE: &str = "gateway:stats";
+/// The scope that lets a backend close and revoke a user's sessions (`POST /v1/disconnect`).
+pub const DISCONNECT_SCOPE: &str = "sessions:disconnect";
 
 /// The claims the gateway reads. Anything else in the token is ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +48,9 @@ pub struct Claims {
     /// The client's own session id, passed to the handler.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sid: Option<String>,
+    /// Issued at: an identity-wide revocation refuses the tokens issued before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
 }
 
 /// The `aud` claim in either of its two forms.
@@ -120,6 +126,8 @@ pub enum AuthError {
     Audience,
     #[error("token lacks the {0} claim")]
     MissingClaim(String),
+    #[error("token has been revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -136,6 +144,7 @@ impl AuthError {
             AuthError::Issuer => "issuer",
             AuthError::Audience => "audience",
             AuthError::MissingClaim(_) => "missing_claim",
+            AuthError::Revoked => "revoked",
         }
     }
 }
@@ -163,6 +172,8 @@ pub struct Verifier {
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
+    /// Sessions an operator revoked before their tokens expire.
+    pub revocations: Revocations,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -278,6 +289,7 @@ impl Verifier {
             issuer: issuer.clone(),
             audience: audience.clone(),
             leeway: *leeway_secs,
+            revocations: Revocations::default(),
         })
     }
 
@@ -357,6 +369,9 @@ impl Verifier {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) if data.claims.sub.is_empty() => {
                     return Err(AuthError::MissingClaim("sub".into()));
+                }
+                Ok(data) if self.revocations.refuses(&data.claims, now_secs()) => {
+                    return Err(AuthError::Revoked);
                 }
                 Ok(data) => return Ok(data.claims),
                 Err(err) => {
@@ -488,6 +503,90 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Most revocations remembered at once; past it a new one is refused (503), never an old
+/// one forgotten early.
+pub const MAX_REVOCATIONS: usize = 100_000;
+
+/// Longest a revocation may last: a token outliving it is a token policy problem.
+pub const MAX_REVOCATION_SECS: u64 = 30 * 24 * 3600;
+
+/// Tokens refused before their expiry: all of an identity's tokens issued up to a moment
+/// (logged out everywhere, account suspended), or those of one token session (`sid`).
+/// Each entry lasts until the operator's `until`, which should cover the tokens' lifetime.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    entries: RwLock<HashMap<(Identity, Option<String>), Revocation>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Revocation {
+    /// When it was made: identity-wide, tokens issued at or before this are refused.
+    at: u64,
+    until: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{MAX_REVOCATIONS} revocations are in force; try again when some have expired")]
+pub struct RevocationsFull;
+
+impl Revocations {
+    /// Refuses, until `until`, the tokens of `sid` (with one) or every token of `identity`
+    /// issued up to now (without). A later revocation of the same target replaces it.
+    pub fn revoke(
+        &self,
+        identity: Identity,
+        sid: Option<String>,
+        until: u64,
+    ) -> Result<(), RevocationsFull> {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let key = (identity, sid);
+        if entries.len() >= MAX_REVOCATIONS && !entries.contains_key(&key) {
+            return Err(RevocationsFull);
+        }
+        entries.insert(
+            key,
+            Revocation {
+                at: now_secs(),
+                until,
+            },
+        );
+        Ok(())
+    }
+
+    /// Whether `claims` belong to a revoked token. A token without `iat` cannot show it
+    /// came after an identity-wide revocation, so it is refused while that lasts.
+    pub fn refuses(&self, claims: &Claims, now: u64) -> bool {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        if entries.is_empty() {
+            return false;
+        }
+        let identity = claims.identity();
+        let whole = entries
+            .get(&(identity.clone(), None))
+            .is_some_and(|r| now < r.until && claims.iat.is_none_or(|iat| iat <= r.at));
+        let session = claims.sid.as_ref().is_some_and(|sid| {
+            entries
+                .get(&(identity, Some(sid.clone())))
+                .is_some_and(|r| now < r.until)
+        });
+        whole || session
+    }
+
+    /// Forgets revocations that have run out.
+    pub fn expire(&self, now: u64) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|_, r| now < r.until);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 pub fn now_secs() -> u64 {
@@ -1210,5 +1309,40 @@ mod tests {
 
         // Without a JWKS file there is nothing to reload.
         assert_eq!(verifier(&hs256_config()).reload_jwks(true).unwrap(), None);
+    }
+
+    #[test]
+    fn revocations_hold_until_their_end_and_then_are_forgotten() {
+        let revocations = Revocations::default();
+        let now = now_secs();
+        let claims = |sid: Option<&str>, iat: Option<u64>| Claims {
+            sub: "alice".into(),
+            exp: now + 3600,
+            nbf: None,
+            iss: None,
+            aud: None,
+            scope: None,
+            tenant: None,
+            sid: sid.map(Into::into),
+            iat,
+        };
+        let alice = claims(None, None).identity();
+        revocations
+            .revoke(alice.clone(), Some("s1".into()), now + 10)
+            .unwrap();
+        assert!(revocations.refuses(&claims(Some("s1"), Some(now)), now));
+        assert!(!revocations.refuses(&claims(Some("s2"), Some(now)), now));
+        assert!(!revocations.refuses(&claims(None, Some(now)), now));
+        revocations.revoke(alice, None, now + 20).unwrap();
+        assert!(revocations.refuses(&claims(None, Some(now)), now));
+        assert!(revocations.refuses(&claims(None, None), now));
+        assert!(!revocations.refuses(&claims(None, Some(now + 1)), now));
+        // At its end a revocation stops refusing, and expiry forgets it.
+        assert!(revocations.refuses(&claims(Some("s1"), Some(now + 1)), now + 9));
+        assert!(!revocations.refuses(&claims(Some("s1"), Some(now + 1)), now + 10));
+        revocations.expire(now + 10);
+        assert_eq!(revocations.len(), 1);
+        revocations.expire(now + 20);
+        assert!(revocations.is_empty());
     }
 }

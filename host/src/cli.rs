@@ -287,6 +287,7 @@ pub fn run_token(args: TokenArgs) -> anyhow::Result<String> {
         scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
         tenant: args.tenant,
         sid: args.sid,
+        iat: Some(now_secs()),
     };
     Ok(mint_hs256(secret, &claims)?)
 }

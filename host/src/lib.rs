@@ -14,6 +14,7 @@
 //! - [`router`]: identity -> its live sessions; appends to the log and fans out.
 //! - [`event_log`]: recent events per identity and their sequence numbers, for resume.
 //! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
+//! - [`admin`]: `POST /v1/disconnect`, closing and revoking a user's sessions.
 //! - [`metrics`]: Prometheus counters.
 //! - [`cli`]: `gateway serve`, `gateway token`, `gateway guest wrap|check|replay`.
 //! - [`replay`]: a guest run offline over client frames and events, for plugin authors.
@@ -21,6 +22,7 @@
 //!
 //! [`serve`] runs the whole thing on a listener the caller bound, so tests use port 0.
 
+pub mod admin;
 pub mod admission;
 pub mod api;
 pub mod auth;
@@ -197,6 +199,7 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/ws", get(session::connect))
         .route("/v1/publish", post(api::publish))
         .route("/v1/publish/batch", post(api::publish_batch))
+        .route("/v1/disconnect", post(admin::disconnect))
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
@@ -301,8 +304,8 @@ async fn reload_guest(state: &Arc<AppState>) {
     }
 }
 
-/// Once a second until shutdown: drops events and idempotency keys past their age, and
-/// publishes the log's size and evictions as metrics.
+/// Once a second until shutdown: drops events, idempotency keys and revocations past their
+/// age, and publishes the log's size and evictions as metrics.
 async fn expire_history(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut reported = [0u64; 3];
@@ -310,6 +313,9 @@ async fn expire_history(state: Arc<AppState>) {
         tokio::select! {
             () = state.shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if !state.verifier.revocations.is_empty() {
+            state.verifier.revocations.expire(auth::now_secs());
         }
         let log = state.router.log();
         log.expire();

@@ -48,6 +48,8 @@ pub struct Receipt {
 
 struct Route {
     connection_id: Arc<str>,
+    /// The token session (`sid`) the connection was opened with, for a disconnect of one.
+    sid: Option<Box<str>>,
     events: mpsc::Sender<Arc<Event>>,
     queue: Arc<QueueState>,
 }
@@ -60,6 +62,8 @@ struct QueueState {
     bytes: AtomicUsize,
     /// Why the router closed this queue ([`Closed`] as a number), or 0 while it is open.
     closed: AtomicU8,
+    /// The operator's words for a disconnect, set before the queue closes.
+    disconnect_reason: std::sync::OnceLock<Box<str>>,
 }
 
 /// Why the router stopped routing to a session.
@@ -69,6 +73,8 @@ pub enum Closed {
     Overflow = 1,
     /// The gateway is shutting down.
     Shutdown = 2,
+    /// An operator disconnected the session (`POST /v1/disconnect`).
+    Disconnected = 3,
 }
 
 impl QueueState {
@@ -83,6 +89,7 @@ impl QueueState {
         match self.closed.load(Ordering::Acquire) {
             0 => None,
             1 => Some(Closed::Overflow),
+            3 => Some(Closed::Disconnected),
             _ => Some(Closed::Shutdown),
         }
     }
@@ -145,6 +152,11 @@ impl Mailbox {
         }
     }
 
+    /// The operator's reason, when the router closed this queue for a disconnect.
+    pub fn disconnect_reason(&self) -> Option<&str> {
+        self.queue.disconnect_reason.get().map(|r| &**r)
+    }
+
     /// Whether an event (or the closing) is waiting, so that `recv` would not wait.
     pub fn is_ready(&self) -> bool {
         !self.events.is_empty() || self.queue.closed().is_some()
@@ -202,6 +214,7 @@ impl Router {
         self: &Arc<Self>,
         identity: &Identity,
         connection_id: Arc<str>,
+        sid: Option<&str>,
     ) -> Result<Mailbox, Refused> {
         let (tx, rx) = mpsc::channel(self.queue_events);
         let queue = Arc::new(QueueState::default());
@@ -217,6 +230,7 @@ impl Router {
         }
         routes.sessions.push(Route {
             connection_id: connection_id.clone(),
+            sid: sid.map(Into::into),
             events: tx,
             queue: queue.clone(),
         });
@@ -242,6 +256,30 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// Closes the sessions of `identity` (only those opened with token session `sid`, when
+    /// given); each ends with 4001 and `reason`. Returns how many.
+    pub fn disconnect(&self, identity: &Identity, sid: Option<&str>, reason: &str) -> usize {
+        let mut shard = lock(self.shard(identity));
+        let Some(routes) = shard.get_mut(identity) else {
+            return 0;
+        };
+        let before = routes.sessions.len();
+        routes.sessions.retain(|route| {
+            let chosen = sid.is_none_or(|sid| route.sid.as_deref() == Some(sid));
+            if chosen {
+                let _ = route.queue.disconnect_reason.set(reason.into());
+                route.queue.close(Closed::Disconnected);
+                // Dropping the sender wakes the session if it waits for an event.
+            }
+            !chosen
+        });
+        let closed = before - routes.sessions.len();
+        if routes.sessions.is_empty() {
+            shard.remove(identity);
+        }
+        closed
     }
 
     /// Appends the event to the log (which numbers it) and queues it to each of the
@@ -383,9 +421,9 @@ mod tests {
         let router = router(Limits::default());
         let alice = who(None, "alice");
         let acme_alice = who(Some("acme"), "alice");
-        let mut a1 = router.register(&alice, "a1".into()).unwrap();
-        let mut a2 = router.register(&alice, "a2".into()).unwrap();
-        let mut t = router.register(&acme_alice, "t".into()).unwrap();
+        let mut a1 = router.register(&alice, "a1".into(), None).unwrap();
+        let mut a2 = router.register(&alice, "a2".into(), None).unwrap();
+        let mut t = router.register(&acme_alice, "t".into(), None).unwrap();
         let r1 = router.publish(publication(&alice, "1"), None);
         let r2 = router.publish(publication(&alice, "2"), None);
         assert_eq!((r1.sessions, r2.sessions), (2, 2));
@@ -406,20 +444,20 @@ mod tests {
             ..Limits::default()
         });
         let alice = who(None, "alice");
-        let first = router.register(&alice, "1".into()).unwrap();
-        let _second = router.register(&alice, "2".into()).unwrap();
+        let first = router.register(&alice, "1".into(), None).unwrap();
+        let _second = router.register(&alice, "2".into(), None).unwrap();
         assert_eq!(
-            router.register(&alice, "3".into()).err(),
+            router.register(&alice, "3".into(), None).err(),
             Some(Refused::UserLimit(2))
         );
         // Another tenant's alice is someone else.
         assert!(
             router
-                .register(&who(Some("acme"), "alice"), "4".into())
+                .register(&who(Some("acme"), "alice"), "4".into(), None)
                 .is_ok()
         );
         drop(first);
-        assert!(router.register(&alice, "5".into()).is_ok());
+        assert!(router.register(&alice, "5".into(), None).is_ok());
     }
 
     #[test]
@@ -429,8 +467,8 @@ mod tests {
             ..Limits::default()
         });
         let alice = who(None, "alice");
-        let mut slow = router.register(&alice, "slow".into()).unwrap();
-        let mut quick = router.register(&alice, "quick".into()).unwrap();
+        let mut slow = router.register(&alice, "slow".into(), None).unwrap();
+        let mut quick = router.register(&alice, "quick".into(), None).unwrap();
         router.publish(publication(&alice, "1"), None);
         quick.try_recv().unwrap();
         router.publish(publication(&alice, "2"), None);
@@ -456,11 +494,11 @@ mod tests {
     fn shutdown_closes_every_queue_and_refuses_new_sessions() {
         let router = router(Limits::default());
         let alice = who(None, "alice");
-        let mailbox = router.register(&alice, "1".into()).unwrap();
+        let mailbox = router.register(&alice, "1".into(), None).unwrap();
         router.shut_down();
         assert!(mailbox.is_ready());
         assert_eq!(
-            router.register(&alice, "2".into()).err(),
+            router.register(&alice, "2".into(), None).err(),
             Some(Refused::ShuttingDown)
         );
         let (users, _) = router.busiest_users(10);
@@ -471,7 +509,7 @@ mod tests {
     fn an_identity_without_sessions_holds_nothing_here() {
         let router = router(Limits::default());
         let alice = who(None, "alice");
-        let mailbox = router.register(&alice, "1".into()).unwrap();
+        let mailbox = router.register(&alice, "1".into(), None).unwrap();
         assert_eq!(router.busiest_users(10).0, 1);
         drop(mailbox);
         assert_eq!(router.busiest_users(10).0, 0);
@@ -487,7 +525,7 @@ mod tests {
     fn a_repeated_idempotency_key_queues_nothing() {
         let router = router(Limits::default());
         let alice = who(None, "alice");
-        let mut mailbox = router.register(&alice, "1".into()).unwrap();
+        let mut mailbox = router.register(&alice, "1".into(), None).unwrap();
         let first = router.publish(publication(&alice, "1"), Some("k"));
         let again = router.publish(publication(&alice, "1"), Some("k"));
         assert!(again.duplicate && !first.duplicate);

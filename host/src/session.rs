@@ -40,6 +40,9 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     pub const GUEST_FAULT: u16 = 1011;
     pub const SLOW_CLIENT: u16 = 4000;
+    /// An operator closed the session (`POST /v1/disconnect`): do not reconnect with the
+    /// same token.
+    pub const DISCONNECTED: u16 = 4001;
 }
 
 /// Most events handed to the guest before the frames they produced are written; batching
@@ -155,7 +158,11 @@ fn admit(
     let identity = claims.identity();
     let mailbox = app
         .router
-        .register(&identity, ctx.connection_id.as_str().into())
+        .register(
+            &identity,
+            ctx.connection_id.as_str().into(),
+            ctx.session_id.as_deref(),
+        )
         .map_err(|refused| match refused {
             Refused::UserLimit(_) => refuse(
                 "user_limit",
@@ -215,6 +222,8 @@ enum End {
     RateLimited,
     /// An in-band refresh carried a token for another user.
     ForeignRefresh,
+    /// An operator closed it (`POST /v1/disconnect`).
+    Disconnected,
     TooBig,
     InvalidUtf8,
     Transport,
@@ -232,6 +241,7 @@ impl End {
             End::DeadPeer => "dead_peer",
             End::RateLimited => "rate_limited",
             End::ForeignRefresh => "foreign_refresh",
+            End::Disconnected => "disconnected",
             End::TooBig => "message_too_big",
             End::InvalidUtf8 => "invalid_utf8",
             End::Transport => "transport",
@@ -254,6 +264,7 @@ impl End {
             End::DeadPeer => (GOING_AWAY, "no answer to pings".into()),
             End::RateLimited => (POLICY, "message rate exceeded".into()),
             End::ForeignRefresh => (POLICY, "refresh token is for another user".into()),
+            End::Disconnected => (DISCONNECTED, "disconnected".into()),
             End::TooBig => (TOO_BIG, "message too big".into()),
             End::InvalidUtf8 => (INVALID_PAYLOAD, "invalid UTF-8 in text frame".into()),
             End::Fault(f) if f.is_policy() => (POLICY, format!("policy violation: {}", f.as_str())),
@@ -265,7 +276,8 @@ impl End {
         match self {
             End::Client => CloseReason::Client,
             End::Idle => CloseReason::Idle,
-            End::TokenExpired => CloseReason::TokenExpired,
+            // Its credentials no longer hold, as at expiry (the world has no other word).
+            End::TokenExpired | End::Disconnected => CloseReason::TokenExpired,
             End::Shutdown => CloseReason::Shutdown,
             End::SlowClient => CloseReason::SlowClient,
             End::DeadPeer => CloseReason::Client,
@@ -424,6 +436,7 @@ impl Session {
                 Work::Event(Ok(first)) => self.on_events(first).await,
                 Work::Event(Err(Closed::Overflow)) => Err(End::SlowClient),
                 Work::Event(Err(Closed::Shutdown)) => Err(End::Shutdown),
+                Work::Event(Err(Closed::Disconnected)) => Err(End::Disconnected),
             };
             if let Err(end) = result {
                 return end;
@@ -624,6 +637,10 @@ impl Session {
             write_timeout,
             ..
         } = self;
+        // The operator's reason goes in the close frame (the API bounds it to fit).
+        let disconnect_reason = mailbox
+            .disconnect_reason()
+            .map(|r| format!("disconnected: {r}"));
         // Stop routing before the goodbye: nothing more is queued for this session.
         drop(mailbox);
         if let End::Fault(fault) = end {
@@ -648,6 +665,10 @@ impl Session {
 
         match end.close_frame() {
             Some((code, reason)) => {
+                let reason = match end {
+                    End::Disconnected => disconnect_reason.unwrap_or(reason),
+                    _ => reason,
+                };
                 let close = Message::Close(Some(CloseFrame {
                     code,
                     reason: reason.into(),

@@ -169,6 +169,7 @@ async fn dev_token(
         scope: None,
         tenant: query.tenant,
         sid: None,
+        iat: Some(now_secs()),
     };
     let token = mint_hs256(secret, &claims)
         .map_err(|e| ApiError::unavailable(format!("cannot sign a token: {e}")))?;

@@ -81,10 +81,11 @@ export const VERSION = "0.1.0";
 /**
  * Close codes after which reconnecting would only repeat the failure: the server's idle
  * timeout (1000), invalid UTF-8 (1007), token, identity, rate and protocol-policy errors
- * (1008), and a message too big (1009). Everything else (1001 drain, 1006 network,
- * 1011 guest fault, 4000 slow client, ...) reconnects with backoff and resumes.
+ * (1008), a message too big (1009), and an operator's disconnect (4001: a logout, a
+ * suspended account). Everything else (1001 drain, 1006 network, 1011 guest fault, 4000 slow
+ * client, ...) reconnects with backoff and resumes.
  */
-const FINAL_CLOSE_CODES = new Set([1000, 1007, 1008, 1009]);
+const FINAL_CLOSE_CODES = new Set([1000, 1007, 1008, 1009, 4001]);
 
 /** Our own close code for `reconnect()`: not one the gateway sends. */
 const RECONNECT_CODE = 4100;

@@ -135,7 +135,7 @@ test("subscriptions are sent again on every connection", async () => {
 });
 
 test("final close codes stop the client; others reconnect", async () => {
-  for (const [code, final] of [[1000, true], [1007, true], [1008, true], [1009, true], [1001, false], [1006, false], [1011, false], [4000, false]]) {
+  for (const [code, final] of [[1000, true], [1007, true], [1008, true], [1009, true], [4001, true], [1001, false], [1006, false], [1011, false], [4000, false]]) {
     const { sockets, ScriptedSocket } = scriptedSockets();
     const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1 });
     client.connect();

@@ -245,6 +245,7 @@ pub fn claims(user: &str) -> Claims {
         scope: None,
         tenant: None,
         sid: None,
+        iat: Some(now_secs()),
     }
 }
 
