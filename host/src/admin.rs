@@ -1,5 +1,6 @@
-//! `POST /v1/disconnect`: a backend closes a user's connections (a logout, a suspended
-//! account), optionally revoking their tokens so that they cannot reconnect before expiry.
+//! Operators' endpoints: `POST /v1/disconnect` closes a user's connections (a logout, a
+//! suspended account), optionally revoking their tokens so that they cannot reconnect before
+//! expiry; `POST /v1/guest/reload` reloads the guest.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use serde_json::json;
 
 use crate::AppState;
 use crate::api::{ApiError, authorize, read_body, refuse};
-use crate::auth::{DISCONNECT_SCOPE, Identity, MAX_REVOCATION_SECS, now_secs};
+use crate::auth::{DISCONNECT_SCOPE, GUEST_RELOAD_SCOPE, Identity, MAX_REVOCATION_SECS, now_secs};
 
 /// The operator's reason goes into the close frame, whose reason text is at most 123 bytes,
 /// after `disconnected: `.
@@ -126,4 +127,46 @@ pub async fn disconnect(
         "revoked_until": revoked_until,
     }))
     .into_response())
+}
+
+/// Loads the guest from its configured path again (as SIGHUP does) and answers with the
+/// version now serving new connections, or 422 with why the new one was refused, in which
+/// case the guest in use stays. Audited either way.
+pub async fn reload_guest(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let operator = authorize(&app, &headers, GUEST_RELOAD_SCOPE)?;
+    let previous = app.sandbox().version.label();
+    let reloading = app.clone();
+    // Compiling a guest takes seconds: off the runtime's workers.
+    let result = tokio::task::spawn_blocking(move || reloading.reload_guest())
+        .await
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
+    match result {
+        Ok(version) => {
+            tracing::warn!(
+                target: "audit",
+                by = %operator.sub,
+                %previous,
+                guest = version.label(),
+                "guest reloaded: new connections use it"
+            );
+            Ok(Json(json!({ "guest": version, "previous": previous })).into_response())
+        }
+        Err(err) => {
+            tracing::warn!(
+                target: "audit",
+                by = %operator.sub,
+                %previous,
+                error = %err,
+                "guest reload refused; the guest in use stays"
+            );
+            Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "guest_refused",
+                format!("{err}; still serving {previous}"),
+            ))
+        }
+    }
 }

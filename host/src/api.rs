@@ -312,6 +312,18 @@ pub async fn stats(
         },
         "users_connected": users_connected,
         "busiest_users": top,
+        "guest": app.sandbox().version,
+        "guest_versions": app
+            .guest_versions()
+            .into_iter()
+            .map(|(version, live)| json!({
+                "name": version.name,
+                "sha256": version.sha256,
+                "label": version.label(),
+                "loaded_at": version.loaded_at,
+                "instances": live,
+            }))
+            .collect::<Vec<_>>(),
     })))
 }
 

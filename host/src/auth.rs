@@ -24,6 +24,8 @@ pub const PUBLISH_SCOPE: &str = "events:publish";
 pub const STATS_SCOPE: &str = "gateway:stats";
 /// The scope that lets a backend close and revoke a user's sessions (`POST /v1/disconnect`).
 pub const DISCONNECT_SCOPE: &str = "sessions:disconnect";
+/// The scope that lets an operator reload the guest (`POST /v1/guest/reload`).
+pub const GUEST_RELOAD_SCOPE: &str = "gateway:reload";
 
 /// The claims the gateway reads. Anything else in the token is ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -21,6 +21,9 @@ pub struct Config {
     pub ops_listen: Option<SocketAddr>,
     /// Path of the guest component every connection instantiates.
     pub guest: Option<PathBuf>,
+    /// How often the guest file is checked for a change, which reloads it (as SIGHUP and
+    /// `POST /v1/guest/reload` do); 0 turns the check off.
+    pub guest_poll_secs: u64,
     /// HS256 secret for connect and publisher tokens.
     pub jwt_secret: Option<String>,
     /// Write `/tmp/perf-<pid>.map` naming the guest's compiled functions, so `perf report`
@@ -222,6 +225,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             ops_listen: None,
             guest: None,
+            guest_poll_secs: 10,
             jwt_secret: None,
             guest_perf_map: false,
             auth: AuthConfig::default(),
@@ -291,6 +295,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("ops_listen", &self.ops_listen)
             .field("guest", &self.guest)
+            .field("guest_poll_secs", &self.guest_poll_secs)
             .field(
                 "jwt_secret",
                 &self.jwt_secret.as_ref().map(|_| "<redacted>"),
@@ -353,6 +358,7 @@ impl Config {
             ("limits.body_read_timeout_secs", l.body_read_timeout_secs),
             ("auth.jwks_poll_secs", a.jwks_poll_secs),
             ("auth.leeway_secs", a.leeway_secs),
+            ("guest_poll_secs", self.guest_poll_secs),
             (
                 "tls.handshake_timeout_secs",
                 self.tls.handshake_timeout_secs,

@@ -39,10 +39,11 @@ pub mod tls;
 pub mod web;
 
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::routing::{get, post};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,6 +64,10 @@ pub struct AppState {
     /// The compiled guest new connections instantiate. A reload swaps it; connections keep
     /// the instance they were given (and with it the guest version they started with).
     sandbox: RwLock<Arc<Sandbox>>,
+    /// Every guest loaded since start-up and its live instances, for `/v1/stats`.
+    guest_versions: Mutex<Vec<(sandbox::GuestVersion, Gauge)>>,
+    /// The guest file's modification time and size at the last reload attempt.
+    guest_stamp: Mutex<FileStamp>,
     pub router: Arc<Router>,
     pub admission: Admission,
     pub metrics: Arc<Metrics>,
@@ -129,7 +134,10 @@ impl AppState {
                  tokens and publish events for anyone who can reach this port"
             );
         }
+        let guest_versions = Mutex::new(vec![(sandbox.version.clone(), sandbox.instances_gauge())]);
         Ok(Arc::new(AppState {
+            guest_versions,
+            guest_stamp: Mutex::new(file_stamp(guest)),
             verifier,
             sandbox: RwLock::new(Arc::new(sandbox)),
             router: Arc::new(Router::new(
@@ -160,15 +168,33 @@ impl AppState {
     /// instantiation under the configured limits, and only then makes it the guest of new
     /// connections. Live connections keep theirs. A guest that fails to load or to run is
     /// refused, and the one in use stays.
-    pub fn reload_guest(&self) -> Result<(), StartError> {
-        let result = self.load_guest();
-        let outcome = if result.is_ok() { "ok" } else { "refused" };
-        self.metrics.guest_reload(outcome);
-        result
+    pub fn reload_guest(&self) -> Result<sandbox::GuestVersion, StartError> {
+        self.reload_guest_when(true)
+            .map(|loaded| loaded.expect("a forced reload loads"))
     }
 
-    fn load_guest(&self) -> Result<(), StartError> {
+    /// [`AppState::reload_guest`] if the file changed since the last attempt.
+    pub fn reload_guest_if_changed(&self) -> Result<Option<sandbox::GuestVersion>, StartError> {
+        self.reload_guest_when(false)
+    }
+
+    fn reload_guest_when(&self, force: bool) -> Result<Option<sandbox::GuestVersion>, StartError> {
         let path = self.config.guest.as_deref().ok_or(StartError::NoGuest)?;
+        // Held for the whole reload: reloads run one at a time.
+        let mut stamp = self.guest_stamp.lock().unwrap_or_else(|p| p.into_inner());
+        let now = file_stamp(path);
+        if !force && *stamp == now {
+            return Ok(None);
+        }
+        // Remembered even if the load fails, so a broken file is tried once per change.
+        *stamp = now;
+        let result = self.load_guest(path);
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        self.metrics.guest_reload(outcome);
+        result.map(Some)
+    }
+
+    fn load_guest(&self, path: &std::path::Path) -> Result<sandbox::GuestVersion, StartError> {
         let sandbox = Sandbox::load(
             path,
             &self.config,
@@ -176,9 +202,42 @@ impl AppState {
             self.metrics.clone(),
         )?;
         sandbox.trial(&self.config)?;
+        let mut versions = self
+            .guest_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Versions nobody runs any more are forgotten, so reloads cannot grow the list; the
+        // same component loaded again is one version.
+        let label = sandbox.version.label();
+        versions.retain(|(version, live)| live.get() > 0 && version.label() != label);
+        versions.push((sandbox.version.clone(), sandbox.instances_gauge()));
+        let version = sandbox.version.clone();
         *self.sandbox.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(sandbox);
-        Ok(())
+        Ok(version)
     }
+
+    /// The guest versions with live instances, and the current one, with their counts.
+    pub fn guest_versions(&self) -> Vec<(sandbox::GuestVersion, i64)> {
+        let current = self.sandbox().version.clone();
+        let versions = self
+            .guest_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        versions
+            .iter()
+            .filter(|(version, live)| live.get() > 0 || *version == current)
+            .map(|(version, live)| (version.clone(), live.get()))
+            .collect()
+    }
+}
+
+/// A file's modification time and size: a change to either is a new file.
+type FileStamp = Option<(Option<std::time::SystemTime>, u64)>;
+
+fn file_stamp(path: &std::path::Path) -> FileStamp {
+    std::fs::metadata(path)
+        .ok()
+        .map(|meta| (meta.modified().ok(), meta.len()))
 }
 
 /// What the ops listener serves: health and metrics only.
@@ -200,6 +259,7 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/v1/publish", post(api::publish))
         .route("/v1/publish/batch", post(api::publish_batch))
         .route("/v1/disconnect", post(admin::disconnect))
+        .route("/v1/guest/reload", post(admin::reload_guest))
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
@@ -213,6 +273,7 @@ async fn watch_reloads(state: Arc<AppState>) {
     let path = state.verifier.jwks_path().map(|p| p.display().to_string());
     let polls = [
         path.as_ref().map(|_| state.config.auth.jwks_poll_secs),
+        (state.config.guest_poll_secs > 0).then_some(state.config.guest_poll_secs),
         state
             .tls
             .as_ref()
@@ -237,9 +298,7 @@ async fn watch_reloads(state: Arc<AppState>) {
             () = tokio::time::sleep(poll), if polls.iter().any(Option::is_some) => false,
             _ = sighup => true,
         };
-        if force {
-            reload_guest(&state).await;
-        }
+        reload_guest(&state, force).await;
         if state.tls.is_some() {
             reload_tls(&state, force);
         }
@@ -282,8 +341,8 @@ pub fn reload_tls(state: &AppState, force: bool) {
     }
 }
 
-/// SIGHUP's guest reload, logged either way.
-async fn reload_guest(state: &Arc<AppState>) {
+/// Reloads the guest if its file changed (or always, with `force`), logged either way.
+async fn reload_guest(state: &Arc<AppState>, force: bool) {
     let path = state
         .config
         .guest
@@ -291,11 +350,19 @@ async fn reload_guest(state: &Arc<AppState>) {
         .map(|p| p.display().to_string());
     // Compiling a large guest takes seconds: off the runtime's workers.
     let reloading = state.clone();
-    match tokio::task::spawn_blocking(move || reloading.reload_guest())
-        .await
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
-    {
-        Ok(()) => tracing::info!(guest = path, "guest reloaded: new connections use it"),
+    let outcome = tokio::task::spawn_blocking(move || match force {
+        true => reloading.reload_guest().map(Some),
+        false => reloading.reload_guest_if_changed(),
+    })
+    .await
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
+    match outcome {
+        Ok(None) => {}
+        Ok(Some(version)) => tracing::info!(
+            guest = path,
+            version = version.label(),
+            "guest reloaded: new connections use it"
+        ),
         Err(err) => tracing::error!(
             guest = path,
             error = %err,

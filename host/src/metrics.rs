@@ -12,6 +12,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, &'static str)>;
+/// Labels whose values are known only at run time (a guest's version).
+type OwnedLabels = Vec<(&'static str, String)>;
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -20,6 +22,9 @@ pub struct Metrics {
     /// Connections still speaking HTTP (not upgraded), on all listeners.
     pub http_connections: Gauge,
     pub instances_live: Gauge,
+    /// Live instances by guest version (`name@sha256-prefix`): after a hot reload, the
+    /// connections still on the previous guest.
+    pub guest_instances: Family<OwnedLabels, Gauge>,
     pub instantiations: Counter,
     pub instantiate_seconds: Histogram,
     pub sessions_ended: Counter,
@@ -67,6 +72,7 @@ impl Metrics {
             sessions_live: Gauge::default(),
             http_connections: Gauge::default(),
             instances_live: Gauge::default(),
+            guest_instances: Family::default(),
             instantiations: Counter::default(),
             instantiate_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 16)),
             sessions_ended: Counter::default(),
@@ -180,6 +186,11 @@ impl Metrics {
             "guest_reloads",
             "Guest reloads (SIGHUP), by result: ok, refused (the guest in use stays)",
             m.guest_reloads.clone(),
+        );
+        registry.register(
+            "guest_instances",
+            "Live guest instances, by guest version (component name@first 12 hex digits of its SHA-256)",
+            m.guest_instances.clone(),
         );
         registry.register(
             "tls_handshakes",

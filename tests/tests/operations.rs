@@ -65,7 +65,9 @@ async fn a_reloaded_guest_serves_new_connections_only() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("handler.wasm");
     std::fs::copy(guests::REFERENCE, &path).unwrap();
-    let gw = TestGateway::start_with(config(path.to_str().unwrap())).await;
+    let mut cfg = config(path.to_str().unwrap());
+    cfg.guest_poll_secs = 0; // reloads here are the test's own calls only
+    let gw = TestGateway::start_with(cfg).await;
     let mut before = gw.connect("alice").await; // the reference guest: a welcome first
 
     std::fs::copy(guests::ECHO, &path).unwrap();

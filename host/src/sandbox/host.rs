@@ -36,12 +36,15 @@ pub struct HostState {
     pub(super) clock: CallClock,
     pub(super) limits: InstanceLimits,
     pub(super) metrics: Arc<Metrics>,
+    /// This guest version's live instances.
+    pub(super) version_instances: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Drop for HostState {
     fn drop(&mut self) {
         // The store owns this state, so this runs exactly when the instance's memory is freed.
         self.metrics.instances_live.dec();
+        self.version_instances.dec();
     }
 }
 

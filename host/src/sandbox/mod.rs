@@ -215,11 +215,49 @@ pub struct Sandbox {
     pre: WorldPre<HostState>,
     limits: InstanceLimits,
     name: String,
+    /// Which guest this is; its instances are counted under [`GuestVersion::label`].
+    pub version: GuestVersion,
+    version_instances: prometheus_client::metrics::gauge::Gauge,
     pub reservation: Reservation,
     metrics: Arc<Metrics>,
     /// Benchmark builds only: run the reference handler natively instead.
     #[cfg(feature = "native-handler")]
     native: bool,
+}
+
+/// A guest component's identity: what an operator sees in metrics and `/v1/stats` to tell
+/// which connections run which guest after a reload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GuestVersion {
+    /// The component file's name without its extension.
+    pub name: String,
+    /// SHA-256 of the component, hex.
+    pub sha256: String,
+    /// When it was loaded (Unix seconds).
+    pub loaded_at: u64,
+}
+
+impl GuestVersion {
+    fn of(path: &str, bytes: &[u8]) -> Self {
+        use sha2::Digest as _;
+        let name = Path::new(path)
+            .file_stem()
+            .map_or_else(|| path.to_owned(), |s| s.to_string_lossy().into_owned());
+        let sha256 = sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        GuestVersion {
+            name,
+            sha256,
+            loaded_at: crate::auth::now_secs(),
+        }
+    }
+
+    /// `name@` and the first 12 hex digits of the hash: short, and unique in practice.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.name, &self.sha256[..12])
+    }
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -298,7 +336,14 @@ impl Sandbox {
             })?;
 
         engine::spawn_epoch_ticker(&engine);
+        let version = GuestVersion::of(name, bytes);
+        let version_instances = metrics
+            .guest_instances
+            .get_or_create(&vec![("guest", version.label())])
+            .clone();
         Ok(Sandbox {
+            version,
+            version_instances,
             engine,
             component,
             pre,
@@ -320,6 +365,11 @@ impl Sandbox {
             #[cfg(feature = "native-handler")]
             native: false,
         })
+    }
+
+    /// This guest's live instances, shared with every instance it made.
+    pub fn instances_gauge(&self) -> prometheus_client::metrics::gauge::Gauge {
+        self.version_instances.clone()
     }
 
     /// Benchmark builds only: every connection gets the reference handler as native code,
@@ -365,8 +415,10 @@ impl Sandbox {
             clock: clock::CallClock::start(),
             limits: self.limits,
             metrics: self.metrics.clone(),
+            version_instances: self.version_instances.clone(),
         };
         self.metrics.instances_live.inc();
+        self.version_instances.inc();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state);
         store.epoch_deadline_callback(|mut store| store.data_mut().check_deadline());
