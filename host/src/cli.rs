@@ -35,6 +35,22 @@ pub enum Command {
     /// Tools for guest authors.
     #[command(subcommand)]
     Guest(GuestCommand),
+    /// Tools for operators: check a configuration, print the reference.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file with the GATEWAY_* environment applied (values, key and
+    /// certificate files) and print the effective configuration, secrets masked.
+    Check {
+        /// The TOML file; without it, the defaults and the environment.
+        file: Option<PathBuf>,
+    },
+    /// Print the configuration reference (every key, default and environment variable) as
+    /// Markdown.
+    Reference,
 }
 
 #[derive(Debug, Args)]
@@ -292,6 +308,38 @@ pub fn run_token(args: TokenArgs) -> anyhow::Result<String> {
     Ok(mint_hs256(secret, &claims)?)
 }
 
+pub fn run_config(command: ConfigCommand) -> anyhow::Result<String> {
+    match command {
+        ConfigCommand::Reference => Ok(crate::config::reference::markdown()),
+        ConfigCommand::Check { file } => {
+            let config = Config::load(file.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            check_config(&config)
+        }
+    }
+}
+
+/// What `config check` says of a loaded configuration: an error naming what is wrong, or
+/// the effective configuration as TOML with the secret masked.
+pub fn check_config(config: &Config) -> anyhow::Result<String> {
+    config.validate()?;
+    // The files the configuration names must load as they would at start-up.
+    crate::auth::Verifier::from_config(config)?;
+    crate::tls::Tls::load(&config.tls)?;
+    if let Some(guest) = &config.guest
+        && !guest.is_file()
+    {
+        anyhow::bail!("guest = {}: no such file", guest.display());
+    }
+    let mut effective = config.clone();
+    if effective.jwt_secret.is_some() {
+        effective.jwt_secret = Some("<redacted>".into());
+    }
+    let toml = toml::to_string_pretty(&effective).context("cannot print the configuration")?;
+    Ok(format!(
+        "# valid; the effective configuration (defaults, file, environment):\n{toml}"
+    ))
+}
+
 pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
     match command {
         GuestCommand::Wrap { module, output } => {
@@ -494,6 +542,35 @@ mod tests {
             new_project(&dir, "my-agent", "rust").is_err(),
             "overwrote a project"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn config_check_prints_the_effective_configuration_without_the_secret() {
+        let dir = std::env::temp_dir().join(format!("gateway-config-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("gateway.toml");
+        std::fs::write(
+            &file,
+            "jwt_secret = \"a-secret-of-at-least-32-bytes-length!!\"\n[limits]\nevent_queue = 7\n",
+        )
+        .unwrap();
+        let config = Config::load_from(Some(&file), Vec::new()).unwrap();
+        let text = check_config(&config).unwrap();
+        assert!(text.contains("event_queue = 7"), "{text}");
+        assert!(text.contains("<redacted>"), "{text}");
+        assert!(!text.contains("a-secret-of"), "{text}");
+
+        // Whatever would stop start-up is named: a value, a missing certificate.
+        let mut bad = config.clone();
+        bad.limits.event_queue = 0;
+        let err = check_config(&bad).unwrap_err().to_string();
+        assert!(err.contains("limits.event_queue"), "{err}");
+        let mut bad = config.clone();
+        bad.tls.cert_file = Some(dir.join("missing-cert.pem"));
+        bad.tls.key_file = Some(dir.join("missing-key.pem"));
+        let err = check_config(&bad).unwrap_err().to_string();
+        assert!(err.contains("missing-cert.pem"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

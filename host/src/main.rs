@@ -1,7 +1,7 @@
 //! The `gateway` binary. See `gateway --help`.
 
 use clap::Parser;
-use gateway::cli::{Cli, Command, run_guest, run_serve, run_token};
+use gateway::cli::{Cli, Command, run_config, run_guest, run_serve, run_token};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Token(args) => run_token(args).map(|token| println!("{token}")),
         Command::Guest(command) => run_guest(command),
+        Command::Config(command) => run_config(command).map(|text| print!("{text}")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,14 +3,17 @@
 //! Top-level keys map to `GATEWAY_<KEY>` (`GATEWAY_LISTEN`, `GATEWAY_JWT_SECRET`,
 //! `GATEWAY_GUEST`); nested keys use a double underscore (`GATEWAY_LIMITS__EVENT_QUEUE`).
 
+pub mod reference;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on.
@@ -42,7 +45,7 @@ pub struct Config {
 
 /// `https`/`wss` on the public listener (the ops listener stays plain: keep it on a
 /// private address).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain, leaf first. With `key_file`, the public listener speaks TLS.
@@ -67,7 +70,7 @@ impl Default for TlsConfig {
 }
 
 /// The event log's bounds: what a reconnecting client can get back (`?since=`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct History {
     /// Events kept per identity (tenant and user).
@@ -99,7 +102,7 @@ impl Default for History {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Required `iss` claim, when set.
@@ -111,6 +114,7 @@ pub struct AuthConfig {
     /// A JWKS file (`{"keys": [...]}`) of public keys with `kid`s, for rotation: re-read
     /// when it changes (checked every `jwks_poll_secs`) and on SIGHUP.
     pub jwks_file: Option<PathBuf>,
+    /// How often the JWKS file is checked for a change.
     pub jwks_poll_secs: u64,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
@@ -119,7 +123,7 @@ pub struct AuthConfig {
     pub allowed_origins: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublicKeyConfig {
     /// `RS256`, `ES256` or `EdDSA`.
@@ -131,7 +135,7 @@ pub struct PublicKeyConfig {
 }
 
 /// Every bound a client, a guest or a publisher can push against.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Connections this node admits; 0 means as many as its file-descriptor limit and
@@ -159,11 +163,14 @@ pub struct Limits {
     /// fits the address space), `full` (4 GiB each: no bounds checks in guest code, about
     /// 4 KiB more page tables per connection) or `compact` (the least memory).
     pub guest_memory_reservation: ReservationPolicy,
-    /// Core instances, tables and memories one guest component may create, and elements in
-    /// one table: a wit-bindgen guest needs 3 / 2 / 1, componentize-py's 39 instances.
+    /// Core instances one guest component may create: a wit-bindgen guest needs 3,
+    /// componentize-py's 39.
     pub guest_max_instances: usize,
+    /// Tables one guest component may create (a wit-bindgen guest: 2).
     pub guest_max_tables: usize,
+    /// Linear memories one guest component may create (a wit-bindgen guest: 1).
     pub guest_max_memories: usize,
+    /// Elements in one guest table.
     pub guest_table_elements: usize,
     /// CPU time one guest call may use, in milliseconds (time the thread is preempted does
     /// not count, beyond at most the call's first 2 ms).
@@ -210,7 +217,7 @@ pub struct Limits {
 }
 
 /// See [`Limits::guest_memory_reservation`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReservationPolicy {
     #[default]
