@@ -429,7 +429,7 @@ pub fn new_project(parent: &Path, name: &str, lang: &str) -> anyhow::Result<Path
     anyhow::ensure!(
         lang == "rust",
         "--lang {lang}: only `rust` is available in this version (JavaScript and Python guests are \
-         described in the README's handler section)"
+         not supported yet; see docs/guest-guide.md)"
     );
     let dir = parent.join(name);
     anyhow::ensure!(!dir.exists(), "{} already exists", dir.display());

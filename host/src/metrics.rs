@@ -184,7 +184,7 @@ impl Metrics {
         );
         registry.register(
             "guest_reloads",
-            "Guest reloads (SIGHUP), by result: ok, refused (the guest in use stays)",
+            "Guest reloads (file change, SIGHUP, POST /v1/guest/reload), by result: ok, refused (the guest in use stays)",
             m.guest_reloads.clone(),
         );
         registry.register(

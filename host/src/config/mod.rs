@@ -155,7 +155,8 @@ pub struct Limits {
     pub write_buffer_bytes: usize,
     /// Events waiting for one connection before it counts as a slow client and is closed.
     pub event_queue: usize,
-    /// Bytes of event payloads waiting for one connection before it counts as a slow client.
+    /// Bytes of event payloads waiting for one connection before it counts as a slow client;
+    /// also the most bytes one guest call may emit.
     pub outbound_queue_bytes: usize,
     /// Cap on one instance's linear memory.
     pub guest_memory_bytes: usize,
