@@ -33,7 +33,7 @@ guest: setup $(GATEWAY)
 
 ## Run the gateway on the embedded default: in-process router, dev secret, reference guest.
 run: guest
-	$(GATEWAY) serve --dev --guest $(GUEST)
+	GATEWAY_GUEST_CACHE_DIR=$${GATEWAY_GUEST_CACHE_DIR:-target/guest-cache} $(GATEWAY) serve --dev --guest $(GUEST)
 
 ## Run every test: the gateway over real sockets, with guests built from source. (The
 ## crates have no doc tests; leaving that empty suite out keeps the last summary a real one.)

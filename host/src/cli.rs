@@ -452,9 +452,7 @@ fn check_guest(path: &Path, config: &Config) -> anyhow::Result<String> {
     let size = std::fs::metadata(path)
         .with_context(|| format!("cannot read {}", path.display()))?
         .len();
-    let started = std::time::Instant::now();
     let sandbox = Sandbox::load(path, config, 1, Arc::new(Metrics::new()))?;
-    let compile = started.elapsed();
     let (imports, exports) = sandbox.interface();
     let trial = sandbox.trial(config)?;
     let per_event = sandbox.synthetic_events(EVENTS_TIMED)?;
@@ -464,7 +462,17 @@ fn check_guest(path: &Path, config: &Config) -> anyhow::Result<String> {
     let _ = writeln!(out, "  imports:      {}", imports.join(", "));
     let _ = writeln!(out, "  exports:      {}", exports.join(", "));
     let _ = writeln!(out, "  size:         {size} bytes");
-    let _ = writeln!(out, "  compile:      {} ms", compile.as_millis());
+    let _ = writeln!(
+        out,
+        "  compile:      {} ms ({})",
+        sandbox.compile_time.as_millis(),
+        match sandbox.compiled {
+            crate::sandbox::cache::Compiled::Hit => "from guest_cache_dir",
+            crate::sandbox::cache::Compiled::Stored => "compiled, stored in guest_cache_dir",
+            crate::sandbox::cache::Compiled::NotStored => "compiled",
+        }
+    );
+    let _ = writeln!(out, "  version:      {}", sandbox.version.label());
     let _ = writeln!(
         out,
         "  trial:        instantiated and initialised under the configured limits \

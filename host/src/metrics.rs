@@ -54,6 +54,7 @@ pub struct Metrics {
     resumes: Family<Labels, Counter>,
     guest_reloads: Family<Labels, Counter>,
     tls_handshakes: Family<Labels, Counter>,
+    guest_compiles: Family<Labels, Counter>,
     tls_reloads: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     closes: Family<Labels, Counter>,
@@ -91,6 +92,7 @@ impl Metrics {
             resumes: Family::default(),
             guest_reloads: Family::default(),
             tls_handshakes: Family::default(),
+            guest_compiles: Family::default(),
             tls_reloads: Family::default(),
             guest_faults: Family::default(),
             refusals: Family::default(),
@@ -193,6 +195,11 @@ impl Metrics {
             m.guest_instances.clone(),
         );
         registry.register(
+            "guest_compiles",
+            "Guest loads (start-up, reload), by where the compiled code came from: hit (guest_cache_dir), stored (compiled and cached), not_stored (compiled, no cache)",
+            m.guest_compiles.clone(),
+        );
+        registry.register(
             "tls_handshakes",
             "TLS handshakes on the public listener, by result: ok, failed, timeout",
             m.tls_handshakes.clone(),
@@ -232,6 +239,12 @@ impl Metrics {
 
     pub fn guest_fault(&self, kind: &'static str) {
         self.guest_faults.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    pub fn guest_compile(&self, result: &'static str) {
+        self.guest_compiles
+            .get_or_create(&vec![("result", result)])
+            .inc();
     }
 
     pub fn tls_handshake(&self, result: &'static str) {

@@ -138,3 +138,72 @@ async fn faults_close_only_their_own_connection() {
     }
     gw.wait_metric("gateway_instances_live", 3.0).await;
 }
+
+/// `guest_cache_dir`: the second load of the same component with the same engine settings
+/// takes the compiled code from disk; a damaged artifact is compiled again and replaced,
+/// other engine settings get their own artifact, and a directory others may write to is
+/// not trusted.
+#[test]
+fn compiled_guests_are_cached_per_component_and_engine_settings() {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use gateway::config::ReservationPolicy;
+    use gateway::metrics::Metrics;
+    use gateway::sandbox::Sandbox;
+    use gateway::sandbox::cache::Compiled;
+
+    let root = std::env::temp_dir().join(format!("gateway-compile-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let cache = root.join("cache");
+    let mut cfg = config(guests::REFERENCE);
+    cfg.guest_cache_dir = Some(cache.clone());
+    let load = |cfg: &gateway::config::Config| {
+        Sandbox::load(
+            Path::new(guests::REFERENCE),
+            cfg,
+            100,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    };
+
+    assert_eq!(load(&cfg).compiled, Compiled::Stored);
+    let cached = load(&cfg);
+    assert_eq!(cached.compiled, Compiled::Hit);
+    cached.trial(&cfg).expect("the cached guest runs");
+
+    for entry in std::fs::read_dir(&cache).unwrap() {
+        std::fs::write(entry.unwrap().path(), b"not compiled code").unwrap();
+    }
+    assert_eq!(
+        load(&cfg).compiled,
+        Compiled::Stored,
+        "a damaged artifact is replaced"
+    );
+    assert_eq!(load(&cfg).compiled, Compiled::Hit);
+
+    let mut compact = cfg.clone();
+    compact.limits.guest_memory_reservation = ReservationPolicy::Compact;
+    let mut full = cfg.clone();
+    full.limits.guest_memory_reservation = ReservationPolicy::Full;
+    assert_eq!(
+        load(&compact).compiled,
+        Compiled::Stored,
+        "other engine settings, other code"
+    );
+    assert_eq!(load(&full).compiled, Compiled::Hit);
+    assert_eq!(load(&compact).compiled, Compiled::Hit);
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(
+            load(&cfg).compiled,
+            Compiled::NotStored,
+            "a shared directory is not trusted"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

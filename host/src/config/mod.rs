@@ -24,6 +24,10 @@ pub struct Config {
     pub ops_listen: Option<SocketAddr>,
     /// Path of the guest component every connection instantiates.
     pub guest: Option<PathBuf>,
+    /// A private directory (created with mode 0700) for compiled guests: a restart or reload
+    /// of the same component with the same engine settings loads its compiled code instead
+    /// of compiling again. Unset: always compile.
+    pub guest_cache_dir: Option<PathBuf>,
     /// How often the guest file is checked for a change, which reloads it (as SIGHUP and
     /// `POST /v1/guest/reload` do); 0 turns the check off.
     pub guest_poll_secs: u64,
@@ -233,6 +237,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             ops_listen: None,
             guest: None,
+            guest_cache_dir: None,
             guest_poll_secs: 10,
             jwt_secret: None,
             guest_perf_map: false,
@@ -303,6 +308,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("ops_listen", &self.ops_listen)
             .field("guest", &self.guest)
+            .field("guest_cache_dir", &self.guest_cache_dir)
             .field("guest_poll_secs", &self.guest_poll_secs)
             .field(
                 "jwt_secret",
@@ -331,15 +337,20 @@ pub struct Invalid {
     pub reason: String,
 }
 
-/// Top-level sections and keys, as environment variables spell them after `GATEWAY_`.
-const ENV_KEYS: &[&str] = &[
-    "listen",
-    "ops_listen",
-    "guest",
-    "jwt_secret",
-    "guest_perf_map",
-];
-const ENV_SECTIONS: &[&str] = &["auth", "limits", "history", "tls"];
+/// Top-level keys and sections (tables), as environment variables spell them after
+/// `GATEWAY_`: read from the config type itself, so a new key is settable at once.
+fn env_names() -> (Vec<String>, Vec<String>) {
+    let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+    let mut keys = Vec::new();
+    let mut sections = Vec::new();
+    for (name, value) in defaults.as_object().into_iter().flatten() {
+        match value {
+            serde_json::Value::Object(_) => sections.push(name.clone()),
+            _ => keys.push(name.clone()),
+        }
+    }
+    (keys, sections)
+}
 /// `GATEWAY_*` variables that are read elsewhere, not config keys.
 const ENV_NOT_CONFIG: &[&str] = &["log", "log_json"];
 
@@ -517,6 +528,7 @@ impl Config {
         // section there (a misspelt `GATEWAY_LIMIT__...`) is an error like an unknown key in
         // the file. A plain `GATEWAY_X` may belong to something else in an operator's
         // environment; an unknown one is only warned about.
+        let (env_keys, env_sections) = env_names();
         let mut pairs = Vec::new();
         for (name, value) in vars {
             let Some(key) = name.strip_prefix("GATEWAY_") else {
@@ -524,15 +536,17 @@ impl Config {
             };
             let key = key.to_ascii_lowercase();
             match key.split_once("__") {
-                Some((section, _)) if ENV_SECTIONS.contains(&section) => pairs.push((key, value)),
+                Some((section, _)) if env_sections.iter().any(|s| s == section) => {
+                    pairs.push((key, value))
+                }
                 Some((section, _)) => {
                     return Err(Box::new(figment::Error::from(format!(
                         "environment variable {name}: unknown config section `{section}` \
                          (known: {})",
-                        ENV_SECTIONS.join(", ")
+                        env_sections.join(", ")
                     ))));
                 }
-                None if ENV_KEYS.contains(&key.as_str()) => pairs.push((key, value)),
+                None if env_keys.contains(&key) => pairs.push((key, value)),
                 None if ENV_NOT_CONFIG.contains(&key.as_str()) => {}
                 None => tracing::warn!(
                     variable = %name,
@@ -602,6 +616,25 @@ mod tests {
             config.validate().unwrap_err().key,
             "limits.guest_call_wall_ms"
         );
+    }
+
+    #[test]
+    fn every_top_level_key_is_read_from_the_environment() {
+        let config = Config::load_from(
+            None,
+            vars(&[
+                ("GATEWAY_GUEST_POLL_SECS", "3"),
+                ("GATEWAY_GUEST_CACHE_DIR", "/var/cache/gateway"),
+                ("GATEWAY_OPS_LISTEN", "127.0.0.1:9999"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.guest_poll_secs, 3);
+        assert_eq!(
+            config.guest_cache_dir.as_deref(),
+            Some(Path::new("/var/cache/gateway"))
+        );
+        assert!(config.ops_listen.is_some());
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! - `wasm`: [`Handler`] for a Wasm instance: its own `Store`, so its own memory; dropping
 //!   it drops every byte the handler kept.
 //! - `native` (benchmark builds only): the reference handler linked natively.
+//! - [`cache`]: compiled guests kept on disk (`guest_cache_dir`).
 
+pub mod cache;
 mod clock;
 mod engine;
 mod host;
@@ -217,12 +219,34 @@ pub struct Sandbox {
     name: String,
     /// Which guest this is; its instances are counted under [`GuestVersion::label`].
     pub version: GuestVersion,
+    /// Whether the compiled code came from `guest_cache_dir`, and how long getting it took.
+    pub compiled: cache::Compiled,
+    pub compile_time: Duration,
     version_instances: prometheus_client::metrics::gauge::Gauge,
     pub reservation: Reservation,
     metrics: Arc<Metrics>,
     /// Benchmark builds only: run the reference handler natively instead.
     #[cfg(feature = "native-handler")]
     native: bool,
+}
+
+/// Compiles the component, through the compile cache when `guest_cache_dir` is set (a cache
+/// that cannot be used is logged and skipped: it only saves time).
+fn compile(
+    engine: &Engine,
+    bytes: &[u8],
+    sha256: &str,
+    config: &Config,
+) -> wasmtime::Result<(Component, cache::Compiled, Duration)> {
+    if let Some(dir) = &config.guest_cache_dir {
+        match cache::CompileCache::open(dir) {
+            Ok(cache) => return cache.component(engine, bytes, sha256),
+            Err(err) => tracing::error!(error = %err, "compiling without the cache"),
+        }
+    }
+    let started = Instant::now();
+    let component = Component::new(engine, bytes)?;
+    Ok((component, cache::Compiled::NotStored, started.elapsed()))
 }
 
 /// A guest component's identity: what an operator sees in metrics and `/v1/stats` to tell
@@ -302,10 +326,19 @@ impl Sandbox {
         let limits = &config.limits;
         let engine =
             Engine::new(&engine::engine_config(config, reservation)).map_err(LoadError::Engine)?;
-        let component = Component::new(&engine, bytes).map_err(|reason| LoadError::Compile {
-            path: name.to_owned(),
-            reason,
-        })?;
+        let version = GuestVersion::of(name, bytes);
+        let (component, compiled, compile_time) = compile(&engine, bytes, &version.sha256, config)
+            .map_err(|reason| LoadError::Compile {
+                path: name.to_owned(),
+                reason,
+            })?;
+        metrics.guest_compile(compiled.as_str());
+        tracing::info!(
+            guest = name,
+            ms = compile_time.as_millis() as u64,
+            cache = compiled.as_str(),
+            "guest compiled"
+        );
 
         let foreign: Vec<String> = component
             .component_type()
@@ -336,7 +369,6 @@ impl Sandbox {
             })?;
 
         engine::spawn_epoch_ticker(&engine);
-        let version = GuestVersion::of(name, bytes);
         let version_instances = metrics
             .guest_instances
             .get_or_create(&vec![("guest", version.label())])
@@ -344,6 +376,8 @@ impl Sandbox {
         Ok(Sandbox {
             version,
             version_instances,
+            compiled,
+            compile_time,
             engine,
             component,
             pre,
