@@ -6,7 +6,7 @@ GATEWAY := target/release/gateway
 GUEST_MODULE := target/$(WASM_TARGET)/guest/gateway_guest.wasm
 GUEST := target/components/handler.wasm
 
-.PHONY: run test guest setup browser lint fmt clean bench
+.PHONY: run test guest guests setup browser lint fmt clean bench
 
 # Package installs need root; elsewhere they go through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -31,13 +31,45 @@ guest: setup $(GATEWAY)
 	@mkdir -p $(dir $(GUEST))
 	$(GATEWAY) guest wrap $(GUEST_MODULE) -o $(GUEST)
 
+## The reference handler in JavaScript and in Python, as components for the tests: their
+## build tools (pinned in guest/js/package-lock.json and guest/python/requirements.txt) are
+## installed under target/ on first use.
+JS_TOOLS := target/js-guest
+PY_TOOLS := target/py-guest
+JS_GUEST := target/components/handler-js.wasm
+PY_GUEST := target/components/handler-py.wasm
+
+guests: $(JS_GUEST) $(PY_GUEST)
+
+$(JS_TOOLS)/node_modules/.installed: guest/js/package.json guest/js/package-lock.json
+	@mkdir -p $(JS_TOOLS)
+	cp guest/js/package.json guest/js/package-lock.json $(JS_TOOLS)/
+	cd $(JS_TOOLS) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# componentize-js reads the WIT and the source from inside its working directory only.
+$(JS_GUEST): $(JS_TOOLS)/node_modules/.installed guest/js/handler.js wit/world.wit
+	@mkdir -p $(dir $@) $(JS_TOOLS)/src
+	rm -rf $(JS_TOOLS)/wit && cp -r wit $(JS_TOOLS)/wit && cp guest/js/handler.js $(JS_TOOLS)/src/
+	cd $(JS_TOOLS) && node_modules/.bin/componentize-js src/handler.js --wit wit --world-name handler \
+	  -d stdio random clocks http fetch-event -o ../../$@
+
+$(PY_TOOLS)/.installed: guest/python/requirements.txt
+	python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target $(PY_TOOLS) -r $<
+	@touch $@
+
+$(PY_GUEST): $(PY_TOOLS)/.installed guest/python/app.py wit/world.wit
+	@mkdir -p $(dir $@)
+	PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$(PY_TOOLS) $(PY_TOOLS)/bin/componentize-py -d wit -w handler componentize --stub-wasi \
+	  -p guest/python app -o $@
+
 ## Run the gateway on the embedded default: in-process router, dev secret, reference guest.
 run: guest
 	GATEWAY_GUEST_CACHE_DIR=$${GATEWAY_GUEST_CACHE_DIR:-target/guest-cache} $(GATEWAY) serve --dev --guest $(GUEST)
 
 ## Run every test: the gateway over real sockets, with guests built from source. (The
 ## crates have no doc tests; leaving that empty suite out keeps the last summary a real one.)
-test: setup browser
+test: setup browser guests
 	$(CARGO) build --release --locked -p gateway
 	$(CARGO) test --release --locked -p gateway -p gateway-tests -p gateway-guest --lib --bins --tests
 

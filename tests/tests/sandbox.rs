@@ -195,6 +195,29 @@ fn compiled_guests_are_cached_per_component_and_engine_settings() {
     assert_eq!(load(&full).compiled, Compiled::Hit);
     assert_eq!(load(&compact).compiled, Compiled::Hit);
 
+    // Old artifacts (guests replaced long ago) are pruned when a new one is stored.
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    for i in 0..10 {
+        let old = cache.join(format!("old-{i}.cwasm"));
+        std::fs::write(&old, b"an old artifact").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+    }
+    let mut compact_large = compact.clone();
+    compact_large.limits.guest_memory_bytes = 64 << 20;
+    assert_eq!(load(&compact_large).compiled, Compiled::Stored);
+    let left = std::fs::read_dir(&cache).unwrap().count();
+    assert_eq!(left, gateway::sandbox::cache::MAX_ARTIFACTS);
+    assert_eq!(
+        load(&cfg).compiled,
+        Compiled::Hit,
+        "recently used ones stay"
+    );
+
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -51,6 +51,10 @@ pub enum CacheError {
     NotPrivate { path: PathBuf, mode: u32 },
 }
 
+/// Artifacts kept: the most recently used; older ones (guests replaced long ago, or another
+/// engine's) are deleted when a new one is stored.
+pub const MAX_ARTIFACTS: usize = 8;
+
 /// A private directory of compiled components.
 #[derive(Debug)]
 pub struct CompileCache {
@@ -100,7 +104,12 @@ impl CompileCache {
         let path = self.dir.join(format!("{}.cwasm", key(engine, sha256)));
         if path.is_file() {
             match load(engine, &path) {
-                Ok(component) => return Ok((component, Compiled::Hit, started.elapsed())),
+                Ok(component) => {
+                    // Marks it recently used, for `prune`.
+                    let _ = std::fs::File::open(&path)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    return Ok((component, Compiled::Hit, started.elapsed()));
+                }
                 // A truncated or foreign file: compiled again below, and replaced.
                 Err(err) => tracing::warn!(
                     path = %path.display(),
@@ -111,7 +120,10 @@ impl CompileCache {
         }
         let component = Component::new(engine, bytes)?;
         let compiled = match store(&component, &path) {
-            Ok(()) => Compiled::Stored,
+            Ok(()) => {
+                self.prune();
+                Compiled::Stored
+            }
             Err(err) => {
                 tracing::warn!(
                     path = %path.display(),
@@ -122,6 +134,24 @@ impl CompileCache {
             }
         };
         Ok((component, compiled, started.elapsed()))
+    }
+}
+
+impl CompileCache {
+    /// Deletes all but the [`MAX_ARTIFACTS`] most recently used artifacts.
+    fn prune(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut artifacts: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        artifacts.sort_by_key(|(used, _)| std::cmp::Reverse(*used));
+        for (_, old) in artifacts.into_iter().skip(MAX_ARTIFACTS) {
+            let _ = std::fs::remove_file(old);
+        }
     }
 }
 
