@@ -133,7 +133,7 @@ pub enum GuestCommand {
     /// (`make test` replays the samples through it).
     New {
         name: String,
-        /// Only `rust` for now.
+        /// `rust`, `js` (componentize-js) or `python` (componentize-py).
         #[arg(long, default_value = "rust")]
         lang: String,
     },
@@ -403,6 +403,11 @@ const RUST_TEMPLATE: &[(&str, &str)] = &[
     ("Cargo.toml", include_str!("templates/rust/Cargo.toml.tmpl")),
     ("Makefile", include_str!("templates/rust/Makefile.tmpl")),
     ("src/lib.rs", include_str!("templates/rust/lib.rs.tmpl")),
+    (".gitignore", "target/\n*.wasm\n"),
+];
+
+/// Files every project gets: the world and sample inputs for `make test`.
+const COMMON_TEMPLATE: &[(&str, &str)] = &[
     ("wit/world.wit", include_str!("../../wit/world.wit")),
     (
         "tests/frames.jsonl",
@@ -412,7 +417,38 @@ const RUST_TEMPLATE: &[(&str, &str)] = &[
         "tests/events.jsonl",
         include_str!("templates/rust/events.jsonl"),
     ),
-    (".gitignore", "target/\n*.wasm\n"),
+];
+
+/// A JavaScript project: componentize-js pinned exactly as the reference JavaScript
+/// handler's (`guest/js`), whose package files it shares.
+const JS_TEMPLATE: &[(&str, &str)] = &[
+    ("Makefile", include_str!("templates/js/Makefile.tmpl")),
+    (
+        "src/handler.js",
+        include_str!("templates/js/handler.js.tmpl"),
+    ),
+    ("gateway.toml", include_str!("templates/js/gateway.toml")),
+    ("package.json", include_str!("../../guest/js/package.json")),
+    (
+        "package-lock.json",
+        include_str!("../../guest/js/package-lock.json"),
+    ),
+    (".gitignore", "node_modules/\ntarget/\n*.wasm\n"),
+];
+
+/// A Python project: componentize-py pinned as the reference Python handler's.
+const PYTHON_TEMPLATE: &[(&str, &str)] = &[
+    ("Makefile", include_str!("templates/python/Makefile.tmpl")),
+    ("app.py", include_str!("templates/python/app.py.tmpl")),
+    (
+        "gateway.toml",
+        include_str!("templates/python/gateway.toml"),
+    ),
+    (
+        "requirements.txt",
+        include_str!("../../guest/python/requirements.txt"),
+    ),
+    (".gitignore", ".tools/\ntarget/\n__pycache__/\n*.wasm\n"),
 ];
 
 /// Writes a new handler project `name` under `parent`; refuses to touch an existing path.
@@ -426,21 +462,26 @@ pub fn new_project(parent: &Path, name: &str, lang: &str) -> anyhow::Result<Path
         valid,
         "project name {name:?}: lower-case letters, digits, `-` and `_`, starting with a letter, at most 64"
     );
-    anyhow::ensure!(
-        lang == "rust",
-        "--lang {lang}: only `rust` is available in this version (JavaScript and Python guests are \
-         not supported yet; see docs/guest-guide.md)"
-    );
+    let files = match lang {
+        "rust" => RUST_TEMPLATE,
+        "js" | "javascript" => JS_TEMPLATE,
+        "python" | "py" => PYTHON_TEMPLATE,
+        other => anyhow::bail!("--lang {other}: one of rust, js, python"),
+    };
     let dir = parent.join(name);
     anyhow::ensure!(!dir.exists(), "{} already exists", dir.display());
     let lib = name.replace('-', "_");
-    for (file, text) in RUST_TEMPLATE {
+    for (file, text) in files.iter().chain(COMMON_TEMPLATE) {
         let path = dir.join(file);
         if let Some(folder) = path.parent() {
             std::fs::create_dir_all(folder)
                 .with_context(|| format!("cannot create {}", folder.display()))?;
         }
-        let text = text.replace("{{name}}", name).replace("{{lib}}", &lib);
+        // The shared package files name the reference handler; a project gets its own name.
+        let text = text
+            .replace("{{name}}", name)
+            .replace("{{lib}}", &lib)
+            .replace("gateway-handler-js", name);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(dir)

@@ -127,3 +127,56 @@ fn a_new_rust_project_builds_checks_and_replays() {
     assert!(project.join("demo-handler.wasm").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `guest new --lang js|python`: the generated project builds with its pinned tool (the
+/// copies `make guests` installed under target/, so the test does not download them again),
+/// passes `guest check` and replays its samples.
+#[test]
+fn new_javascript_and_python_projects_build_check_and_replay() {
+    let target = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let js_tool = target.join("js-guest/node_modules/.bin/componentize-js");
+    let py_tools = target.join("py-guest");
+    assert!(
+        js_tool.exists() && py_tools.join("bin/componentize-py").exists(),
+        "the build tools are missing: `make guests` installs them (`make test` does that first)"
+    );
+    for (lang, tool) in [
+        ("js", format!("COMPONENTIZE_JS={}", js_tool.display())),
+        ("python", format!("PY_TOOLS={}", py_tools.display())),
+    ] {
+        let dir =
+            std::env::temp_dir().join(format!("gateway-guest-new-{lang}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new(gateway())
+            .args(["guest", "new", "agent-ui", "--lang", lang])
+            .current_dir(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{lang}");
+        let project = dir.join("agent-ui");
+        let output = Command::new("make")
+            .arg("test")
+            .arg(format!("GATEWAY={}", gateway().display()))
+            .arg(&tool)
+            .current_dir(&project)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{lang}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("agent-ui.wasm: accepted"),
+            "{lang}: {stdout}"
+        );
+        let replayed = std::fs::read_to_string(project.join("target/replay.jsonl")).unwrap();
+        assert!(
+            replayed.contains(r#""kind":"agent_completed""#),
+            "{lang}: {replayed}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
