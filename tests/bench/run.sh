@@ -28,7 +28,7 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-900}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume tls startup multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
@@ -130,9 +130,11 @@ start_gateway() {
         "$binary" serve "$@" >"$LOGS/$label.gateway.log" 2>&1 &
     GW_PID=$!
     GW_PIDS+=("$GW_PID")
-    local i
+    local i scheme=http
+    [[ -n ${GATEWAY_TLS__CERT_FILE:-} ]] && scheme=https
     for i in $(seq 1 300); do
-        if curl -sf -o /dev/null "http://127.0.0.1:$GW_PORT/healthz"; then
+        # -k: the health check only; loadgen verifies the certificate.
+        if curl -sfk -o /dev/null "$scheme://127.0.0.1:$GW_PORT/healthz"; then
             return 0
         fi
         if ! kill -0 "$GW_PID" 2>/dev/null; then
@@ -188,7 +190,7 @@ run_loadgen() {
     local ips
     ips=$(source_ips_for "$n")
     local rc=0
-    "$LOADGEN" --url "ws://127.0.0.1:$port" --server-pid "$pid" --json "$OUT/$label.json" \
+    "$LOADGEN" --url "${LOADGEN_URL_BASE:-ws://127.0.0.1}:$port" --server-pid "$pid" --json "$OUT/$label.json" \
         --source-ips "$ips" --source-ip-offset "$SRC_NEXT" "$@" \
         >"$LOGS/$label.loadgen.out" 2>"$LOGS/$label.loadgen.err" || rc=$?
     SRC_NEXT=$((SRC_NEXT + ips))
@@ -241,7 +243,7 @@ mkdir -p "$LOGS"
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     log "building (release, --locked): gateway, loadgen, reference guest, native benchmark build"
     $CARGO build --release --locked -p gateway -p gateway-tests
-    $MAKE --no-print-directory guest
+    $MAKE --no-print-directory guest guests
     # Both builds write target/release/gateway: the native one is copied aside, then the
     # normal binary is rebuilt (from cache) so that target/release/gateway stays the product.
     $CARGO build --release --locked -p gateway --features native-handler
@@ -411,6 +413,55 @@ if has resume; then
             note "resume_storm $label failed (see target/bench/logs/$label.out and .err)"
         SRC_NEXT=$((SRC_NEXT + ips))
         stop_gateway "$GW_PID" "$label"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# TLS: the same connect storm over wss:// (loadgen verifying a generated certificate) and
+# over ws://, alternating; connect rate, connect time and memory per connection.
+if has tls; then
+    TLS_DIR=$OUT/tls
+    mkdir -p "$TLS_DIR"
+    if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -keyout "$TLS_DIR/key.pem" -out "$TLS_DIR/cert.pem" -subj /CN=localhost \
+        -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -addext "basicConstraints=critical,CA:FALSE" >"$LOGS/tls-cert.log" 2>&1; then
+        for run in $(seq 1 "$RUNS"); do
+            log "tls: $STORM_CONNECTIONS connections over ws://, max-inflight 32, run $run"
+            one_run "tls-plain-r$run" "$GATEWAY" "" \
+                --connections "$STORM_CONNECTIONS" --users $((STORM_CONNECTIONS / 5)) \
+                --max-inflight 32 --max-secs 60
+            log "tls: $STORM_CONNECTIONS connections over wss://, max-inflight 32, run $run"
+            GATEWAY_TLS__CERT_FILE=$TLS_DIR/cert.pem GATEWAY_TLS__KEY_FILE=$TLS_DIR/key.pem \
+                LOADGEN_URL_BASE=wss://localhost \
+                one_run "tls-wss-r$run" "$GATEWAY" "" \
+                --connections "$STORM_CONNECTIONS" --users $((STORM_CONNECTIONS / 5)) \
+                --max-inflight 32 --max-secs 60 --ca "$TLS_DIR/cert.pem"
+        done
+    else
+        note "tls: openssl could not make a certificate (see target/bench/logs/tls-cert.log); not run"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------
+# Guest start-up: compiling each reference handler (Rust, JavaScript, Python) as a start or
+# reload does, without and then with the compile cache (guest_cache_dir).
+if has startup; then
+    STARTUP_CACHE=$OUT/guest-cache
+    printf 'guest_cache_dir = "%s"\n[limits]\nguest_memory_bytes = 33554432\nguest_max_instances = 64\n' \
+        "$STARTUP_CACHE" >"$OUT/startup.toml"
+    for lang in rust js py; do
+        component=$GUEST
+        [[ $lang != rust ]] && component=$ROOT/target/components/handler-$lang.wasm
+        for run in $(seq 1 "$RUNS"); do
+            rm -rf "$STARTUP_CACHE"
+            for phase in compile cached; do
+                label=startup-$lang-$phase-r$run
+                log "startup: $lang guest, $phase, run $run"
+                "$GATEWAY" guest check "$component" --config "$OUT/startup.toml" \
+                    >"$LOGS/$label.out" 2>&1 || note "startup $label failed (see target/bench/logs/$label.out)"
+            done
+        done
     done
 fi
 

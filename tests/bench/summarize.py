@@ -773,6 +773,87 @@ def resume_section(out):
     ]) + "\n"
 
 
+def tls_section(out):
+    plain = runs(out, "tls-plain")
+    wss = runs(out, "tls-wss")
+    if not plain and not wss:
+        return "## 6. TLS\n\nNot run.\n"
+    rows = []
+    for name, reports in (("ws:// (plain)", plain), ("wss:// (rustls)", wss)):
+        rows.append([
+            name,
+            med_runs(reports, "connections_established"),
+            med_runs(reports, "connect_failures"),
+            med_runs(reports, "connect_rate_per_sec"),
+            med_runs(reports, ("connect_ms", "p50"), 2),
+            med_runs(reports, ("connect_ms", "p99"), 2),
+            med_runs(reports, "rss_kib_per_connection", 1),
+            med_runs(reports, "pss_kib_per_connection", 1),
+            num(cpu(reports, "server", "connect")),
+        ])
+    ratio = ""
+    rate_plain, rate_wss = med(plain, "connect_rate_per_sec"), med(wss, "connect_rate_per_sec")
+    if rate_plain and rate_wss:
+        ratio = f" TLS connects at {rate_wss / rate_plain:.0%} of the plain rate (medians)."
+    return "\n".join([
+        "## 6. TLS: connect rate and memory with wss://",
+        "",
+        "The connect storm at 32 in flight over `wss://` (ECDSA P-256 certificate, rustls with "
+        "the ring provider, loadgen verifying it) and over `ws://`, alternating runs on fresh "
+        f"gateways. Memory is sampled one second after the last connect.{ratio}",
+        "",
+        table(["", "established", "failed", "connects /s", "p50 ms", "p99 ms",
+               "RSS KiB/conn", "PSS KiB/conn", "server CPU % connecting"], rows),
+    ]) + "\n"
+
+
+def startup_section(out):
+    logs = os.path.join(out, "logs")
+    found = {}
+    for path in sorted(glob.glob(os.path.join(logs, "startup-*-r*.out"))):
+        m = re.match(r"startup-(\w+)-(compile|cached)-r\d+\.out$", os.path.basename(path))
+        text = open(path).read()
+        ms = re.search(r"compile:\s+(\d+) ms", text)
+        if not m or not ms:
+            continue
+        entry = found.setdefault(m.group(1), {"compile": [], "cached": [], "size": None,
+                                              "instantiate": None, "resident": None})
+        entry[m.group(2)].append(int(ms.group(1)))
+        for key, pattern in (("size", r"size:\s+(\d+) bytes"),
+                             ("instantiate", r"instantiate:\s+(\d+) us"),
+                             ("resident", r"resident:\s+(\d+) KiB")):
+            hit = re.search(pattern, text)
+            if hit:
+                entry[key] = int(hit.group(1))
+    if not found:
+        return "## 7. Guest start-up\n\nNot run.\n"
+    names = {"rust": "Rust", "js": "JavaScript", "py": "Python"}
+    rows = []
+    for lang in ("rust", "js", "py"):
+        e = found.get(lang)
+        if not e:
+            continue
+        rows.append([
+            names[lang],
+            num(e["size"] / 1e6, 2) if e["size"] else "-",
+            num(median(e["compile"])),
+            num(median(e["cached"])),
+            num(e["instantiate"]) if e["instantiate"] is not None else "-",
+            num(e["resident"]) if e["resident"] is not None else "-",
+        ])
+    return "\n".join([
+        "## 7. Guest start-up: compile, and the compile cache",
+        "",
+        "`gateway guest check` on each reference handler, as a start or a reload loads it: "
+        "compiled with an empty `guest_cache_dir` (which stores the artifact), then again "
+        "(which loads it). Medians of the runs; instantiation and resident memory per live "
+        "instance from the same check.",
+        "",
+        table(["guest", "component MB", "compile ms", "from cache ms", "instantiate + init us",
+               "resident KiB/instance"], rows),
+    ]) + "\n"
+
+
 def summarize(out):
     meta = load(os.path.join(out, "meta.json")) or {}
     capacity = meta.get("capacity")
@@ -785,6 +866,8 @@ def summarize(out):
         delivery_section(out, meta, findings),
         native_section(out, findings),
         resume_section(out),
+        tls_section(out),
+        startup_section(out),
     ]
     plot_data(out, findings)
     return "\n".join([

@@ -48,7 +48,7 @@ use hdrhistogram::Histogram;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout};
@@ -82,9 +82,12 @@ const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 )]
 struct Args {
     /// Gateway URL, loopback only (127.x.x.x, localhost or ::1); `/ws` is used when the path
-    /// is empty.
+    /// is empty. `wss://` needs `--ca` and cannot publish (connect-only runs).
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     url: String,
+    /// PEM certificate(s) to trust for `wss://`; the server name checked is the URL's host.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// HS256 secret the gateway verifies tokens with.
     #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
     secret: String,
@@ -157,6 +160,11 @@ struct Args {
 struct Plan {
     args: Args,
     target: SocketAddr,
+    /// For `wss://`: the client TLS configuration and the name the certificate must carry.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     ws_url: String,
     publish_url: String,
     sources: Vec<IpAddr>,
@@ -207,6 +215,10 @@ fn prepare(args: Args) -> anyhow::Result<Plan> {
         eprintln!("note: the secret is shorter than 32 bytes; the gateway refuses such secrets");
     }
     let (target, ws_url, publish_url) = parse_url(&args.url)?;
+    let tls = tls_for(&args)?;
+    if tls.is_some() && (args.publish_max || args.publish_rate > 0) {
+        bail!("a wss:// run only connects: publishing over TLS is not supported by loadgen");
+    }
     if args.user_offset.checked_add(args.users).is_none() {
         bail!("--user-offset plus --users is too large");
     }
@@ -264,6 +276,7 @@ fn prepare(args: Args) -> anyhow::Result<Plan> {
     Ok(Plan {
         args,
         target,
+        tls,
         ws_url,
         publish_url,
         sources,
@@ -276,8 +289,9 @@ fn prepare(args: Args) -> anyhow::Result<Plan> {
 /// host that is not loopback: this tool must not be pointed at someone else's server.
 fn parse_url(url: &str) -> anyhow::Result<(SocketAddr, String, String)> {
     let parsed = reqwest::Url::parse(url).with_context(|| format!("--url {url:?} is not a URL"))?;
-    if parsed.scheme() != "ws" {
-        bail!("--url must start with ws:// (wss is not supported)");
+    let scheme = parsed.scheme();
+    if scheme != "ws" && scheme != "wss" {
+        bail!("--url must start with ws:// or wss://");
     }
     let host = parsed.host_str().context("--url has no host")?;
     let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
@@ -300,9 +314,11 @@ fn parse_url(url: &str) -> anyhow::Result<(SocketAddr, String, String)> {
         "" | "/" => "/ws",
         path => path,
     };
+    let host = parsed.host_str().unwrap_or_default();
+    let port = addr.port();
     Ok((
         addr,
-        format!("ws://{addr}{path}"),
+        format!("{scheme}://{host}:{port}{path}"),
         format!("http://{addr}/v1/publish/batch"),
     ))
 }
@@ -676,7 +692,50 @@ impl ConnectError {
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
+/// A connection's byte stream: plain TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// The client TLS of a `wss://` run: trusting exactly `--ca`.
+fn tls_for(
+    args: &Args,
+) -> anyhow::Result<
+    Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+> {
+    use rustls::pki_types::pem::PemObject as _;
+    if !args.url.starts_with("wss://") {
+        return Ok(None);
+    }
+    let ca = args
+        .ca
+        .as_ref()
+        .context("--url wss://... needs --ca FILE")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("cannot read --ca {}", ca.display()))?
+    {
+        roots.add(cert.with_context(|| format!("--ca {}", ca.display()))?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = reqwest::Url::parse(&args.url)?
+        .host_str()
+        .context("--url has no host")?
+        .to_owned();
+    let name = rustls::pki_types::ServerName::try_from(host)?;
+    Ok(Some((
+        tokio_rustls::TlsConnector::from(Arc::new(config)),
+        name,
+    )))
+}
 
 /// One connection: open it (holding an in-flight permit), then read until shutdown.
 async fn connection(
@@ -773,6 +832,15 @@ async fn open(plan: &Plan, i: u64, user: u64) -> Result<(Ws, Vec<String>), Conne
         .await
         .map_err(|e| ConnectError::io("tcp connect", &e))?;
     let _ = stream.set_nodelay(true);
+    let stream: Box<dyn Io> = match &plan.tls {
+        None => Box::new(stream),
+        Some((connector, name)) => Box::new(
+            connector
+                .connect(name.clone(), stream)
+                .await
+                .map_err(|e| ConnectError::io("tls handshake", &e))?,
+        ),
+    };
 
     let mut request = plan
         .ws_url
