@@ -514,6 +514,16 @@ fn check_guest(path: &Path, config: &Config) -> anyhow::Result<String> {
         }
     );
     let _ = writeln!(out, "  version:      {}", sandbox.version.label());
+    if let Some(shape) = std::fs::read(path)
+        .ok()
+        .and_then(|bytes| crate::sandbox::shape::of(&bytes))
+    {
+        let _ = writeln!(
+            out,
+            "  shape:        {} core instances, {} memories ({} bytes at start), {} tables",
+            shape.core_instances, shape.memories, shape.initial_memory_bytes, shape.tables
+        );
+    }
     let _ = writeln!(
         out,
         "  trial:        instantiated and initialised under the configured limits \

@@ -358,12 +358,16 @@ async fn reload_guest(state: &Arc<AppState>, force: bool) {
     .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()));
     match outcome {
         Ok(None) => {}
-        Ok(Some(version)) => tracing::info!(
+        Ok(Some(version)) => tracing::warn!(
+            target: "audit",
+            by = if force { "SIGHUP" } else { "file change" },
             guest = path,
             version = version.label(),
             "guest reloaded: new connections use it"
         ),
         Err(err) => tracing::error!(
+            target: "audit",
+            by = if force { "SIGHUP" } else { "file change" },
             guest = path,
             error = %err,
             "guest reload refused; KEEPING THE GUEST IN USE"

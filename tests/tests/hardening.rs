@@ -549,9 +549,23 @@ async fn guests_that_cannot_run_are_refused_with_the_limit_to_raise() {
     let ok = check("16");
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{stdout}");
-    for line in ["accepted", "exports:", "trial:", "resident:", "on-event:"] {
+    for line in [
+        "accepted",
+        "exports:",
+        "trial:",
+        "resident:",
+        "on-event:",
+        "version:",
+    ] {
         assert!(stdout.contains(line), "{line} missing in {stdout}");
     }
+    // What the component asks for, read from it: wit-bindgen's three core instances, and
+    // exactly three is enough while two is refused.
+    assert!(
+        stdout.contains("shape:        3 core instances, 1 memories"),
+        "{stdout}"
+    );
+    assert!(check("3").status.success());
     let refused = check("2");
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);

@@ -23,7 +23,7 @@ fn built(name: &str) -> String {
 }
 
 /// What these guests need: a JavaScript engine's or a Python interpreter's memory at start,
-/// and componentize-py's 39 core instances. Compiled code is cached between runs.
+/// and componentize-py's 38 core instances. Compiled code is cached between runs.
 fn guest_config(guest: &str) -> Config {
     let mut cfg = config(guest);
     cfg.limits.guest_memory_bytes = 32 << 20;

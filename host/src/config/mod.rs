@@ -169,7 +169,7 @@ pub struct Limits {
     /// 4 KiB more page tables per connection) or `compact` (the least memory).
     pub guest_memory_reservation: ReservationPolicy,
     /// Core instances one guest component may create: a wit-bindgen guest needs 3,
-    /// componentize-py's 39.
+    /// componentize-py 0.25's 38 (`gateway guest check` reports a component's count).
     pub guest_max_instances: usize,
     /// Tables one guest component may create (a wit-bindgen guest: 2).
     pub guest_max_tables: usize,

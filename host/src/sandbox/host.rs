@@ -156,7 +156,7 @@ impl ResourceLimiter for HostState {
     }
 
     // A wit-bindgen component holds 3 core instances, 2 tables and 1 memory; other
-    // toolchains need more (componentize-py: 39 core instances), so the counts are limits
+    // toolchains need more (componentize-py: 38 core instances), so the counts are limits
     // an operator can raise, not the defaults of 10,000.
     fn instances(&self) -> usize {
         self.limits.instances

@@ -11,6 +11,7 @@
 //!   it drops every byte the handler kept.
 //! - `native` (benchmark builds only): the reference handler linked natively.
 //! - [`cache`]: compiled guests kept on disk (`guest_cache_dir`).
+//! - [`shape`]: what a component asks of each instance (instances, memories, tables).
 
 pub mod cache;
 mod clock;
@@ -18,6 +19,7 @@ mod engine;
 mod host;
 #[cfg(feature = "native-handler")]
 mod native;
+pub mod shape;
 mod wasm;
 
 use std::path::Path;
