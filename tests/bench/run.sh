@@ -28,7 +28,7 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-900}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume tls startup multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume tls startup peer multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
@@ -210,6 +210,35 @@ one_run() {
     # shellcheck disable=SC2086 # serve_args is a word list on purpose
     if ! start_gateway "$label" "$binary" $serve_args; then
         note "$label: the gateway did not start; run skipped"
+        return 0
+    fi
+    local pid=$GW_PID port=$GW_PORT
+    run_loadgen "$label" "$pid" "$port" "$@"
+    stop_gateway "$pid" "$label"
+}
+
+# start_peer LABEL: the Node.js peer (tests/bench/peers/node-ws) on a free port. Sets GW_PID
+# and GW_PORT, as start_gateway does, so run_loadgen and stop_gateway work on it.
+start_peer() {
+    local label=$1 i
+    GW_PORT=$(free_port)
+    (cd "$PEER_DIR" && PORT=$GW_PORT exec node server.mjs) >"$LOGS/$label.peer.log" 2>&1 &
+    GW_PID=$!
+    GW_PIDS+=("$GW_PID")
+    for i in $(seq 1 300); do
+        curl -sf -o /dev/null "http://127.0.0.1:$GW_PORT/healthz" && return 0
+        kill -0 "$GW_PID" 2>/dev/null || { tail -5 "$LOGS/$label.peer.log" >&2; return 1; }
+        sleep 0.1
+    done
+    return 1
+}
+
+# peer_run LABEL [loadgen args...]: fresh peer, one loadgen run, stop.
+peer_run() {
+    local label=$1
+    shift
+    if ! start_peer "$label"; then
+        note "$label: the Node.js peer did not start; run skipped"
         return 0
     fi
     local pid=$GW_PID port=$GW_PORT
@@ -463,6 +492,34 @@ if has startup; then
             done
         done
     done
+fi
+
+# ---------------------------------------------------------------------------------------
+# The peer: a hand-written Node.js `ws` server speaking the same protocol
+# (tests/bench/peers/node-ws), driven by the same loadgen with the same arguments as the
+# gateway's density (largest fixed point), storm (the middle in-flight cap) and delivery
+# (100 %) runs.
+if has peer; then
+    PEER_DIR=$ROOT/target/bench-peers/node-ws
+    mkdir -p "$PEER_DIR"
+    cp "$ROOT"/tests/bench/peers/node-ws/{package.json,package-lock.json,server.mjs} "$PEER_DIR/"
+    if (cd "$PEER_DIR" && npm ci --no-audit --no-fund --loglevel=error) >"$LOGS/peer-install.log" 2>&1; then
+        peer_density=${DENSITY_POINTS[-1]}
+        peer_inflight=${STORM_INFLIGHT[1]}
+        for run in $(seq 1 "$RUNS"); do
+            log "peer: Node.js ws, density $peer_density, run $run"
+            peer_run "peer-density-r$run" --connections "$peer_density" \
+                --users $(((peer_density + 4) / 5)) --max-inflight 128 \
+                --connect-timeout-secs 20 --max-secs 120
+            log "peer: Node.js ws, storm $STORM_CONNECTIONS at $peer_inflight in flight, run $run"
+            peer_run "peer-storm-i$peer_inflight-r$run" --connections "$STORM_CONNECTIONS" \
+                --users $((STORM_CONNECTIONS / 5)) --max-inflight "$peer_inflight" --max-secs 60
+            log "peer: Node.js ws, delivery 100 %, run $run"
+            peer_run "peer-delivery-r$run" "${delivery_args[@]}" --publish-max
+        done
+    else
+        note "peer: npm ci failed (see target/bench/logs/peer-install.log); not run"
+    fi
 fi
 
 # ---------------------------------------------------------------------------------------

@@ -854,6 +854,57 @@ def startup_section(out):
     ]) + "\n"
 
 
+def peer_section(out):
+    density = runs(out, "peer-density")
+    storm_files = glob.glob(os.path.join(out, "peer-storm-i*-r*.json"))
+    inflight = None
+    if storm_files:
+        inflight = re.match(r"peer-storm-i(\d+)-r", os.path.basename(storm_files[0])).group(1)
+    storm = runs(out, f"peer-storm-i{inflight}") if inflight else []
+    delivery = runs(out, "peer-delivery")
+    if not (density or storm or delivery):
+        return "## 8. Peer: a Node.js ws server\n\nNot run.\n"
+    points = sorted(
+        int(m.group(1)) for p in glob.glob(os.path.join(out, "density-*-r1.json"))
+        if (m := re.match(r"density-(\d+)-r1\.json$", os.path.basename(p)))
+    )
+    ours_density = runs(out, f"density-{points[-1]}") if points else []
+    ours_storm = runs(out, f"storm-i{inflight}") if inflight else []
+    ours_delivery = runs(out, "delivery-wasm-100")
+
+    def row(what, ours, theirs, keys, digits=0):
+        a, b = med(ours, *keys), med(theirs, *keys)
+        ratio = f"{a / b:.2f}" if a and b else "-"
+        return [what, med_runs(ours, keys, digits), med_runs(theirs, keys, digits), ratio]
+
+    rows = [
+        row("RSS KiB per idle connection", ours_density, density, ("rss_kib_per_connection",), 1),
+        row("PSS KiB per idle connection", ours_density, density, ("pss_kib_per_connection",), 1),
+        row(f"connects /s ({inflight} in flight)", ours_storm, storm, ("connect_rate_per_sec",)),
+        row("connect p99 ms", ours_storm, storm, ("connect_ms", "p99"), 2),
+        row("delivered /s (100 %)", ours_delivery, delivery, ("events_per_sec",)),
+        row("delivery p99 ms (100 %)", ours_delivery, delivery, ("latency_ms", "p99"), 2),
+    ]
+    cpu_rows = []
+    for name, reports in (("gateway", ours_delivery), ("Node.js ws", delivery)):
+        values = [cpu_us_per_event(r) for r in reports]
+        values = [v for v in values if v is not None]
+        cpu_rows.append(f"{name} {num(median(values), 1) if values else '-'}")
+    return "\n".join([
+        "## 8. Peer: a Node.js ws server, same load generator, same run",
+        "",
+        "`tests/bench/peers/node-ws/server.mjs`: the hand-written server this product replaces "
+        "(one process, every user's sockets in one shared map, no sandbox), speaking the same "
+        "protocol (JWT on connect, `welcome`, batch publish, per-user `seq`, the reference "
+        "handler's redaction), run with the same loadgen arguments as the gateway's own runs "
+        "above: the largest fixed density point, the storm at the middle in-flight cap, delivery at 100 %. "
+        "*ratio* is gateway / Node.js. Server CPU µs per delivered event: "
+        + ", ".join(cpu_rows) + ".",
+        "",
+        table(["", "gateway", "Node.js ws", "ratio"], rows),
+    ]) + "\n"
+
+
 def summarize(out):
     meta = load(os.path.join(out, "meta.json")) or {}
     capacity = meta.get("capacity")
@@ -868,6 +919,7 @@ def summarize(out):
         resume_section(out),
         tls_section(out),
         startup_section(out),
+        peer_section(out),
     ]
     plot_data(out, findings)
     return "\n".join([
