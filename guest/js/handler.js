@@ -5,7 +5,7 @@
 // Built by `make guests` with componentize-js and its WASI features disabled, so the
 // component imports only the world (see docs/guest-guide.md for what that leaves out).
 
-import { ackContext, emit } from "gateway:handler/connection@0.1.0";
+import { ackContext, emit } from "gateway:handler/connection@0.2.0";
 
 const MAX_SUBSCRIPTIONS = 64;
 const MAX_THREAD_ID_BYTES = 256;
@@ -105,6 +105,31 @@ export function onEvent(event) {
 }
 
 export function onClose(_reason) {}
+
+// Hibernation: when the connection idles, the gateway keeps these bytes and drops this
+// instance; `restore` rebuilds the state in a fresh one before the next frame or event.
+const SAVED_VERSION = 1;
+
+export function save() {
+  const state = {
+    v: SAVED_VERSION, connection_id: connectionId, user_id: userId,
+    subscriptions: [...subscriptions], runs: [...runs], counters,
+  };
+  return new TextEncoder().encode(JSON.stringify(state));
+}
+
+export function restore(ctx, saved) {
+  ackContext(ctx.connectionId, ctx.userId);
+  const state = JSON.parse(new TextDecoder().decode(saved));
+  if (state.v !== SAVED_VERSION || state.connection_id !== ctx.connectionId || state.user_id !== ctx.userId) {
+    throw "saved state is of another version or connection";
+  }
+  connectionId = state.connection_id;
+  userId = state.user_id;
+  for (const thread of state.subscriptions) subscriptions.add(thread);
+  for (const [id, run] of state.runs) runs.set(id, run);
+  Object.assign(counters, state.counters);
+}
 
 function track(runId, kind) {
   if (!runs.has(runId) && runs.size >= MAX_TRACKED_RUNS) {

@@ -9,6 +9,7 @@ imports only the world (see docs/guest-guide.md for what that leaves out).
 import json
 
 import wit_world
+from componentize_py_types import Err
 from wit_world.imports import connection
 
 MAX_SUBSCRIPTIONS = 64
@@ -26,6 +27,8 @@ SENSITIVE_SUFFIXES = ("password", "secret", "apikey")
 # Every sensitive key, normalised, contains one of these; an escape could hide one, so a
 # payload with a backslash is always parsed.
 STEMS = ("pass", "pwd", "secret", "apikey", "token", "authorization", "cookie", "privatekey", "credential")
+
+SAVED_VERSION = 1
 
 connection_id = ""
 user_id = ""
@@ -102,6 +105,25 @@ class WitWorld(wit_world.WitWorld):
 
     def on_close(self, reason):
         pass
+
+    # Hibernation: when the connection idles, the gateway keeps these bytes and drops this
+    # instance; `restore` rebuilds the state in a fresh one before the next frame or event.
+    def save(self):
+        state = {"v": SAVED_VERSION, "connection_id": connection_id, "user_id": user_id,
+                 "subscriptions": sorted(subscriptions), "runs": runs, "counters": counters}
+        return json.dumps(state, separators=(",", ":")).encode()
+
+    def restore(self, ctx, saved):
+        global connection_id, user_id
+        connection.ack_context(ctx.connection_id, ctx.user_id)
+        state = json.loads(saved)
+        if (state.get("v") != SAVED_VERSION or state.get("connection_id") != ctx.connection_id
+                or state.get("user_id") != ctx.user_id):
+            raise Err("saved state is of another version or connection")
+        connection_id, user_id = ctx.connection_id, ctx.user_id
+        subscriptions.update(state["subscriptions"])
+        runs.update(state["runs"])
+        counters.update(state["counters"])
 
 
 def pong():

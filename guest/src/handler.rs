@@ -71,7 +71,20 @@ impl Phase {
     fn finished(self) -> bool {
         matches!(self, Phase::Completed | Phase::Failed)
     }
+    fn parse(s: &str) -> Option<Phase> {
+        [
+            Phase::Started,
+            Phase::ToolsRunning,
+            Phase::Completed,
+            Phase::Failed,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
 }
+
+/// Version of the saved-state format: a `restore` of another version is refused.
+const SAVED_VERSION: u64 = 1;
 
 impl State {
     /// Records the identity the gateway gave this connection; returns the welcome frame.
@@ -127,6 +140,111 @@ impl State {
             (Some("subscribe" | "unsubscribe"), None) => error_frame("thread_id is required"),
             _ => error_frame("unknown message type"),
         }
+    }
+
+    /// Everything this handler keeps, as bytes, for hibernation: `restore` makes a handler
+    /// that goes on exactly where this one stopped.
+    pub fn save(&self) -> Vec<u8> {
+        let runs: Map<String, Value> = self
+            .runs
+            .iter()
+            .map(|(id, r)| {
+                (
+                    id.clone(),
+                    json!([r.phase.as_str(), r.tools_running, r.events]),
+                )
+            })
+            .collect();
+        json!({
+            "v": SAVED_VERSION,
+            "connection_id": self.connection_id,
+            "user_id": self.user_id,
+            "subscriptions": self.subscriptions,
+            "runs": runs,
+            "counters": [
+                self.frames_in,
+                self.events_in,
+                self.events_out,
+                self.events_filtered,
+                self.redactions,
+                self.payloads_withheld,
+            ],
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// The handler `save` described, for the same connection and user only: state saved for
+    /// another identity is refused, never adopted.
+    pub fn restore(connection_id: &str, user_id: &str, saved: &[u8]) -> Result<State, String> {
+        let bad = |what: &str| format!("saved state: {what}");
+        let Ok(Value::Object(v)) = serde_json::from_slice::<Value>(saved) else {
+            return Err(bad("not a JSON object"));
+        };
+        if v.get("v").and_then(Value::as_u64) != Some(SAVED_VERSION) {
+            return Err(bad("unknown version"));
+        }
+        let text = |key: &str| v.get(key).and_then(Value::as_str).unwrap_or_default();
+        if text("connection_id") != connection_id || text("user_id") != user_id {
+            return Err(bad("saved for another connection"));
+        }
+        let mut state = State {
+            connection_id: connection_id.to_owned(),
+            user_id: user_id.to_owned(),
+            ..State::default()
+        };
+        for thread in v
+            .get("subscriptions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let thread = thread.as_str().ok_or_else(|| bad("subscriptions"))?;
+            state.subscriptions.insert(thread.to_owned());
+        }
+        for (id, run) in v
+            .get("runs")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            let run = run.as_array().map(Vec::as_slice);
+            let Some([phase, tools, events]) = run else {
+                return Err(bad("runs"));
+            };
+            let run = Run {
+                phase: phase
+                    .as_str()
+                    .and_then(Phase::parse)
+                    .ok_or_else(|| bad("phase"))?,
+                tools_running: tools.as_u64().ok_or_else(|| bad("runs"))? as u32,
+                events: events.as_u64().ok_or_else(|| bad("runs"))?,
+            };
+            state.runs.insert(id.clone(), run);
+        }
+        let counters: Vec<u64> = v
+            .get("counters")
+            .and_then(Value::as_array)
+            .map(|c| c.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let [
+            frames_in,
+            events_in,
+            events_out,
+            events_filtered,
+            redactions,
+            withheld,
+        ] = counters[..]
+        else {
+            return Err(bad("counters"));
+        };
+        state.frames_in = frames_in;
+        state.events_in = events_in;
+        state.events_out = events_out;
+        state.events_filtered = events_filtered;
+        state.redactions = redactions;
+        state.payloads_withheld = withheld;
+        Ok(state)
     }
 
     fn pong(&self) -> Value {
@@ -541,6 +659,27 @@ mod tests {
             .text_message(&serde_json::json!({"type": "subscribe", "thread_id": long}).to_string());
         assert!(reply.contains("longer than 256"), "{reply}");
         assert_eq!(state.pong()["subscriptions"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn saved_state_restores_everything_and_only_for_its_connection() {
+        let mut state = State::default();
+        state.init("c1".into(), "u1".into(), 0);
+        state.text_message(r#"{"type":"subscribe","thread_id":"t1"}"#);
+        let mut out = String::new();
+        let mut event = event_with(r#"{"api_key":"x"}"#);
+        event.run_id = Some("r1".into());
+        event.thread_id = Some("t1".into());
+        assert!(state.event(event, &mut out));
+        let saved = state.save();
+
+        let restored = State::restore("c1", "u1", &saved).unwrap();
+        assert_eq!(restored.pong(), state.pong());
+        assert_eq!(restored.save(), saved);
+        assert!(State::restore("c2", "u1", &saved).is_err());
+        assert!(State::restore("c1", "u2", &saved).is_err());
+        assert!(State::restore("c1", "u1", b"{}").is_err());
+        assert!(State::restore("c1", "u1", b"not json").is_err());
     }
 
     fn event_with(payload: &str) -> EventIn {

@@ -77,6 +77,17 @@ mod component {
         }
 
         fn on_close(_reason: CloseReason) {}
+
+        fn save() -> Option<Vec<u8>> {
+            Some(STATE.with_borrow(State::save))
+        }
+
+        fn restore(ctx: Context, saved: Vec<u8>) -> Result<(), String> {
+            ack_context(&ctx.connection_id, &ctx.user_id);
+            let state = State::restore(&ctx.connection_id, &ctx.user_id, &saved)?;
+            STATE.set(state);
+            Ok(())
+        }
     }
 
     export!(Handler);

@@ -147,6 +147,11 @@ pub enum GuestCommand {
         events: PathBuf,
         #[arg(long)]
         client: Option<PathBuf>,
+        /// Hibernate the handler before every frame and event after the first: `save`, a
+        /// fresh instance, `restore` (a line `{"call":"save","bytes":N}` each time). The
+        /// frames must come out the same as without it.
+        #[arg(long)]
+        hibernate: bool,
         /// The user id in the context the guest gets.
         #[arg(long, default_value = "replay-user")]
         user: String,
@@ -363,6 +368,7 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
             events,
             client,
             user,
+            hibernate,
             config,
         } => {
             let config = load_config(&config)?;
@@ -380,6 +386,7 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
                 &sandbox,
                 &config,
                 &user,
+                hibernate,
                 client.as_mut().map(|c| c as &mut dyn std::io::BufRead),
                 &mut events,
                 &mut stdout.lock(),
@@ -496,10 +503,10 @@ fn check_guest(path: &Path, config: &Config) -> anyhow::Result<String> {
     let sandbox = Sandbox::load(path, config, 1, Arc::new(Metrics::new()))?;
     let (imports, exports) = sandbox.interface();
     let trial = sandbox.trial(config)?;
-    let per_event = sandbox.synthetic_events(EVENTS_TIMED)?;
+    let synthetic = sandbox.synthetic_events(EVENTS_TIMED)?;
     let mut out = String::new();
     let _ = writeln!(out, "{}: accepted", path.display());
-    let _ = writeln!(out, "  world:        {}", crate::sandbox::WORLD);
+    let _ = writeln!(out, "  world:        {}", sandbox.world());
     let _ = writeln!(out, "  imports:      {}", imports.join(", "));
     let _ = writeln!(out, "  exports:      {}", exports.join(", "));
     let _ = writeln!(out, "  size:         {size} bytes");
@@ -543,11 +550,34 @@ fn check_guest(path: &Path, config: &Config) -> anyhow::Result<String> {
         "  resident:     {} KiB per live instance",
         trial.resident_bytes_per_instance / 1024
     );
-    let _ = write!(
+    let _ = writeln!(
         out,
         "  on-event:     {:.1} us per synthetic event (median of {EVENTS_TIMED})",
-        per_event.as_secs_f64() * 1e6
+        synthetic.per_event.as_secs_f64() * 1e6
     );
+    let _ = match synthetic.hibernation {
+        Some((bytes, wake)) => write!(
+            out,
+            "  hibernation:  saved {bytes} bytes after those events (limit {}), woke in {} us \
+             (instantiate and restore), then handled one more",
+            config.limits.hibernate_state_bytes,
+            wake.as_micros()
+        ),
+        None => write!(
+            out,
+            "  hibernation:  no ({} guests never hibernate)",
+            crate::sandbox::WORLD_0_1
+        ),
+    };
+    if let Some((bytes, _)) = synthetic.hibernation
+        && bytes > config.limits.hibernate_state_bytes
+    {
+        let _ = write!(
+            out,
+            "\n  warning:      that state is over limits.hibernate_state_bytes: such connections \
+             stay live"
+        );
+    }
     Ok(out)
 }
 

@@ -50,6 +50,15 @@ pub struct Metrics {
     /// Turns that stopped handing events to a guest at the turn's byte or time bound, with
     /// events still queued (the session yielded and took them in its next turn).
     pub turns_cut: Counter,
+    /// Sessions whose handler is hibernated: saved to bytes, no instance.
+    pub sessions_hibernated: Gauge,
+    /// Bytes of saved handler state those sessions hold.
+    pub hibernated_bytes: Gauge,
+    /// Hibernated handlers brought back for a frame or an event.
+    pub wakes: Counter,
+    /// Time to wake one: a fresh instance and its `restore`.
+    pub wake_seconds: Histogram,
+    hibernations: Family<Labels, Counter>,
     guest_faults: Family<Labels, Counter>,
     resumes: Family<Labels, Counter>,
     guest_reloads: Family<Labels, Counter>,
@@ -85,6 +94,11 @@ impl Metrics {
             frames_received: Counter::default(),
             queue_overflows: Counter::default(),
             turns_cut: Counter::default(),
+            sessions_hibernated: Gauge::default(),
+            hibernated_bytes: Gauge::default(),
+            wakes: Counter::default(),
+            wake_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 16)),
+            hibernations: Family::default(),
             events_replayed: Counter::default(),
             event_frames_too_large: Counter::default(),
             history_bytes: Gauge::default(),
@@ -185,6 +199,31 @@ impl Metrics {
             m.history_evictions.clone(),
         );
         registry.register(
+            "sessions_hibernated",
+            "Sessions whose handler is hibernated (state saved, instance dropped)",
+            m.sessions_hibernated.clone(),
+        );
+        registry.register(
+            "hibernated_bytes",
+            "Bytes of handler state held for hibernated sessions",
+            m.hibernated_bytes.clone(),
+        );
+        registry.register(
+            "wakes",
+            "Hibernated handlers restored into a fresh instance for a frame or an event",
+            m.wakes.clone(),
+        );
+        registry.register(
+            "wake_seconds",
+            "Time to wake a hibernated handler (instantiate and restore)",
+            m.wake_seconds.clone(),
+        );
+        registry.register(
+            "hibernations",
+            "Hibernation attempts of idle handlers, by result: saved, declined (the guest returned none), too_large (state over limits.hibernate_state_bytes; the instance stays live)",
+            m.hibernations.clone(),
+        );
+        registry.register(
             "guest_reloads",
             "Guest reloads (file change, SIGHUP, POST /v1/guest/reload), by result: ok, refused (the guest in use stays)",
             m.guest_reloads.clone(),
@@ -239,6 +278,12 @@ impl Metrics {
 
     pub fn guest_fault(&self, kind: &'static str) {
         self.guest_faults.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    pub fn hibernation(&self, result: &'static str) {
+        self.hibernations
+            .get_or_create(&vec![("result", result)])
+            .inc();
     }
 
     pub fn guest_compile(&self, result: &'static str) {

@@ -1,7 +1,9 @@
 //! `gateway guest replay`: one guest instance run offline, without sockets, under the same
 //! sandbox and limits as a connection. It gets a context, then every client frame, then
 //! every event, then `on-close`; each frame it emits is printed as one JSON line, and so is
-//! a fault, which ends the run. Plugin authors test a handler with it, in CI too.
+//! a fault, which ends the run. Plugin authors test a handler with it, in CI too. With
+//! `hibernate`, the handler is saved and restored into a fresh instance before every frame
+//! and event after `init`, as a connection idle between each would be.
 
 use std::io::{BufRead, Write};
 
@@ -47,6 +49,7 @@ pub fn replay(
     sandbox: &Sandbox,
     config: &crate::config::Config,
     user: &str,
+    hibernate: bool,
     client: Option<&mut dyn BufRead>,
     events: &mut dyn BufRead,
     out: &mut dyn Write,
@@ -62,8 +65,10 @@ pub fn replay(
     let mut handler = sandbox
         .instantiate(&ctx)
         .map_err(|e| anyhow::anyhow!("cannot instantiate the guest: {}", e.advice(config)))?;
-    let mut emit = |call: &str, line: Option<usize>, result: Result<Vec<Frame>, Fault>| match result
-    {
+    let emit = |out: &mut dyn Write,
+                call: &str,
+                line: Option<usize>,
+                result: Result<Vec<Frame>, Fault>| match result {
         Ok(frames) => {
             for frame in frames {
                 let mut record = json!({"call": call, "line": line});
@@ -89,7 +94,35 @@ pub fn replay(
             Ok::<_, std::io::Error>(Some(fault))
         }
     };
-    if let Some(fault) = emit("init", None, handler.init(&ctx))? {
+    // Saves the handler and restores it into a fresh instance; a declined or oversized
+    // save keeps it live, as a connection would.
+    let cycle = |handler: &mut Box<dyn crate::sandbox::Handler>,
+                 out: &mut dyn Write,
+                 line: Option<usize>|
+     -> anyhow::Result<Option<Fault>> {
+        if !hibernate || !handler.hibernates() {
+            return Ok(None);
+        }
+        let saved = match handler.save() {
+            Ok(saved) => saved,
+            Err(fault) => return Ok(emit(out, "save", line, Err(fault))?),
+        };
+        let bytes = saved.as_ref().map(Vec::len);
+        let kept = bytes.is_some_and(|b| b <= config.limits.hibernate_state_bytes);
+        writeln!(
+            out,
+            "{}",
+            json!({"call": "save", "line": line, "bytes": bytes, "hibernated": kept})
+        )?;
+        if let (Some(saved), true) = (saved, kept) {
+            match sandbox.restore(&ctx, &saved) {
+                Ok(woken) => *handler = woken,
+                Err(fault) => return Ok(emit(out, "restore", line, Err(fault))?),
+            }
+        }
+        Ok(None)
+    };
+    if let Some(fault) = emit(out, "init", None, handler.init(&ctx))? {
         return Ok(Outcome::Faulted(fault));
     }
     if let Some(client) = client {
@@ -99,8 +132,11 @@ pub fn replay(
                 continue;
             }
             let frame = Frame::Text(line);
+            if let Some(fault) = cycle(&mut handler, out, Some(i + 1))? {
+                return Ok(Outcome::Faulted(fault));
+            }
             let result = handler.on_client_message(&frame);
-            if let Some(fault) = emit("on-client-message", Some(i + 1), result)? {
+            if let Some(fault) = emit(out, "on-client-message", Some(i + 1), result)? {
                 return Ok(Outcome::Faulted(fault));
             }
         }
@@ -121,12 +157,15 @@ pub fn replay(
             run_id: event.run_id,
             thread_id: event.thread_id,
         };
+        if let Some(fault) = cycle(&mut handler, out, Some(i + 1))? {
+            return Ok(Outcome::Faulted(fault));
+        }
         let result = handler.on_event(&event);
-        if let Some(fault) = emit("on-event", Some(i + 1), result)? {
+        if let Some(fault) = emit(out, "on-event", Some(i + 1), result)? {
             return Ok(Outcome::Faulted(fault));
         }
     }
-    if let Some(fault) = emit("on-close", None, handler.on_close(CloseReason::Client))? {
+    if let Some(fault) = emit(out, "on-close", None, handler.on_close(CloseReason::Client))? {
         return Ok(Outcome::Faulted(fault));
     }
     Ok(Outcome::Completed)

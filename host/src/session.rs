@@ -28,8 +28,9 @@ use tracing::Instrument;
 use crate::AppState;
 use crate::api::{ApiError, refuse};
 use crate::auth::{AuthError, Claims, Identity, bearer, now_secs};
+use crate::metrics::Metrics;
 use crate::router::{Closed, Mailbox, Refused};
-use crate::sandbox::{CloseReason, Context, Event, Fault, Frame, Handler};
+use crate::sandbox::{CloseReason, Context, Event, Fault, Frame, Handler, Sandbox};
 
 /// Close codes the gateway sends (see the README's table).
 pub mod close_code {
@@ -92,6 +93,9 @@ struct Admitted {
     /// `?since=<seq>`: resume after this position before going live.
     since: Option<u64>,
     handler: Box<dyn Handler>,
+    /// The guest version that made `handler`: a hibernated handler is restored by the same
+    /// one, even after a reload.
+    sandbox: Arc<Sandbox>,
     mailbox: Mailbox,
     /// The node-wide connection slot, released when the session ends.
     _permit: OwnedSemaphorePermit,
@@ -179,7 +183,8 @@ fn admit(
                 ApiError::unavailable("this node is shutting down; retry another node"),
             ),
         })?;
-    let handler = app.sandbox().instantiate(&ctx).map_err(|err| {
+    let sandbox = app.sandbox();
+    let handler = sandbox.instantiate(&ctx).map_err(|err| {
         tracing::error!(user = %ctx.user_id, error = %err.advice(&app.config), "cannot instantiate guest");
         refuse(
             "instantiate",
@@ -193,6 +198,7 @@ fn admit(
         identity,
         ctx,
         handler,
+        sandbox,
         mailbox,
         _permit: permit,
     })
@@ -300,6 +306,7 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         token_exp,
         since,
         handler,
+        sandbox,
         mailbox,
         _permit,
     } = admitted;
@@ -318,7 +325,9 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         reads_skipped: 0,
         replayed_up_to: 0,
         socket,
-        handler,
+        guest: Guest::Live(handler),
+        sandbox,
+        woke: false,
         mailbox,
         ctx,
         identity,
@@ -338,7 +347,11 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
 struct Session {
     app: Arc<AppState>,
     socket: WebSocket,
-    handler: Box<dyn Handler>,
+    guest: Guest,
+    /// What restores the handler after hibernation (see [`Admitted::sandbox`]).
+    sandbox: Arc<Sandbox>,
+    /// Set when a hibernated handler was woken, so that the hibernation timer restarts.
+    woke: bool,
     mailbox: Mailbox,
     ctx: Context,
     /// Who this connection is; an in-band refresh must name the same identity.
@@ -368,6 +381,41 @@ enum Work {
     Ping,
     Client(Option<Result<Message, axum::Error>>),
     Event(Result<Arc<Event>, Closed>),
+    Hibernate,
+}
+
+/// The connection's handler: a live instance, or hibernated to the bytes its `save` returned
+/// while the connection is idle (no instance, no linear memory).
+enum Guest {
+    Live(Box<dyn Handler>),
+    Hibernated(Hibernated),
+}
+
+/// A hibernated handler's saved state, counted in the metrics for exactly as long as it is
+/// kept.
+struct Hibernated {
+    state: Box<[u8]>,
+    metrics: Arc<Metrics>,
+}
+
+impl Hibernated {
+    fn new(state: Vec<u8>, metrics: Arc<Metrics>) -> Self {
+        metrics.sessions_hibernated.inc();
+        metrics.hibernated_bytes.inc_by(state.len() as i64);
+        Hibernated {
+            state: state.into_boxed_slice(),
+            metrics,
+        }
+    }
+}
+
+impl Drop for Hibernated {
+    fn drop(&mut self) {
+        self.metrics.sessions_hibernated.dec();
+        self.metrics
+            .hibernated_bytes
+            .dec_by(self.state.len() as i64);
+    }
 }
 
 impl Session {
@@ -386,7 +434,16 @@ impl Session {
         // overflow come through the mailbox, so an event costs no lock here.
         let expiry = sleep_until(expiry_instant(token_exp, leeway));
         let idle_timer = sleep_until(far_ahead(idle));
-        tokio::pin!(expiry, idle_timer);
+        // Never armed for a handler that cannot hibernate (0.1.0 guests, or turned off).
+        let hibernate_after = Duration::from_secs(limits.hibernate_after_secs);
+        let hibernates = limits.hibernate_after_secs > 0
+            && matches!(&self.guest, Guest::Live(h) if h.hibernates());
+        let hibernate_timer = sleep_until(far_ahead(if hibernates {
+            hibernate_after
+        } else {
+            FAR_FUTURE
+        }));
+        tokio::pin!(expiry, idle_timer, hibernate_timer);
 
         // Events queued since registration wait until `init` has run.
         let ctx = self.ctx.clone();
@@ -412,6 +469,7 @@ impl Session {
                 _ = ping.tick() => Work::Ping,
                 msg = self.socket.recv(), if read => Work::Client(msg),
                 event = self.mailbox.recv() => Work::Event(event),
+                () = &mut hibernate_timer => Work::Hibernate,
             };
             let result = match work {
                 Work::Expired => Err(End::TokenExpired),
@@ -437,9 +495,29 @@ impl Session {
                 Work::Event(Err(Closed::Overflow)) => Err(End::SlowClient),
                 Work::Event(Err(Closed::Shutdown)) => Err(End::Shutdown),
                 Work::Event(Err(Closed::Disconnected)) => Err(End::Disconnected),
+                Work::Hibernate => {
+                    let due = self.last_active + hibernate_after;
+                    if due > Instant::now() {
+                        hibernate_timer.as_mut().reset(due);
+                        Ok(())
+                    } else {
+                        self.hibernate().map(|hibernated| {
+                            // Declined or too large: try again after another idle spell.
+                            let next = if hibernated {
+                                FAR_FUTURE
+                            } else {
+                                hibernate_after
+                            };
+                            hibernate_timer.as_mut().reset(far_ahead(next));
+                        })
+                    }
+                }
             };
             if let Err(end) = result {
                 return end;
+            }
+            if std::mem::take(&mut self.woke) {
+                hibernate_timer.as_mut().reset(far_ahead(hibernate_after));
             }
         }
     }
@@ -479,7 +557,7 @@ impl Session {
                 && started.elapsed() < self.turn_time
             {
                 let Some(event) = events.next() else { break };
-                let more = self.handler.on_event(event).map_err(End::Fault)?;
+                let more = self.handler()?.on_event(event).map_err(End::Fault)?;
                 bytes += more.iter().map(frame_len).sum::<usize>();
                 frames.extend(more);
                 self.replayed_up_to = event.seq;
@@ -569,7 +647,7 @@ impl Session {
         let mut frames = Vec::new();
         let mut delivered: u64 = 0;
         if first.seq > self.replayed_up_to {
-            frames = self.handler.on_event(&first).map_err(End::Fault)?;
+            frames = self.handler()?.on_event(&first).map_err(End::Fault)?;
             delivered = 1;
         }
         let mut bytes: usize = frames.iter().map(frame_len).sum();
@@ -585,7 +663,7 @@ impl Session {
             if event.seq <= self.replayed_up_to {
                 continue; // delivered by the replay
             }
-            match self.handler.on_event(&event) {
+            match self.handler()?.on_event(&event) {
                 Ok(more) => {
                     bytes += more.iter().map(frame_len).sum::<usize>();
                     frames.extend(more);
@@ -611,8 +689,52 @@ impl Session {
         &mut self,
         f: impl FnOnce(&mut dyn Handler) -> Result<Vec<Frame>, Fault>,
     ) -> Result<(), End> {
-        let frames = f(self.handler.as_mut()).map_err(End::Fault)?;
+        let frames = f(self.handler()?).map_err(End::Fault)?;
         self.write(frames).await
+    }
+
+    /// The live handler, woken first if it hibernated: a fresh instance restored from the
+    /// saved bytes, before the frame or event that woke it, so nothing is seen out of order.
+    fn handler(&mut self) -> Result<&mut dyn Handler, End> {
+        if let Guest::Hibernated(saved) = &self.guest {
+            let woken = self
+                .sandbox
+                .restore(&self.ctx, &saved.state)
+                .map_err(End::Fault)?;
+            self.app.metrics.wakes.inc();
+            self.guest = Guest::Live(woken);
+            self.woke = true;
+        }
+        match &mut self.guest {
+            Guest::Live(handler) => Ok(handler.as_mut()),
+            Guest::Hibernated(_) => unreachable!("restored above"),
+        }
+    }
+
+    /// Saves an idle handler and drops its instance; whether it hibernated (a guest may
+    /// decline, or save more than the bound: it stays live).
+    fn hibernate(&mut self) -> Result<bool, End> {
+        let Guest::Live(handler) = &mut self.guest else {
+            return Ok(true);
+        };
+        let metrics = &self.app.metrics;
+        match handler.save().map_err(End::Fault)? {
+            None => {
+                metrics.hibernation("declined");
+                Ok(false)
+            }
+            Some(state) if state.len() > self.app.config.limits.hibernate_state_bytes => {
+                metrics.hibernation("too_large");
+                Ok(false)
+            }
+            Some(state) => {
+                metrics.hibernation("saved");
+                // Dropping the live handler here frees its instance and linear memory.
+                self.guest = Guest::Hibernated(Hibernated::new(state, metrics.clone()));
+                tracing::trace!("handler hibernated");
+                Ok(true)
+            }
+        }
     }
 
     async fn write(&mut self, frames: Vec<Frame>) -> Result<(), End> {
@@ -631,7 +753,7 @@ impl Session {
         let Session {
             app,
             mut socket,
-            mut handler,
+            mut guest,
             mailbox,
             ctx,
             write_timeout,
@@ -652,8 +774,11 @@ impl Session {
                 fault = fault.as_str(),
                 "guest fault: connection closed"
             );
-        } else if handler.fault().is_none() {
-            // A faulted instance is never entered again; a healthy one gets its goodbye.
+        } else if let Guest::Live(handler) = &mut guest
+            && handler.fault().is_none()
+        {
+            // A faulted instance is never entered again; a healthy one gets its goodbye (a
+            // hibernated one is not woken for it: see the world's `on-close`).
             if let Ok(frames) = handler.on_close(end.guest_reason())
                 && end.close_frame().is_some()
                 && end != End::SlowClient
@@ -661,7 +786,7 @@ impl Session {
                 let _ = write(&mut socket, frames, write_timeout, &app.metrics).await;
             }
         }
-        drop(handler); // frees the connection's linear memory now, not at socket close
+        drop(guest); // frees the connection's linear memory now, not at socket close
 
         match end.close_frame() {
             Some((code, reason)) => {

@@ -1,7 +1,7 @@
 //! The reference handler written in JavaScript (componentize-js) and in Python
 //! (componentize-py), built from `guest/js` and `guest/python` by `make guests`, served over
 //! real sockets: the same frames and rules as the Rust one, each connection in its own
-//! instance.
+//! instance, hibernated between steps and woken with its state.
 
 use std::path::PathBuf;
 
@@ -28,6 +28,8 @@ fn guest_config(guest: &str) -> Config {
     let mut cfg = config(guest);
     cfg.limits.guest_memory_bytes = 32 << 20;
     cfg.limits.guest_max_instances = 64;
+    // Hibernated between the steps below: state must survive a fresh instance.
+    cfg.limits.hibernate_after_secs = 1;
     cfg.guest_cache_dir =
         Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest-cache-tests"));
     cfg
@@ -44,6 +46,13 @@ async fn publish(gw: &TestGateway, user: &str, kind: &str, thread: &str, payload
     receipt["seq"].clone()
 }
 
+/// Waits until the gateway's handlers have all hibernated: no instance left.
+async fn hibernated(gw: &TestGateway, sessions: f64) {
+    gw.wait_metric("gateway_sessions_hibernated", sessions)
+        .await;
+    gw.wait_metric("gateway_instances_live", 0.0).await;
+}
+
 async fn behaves_like_the_reference_handler(guest: &str, label_prefix: &str) {
     let gw = TestGateway::start_with(guest_config(&built(guest))).await;
     let mut alice = gw.connect("alice").await; // `connect` checks the welcome
@@ -55,6 +64,7 @@ async fn behaves_like_the_reference_handler(guest: &str, label_prefix: &str) {
     let subscribed = alice.next_json().await.unwrap();
     assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
     assert_eq!(subscribed["threads"], json!(["t1"]));
+    hibernated(&gw, 2.0).await;
 
     let first = publish(
         &gw,
@@ -64,6 +74,15 @@ async fn behaves_like_the_reference_handler(guest: &str, label_prefix: &str) {
         json!({ "step": 1, "api_key": "sk-1" }),
     )
     .await;
+    let event = alice.next_json().await.unwrap();
+    assert_eq!(event["seq"], first);
+    assert_eq!(
+        event["payload"],
+        json!({ "step": 1, "api_key": "[redacted]" })
+    );
+    assert_eq!(event["run_state"], "started");
+    hibernated(&gw, 2.0).await;
+
     publish(
         &gw,
         "alice",
@@ -89,13 +108,6 @@ async fn behaves_like_the_reference_handler(guest: &str, label_prefix: &str) {
     )
     .await;
 
-    let event = alice.next_json().await.unwrap();
-    assert_eq!(event["seq"], first);
-    assert_eq!(
-        event["payload"],
-        json!({ "step": 1, "api_key": "[redacted]" })
-    );
-    assert_eq!(event["run_state"], "started");
     let event = alice.next_json().await.unwrap();
     assert_eq!(event["seq"], last, "the t2 event is filtered out: {event}");
     assert_eq!(
@@ -128,6 +140,13 @@ async fn behaves_like_the_reference_handler(guest: &str, label_prefix: &str) {
     assert_eq!(
         (pong["events_in"].clone(), pong["frames_in"].clone()),
         (json!(1), json!(1))
+    );
+
+    assert!(gw.metric("gateway_wakes_total").await >= 3.0);
+    assert_eq!(
+        gw.metric("gateway_guest_faults_total{kind=\"restore\"}")
+            .await,
+        0.0
     );
 
     let version = gw.state.sandbox().version.label();

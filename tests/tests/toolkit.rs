@@ -19,8 +19,18 @@ fn write(name: &str, text: &str) -> std::path::PathBuf {
 }
 
 fn replay(guest: &str, client: &str, events: &str) -> (bool, Vec<Value>, String) {
+    replay_with(guest, client, events, &[])
+}
+
+fn replay_with(
+    guest: &str,
+    client: &str,
+    events: &str,
+    flags: &[&str],
+) -> (bool, Vec<Value>, String) {
     let output = Command::new(gateway())
         .args(["guest", "replay", guest])
+        .args(flags)
         .arg("--client")
         .arg(write(&format!("{}-client.jsonl", events.len()), client))
         .arg("--events")
@@ -78,6 +88,42 @@ fn replay_runs_the_reference_guest_offline_frame_by_frame() {
     );
 }
 
+/// `--hibernate` saves and restores the handler into a fresh instance before every call
+/// after `init`: the reference guest's frames, counters and run states come out the same.
+#[test]
+fn replay_hibernating_between_calls_gives_the_same_frames() {
+    let client = r#"{"type":"subscribe","thread_id":"t1"}
+{"type":"ping"}
+"#;
+    let events = r#"{"kind":"agent_started","payload":{"token":"x"},"run_id":"r1","thread_id":"t1"}
+{"kind":"tool_executing","payload":{"n":2},"run_id":"r1","thread_id":"t1"}
+{"kind":"agent_thinking","payload":{"n":3},"thread_id":"t2"}
+{"kind":"tool_completed","payload":{"n":4},"run_id":"r1","thread_id":"t1"}
+"#;
+    let (ok, plain, stderr) = replay(guests::REFERENCE, client, events);
+    assert!(ok, "{stderr}");
+    let (ok, hibernated, stderr) = replay_with(guests::REFERENCE, client, events, &["--hibernate"]);
+    assert!(ok, "{stderr}");
+    let (saves, frames): (Vec<Value>, Vec<Value>) =
+        hibernated.into_iter().partition(|l| l["call"] == "save");
+    assert_eq!(
+        saves.len(),
+        6,
+        "one save before each frame and event: {saves:?}"
+    );
+    assert!(
+        saves
+            .iter()
+            .all(|s| s["hibernated"] == true && s["bytes"].as_u64() > Some(0))
+    );
+    // The welcome carries the token's expiry, computed at each run's start.
+    let strip = |mut frames: Vec<Value>| {
+        frames[0]["frame"]["expires_at"] = Value::Null;
+        frames
+    };
+    assert_eq!(strip(frames), strip(plain));
+}
+
 #[test]
 fn replay_reports_a_fault_and_fails() {
     let (ok, lines, stderr) = replay(guests::CHAOS, "hello\ntrap\nnever\n", "");
@@ -124,6 +170,7 @@ fn a_new_rust_project_builds_checks_and_replays() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("demo-handler.wasm: accepted"), "{stdout}");
+    assert!(stdout.contains("hibernation:  saved"), "{stdout}");
     assert!(project.join("demo-handler.wasm").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -172,6 +219,7 @@ fn new_javascript_and_python_projects_build_check_and_replay() {
             stdout.contains("agent-ui.wasm: accepted"),
             "{lang}: {stdout}"
         );
+        assert!(stdout.contains("hibernation:  saved"), "{lang}: {stdout}");
         let replayed = std::fs::read_to_string(project.join("target/replay.jsonl")).unwrap();
         assert!(
             replayed.contains(r#""kind":"agent_completed""#),

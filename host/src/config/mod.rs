@@ -192,6 +192,14 @@ pub struct Limits {
     pub write_timeout_secs: u64,
     /// A connection with no frames either way for this long is closed.
     pub idle_timeout_secs: u64,
+    /// A connection whose handler has had no frame and no event for this long hibernates:
+    /// the guest saves its state to bytes and its instance (and linear memory) is dropped
+    /// until the next frame or event wakes it. 0 never hibernates. Guests built against the
+    /// 0.1.0 world never hibernate. Pings do not count, and are answered without waking.
+    pub hibernate_after_secs: u64,
+    /// Most bytes of saved state a hibernated handler may keep; a guest that saves more
+    /// stays live (counted in `gateway_hibernations_total{result="too_large"}`).
+    pub hibernate_state_bytes: usize,
     /// How often the gateway pings each client.
     pub ping_interval_secs: u64,
     /// A client that sends nothing, not even a pong, for this long is a dead peer.
@@ -287,6 +295,8 @@ impl Default for Limits {
             max_emits_per_call: 64,
             write_timeout_secs: 10,
             idle_timeout_secs: 30 * 60,
+            hibernate_after_secs: 30,
+            hibernate_state_bytes: 16 << 10,
             ping_interval_secs: 30,
             dead_peer_secs: 75,
             max_body_bytes: 1 << 20,
@@ -366,6 +376,7 @@ impl Config {
         };
         for (key, value) in [
             ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            ("limits.hibernate_after_secs", l.hibernate_after_secs),
             ("limits.ping_interval_secs", l.ping_interval_secs),
             ("limits.dead_peer_secs", l.dead_peer_secs),
             ("limits.write_timeout_secs", l.write_timeout_secs),

@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
-use wasmtime::{ResourceLimiter, UpdateDeadline};
+use wasmtime::component::Linker;
+use wasmtime::{ResourceLimiter, StoreContextMut, UpdateDeadline};
 
 use super::bindings::gateway::handler::connection::Host;
 use super::clock::CallClock;
 use super::engine::ticks;
-use super::{Fault, Frame, InstanceLimits};
+use super::{Fault, Frame, InstanceLimits, WORLD_0_1_IMPORT};
 use crate::metrics::Metrics;
 
 /// The host side of one instance: what `emit` and `ack-context` act on.
@@ -129,6 +130,23 @@ impl Host for HostState {
         self.outbox.push(frame);
         Ok(())
     }
+}
+
+/// The 0.1.0 world's import: the same two functions under the interface's old name, so that
+/// guests built against it keep loading.
+pub(super) fn add_0_1_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    let mut connection = linker.instance(WORLD_0_1_IMPORT)?;
+    connection.func_wrap(
+        "ack-context",
+        |mut cx: StoreContextMut<'_, HostState>, (connection_id, user_id): (String, String)| {
+            cx.data_mut().ack_context(connection_id, user_id)
+        },
+    )?;
+    connection.func_wrap(
+        "emit",
+        |mut cx: StoreContextMut<'_, HostState>, (frame,): (Frame,)| cx.data_mut().emit(frame),
+    )?;
+    Ok(())
 }
 
 impl ResourceLimiter for HostState {

@@ -42,14 +42,36 @@ mod bindings {
     });
 }
 
+/// The 0.1.0 world: the same interface under its old name, without `save` and `restore`.
+/// It shares the current world's types (the component model checks records and variants by
+/// shape, not by package), so a 0.1.0 guest costs no conversion.
+mod bindings_0_1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/0.1.0",
+        world: "handler",
+        with: { "gateway:handler/connection@0.1.0": super::bindings::gateway::handler::connection },
+    });
+}
+
 pub use bindings::gateway::handler::connection::{CloseReason, Context, Event, Frame};
 use bindings::{Handler as World, HandlerPre as WorldPre};
 
 /// The world guests are built against.
-pub const WORLD: &str = "gateway:handler@0.1.0";
+pub const WORLD: &str = "gateway:handler@0.2.0";
 
 /// The one interface a guest may import.
-pub const WORLD_IMPORT: &str = "gateway:handler/connection@0.1.0";
+pub const WORLD_IMPORT: &str = "gateway:handler/connection@0.2.0";
+
+/// The first world, still loaded: its guests run as before and never hibernate.
+pub const WORLD_0_1: &str = "gateway:handler@0.1.0";
+pub const WORLD_0_1_IMPORT: &str = "gateway:handler/connection@0.1.0";
+
+/// A guest's exports, linked once per guest version: which world it was built against.
+#[derive(Clone)]
+enum Pre {
+    Current(WorldPre<HostState>),
+    V0_1(bindings_0_1::HandlerPre<HostState>),
+}
 
 /// One connection's handler: a Wasm instance, or (benchmark builds) the reference handler
 /// linked natively. The session calls it and nothing else; a handler that faulted answers
@@ -61,6 +83,17 @@ pub trait Handler: Send {
     fn on_event(&mut self, event: &Event) -> Result<Vec<Frame>, Fault>;
     fn on_close(&mut self, reason: CloseReason) -> Result<Vec<Frame>, Fault>;
     fn fault(&self) -> Option<Fault>;
+
+    /// Whether the handler can be hibernated: saved to bytes and dropped while its
+    /// connection is idle (a guest of the current world; 0.1.0 guests cannot).
+    fn hibernates(&self) -> bool {
+        false
+    }
+
+    /// The state to restore the handler from, or `None` when the guest declined.
+    fn save(&mut self) -> Result<Option<Vec<u8>>, Fault> {
+        Ok(None)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +111,7 @@ pub enum LoadError {
     },
     #[error(
         "guest {path} imports what this gateway does not provide: {}. A handler may import only \
-         `{WORLD_IMPORT}` (see wit/world.wit). Build it for wasm32-unknown-unknown (not \
+         `{WORLD_IMPORT}` (see wit/world.wit), or `{WORLD_0_1_IMPORT}` if built against 0.1.0. Build it for wasm32-unknown-unknown (not \
          wasm32-wasip1/wasip2, whose std imports WASI) and wrap the core module with \
          `gateway guest wrap`, or wasm-tools component new without a WASI adapter.",
         imports.join(", ")
@@ -110,6 +143,9 @@ pub enum Fault {
     Unacknowledged,
     /// `ack-context` named another connection or user.
     AckMismatch,
+    /// Waking a hibernated handler failed: `restore` returned an error, or a fresh instance
+    /// could not be created.
+    Restore,
 }
 
 impl Fault {
@@ -122,6 +158,7 @@ impl Fault {
             Fault::EmitTooLarge => "emit_too_large",
             Fault::Unacknowledged => "unacknowledged",
             Fault::AckMismatch => "ack_mismatch",
+            Fault::Restore => "restore",
         }
     }
 
@@ -216,7 +253,7 @@ const TRIAL_INSTANCES: usize = 16;
 pub struct Sandbox {
     engine: Engine,
     component: Component,
-    pre: WorldPre<HostState>,
+    pre: Pre,
     limits: InstanceLimits,
     name: String,
     /// Which guest this is; its instances are counted under [`GuestVersion::label`].
@@ -342,11 +379,15 @@ impl Sandbox {
             "guest compiled"
         );
 
-        let foreign: Vec<String> = component
+        let imports: Vec<String> = component
             .component_type()
             .imports(&engine)
             .map(|(import, _)| import.to_owned())
-            .filter(|import| import != WORLD_IMPORT)
+            .collect();
+        let foreign: Vec<String> = imports
+            .iter()
+            .filter(|import| *import != WORLD_IMPORT && *import != WORLD_0_1_IMPORT)
+            .cloned()
             .collect();
         if !foreign.is_empty() {
             return Err(LoadError::ForeignImports {
@@ -355,20 +396,20 @@ impl Sandbox {
             });
         }
 
+        let world_error = |reason| LoadError::World {
+            path: name.to_owned(),
+            reason,
+        };
         let mut linker = Linker::<HostState>::new(&engine);
-        World::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(|reason| {
-            LoadError::World {
-                path: name.to_owned(),
-                reason,
-            }
-        })?;
-        let pre = linker
-            .instantiate_pre(&component)
-            .and_then(WorldPre::new)
-            .map_err(|reason| LoadError::World {
-                path: name.to_owned(),
-                reason,
-            })?;
+        World::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(world_error)?;
+        host::add_0_1_to_linker(&mut linker).map_err(world_error)?;
+        let linked = linker.instantiate_pre(&component).map_err(world_error)?;
+        // The import names the world: a guest built against 0.1.0 imports its interface.
+        let pre = if imports.iter().any(|i| i == WORLD_0_1_IMPORT) {
+            Pre::V0_1(bindings_0_1::HandlerPre::new(linked).map_err(world_error)?)
+        } else {
+            Pre::Current(WorldPre::new(linked).map_err(world_error)?)
+        };
 
         engine::spawn_epoch_ticker(&engine);
         let version_instances = metrics
@@ -429,6 +470,14 @@ impl Sandbox {
         (imports, exports)
     }
 
+    /// The world this guest was built against.
+    pub fn world(&self) -> &'static str {
+        match self.pre {
+            Pre::Current(_) => WORLD,
+            Pre::V0_1(_) => WORLD_0_1,
+        }
+    }
+
     /// Creates this connection's own handler. Its memory is its own until it is dropped.
     pub fn instantiate(&self, ctx: &Context) -> Result<Box<dyn Handler>, InstantiateError> {
         #[cfg(feature = "native-handler")]
@@ -436,6 +485,25 @@ impl Sandbox {
             self.metrics.instantiations.inc();
             return Ok(Box::new(native::NativeHandler::default()));
         }
+        Ok(Box::new(self.instance(ctx)?))
+    }
+
+    /// A hibernated connection's handler, woken: a fresh instance given the bytes `save`
+    /// returned (and no `init`). Any failure is the guest's, for this connection only.
+    pub fn restore(&self, ctx: &Context, state: &[u8]) -> Result<Box<dyn Handler>, Fault> {
+        let started = Instant::now();
+        let mut handler = self.instance(ctx).map_err(|err| {
+            tracing::warn!(error = %err, "cannot re-create a hibernated handler");
+            Fault::Restore
+        })?;
+        handler.restore(ctx, state)?;
+        self.metrics
+            .wake_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Box::new(handler))
+    }
+
+    fn instance(&self, ctx: &Context) -> Result<wasm::WasmHandler, InstantiateError> {
         let started = Instant::now();
         let state = HostState {
             connection_id: ctx.connection_id.clone(),
@@ -459,8 +527,12 @@ impl Sandbox {
         store.limiter(|state| state);
         store.epoch_deadline_callback(|mut store| store.data_mut().check_deadline());
         store.set_epoch_deadline(engine::ticks(self.limits.cpu));
-        let world = match self.pre.instantiate(&mut store) {
-            Ok(world) => world,
+        let exports = match &self.pre {
+            Pre::Current(pre) => pre.instantiate(&mut store).map(wasm::Exports::Current),
+            Pre::V0_1(pre) => pre.instantiate(&mut store).map(wasm::Exports::V0_1),
+        };
+        let exports = match exports {
+            Ok(exports) => exports,
             Err(reason) => {
                 let wanted = store.data().memory_wanted;
                 return Err(InstantiateError {
@@ -473,11 +545,11 @@ impl Sandbox {
         self.metrics
             .instantiate_seconds
             .observe(started.elapsed().as_secs_f64());
-        Ok(Box::new(wasm::WasmHandler {
+        Ok(wasm::WasmHandler {
             store,
-            world,
+            exports,
             faulted: None,
-        }))
+        })
     }
 
     /// Instantiates the guest a few times under the configured limits, as connections would,
@@ -525,10 +597,20 @@ impl Sandbox {
     }
 }
 
+/// What `gateway guest check` measures by driving one instance with synthetic events.
+#[derive(Debug, Clone, Copy)]
+pub struct Synthetic {
+    /// `on-event`, median.
+    pub per_event: Duration,
+    /// For a guest that hibernates: bytes `save` returned after the events, and the time
+    /// to wake it (a fresh instance and `restore`), which then handled one more event.
+    pub hibernation: Option<(usize, Duration)>,
+}
+
 impl Sandbox {
-    /// Median time of `on-event` over `count` synthetic agent events in one instance (for
-    /// `gateway guest check`); a fault is reported as such.
-    pub fn synthetic_events(&self, count: usize) -> Result<Duration, SyntheticFault> {
+    /// Times `on-event` over `count` synthetic agent events in one instance (for `gateway
+    /// guest check`), then hibernates and wakes it once; a fault is reported as such.
+    pub fn synthetic_events(&self, count: usize) -> Result<Synthetic, SyntheticFault> {
         let mut sandbox = self.clone();
         sandbox.metrics = Arc::new(Metrics::new());
         let ctx = Context {
@@ -544,22 +626,43 @@ impl Sandbox {
             .map_err(|e| SyntheticFault(format!("instantiate: {e}")))?;
         let fault = |f: Fault| SyntheticFault(f.as_str().to_owned());
         handler.init(&ctx).map_err(fault)?;
+        let event = |seq| Event {
+            seq,
+            kind: "tool_executing".into(),
+            payload: r#"{"tool":"search","args":{"q":"weather"},"api_key":"sk-1","step":3}"#.into(),
+            run_id: Some("run-1".into()),
+            thread_id: Some("thread-1".into()),
+        };
         let mut times = Vec::with_capacity(count);
         for seq in 1..=count as u64 {
-            let event = Event {
-                seq,
-                kind: "tool_executing".into(),
-                payload: r#"{"tool":"search","args":{"q":"weather"},"api_key":"sk-1","step":3}"#
-                    .into(),
-                run_id: Some("run-1".into()),
-                thread_id: Some("thread-1".into()),
-            };
+            let event = event(seq);
             let started = Instant::now();
             handler.on_event(&event).map_err(fault)?;
             times.push(started.elapsed());
         }
         times.sort();
-        Ok(times.get(times.len() / 2).copied().unwrap_or_default())
+        let per_event = times.get(times.len() / 2).copied().unwrap_or_default();
+        if !handler.hibernates() {
+            return Ok(Synthetic {
+                per_event,
+                hibernation: None,
+            });
+        }
+        let saved = handler
+            .save()
+            .map_err(|f| SyntheticFault(format!("save: {}", f.as_str())))?
+            .ok_or_else(|| SyntheticFault("save declined (returned none)".into()))?;
+        drop(handler);
+        let started = Instant::now();
+        let mut woken = sandbox
+            .restore(&ctx, &saved)
+            .map_err(|f| SyntheticFault(format!("restore: {}", f.as_str())))?;
+        let wake = started.elapsed();
+        woken.on_event(&event(count as u64 + 1)).map_err(fault)?;
+        Ok(Synthetic {
+            per_event,
+            hibernation: Some((saved.len(), wake)),
+        })
     }
 }
 

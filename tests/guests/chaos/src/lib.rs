@@ -7,7 +7,10 @@
 //! memory than any cap, survives the refusal and says so), `emit-bytes` (60 frames of 60 KiB
 //! in one call), `slow-events` (every later event burns ~20 million loop turns of CPU);
 //! anything else is echoed back.
-//! Events are forwarded as `{"type":"event","seq":N}`.
+//! Events are forwarded as `{"type":"event","seq":N,"kind":K,"count":C}`, where `count` (events
+//! seen by this handler) survives hibernation. Hibernation faults, picked by a client frame:
+//! `save-trap`, `save-none` (declines), `save-big` (64 KiB of state), `restore-refuse`,
+//! `restore-no-ack`.
 
 // The generated export glue takes one argument per flattened record field.
 #![allow(clippy::too_many_arguments)]
@@ -21,7 +24,15 @@ use gateway::handler::connection::{ack_context, emit};
 thread_local! {
     static EVENTS: Cell<u64> = const { Cell::new(0) };
     static SLOW: Cell<bool> = const { Cell::new(false) };
+    /// The hibernation fault asked for, if any (saved with the state).
+    static SAVE_MODE: Cell<u8> = const { Cell::new(0) };
 }
+
+const SAVE_TRAP: u8 = 1;
+const SAVE_NONE: u8 = 2;
+const SAVE_BIG: u8 = 3;
+const RESTORE_REFUSE: u8 = 4;
+const RESTORE_NO_ACK: u8 = 5;
 
 struct Chaos;
 
@@ -78,6 +89,11 @@ impl Guest for Chaos {
                     r#"{{"type":"grow","refused":{refused}}}"#
                 )));
             }
+            "save-trap" => SAVE_MODE.set(SAVE_TRAP),
+            "save-none" => SAVE_MODE.set(SAVE_NONE),
+            "save-big" => SAVE_MODE.set(SAVE_BIG),
+            "restore-refuse" => SAVE_MODE.set(RESTORE_REFUSE),
+            "restore-no-ack" => SAVE_MODE.set(RESTORE_NO_ACK),
             _ => emit(&Frame::Text(text)),
         }
     }
@@ -98,6 +114,38 @@ impl Guest for Chaos {
     }
 
     fn on_close(_reason: CloseReason) {}
+
+    fn save() -> Option<Vec<u8>> {
+        let mode = SAVE_MODE.get();
+        match mode {
+            SAVE_TRAP => panic!("asked to trap in save"),
+            SAVE_NONE => return None,
+            _ => {}
+        }
+        let mut state = vec![mode, u8::from(SLOW.get())];
+        state.extend_from_slice(&EVENTS.get().to_le_bytes());
+        if mode == SAVE_BIG {
+            state.resize(64 << 10, 0);
+        }
+        Some(state)
+    }
+
+    fn restore(ctx: Context, state: Vec<u8>) -> Result<(), String> {
+        let Some((&[mode, slow], events)) = state.split_first_chunk::<2>() else {
+            return Err("saved state too short".into());
+        };
+        if mode != RESTORE_NO_ACK {
+            ack_context(&ctx.connection_id, &ctx.user_id);
+        }
+        if mode == RESTORE_REFUSE {
+            return Err("asked to refuse".into());
+        }
+        let events = events.get(..8).ok_or("saved state too short")?;
+        EVENTS.set(u64::from_le_bytes(events.try_into().unwrap()));
+        SLOW.set(slow == 1);
+        SAVE_MODE.set(mode);
+        Ok(())
+    }
 }
 
 #[cfg(target_arch = "wasm32")]

@@ -1,12 +1,13 @@
 //! A guest that echoes every client message back unchanged: text as text, binary as binary.
 //! It sends nothing else (no welcome frame), ignores events and keeps no state, so a
 //! WebSocket conformance client (the Autobahn fuzzing cases, `tests/autobahn/`) sees exactly
-//! the behaviour of an echo server.
+//! the behaviour of an echo server. It is built against the first world (`wit/0.1.0`), so
+//! it is also the test of guests of that world: they load, run, and never hibernate.
 
 // The generated export glue takes one argument per flattened record field.
 #![allow(clippy::too_many_arguments)]
 
-wit_bindgen::generate!({ path: "../../../wit", world: "handler" });
+wit_bindgen::generate!({ path: "../../../wit/0.1.0", world: "handler" });
 
 use gateway::handler::connection::{ack_context, emit};
 

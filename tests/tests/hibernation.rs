@@ -1,0 +1,236 @@
+//! Hibernation of idle handlers: after `limits.hibernate_after_secs` with no frame and no
+//! event, the guest's state is saved to bytes and its instance dropped; the next frame or
+//! event wakes it into a fresh instance, transparently and in order. A guest that fails to
+//! save or restore loses its own connection only; one that declines, or saves too much,
+//! stays live. Guests of the first world (0.1.0) run as before and never hibernate.
+
+use futures_util::{SinkExt, StreamExt};
+use gateway::sandbox::{Context, WORLD_0_1};
+use gateway_tests::{Client, TestGateway, config, guests, wait_until};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn gateway(guest: &str) -> TestGateway {
+    let mut cfg = config(guest);
+    cfg.limits.hibernate_after_secs = 1;
+    TestGateway::start_with(cfg).await
+}
+
+fn event(user: &str, kind: &str, thread: &str) -> Value {
+    json!({"user_id": user, "kind": kind, "run_id": "r1", "thread_id": thread,
+           "payload": {"step": 1}})
+}
+
+/// Waits until every live handler of the gateway has hibernated.
+async fn all_hibernated(gw: &TestGateway, sessions: f64) {
+    gw.wait_metric("gateway_sessions_hibernated", sessions)
+        .await;
+    gw.wait_metric("gateway_instances_live", 0.0).await;
+}
+
+async fn next_of_type(client: &mut Client, kind: &str) -> Value {
+    loop {
+        let frame = client.next_json().await.unwrap();
+        if frame["type"] == kind {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_handler_hibernates_and_wakes_with_its_state_in_order() {
+    let gw = gateway(guests::REFERENCE).await;
+    let publisher = gw.publisher_token();
+    let mut alice = gw.connect("alice").await;
+    alice.send_json(&json!({"type": "ping"})).await;
+    let before = next_of_type(&mut alice, "pong").await;
+    alice
+        .send_json(&json!({"type": "subscribe", "thread_id": "t1"}))
+        .await;
+    next_of_type(&mut alice, "subscribed").await;
+    gw.publish(&publisher, &event("alice", "agent_started", "t1"))
+        .await;
+    assert_eq!(
+        next_of_type(&mut alice, "event").await["run_state"],
+        "started"
+    );
+
+    all_hibernated(&gw, 1.0).await;
+    assert_eq!(
+        gw.metric("gateway_hibernations_total{result=\"saved\"}")
+            .await,
+        1.0
+    );
+    assert!(gw.metric("gateway_hibernated_bytes").await > 0.0);
+
+    // An event wakes it: the subscription filters t2 out, the run goes on where it was.
+    gw.publish(&publisher, &event("alice", "tool_executing", "t2"))
+        .await;
+    let mut seqs = Vec::new();
+    for _ in 0..20 {
+        let (status, receipt) = gw
+            .publish(&publisher, &event("alice", "tool_executing", "t1"))
+            .await;
+        assert_eq!(status, 200, "{receipt}");
+        seqs.push(receipt["seq"].as_u64().unwrap());
+    }
+    let first = next_of_type(&mut alice, "event").await;
+    assert_eq!(first["thread_id"], "t1");
+    assert_eq!(first["run_state"], "tools_running");
+    let mut got = vec![first["seq"].as_u64().unwrap()];
+    while got.len() < seqs.len() {
+        got.push(
+            next_of_type(&mut alice, "event").await["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        got, seqs,
+        "every event once, in publish order, across the wake"
+    );
+    assert!(gw.metric("gateway_wakes_total").await >= 1.0);
+    assert_eq!(
+        gw.metric("gateway_wake_seconds_count").await,
+        gw.metric("gateway_wakes_total").await
+    );
+
+    // Hibernate again; a client frame wakes it too, and the counters are the same instance's.
+    all_hibernated(&gw, 1.0).await;
+    alice.send_json(&json!({"type": "ping"})).await;
+    let pong = next_of_type(&mut alice, "pong").await;
+    assert_eq!(pong["connection_id"], before["connection_id"]);
+    assert_eq!(pong["user_id"], "alice");
+    assert_eq!(pong["subscriptions"], json!(["t1"]));
+    assert_eq!(pong["events_in"], 22);
+    assert_eq!(pong["events_out"], 21);
+    assert_eq!(pong["events_filtered"], 1);
+    assert_eq!(pong["frames_in"], 3);
+    assert_eq!(pong["runs"]["r1"]["events"], 21);
+    assert_eq!(
+        gw.metric("gateway_guest_faults_total{kind=\"restore\"}")
+            .await,
+        0.0
+    );
+    alice.close().await;
+    gw.wait_metric("gateway_sessions_hibernated", 0.0).await;
+    gw.wait_metric("gateway_hibernated_bytes", 0.0).await;
+}
+
+#[tokio::test]
+async fn pings_are_answered_without_waking_the_handler() {
+    let gw = gateway(guests::REFERENCE).await;
+    let mut bob = gw.connect("bob").await;
+    all_hibernated(&gw, 1.0).await;
+    for i in 0..3u8 {
+        bob.ws.send(Message::Ping(vec![i].into())).await.unwrap();
+        loop {
+            match bob.ws.next().await.unwrap().unwrap() {
+                Message::Pong(data) if data.as_ref() == [i] => break,
+                Message::Ping(_) => continue,
+                other => panic!("expected the pong, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(gw.metric("gateway_wakes_total").await, 0.0);
+    assert_eq!(gw.metric("gateway_instances_live").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_guest_that_fails_to_save_or_restore_loses_only_its_own_connection() {
+    let gw = gateway(guests::CHAOS).await;
+    let publisher = gw.publisher_token();
+    let connect = |user: &str, mode: &str| {
+        let (gw, user, mode) = (&gw, user.to_owned(), mode.to_owned());
+        async move {
+            let mut client = gw.connect(&user).await;
+            if !mode.is_empty() {
+                client.send_text(&mode).await;
+            }
+            client
+        }
+    };
+    let mut healthy = connect("healthy", "").await;
+    let mut save_trap = connect("save-trap", "save-trap").await;
+    let mut refuse = connect("refuse", "restore-refuse").await;
+    let mut no_ack = connect("no-ack", "restore-no-ack").await;
+    let mut declines = connect("declines", "save-none").await;
+    let mut too_big = connect("too-big", "save-big").await;
+
+    let closed = save_trap.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1011, "guest fault: trap")
+    );
+    // Refused hibernations are tried again after each idle spell: at least once each.
+    for result in ["declined", "too_large"] {
+        let name = format!("gateway_hibernations_total{{result=\"{result}\"}}");
+        wait_until(&name, async || gw.metric(&name).await >= 1.0).await;
+    }
+    // healthy, refuse and no-ack hibernated; declines and too-big stay live.
+    gw.wait_metric("gateway_sessions_hibernated", 3.0).await;
+    gw.wait_metric("gateway_instances_live", 2.0).await;
+
+    for user in ["healthy", "refuse", "no-ack", "declines", "too-big"] {
+        let (status, _) = gw
+            .publish(&publisher, &event(user, "agent_started", "t"))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let closed = refuse.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1011, "guest fault: restore")
+    );
+    let closed = no_ack.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1008, "policy violation: unacknowledged")
+    );
+    // The others get their event, counted by the same handler state as before.
+    for client in [&mut healthy, &mut declines, &mut too_big] {
+        let frame = next_of_type(client, "event").await;
+        assert_eq!(frame["count"], 1, "{frame}");
+    }
+    assert_eq!(
+        gw.metric("gateway_guest_faults_total{kind=\"trap\"}").await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("gateway_guest_faults_total{kind=\"restore\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("gateway_guest_faults_total{kind=\"unacknowledged\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_guest_of_the_first_world_runs_and_never_hibernates() {
+    let gw = gateway(guests::ECHO).await;
+    let sandbox = gw.state.sandbox();
+    assert_eq!(sandbox.world(), WORLD_0_1);
+    let ctx = Context {
+        connection_id: "c".into(),
+        user_id: "u".into(),
+        tenant_id: None,
+        session_id: None,
+        scopes: Vec::new(),
+        expires_at: 0,
+    };
+    let mut handler = sandbox.instantiate(&ctx).unwrap();
+    handler.init(&ctx).unwrap();
+    assert!(!handler.hibernates());
+    drop(handler);
+
+    // The echo guest sends no welcome frame.
+    let mut client = gw.try_connect(&gw.token("carol")).await.unwrap();
+    client.send_text("hello").await;
+    match client.ws.next().await.unwrap().unwrap() {
+        Message::Text(text) => assert_eq!(text.as_str(), "hello"),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+}
