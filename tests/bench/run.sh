@@ -13,12 +13,16 @@
 #             cost without sockets
 #   resume    a resume storm: 10,000 clients (2,000 users) miss 20 events each, then all
 #             reconnect at once with ?since=; time to recovered, and the log's bytes per event
+#   hibernate idle connections hibernated (at 10k and the most one process admits) against
+#             the same connections live; a 90/10 blend (10 % of the connections receive
+#             events, 90 % stay hibernated) against the same blend live and on the Node.js
+#             peer; wake-up time from the gateway's gateway_wake_seconds histogram
 #   multi     100,000 connections across several gateway processes, if time allows
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (900, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
 # numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
-# subset of: density storm delivery native resume multi).
+# subset of: density storm delivery native resume tls startup peer hibernate multi).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -28,7 +32,7 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-900}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume tls startup peer multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume tls startup peer hibernate multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
@@ -504,6 +508,7 @@ if has peer; then
     mkdir -p "$PEER_DIR"
     cp "$ROOT"/tests/bench/peers/node-ws/{package.json,package-lock.json,server.mjs} "$PEER_DIR/"
     if (cd "$PEER_DIR" && npm ci --no-audit --no-fund --loglevel=error) >"$LOGS/peer-install.log" 2>&1; then
+        PEER_READY=1
         peer_density=${DENSITY_POINTS[-1]}
         peer_inflight=${STORM_INFLIGHT[1]}
         for run in $(seq 1 "$RUNS"); do
@@ -523,6 +528,65 @@ if has peer; then
 fi
 
 # ---------------------------------------------------------------------------------------
+# Hibernation: the same idle connections hibernated (hibernate_after_secs 2, memory sampled
+# once /metrics shows every session hibernated) and live (hibernation off), alternating;
+# then the 90/10 blend: 10,000 connections, all hibernate, then 10 % of the users (so 10 %
+# of the connections) get events at a steady rate for PUBLISH_SECS, memory sampled halfway
+# (the active ones are awake then, the rest hibernated); the same blend live and on the
+# Node.js peer. The gateway's /metrics is kept after each run for the wake-up histogram.
+# hib_run LABEL HIBERNATE_AFTER_SECS [loadgen args...]
+hib_run() {
+    local label=$1 after=$2
+    shift 2
+    if ! GATEWAY_LIMITS__HIBERNATE_AFTER_SECS=$after start_gateway "$label" "$GATEWAY"; then
+        note "$label: the gateway did not start; run skipped"
+        return 0
+    fi
+    local pid=$GW_PID port=$GW_PORT
+    run_loadgen "$label" "$pid" "$port" "$@"
+    curl -s "http://127.0.0.1:$port/metrics" >"$OUT/$label.metrics" || true
+    stop_gateway "$pid" "$label"
+}
+if has hibernate; then
+    hib_n=${DENSITY_POINTS[-1]}
+    hib_max=$hib_n
+    if [[ -n $CAPACITY ]]; then
+        hib_max=$((CAPACITY < FD_HARD - 80 ? CAPACITY : FD_HARD - 80))
+        [[ $QUICK == 1 ]] && hib_max=300
+    fi
+    # A tenth of the users, each with 5 connections: a tenth of the connections. Each active
+    # connection gets 10 events a second, so it never idles long enough to hibernate again.
+    blend_users=$(((hib_n + 4) / 5))
+    blend_active=$(((blend_users + 9) / 10))
+    blend_rate=$((blend_active * 10))
+    blend_args=(--connections "$hib_n" --users "$blend_users" --max-inflight 128
+        --active-users "$blend_active" --publish-rate "$blend_rate" --batch 10
+        --publish-secs "$PUBLISH_SECS" --publishers 2 --drain-secs 5 --max-secs 120)
+    for run in $(seq 1 "$RUNS"); do
+        for n in "$hib_n" "$hib_max"; do
+            name=$([[ $n == "$hib_n" ]] && echo "$n" || echo max)
+            [[ $name == max && $hib_max == "$hib_n" ]] && continue
+            log "hibernate: $n idle connections, hibernated, run $run"
+            hib_run "hibernate-idle-$name-r$run" 2 --connections "$n" --users $(((n + 4) / 5)) \
+                --max-inflight 128 --connect-timeout-secs 20 --max-secs 120 \
+                --wait-metric "gateway_sessions_hibernated=$n"
+            log "hibernate: $n idle connections, live (hibernation off), run $run"
+            hib_run "hibernate-live-$name-r$run" 0 --connections "$n" --users $(((n + 4) / 5)) \
+                --max-inflight 128 --connect-timeout-secs 20 --max-secs 120
+        done
+        log "hibernate: 90/10 blend ($blend_active of $blend_users users active, $blend_rate events/s), run $run"
+        hib_run "hibernate-blend-r$run" 2 "${blend_args[@]}" \
+            --wait-metric "gateway_sessions_hibernated=$hib_n"
+        log "hibernate: 90/10 blend, live (hibernation off), run $run"
+        hib_run "hibernate-blend-live-r$run" 0 "${blend_args[@]}"
+        if [[ ${PEER_READY:-0} == 1 ]]; then
+            log "hibernate: 90/10 blend on the Node.js peer, run $run"
+            peer_run "hibernate-blend-peer-r$run" "${blend_args[@]}"
+        fi
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
 # 100,000 connections on the machine: several gateways, one loadgen process each (disjoint
 # users and source addresses), all held open together; totals sampled while they are.
 multi_skip() {
@@ -537,7 +601,8 @@ run_multi() {
     local total_target=$((MULTI_GATEWAYS * MULTI_PER_GATEWAY))
     rm -f "$release"
     for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
-        if ! start_gateway "multi-g$k" "$GATEWAY"; then
+        # Live, as the density points: idle ones would hibernate after 30 s of the hold.
+        if ! GATEWAY_LIMITS__HIBERNATE_AFTER_SECS=0 start_gateway "multi-g$k" "$GATEWAY"; then
             note "multi: gateway $k did not start"
             return 1
         fi

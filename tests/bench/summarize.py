@@ -26,6 +26,9 @@ TARGET_CONNECT_P99_MS = 10
 TARGET_EVENTS_PER_SEC = 200_000
 TARGET_P99_HALF_LOAD_MS = 5
 TARGET_WASM_NATIVE_RATIO = 0.80
+# Issue 13 (density): per hibernated connection, wake-up p99.
+TARGET_HIBERNATED_RSS_KIB = 12
+TARGET_WAKE_P99_MS = 1.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -625,10 +628,22 @@ def targets_section(findings):
     losses = sum(v["losses"] for v in findings["delivery"].values())
     rows.append(["misdeliveries (must be 0)", num(mis), verdict(mis == 0)])
     rows.append(["losses on open connections", num(losses), "-"])
+    hib = findings.get("hibernated_rss")
+    rows.append([
+        f"<= {TARGET_HIBERNATED_RSS_KIB} KiB RSS per hibernated connection (issue 13)",
+        f"{num(hib, 1)} KiB at {num(findings.get('hibernated_n'))} (section 9)" if hib is not None else "-",
+        verdict(hib <= TARGET_HIBERNATED_RSS_KIB if hib is not None else None),
+    ])
+    wake = findings.get("wake_p99_ms")
+    rows.append([
+        f"wake-up p99 <= {TARGET_WAKE_P99_MS} ms (issue 13)",
+        f"<= {num(wake, 3)} ms (bucket bound)" if wake is not None else "-",
+        verdict(wake <= TARGET_WAKE_P99_MS if wake is not None else None),
+    ])
     return "\n".join([
         "## Targets",
         "",
-        "Issue 4's targets, against the medians below (this machine, gateway and load generator "
+        "Issue 4's and issue 13's targets, against the medians below (this machine, gateway and load generator "
         "sharing its cores over loopback).",
         "",
         table(["target", "measured", "verdict"], rows),
@@ -905,6 +920,116 @@ def peer_section(out):
     ]) + "\n"
 
 
+def histogram_quantiles(path, name, qs):
+    """Quantiles (upper bucket bounds, seconds) of a Prometheus histogram in a /metrics dump,
+    and its count; (None..., 0) when absent."""
+    buckets = []
+    try:
+        text = open(path).read()
+    except OSError:
+        return [None for _ in qs], 0
+    for line in text.splitlines():
+        m = re.match(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', line)
+        if m:
+            le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+            buckets.append((le, float(m.group(2))))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    out = []
+    for q in qs:
+        out.append(next((le for le, c in buckets if total and c >= q * total), None))
+    return out, int(total)
+
+
+def hibernate_section(out, findings):
+    # The fixed point (10,000; smaller in quick runs) first, then the most one process admits.
+    sizes = sorted(
+        {m.group(1) for p in glob.glob(os.path.join(out, "hibernate-idle-*-r*.json"))
+         if (m := re.match(r"hibernate-idle-(\w+)-r", os.path.basename(p)))},
+        key=lambda name: (name == "max", int(name) if name.isdigit() else 0),
+    )
+    idle = {name: runs(out, f"hibernate-idle-{name}") for name in sizes}
+    if not any(idle.values()):
+        return "## 9. Hibernation\n\nNot run.\n"
+    live = {name: runs(out, f"hibernate-live-{name}") for name in idle}
+    peer = runs(out, "peer-density")
+    rows = []
+    for name, reports in idle.items():
+        if not reports:
+            continue
+        n = med(reports, "connections_established")
+        a, b = med(reports, "rss_kib_per_connection"), med(live[name], "rss_kib_per_connection")
+        rows.append([
+            f"{num(n)} idle connections",
+            med_runs(reports, "rss_kib_per_connection", 1),
+            med_runs(live[name], "rss_kib_per_connection", 1),
+            f"{b / a:.1f}x" if a and b else "-",
+            med_runs(reports, "pss_kib_per_connection", 1),
+            med_runs(reports, "wait_metric_secs", 1),
+        ])
+    first = next(iter(r for r in idle.values() if r))
+    findings["hibernated_rss"] = med(first, "rss_kib_per_connection")
+    findings["hibernated_n"] = med(first, "connections_established")
+
+    wakes = []
+    for path in sorted(glob.glob(os.path.join(out, "hibernate-blend-r*.metrics"))):
+        (p50, p99), count = histogram_quantiles(path, "gateway_wake_seconds", (0.5, 0.99))
+        wakes.append((p50, p99, count))
+    wake_p99 = median([w[1] for w in wakes if w[1] is not None])
+    findings["wake_p99_ms"] = wake_p99 * 1000 if wake_p99 is not None else None
+    wake_text = ", ".join(
+        f"p50 <= {num(w[0] * 1e6)} µs, p99 <= {num(w[1] * 1e6)} µs over {num(w[2])} wakes"
+        for w in wakes if w[0] is not None
+    ) or "no wakes recorded"
+
+    blend = runs(out, "hibernate-blend")
+    blend_live = runs(out, "hibernate-blend-live")
+    blend_peer = runs(out, "hibernate-blend-peer")
+    brows = []
+    for what, reports in (("gateway, hibernation on", blend), ("gateway, hibernation off", blend_live),
+                          ("Node.js ws peer", blend_peer)):
+        if not reports:
+            continue
+        brows.append([
+            what,
+            med_runs(reports, "rss_kib_per_connection_publishing", 1),
+            med_runs(reports, "events_per_sec"),
+            med_runs(reports, ("latency_ms", "p50"), 2),
+            med_runs(reports, ("latency_ms", "p99"), 2),
+            med_runs(reports, "losses"),
+        ])
+    active = get(blend[0], "active_users") if blend else None
+    users = get(blend[0], "users") if blend else None
+    hib = findings.get("hibernated_rss")
+    return "\n".join([
+        "## 9. Hibernation: idle connections without an instance",
+        "",
+        "`limits.hibernate_after_secs = 2`: memory sampled once `/metrics` shows every session "
+        "hibernated (*wait*: seconds from the last connect until then), against the same "
+        "connections with hibernation off (live instances), alternating. The Node.js peer "
+        f"holds an idle connection in {med_runs(peer, 'rss_kib_per_connection', 1)} KiB "
+        "(section 8). Target: <= "
+        f"{TARGET_HIBERNATED_RSS_KIB} KiB RSS per hibernated connection: "
+        f"{verdict(hib <= TARGET_HIBERNATED_RSS_KIB if hib is not None else None)}.",
+        "",
+        table(["", "RSS KiB/conn hibernated", "RSS KiB/conn live", "live / hibernated",
+               "PSS KiB/conn hibernated", "wait s"], rows),
+        "",
+        f"**Wake-up** (a fresh instance and `restore`, the gateway's `gateway_wake_seconds`, "
+        f"bucket bounds): {wake_text}. Target p99 <= {TARGET_WAKE_P99_MS} ms: "
+        f"{verdict(wake_p99 * 1000 <= TARGET_WAKE_P99_MS if wake_p99 is not None else None)}.",
+        "",
+        f"**90/10 blend**: {num(med(blend, 'connections_established'))} connections of "
+        f"{num(users)} users; all hibernate, then the first {num(active)} users (10 % of the "
+        "connections) get 10 events/s each for the publish phase, which keeps them awake; "
+        "memory sampled halfway through (RSS KiB per connection over all connections), "
+        "latency publish-to-receive of the active ones (their first event includes the "
+        "wake-up).",
+        "",
+        table(["", "RSS KiB/conn", "delivered /s", "p50 ms", "p99 ms", "losses"], brows),
+    ]) + "\n"
+
+
 def summarize(out):
     meta = load(os.path.join(out, "meta.json")) or {}
     capacity = meta.get("capacity")
@@ -920,6 +1045,7 @@ def summarize(out):
         tls_section(out),
         startup_section(out),
         peer_section(out),
+        hibernate_section(out, findings),
     ]
     plot_data(out, findings)
     return "\n".join([

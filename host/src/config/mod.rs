@@ -154,6 +154,8 @@ pub struct Limits {
     /// Largest WebSocket message accepted from a client, and largest frame a guest may emit.
     pub max_message_bytes: usize,
     /// Initial WebSocket read buffer per connection (it grows up to one message as needed).
+    /// Clients of an agent UI send few, small frames; each KiB here is a KiB of every
+    /// connection's memory, hibernated or not.
     pub read_buffer_bytes: usize,
     /// Bytes of outgoing frames buffered before a write is forced.
     pub write_buffer_bytes: usize,
@@ -280,7 +282,7 @@ impl Default for Limits {
             client_messages_per_sec: 50,
             client_message_burst: 100,
             max_message_bytes: 64 << 10,
-            read_buffer_bytes: 4 << 10,
+            read_buffer_bytes: 1 << 10,
             write_buffer_bytes: 16 << 10,
             event_queue: 1024,
             outbound_queue_bytes: 1 << 20,

@@ -3,8 +3,9 @@
 //! ```text
 //! loadgen --url ws://127.0.0.1:8080 --secret S --connections N --users U \
 //!     [--user-offset O] [--connect-rate R] [--source-ips K] [--source-ip-offset S] \
-//!     [--hold-secs H] [--release-file F] \
+//!     [--hold-secs H] [--release-file F] [--wait-metric NAME=VALUE] \
 //!     [--publish-rate E | --publish-max] [--publish-secs P] [--batch B] [--publishers T] \
+//!     [--active-users K] \
 //!     [--server-pid PID] [--json FILE] [--max-secs M]
 //! ```
 //!
@@ -21,7 +22,9 @@
 //!    that each event it gets is for its own user (`misdeliveries`, must be 0) and records the
 //!    publish-to-receive latency from the `ts_us` the event carries.
 //! 3. With `--server-pid`, samples the server's VmRSS before connecting and once all
-//!    connections have been idle for a second, and reports RSS per connection.
+//!    connections have been idle for a second (or, with `--wait-metric`, once the server's
+//!    `/metrics` shows that value, e.g. every session hibernated), and reports RSS per
+//!    connection; also halfway through publishing (`rss_kib_per_connection_publishing`).
 //! 4. Prints a table on stdout (progress and errors go to stderr) and, with `--json FILE`,
 //!    writes the same numbers as JSON.
 //!
@@ -125,6 +128,14 @@ struct Args {
     /// processes releases them all at once).
     #[arg(long)]
     release_file: Option<PathBuf>,
+    /// Before sampling the idle server's memory, wait until its `/metrics` has this metric
+    /// at or above this value (`NAME=VALUE`, e.g. `gateway_sessions_hibernated=10000`).
+    #[arg(long, value_parser = parse_wait_metric)]
+    wait_metric: Option<(String, f64)>,
+    /// Publish to the first K users only (0: all): the others stay idle, e.g. for a run
+    /// where 10 % of the connections are active.
+    #[arg(long, default_value_t = 0)]
+    active_users: u64,
     /// Events per second to publish in total; 0 publishes nothing.
     #[arg(long, default_value_t = 0)]
     publish_rate: u64,
@@ -380,6 +391,10 @@ struct Phases {
     rss_before: Option<Memory>,
     rss_after: Option<Memory>,
     rss_end: Option<Memory>,
+    /// Halfway through the publish phase.
+    rss_publishing: Option<Memory>,
+    /// How long `--wait-metric` waited.
+    wait_metric_secs: Option<f64>,
     /// CPU time at the start and end of the connect phase and of publish + drain.
     connect_cpu: [Option<CpuMark>; 2],
     publish_cpu: [Option<CpuMark>; 2],
@@ -612,6 +627,10 @@ async fn run(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
 
     // Idle: let the server settle before sampling its memory, then hold.
     let idle_start = tokio::time::Instant::now();
+    if let Some((name, value)) = &args.wait_metric {
+        let waited = wait_metric(plan, name, *value).await?;
+        stats.phases.lock().unwrap().wait_metric_secs = Some(waited);
+    }
     if let Some(pid) = pid {
         sleep(Duration::from_secs(1)).await;
         stats.phases.lock().unwrap().rss_after = read_memory(pid);
@@ -639,6 +658,40 @@ async fn run(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
     })
     .await;
     Ok(())
+}
+
+fn parse_wait_metric(text: &str) -> Result<(String, f64), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or("expected NAME=VALUE, e.g. gateway_sessions_hibernated=10000")?;
+    let value = value.parse().map_err(|_| format!("{value} is not a number"))?;
+    Ok((name.to_owned(), value))
+}
+
+/// Polls the server's `/metrics` until `name` is at least `value`; returns the seconds it
+/// took. Gives up (an error) after `--max-secs`.
+async fn wait_metric(plan: &Plan, name: &str, value: f64) -> anyhow::Result<f64> {
+    let url = plan.publish_url.replace("/v1/publish/batch", "/metrics");
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < Duration::from_secs(plan.args.max_secs) {
+        if let Ok(response) = client.get(&url).send().await
+            && let Ok(text) = response.text().await
+        {
+            last = text.lines().find_map(|line| {
+                let (key, v) = line.rsplit_once(' ')?;
+                (key == name).then(|| v.parse::<f64>().ok())?
+            });
+            if last.is_some_and(|v| v >= value) {
+                let waited = start.elapsed().as_secs_f64();
+                eprintln!("{name} reached {value} after {waited:.1} s");
+                return Ok(waited);
+            }
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+    bail!("{name} did not reach {value} at {url} (last seen: {last:?})")
 }
 
 /// Sleeps until `until`, or until `release` exists if that comes first.
@@ -1002,6 +1055,13 @@ async fn publish(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
     }
     let end = start + Duration::from_secs(args.publish_secs);
     let mut publishers = JoinSet::new();
+    if let Some(pid) = args.server_pid {
+        let (stats, half) = (stats.clone(), Duration::from_secs(args.publish_secs) / 2);
+        publishers.spawn(async move {
+            sleep(half).await;
+            stats.phases.lock().unwrap().rss_publishing = read_memory(pid);
+        });
+    }
     for id in 0..args.publishers {
         publishers.spawn(publisher(
             id,
@@ -1042,10 +1102,14 @@ async fn publisher(
         }
         sleep_until(due).await;
         let first = stats.next_event.fetch_add(args.batch, Relaxed);
+        let users = match args.active_users {
+            0 => args.users,
+            active => active.min(args.users),
+        };
         let body = batch_body(
             first,
             args.batch,
-            args.users,
+            users,
             args.user_offset,
             unix_micros(),
         );
@@ -1260,6 +1324,12 @@ fn build_report(
             .map(|(b, a)| (a as f64 - b as f64) / established as f64),
         _ => None,
     };
+    let publishing_per_connection = match (phases.rss_before, phases.rss_publishing) {
+        (Some(before), Some(during)) if established > 0 => {
+            Some((during.rss_kib as f64 - before.rss_kib as f64) / established as f64)
+        }
+        _ => None,
+    };
     let round2 = |x: f64| (x * 100.0).round() / 100.0;
     let rate =
         |count: u64, secs: Option<f64>| secs.filter(|s| *s > 0.0).map(|s| round2(count as f64 / s));
@@ -1295,6 +1365,7 @@ fn build_report(
         "rss_kib_per_connection": per_connection.map(round2),
         "server_pss_kib_after": phases.rss_after.and_then(|m| m.pss_kib),
         "pss_kib_per_connection": pss_per_connection.map(round2),
+        "rss_kib_per_connection_publishing": publishing_per_connection.map(round2),
         "server_cpu_percent": server_cpu.map(round2),
         "loadgen_cpu_percent": own_cpu.map(round2),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -1327,6 +1398,8 @@ fn build_report(
         "publish_secs": args.publish_secs,
         "batch": args.batch,
         "publishers": args.publishers,
+        "active_users": args.active_users,
+        "wait_metric_secs": phases.wait_metric_secs.map(round2),
     });
     if let (Some(report), Value::Object(settings)) = (report.as_object_mut(), settings) {
         report.extend(settings);
