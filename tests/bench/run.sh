@@ -569,10 +569,12 @@ if has hibernate; then
             log "hibernate: $n idle connections, hibernated, run $run"
             hib_run "hibernate-idle-$name-r$run" 2 --connections "$n" --users $(((n + 4) / 5)) \
                 --max-inflight 128 --connect-timeout-secs 20 --max-secs 120 \
-                --wait-metric "gateway_sessions_hibernated=$n"
+                --wait-metric "gateway_sessions_hibernated=$n" \
+                --smaps-dir "$OUT/smaps-idle-$name-r$run"
             log "hibernate: $n idle connections, live (hibernation off), run $run"
             hib_run "hibernate-live-$name-r$run" 0 --connections "$n" --users $(((n + 4) / 5)) \
-                --max-inflight 128 --connect-timeout-secs 20 --max-secs 120
+                --max-inflight 128 --connect-timeout-secs 20 --max-secs 120 \
+                --smaps-dir "$OUT/smaps-live-$name-r$run"
         done
         log "hibernate: 90/10 blend ($blend_active of $blend_users users active, $blend_rate events/s), run $run"
         hib_run "hibernate-blend-r$run" 2 "${blend_args[@]}" \

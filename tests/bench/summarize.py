@@ -941,6 +941,74 @@ def histogram_quantiles(path, name, qs):
     return out, int(total)
 
 
+def read_smaps(path):
+    """VMAs of a /proc/<pid>/smaps copy: (start, end, perms, name, {field: KiB})."""
+    vmas = []
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$", line)
+        if m:
+            vmas.append((int(m.group(1), 16), int(m.group(2), 16), m.group(3), m.group(4), {}))
+        elif vmas and ":" in line:
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                vmas[-1][4][key] = int(value.split()[0])
+    return vmas
+
+
+def memory_parts(smaps_path, status_path):
+    """Resident KiB by where it is: guest linear memories (the shared image pages mapped into
+    each, and private pages), the allocator's heap, page tables, the rest."""
+    vmas = read_smaps(smaps_path)
+    if vmas is None:
+        return None
+    vmas.sort()
+    # A linear memory's accessible part is a run of contiguous read-write VMAs holding the
+    # memfd image of the guest's data segment (wasmtime maps it copy-on-write into each
+    # instance), between the inaccessible rest of reservations.
+    in_memory = [False] * len(vmas)
+    i = 0
+    while i < len(vmas):
+        j = i
+        while (j + 1 < len(vmas) and vmas[j + 1][0] == vmas[j][1]
+               and vmas[j][2].startswith("rw") and vmas[j + 1][2].startswith("rw")):
+            j += 1
+        if any("wasm-memory-image" in v[3] for v in vmas[i:j + 1]):
+            for k in range(i, j + 1):
+                in_memory[k] = True
+        i = j + 1
+    parts = {"image": 0, "linear": 0, "heap": 0, "other": 0}
+    for v, lm in zip(vmas, in_memory):
+        rss, anon = v[4].get("Rss", 0), v[4].get("Anonymous", 0)
+        if lm:
+            parts["linear"] += anon
+            parts["image"] += rss - anon
+        elif v[2].startswith("rw") and (v[3] in ("", "[heap]")):
+            parts["heap"] += rss
+        else:
+            parts["other"] += rss
+    try:
+        status = open(status_path).read()
+        parts["page_tables"] = int(re.search(r"VmPTE:\s+(\d+)", status).group(1))
+    except (OSError, AttributeError):
+        parts["page_tables"] = None
+    return parts
+
+
+def memory_breakdown(out, label, n):
+    """KiB per connection by part: idle minus before, over n connections."""
+    d = os.path.join(out, label)
+    before = memory_parts(os.path.join(d, "before.smaps"), os.path.join(d, "before.status"))
+    idle = memory_parts(os.path.join(d, "idle.smaps"), os.path.join(d, "idle.status"))
+    if not before or not idle or not n:
+        return None
+    return {k: (idle[k] - before[k]) / n if idle[k] is not None and before[k] is not None else None
+            for k in idle}
+
+
 def hibernate_section(out, findings):
     # The fixed point (10,000; smaller in quick runs) first, then the most one process admits.
     sizes = sorted(
@@ -998,6 +1066,32 @@ def hibernate_section(out, findings):
             med_runs(reports, ("latency_ms", "p99"), 2),
             med_runs(reports, "losses"),
         ])
+    parts_rows = []
+    fixed = sizes[0] if sizes else None
+    if fixed:
+        def parts_of(kind, reports):
+            values = [memory_breakdown(out, f"smaps-{kind}-{fixed}-r{i + 1}",
+                                       get(r, "connections_established"))
+                      for i, r in enumerate(reports)]
+            return [v for v in values if v]
+        live_parts = parts_of("live", live[fixed])
+        idle_parts = parts_of("idle", idle[fixed])
+        names = [
+            ("image", "guest data segment image, shared pages mapped into each instance "
+                      "(RSS counts them per instance; PSS does not)"),
+            ("linear", "guest linear memory, private pages (stack, heap, written data)"),
+            ("page_tables", "page tables (VmPTE, not in RSS)"),
+            ("heap", "allocator heap: wasmtime's per-instance structures, the session, "
+                     "its socket buffers and queues"),
+            ("other", "the rest (code, libraries)"),
+        ]
+        if live_parts or idle_parts:
+            for key, what in names:
+                parts_rows.append([
+                    what,
+                    num(median([p[key] for p in live_parts]), 1),
+                    num(median([p[key] for p in idle_parts]), 1),
+                ])
     active = get(blend[0], "active_users") if blend else None
     users = get(blend[0], "users") if blend else None
     hib = findings.get("hibernated_rss")
@@ -1014,6 +1108,12 @@ def hibernate_section(out, findings):
         "",
         table(["", "RSS KiB/conn hibernated", "RSS KiB/conn live", "live / hibernated",
                "PSS KiB/conn hibernated", "wait s"], rows),
+        "",
+        f"Where a connection's memory goes at {num(int(fixed)) if fixed and fixed.isdigit() else '-'} "
+        "connections (from `/proc/<pid>/smaps` and `status` copied before connecting and once "
+        "idle, the difference over the connections, median of the runs):",
+        "",
+        table(["", "KiB/conn live", "KiB/conn hibernated"], parts_rows) if parts_rows else "Not measured.",
         "",
         f"**Wake-up** (a fresh instance and `restore`, the gateway's `gateway_wake_seconds`, "
         f"bucket bounds): {wake_text}. Target p99 <= {TARGET_WAKE_P99_MS} ms: "

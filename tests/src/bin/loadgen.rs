@@ -158,6 +158,11 @@ struct Args {
     /// Gateway process to sample VmRSS/VmHWM and CPU time of (from /proc/<pid>).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// With --server-pid: copy the server's /proc/<pid>/smaps and status here when memory
+    /// is sampled before connecting and once idle (`before.*`, `idle.*`), for a breakdown of
+    /// where a connection's memory goes.
+    #[arg(long)]
+    smaps_dir: Option<PathBuf>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -581,6 +586,7 @@ async fn run(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
     if let Some(pid) = pid {
         let before = read_memory(pid)
             .with_context(|| format!("cannot read /proc/{pid}/status (--server-pid)"))?;
+        copy_smaps(args.smaps_dir.as_deref(), pid, "before")?;
         stats.phases.lock().unwrap().rss_before = Some(before);
     }
 
@@ -634,6 +640,7 @@ async fn run(plan: &Arc<Plan>, stats: &Arc<Stats>) -> anyhow::Result<()> {
     if let Some(pid) = pid {
         sleep(Duration::from_secs(1)).await;
         stats.phases.lock().unwrap().rss_after = read_memory(pid);
+        copy_smaps(args.smaps_dir.as_deref(), pid, "idle")?;
     }
     hold(
         idle_start + Duration::from_secs(args.hold_secs),
@@ -1205,6 +1212,18 @@ async fn print_progress(stats: Arc<Stats>, plan: Arc<Plan>) {
 }
 
 /// VmRSS, VmHWM and PSS of a process, in KiB.
+/// `/proc/<pid>/smaps` and `status` to `dir/<name>.smaps` and `dir/<name>.status`.
+fn copy_smaps(dir: Option<&std::path::Path>, pid: u32, name: &str) -> anyhow::Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for what in ["smaps", "status"] {
+        let to = dir.join(format!("{name}.{what}"));
+        std::fs::copy(format!("/proc/{pid}/{what}"), &to)
+            .with_context(|| format!("cannot copy /proc/{pid}/{what} to {}", to.display()))?;
+    }
+    Ok(())
+}
+
 fn read_memory(pid: u32) -> Option<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {
