@@ -296,6 +296,7 @@ pub async fn stats(
         },
         "sessions": {
             "live": m.sessions_live.get(),
+            "hibernated": m.sessions_hibernated.get(),
             "ended": sessions,
             "average_lifetime_secs": average_lifetime_secs,
         },
@@ -316,12 +317,13 @@ pub async fn stats(
         "guest_versions": app
             .guest_versions()
             .into_iter()
-            .map(|(version, live)| json!({
+            .map(|(version, live, hibernated)| json!({
                 "name": version.name,
                 "sha256": version.sha256,
                 "label": version.label(),
                 "loaded_at": version.loaded_at,
                 "instances": live,
+                "hibernated": hibernated,
             }))
             .collect::<Vec<_>>(),
     })))

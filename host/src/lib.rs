@@ -64,8 +64,9 @@ pub struct AppState {
     /// The compiled guest new connections instantiate. A reload swaps it; connections keep
     /// the instance they were given (and with it the guest version they started with).
     sandbox: RwLock<Arc<Sandbox>>,
-    /// Every guest loaded since start-up and its live instances, for `/v1/stats`.
-    guest_versions: Mutex<Vec<(sandbox::GuestVersion, Gauge)>>,
+    /// Every guest loaded since start-up, its live instances and the connections it
+    /// hibernated, for `/v1/stats`.
+    guest_versions: Mutex<Vec<GuestInUse>>,
     /// The guest file's modification time and size at the last reload attempt.
     guest_stamp: Mutex<FileStamp>,
     pub router: Arc<Router>,
@@ -134,7 +135,7 @@ impl AppState {
                  tokens and publish events for anyone who can reach this port"
             );
         }
-        let guest_versions = Mutex::new(vec![(sandbox.version.clone(), sandbox.instances_gauge())]);
+        let guest_versions = Mutex::new(vec![GuestInUse::of(&sandbox)]);
         Ok(Arc::new(AppState {
             guest_versions,
             guest_stamp: Mutex::new(file_stamp(guest)),
@@ -209,15 +210,16 @@ impl AppState {
         // Versions nobody runs any more are forgotten, so reloads cannot grow the list; the
         // same component loaded again is one version.
         let label = sandbox.version.label();
-        versions.retain(|(version, live)| live.get() > 0 && version.label() != label);
-        versions.push((sandbox.version.clone(), sandbox.instances_gauge()));
+        versions.retain(|v| v.in_use() && v.version.label() != label);
+        versions.push(GuestInUse::of(&sandbox));
         let version = sandbox.version.clone();
         *self.sandbox.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(sandbox);
         Ok(version)
     }
 
-    /// The guest versions with live instances, and the current one, with their counts.
-    pub fn guest_versions(&self) -> Vec<(sandbox::GuestVersion, i64)> {
+    /// The guest versions with live instances or hibernated connections, and the current
+    /// one, with their counts (instances, hibernated).
+    pub fn guest_versions(&self) -> Vec<(sandbox::GuestVersion, i64, i64)> {
         let current = self.sandbox().version.clone();
         let versions = self
             .guest_versions
@@ -225,9 +227,32 @@ impl AppState {
             .unwrap_or_else(|p| p.into_inner());
         versions
             .iter()
-            .filter(|(version, live)| live.get() > 0 || *version == current)
-            .map(|(version, live)| (version.clone(), live.get()))
+            .filter(|v| v.in_use() || v.version == current)
+            .map(|v| (v.version.clone(), v.instances.get(), v.hibernated.get()))
             .collect()
+    }
+}
+
+/// A loaded guest version and what still runs on it.
+#[derive(Debug)]
+struct GuestInUse {
+    version: sandbox::GuestVersion,
+    instances: Gauge,
+    /// Hibernated connections, which wake into this version.
+    hibernated: Gauge,
+}
+
+impl GuestInUse {
+    fn of(sandbox: &Sandbox) -> Self {
+        GuestInUse {
+            version: sandbox.version.clone(),
+            instances: sandbox.instances_gauge(),
+            hibernated: sandbox.hibernated_gauge(),
+        }
+    }
+
+    fn in_use(&self) -> bool {
+        self.instances.get() > 0 || self.hibernated.get() > 0
     }
 }
 

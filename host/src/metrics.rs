@@ -25,6 +25,8 @@ pub struct Metrics {
     /// Live instances by guest version (`name@sha256-prefix`): after a hot reload, the
     /// connections still on the previous guest.
     pub guest_instances: Family<OwnedLabels, Gauge>,
+    /// Hibernated connections by the guest version that will restore them.
+    pub guest_hibernated: Family<OwnedLabels, Gauge>,
     pub instantiations: Counter,
     pub instantiate_seconds: Histogram,
     pub sessions_ended: Counter,
@@ -83,6 +85,7 @@ impl Metrics {
             http_connections: Gauge::default(),
             instances_live: Gauge::default(),
             guest_instances: Family::default(),
+            guest_hibernated: Family::default(),
             instantiations: Counter::default(),
             instantiate_seconds: Histogram::new(exponential_buckets(10e-6, 2.0, 16)),
             sessions_ended: Counter::default(),
@@ -233,6 +236,11 @@ impl Metrics {
             "guest_instances",
             "Live guest instances, by guest version (component name@first 12 hex digits of its SHA-256)",
             m.guest_instances.clone(),
+        );
+        registry.register(
+            "guest_hibernated",
+            "Hibernated connections, by the guest version that saved them and will restore them",
+            m.guest_hibernated.clone(),
         );
         registry.register(
             "guest_compiles",

@@ -391,20 +391,24 @@ enum Guest {
     Hibernated(Hibernated),
 }
 
-/// A hibernated handler's saved state, counted in the metrics for exactly as long as it is
-/// kept.
+/// A hibernated handler's saved state, counted in the metrics (also under its guest version)
+/// for exactly as long as it is kept.
 struct Hibernated {
     state: Box<[u8]>,
     metrics: Arc<Metrics>,
+    version: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Hibernated {
-    fn new(state: Vec<u8>, metrics: Arc<Metrics>) -> Self {
+    fn new(state: Vec<u8>, metrics: Arc<Metrics>, sandbox: &Sandbox) -> Self {
+        let version = sandbox.hibernated_gauge();
         metrics.sessions_hibernated.inc();
         metrics.hibernated_bytes.inc_by(state.len() as i64);
+        version.inc();
         Hibernated {
             state: state.into_boxed_slice(),
             metrics,
+            version,
         }
     }
 }
@@ -415,6 +419,7 @@ impl Drop for Hibernated {
         self.metrics
             .hibernated_bytes
             .dec_by(self.state.len() as i64);
+        self.version.dec();
     }
 }
 
@@ -730,7 +735,8 @@ impl Session {
             Some(state) => {
                 metrics.hibernation("saved");
                 // Dropping the live handler here frees its instance and linear memory.
-                self.guest = Guest::Hibernated(Hibernated::new(state, metrics.clone()));
+                let hibernated = Hibernated::new(state, metrics.clone(), &self.sandbox);
+                self.guest = Guest::Hibernated(hibernated);
                 tracing::trace!("handler hibernated");
                 Ok(true)
             }

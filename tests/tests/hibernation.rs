@@ -234,3 +234,52 @@ async fn a_guest_of_the_first_world_runs_and_never_hibernates() {
         other => panic!("expected the echo, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_hibernated_connection_wakes_into_the_guest_version_that_saved_it() {
+    let dir = std::env::temp_dir().join(format!("gateway-hibernate-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("handler.wasm");
+    std::fs::copy(guests::REFERENCE, &path).unwrap();
+    let gw = gateway(path.to_str().unwrap()).await;
+    let publisher = gw.publisher_token();
+    let mut alice = gw.connect("alice").await;
+    all_hibernated(&gw, 1.0).await;
+    let first = gw.state.sandbox().version.label();
+
+    // The chaos guest replaces the reference one; the hibernated connection stays with its
+    // version, counted there as hibernated.
+    std::fs::copy(guests::CHAOS, dir.join("next.wasm")).unwrap();
+    std::fs::rename(dir.join("next.wasm"), &path).unwrap();
+    gw.state.reload_guest().unwrap();
+    assert_ne!(gw.state.sandbox().version.label(), first);
+    let versions = gw.state.guest_versions();
+    let old = versions
+        .iter()
+        .find(|(v, _, _)| v.label() == first)
+        .expect("the hibernated connection's version is still listed");
+    assert_eq!(
+        (old.1, old.2),
+        (0, 1),
+        "no instance, one hibernated connection"
+    );
+    gw.wait_metric(
+        &format!("gateway_guest_hibernated{{guest=\"{first}\"}}"),
+        1.0,
+    )
+    .await;
+
+    gw.publish(&publisher, &event("alice", "agent_started", "t1"))
+        .await;
+    let frame = next_of_type(&mut alice, "event").await;
+    assert_eq!(
+        frame["run_state"], "started",
+        "the reference guest woke: {frame}"
+    );
+    gw.wait_metric(
+        &format!("gateway_guest_instances{{guest=\"{first}\"}}"),
+        1.0,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

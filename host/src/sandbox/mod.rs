@@ -262,6 +262,7 @@ pub struct Sandbox {
     pub compiled: cache::Compiled,
     pub compile_time: Duration,
     version_instances: prometheus_client::metrics::gauge::Gauge,
+    version_hibernated: prometheus_client::metrics::gauge::Gauge,
     pub reservation: Reservation,
     metrics: Arc<Metrics>,
     /// Benchmark builds only: run the reference handler natively instead.
@@ -416,9 +417,14 @@ impl Sandbox {
             .guest_instances
             .get_or_create(&vec![("guest", version.label())])
             .clone();
+        let version_hibernated = metrics
+            .guest_hibernated
+            .get_or_create(&vec![("guest", version.label())])
+            .clone();
         Ok(Sandbox {
             version,
             version_instances,
+            version_hibernated,
             compiled,
             compile_time,
             engine,
@@ -447,6 +453,11 @@ impl Sandbox {
     /// This guest's live instances, shared with every instance it made.
     pub fn instances_gauge(&self) -> prometheus_client::metrics::gauge::Gauge {
         self.version_instances.clone()
+    }
+
+    /// Connections hibernated by this guest, which it will restore.
+    pub fn hibernated_gauge(&self) -> prometheus_client::metrics::gauge::Gauge {
+        self.version_hibernated.clone()
     }
 
     /// Benchmark builds only: every connection gets the reference handler as native code,

@@ -671,7 +671,9 @@ fn parse_wait_metric(text: &str) -> Result<(String, f64), String> {
     let (name, value) = text
         .split_once('=')
         .ok_or("expected NAME=VALUE, e.g. gateway_sessions_hibernated=10000")?;
-    let value = value.parse().map_err(|_| format!("{value} is not a number"))?;
+    let value = value
+        .parse()
+        .map_err(|_| format!("{value} is not a number"))?;
     Ok((name.to_owned(), value))
 }
 
@@ -1113,13 +1115,7 @@ async fn publisher(
             0 => args.users,
             active => active.min(args.users),
         };
-        let body = batch_body(
-            first,
-            args.batch,
-            users,
-            args.user_offset,
-            unix_micros(),
-        );
+        let body = batch_body(first, args.batch, users, args.user_offset, unix_micros());
         let sent = client
             .post(&plan.publish_url)
             .header(reqwest::header::AUTHORIZATION, &plan.publisher_auth)
