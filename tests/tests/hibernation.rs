@@ -283,3 +283,59 @@ async fn a_hibernated_connection_wakes_into_the_guest_version_that_saved_it() {
     .await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Many users, two connections each, through several rounds of hibernating and waking: each
+/// connection gets exactly its own user's events, every one, in order, with its handler's
+/// count going on from where the previous instance left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_cycles_deliver_each_users_events_to_its_own_connections_only() {
+    const USERS: usize = 40;
+    const ROUNDS: usize = 4;
+    let gw = gateway(guests::CHAOS).await;
+    let publisher = gw.publisher_token();
+    let mut clients = Vec::new();
+    for user in 0..USERS {
+        for _ in 0..2 {
+            clients.push((user, gw.connect(&format!("user-{user}")).await));
+        }
+    }
+    let mut expected: Vec<Vec<u64>> = vec![Vec::new(); USERS];
+    for round in 0..ROUNDS {
+        all_hibernated(&gw, (USERS * 2) as f64).await;
+        // Every user gets one event a round, some users a few more.
+        let mut events = Vec::new();
+        for user in 0..USERS {
+            for _ in 0..events_this_round(user, round) {
+                events.push(event(&format!("user-{user}"), "tool_executing", "t"));
+            }
+        }
+        let (status, receipts) = gw.publish_batch(&publisher, &events).await;
+        assert_eq!(status, 200, "{receipts}");
+        for (event, receipt) in events.iter().zip(receipts["results"].as_array().unwrap()) {
+            let user: usize = event["user_id"].as_str().unwrap()[5..].parse().unwrap();
+            expected[user].push(receipt["seq"].as_u64().unwrap());
+        }
+        for (user, client) in &mut clients {
+            let want = &expected[*user];
+            let fresh = events_this_round(*user, round);
+            for (i, seq) in want[want.len() - fresh..].iter().enumerate() {
+                let frame = next_of_type(client, "event").await;
+                assert_eq!(frame["seq"].as_u64(), Some(*seq), "user-{user}: {frame}");
+                // The chaos guest counts the events its handler saw, across instances.
+                let count = want.len() - fresh + i + 1;
+                assert_eq!(frame["count"], count, "user-{user}: {frame}");
+            }
+        }
+    }
+    assert!(gw.metric("gateway_wakes_total").await >= (USERS * 2 * ROUNDS) as f64);
+    assert_eq!(
+        gw.metric("gateway_guest_faults_total{kind=\"restore\"}")
+            .await,
+        0.0
+    );
+}
+
+/// Events user `user` gets in round `round` of the test above.
+fn events_this_round(user: usize, round: usize) -> usize {
+    1 + (user * 7 + round * 3) % 3
+}
