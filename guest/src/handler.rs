@@ -420,14 +420,29 @@ const SENSITIVE_KEYS: &[&str] = &[
 const SENSITIVE_SUFFIXES: &[&str] = &["password", "secret", "apikey"];
 
 fn is_sensitive(key: &str) -> bool {
-    let norm: String = key
-        .chars()
-        .filter(|c| *c != '_' && *c != '-')
-        .flat_map(char::to_lowercase)
-        .collect();
+    let norm = normalise(key);
     // `may_hold_secret` must find every key this matches, so it normalises the same way
     // (test `every_key_this_matches_is_found_by_the_pre_check`).
     SENSITIVE_KEYS.contains(&norm.as_str()) || SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
+}
+
+/// `key` without `-` and `_`, lower-cased as far as matching the ASCII names above needs:
+/// ASCII letters to lower case; the only two characters outside ASCII whose lower case holds
+/// ASCII (the Kelvin sign, U+0130) as `char::to_lowercase` has them; any other character as
+/// it is, since neither it nor its lower case is ASCII, so no name matches across it either
+/// way. This keeps Unicode's case tables (11 KB, in every instance's memory image) out of
+/// the guest.
+fn normalise(key: &str) -> String {
+    let mut norm = String::with_capacity(key.len());
+    for c in key.chars() {
+        match c {
+            '_' | '-' => {}
+            '\u{212a}' => norm.push('k'),
+            '\u{130}' => norm.push_str("i\u{307}"),
+            c => norm.push(c.to_ascii_lowercase()),
+        }
+    }
+    norm
 }
 
 /// The Kelvin sign (U+212A): the one character outside ASCII whose lower case is an ASCII
@@ -629,6 +644,32 @@ mod tests {
             .collect();
         assert_eq!(folding, ['\u{130}', '\u{212a}']);
         assert!('\u{130}'.to_lowercase().any(|l| !l.is_ascii()));
+    }
+
+    #[test]
+    fn key_matching_is_that_of_unicode_lower_case() {
+        let unicode = |key: &str| -> bool {
+            let norm: String = key
+                .chars()
+                .filter(|c| *c != '_' && *c != '-')
+                .flat_map(char::to_lowercase)
+                .collect();
+            SENSITIVE_KEYS.contains(&norm.as_str())
+                || SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
+        };
+        for c in (0..=0x10ffff_u32).filter_map(char::from_u32) {
+            for key in [
+                format!("{c}"),
+                format!("{c}token"),
+                format!("to{c}en"),
+                format!("api{c}ey"),
+                format!("db{c}password"),
+                format!("pass{c}word"),
+                format!("{c}ookie"),
+            ] {
+                assert_eq!(is_sensitive(&key), unicode(&key), "{key:?}");
+            }
+        }
     }
 
     #[test]
