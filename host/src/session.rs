@@ -334,7 +334,9 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         app: app.clone(),
     };
     let end = session.serve(token_exp, since).await;
-    session.close(end).await;
+    // Boxed: the way out is the largest state this task has (its writes under timeouts),
+    // and an unboxed one would size every connection's task for it, hibernated or not.
+    Box::pin(session.close(end)).await;
     metrics.session_closed(end.label());
     metrics.sessions_ended.inc();
     metrics
@@ -455,8 +457,10 @@ impl Session {
         if let Err(end) = self.call(|h| h.init(&ctx)).await {
             return end;
         }
+        // Boxed, as `close` is: a resume runs once, and should not size the task for its
+        // whole life.
         if let Some(since) = since
-            && let Err(end) = self.resume(since).await
+            && let Err(end) = Box::pin(self.resume(since)).await
         {
             return end;
         }
