@@ -112,9 +112,7 @@ impl WasmHandler {
         }
         Ok(())
     }
-}
 
-impl WasmHandler {
     fn call(
         &mut self,
         f: impl FnOnce(&Exports, &mut Store<HostState>) -> wasmtime::Result<()>,
