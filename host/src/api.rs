@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::{AuthError, Identity, PUBLISH_SCOPE, STATS_SCOPE, bearer};
+use crate::cluster::{Cluster, Stored, Unavailable};
 use crate::router::{Publication, Receipt};
 
 /// Longest `user_id`, `tenant_id`, `kind`, `run_id` or `thread_id` accepted.
@@ -136,8 +137,9 @@ struct PublishReceipt<'a> {
     user_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     tenant_id: Option<&'a str>,
-    /// Live connections the event was queued to (not yet handled by their guests).
-    queued: usize,
+    /// Live connections on this node the event was queued to (not yet handled by their
+    /// guests); null in cluster mode, where every node gets it from the stream.
+    queued: Option<usize>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     duplicate: bool,
 }
@@ -148,10 +150,35 @@ impl<'a> PublishReceipt<'a> {
             seq: receipt.seq,
             user_id: &identity.user,
             tenant_id: identity.tenant.as_deref(),
-            queued: receipt.sessions,
+            queued: Some(receipt.sessions),
             duplicate: receipt.duplicate,
         }
     }
+
+    fn stored(identity: &'a Identity, stored: Stored) -> Self {
+        PublishReceipt {
+            seq: stored.seq,
+            user_id: &identity.user,
+            tenant_id: identity.tenant.as_deref(),
+            queued: None,
+            duplicate: stored.duplicate,
+        }
+    }
+}
+
+/// A publish the event log could not take: 503, never a false success. The event may have
+/// been stored all the same (the answer was lost); a retry with the same idempotency key
+/// cannot store it twice.
+fn log_unavailable(app: &AppState, err: Unavailable) -> ApiError {
+    app.metrics.refusal("event_log_unavailable");
+    tracing::warn!(error = %err, "publish refused: the event log did not acknowledge it");
+    let mut api = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "event_log_unavailable",
+        format!("{err}; the event may or may not be stored: retry with the same idempotency_key"),
+    );
+    api.retry_after = Some(1);
+    api
 }
 
 /// Refuses new events while this node's sessions have more queued than they can take: a
@@ -195,8 +222,18 @@ pub async fn publish(
     bind_tenant(&app, tenant.as_deref(), &mut publication)?;
     check_backlog(&app)?;
     let identity = publication.identity.clone();
-    let receipt = app.router.publish(publication, key.as_deref());
-    Ok(Json(PublishReceipt::new(&identity, receipt)).into_response())
+    let receipt = match app.router.cluster() {
+        Some(cluster) => {
+            let stored = cluster
+                .publish(&publication, key.as_deref())
+                .await
+                .map_err(|e| log_unavailable(&app, e))?;
+            app.metrics.events_published.inc();
+            PublishReceipt::stored(&identity, stored)
+        }
+        None => PublishReceipt::new(&identity, app.router.publish(publication, key.as_deref())),
+    };
+    Ok(Json(receipt).into_response())
 }
 
 /// `POST /v1/publish/batch`: `{"events": [...]}`, all validated before any is published.
@@ -226,6 +263,9 @@ pub async fn publish_batch(
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
     check_backlog(&app)?;
+    if let Some(cluster) = app.router.cluster() {
+        return publish_to_cluster(&app, cluster, publications).await;
+    }
     let receipts: Vec<(Identity, Receipt)> = publications
         .into_iter()
         .map(|(p, key)| {
@@ -236,6 +276,41 @@ pub async fn publish_batch(
     let results = receipts
         .iter()
         .map(|(identity, receipt)| PublishReceipt::new(identity, *receipt))
+        .collect();
+    Ok(Json(BatchReceipt { results }).into_response())
+}
+
+/// A batch in cluster mode: every event is sent, then the stream's answers are awaited in
+/// order, so the batch costs about one round trip. Any event not acknowledged fails the
+/// whole answer with 503; those that were stored are deduplicated on a retry with their
+/// idempotency keys.
+async fn publish_to_cluster(
+    app: &AppState,
+    cluster: &Cluster,
+    publications: Vec<(Publication, Option<String>)>,
+) -> Result<Response, ApiError> {
+    let mut sent = Vec::with_capacity(publications.len());
+    for (publication, key) in &publications {
+        let ack = cluster
+            .send(publication, key.as_deref())
+            .await
+            .map_err(|e| log_unavailable(app, e))?;
+        sent.push(ack);
+    }
+    let mut stored = Vec::with_capacity(sent.len());
+    for ack in sent {
+        stored.push(
+            cluster
+                .acked(ack)
+                .await
+                .map_err(|e| log_unavailable(app, e))?,
+        );
+    }
+    app.metrics.events_published.inc_by(stored.len() as u64);
+    let results = publications
+        .iter()
+        .zip(stored)
+        .map(|((p, _), s)| PublishReceipt::stored(&p.identity, s))
         .collect();
     Ok(Json(BatchReceipt { results }).into_response())
 }
@@ -281,6 +356,10 @@ pub async fn stats(
     } else {
         m.session_lifetime_seconds.get() / sessions as f64
     };
+    let cluster = match app.router.cluster() {
+        Some(cluster) => cluster.describe().await,
+        None => Value::Null,
+    };
     let (users_connected, top) = app.router.busiest_users(STATS_TOP_USERS);
     let top: Vec<Value> = top
         .into_iter()
@@ -312,6 +391,7 @@ pub async fn stats(
             "slow_client": m.closes_for("slow_client"),
         },
         "users_connected": users_connected,
+        "cluster": cluster,
         "busiest_users": top,
         "guest": app.sandbox().version,
         "guest_versions": app
@@ -538,6 +618,9 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
     }
     if !app.admission.has_room() {
         return ApiError::unavailable("at the connection limit").into_response();
+    }
+    if let Some(trouble) = app.router.cluster().and_then(|c| c.trouble()) {
+        return ApiError::unavailable(format!("event log unavailable: {trouble}")).into_response();
     }
     let capacity = app.admission.capacity.effective;
     Json(json!({"status": "ready", "connections": app.admission.live(), "capacity": capacity}))

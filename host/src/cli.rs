@@ -214,6 +214,7 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             sandbox.use_native_handler_for_benchmark();
         }
     })?;
+    state.join_cluster().await?;
     let ops_listen = state.config.ops_listen;
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
@@ -336,6 +337,9 @@ pub fn check_config(config: &Config) -> anyhow::Result<String> {
         anyhow::bail!("guest = {}: no such file", guest.display());
     }
     let mut effective = config.clone();
+    if effective.cluster.token.is_some() {
+        effective.cluster.token = Some("<redacted>".into());
+    }
     if effective.jwt_secret.is_some() {
         effective.jwt_secret = Some("<redacted>".into());
     }

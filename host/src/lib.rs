@@ -13,6 +13,8 @@
 //!   behind the [`sandbox::Handler`] trait; the trial instantiation at start-up.
 //! - [`router`]: identity -> its live sessions; appends to the log and fans out.
 //! - [`event_log`]: recent events per identity and their sequence numbers, for resume.
+//! - [`cluster`]: cluster mode, where that log is a NATS JetStream stream shared by nodes,
+//!   and each node subscribes to the identities it holds.
 //! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
 //! - [`admin`]: `POST /v1/disconnect`, closing and revoking a user's sessions.
 //! - [`metrics`]: Prometheus counters.
@@ -27,6 +29,7 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod event_log;
 pub mod listener;
@@ -95,6 +98,8 @@ pub enum StartError {
     Keys(#[from] auth::KeyError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::JoinError),
 }
 
 impl AppState {
@@ -157,6 +162,25 @@ impl AppState {
 }
 
 impl AppState {
+    /// Cluster mode (`[cluster] nats_url` set): connects to NATS and sets up the stream, so
+    /// that this node stores and receives events through it. Does nothing otherwise, or if
+    /// already done. [`serve_with_ops`] calls it; call it first for a start-up error of its
+    /// own.
+    pub async fn join_cluster(&self) -> Result<(), StartError> {
+        if self.config.cluster.nats_url.is_none() || self.router.cluster().is_some() {
+            return Ok(());
+        }
+        let cluster = cluster::Cluster::join(
+            &self.config.cluster,
+            &self.config.history,
+            self.config.limits.max_message_bytes,
+            self.metrics.clone(),
+        )
+        .await?;
+        self.router.join(cluster);
+        Ok(())
+    }
+
     /// The guest new connections get now.
     pub fn sandbox(&self) -> Arc<Sandbox> {
         self.sandbox
@@ -449,6 +473,10 @@ pub async fn serve_with_ops(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    state
+        .join_cluster()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let limits = &state.config.limits;
     let serving = listener::Serving {
         header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),

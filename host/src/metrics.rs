@@ -60,6 +60,18 @@ pub struct Metrics {
     pub wakes: Counter,
     /// Time to wake one: a fresh instance and its `restore`.
     pub wake_seconds: Histogram,
+    /// Cluster mode: 1 while the NATS connection is up.
+    pub nats_connected: Gauge,
+    /// Cluster mode: NATS connections re-established after a loss.
+    pub nats_reconnects: Counter,
+    /// Cluster mode: identities this node holds a live subscription for.
+    pub cluster_feeds: Gauge,
+    /// Cluster mode: events fetched from the stream because live delivery skipped them
+    /// (a NATS reconnect, a slow subscription, a subscription still propagating).
+    pub cluster_gap_events: Counter,
+    /// Cluster mode: from the stream storing an event to this node queueing it.
+    pub cluster_lag_seconds: Histogram,
+    nats_round_trips: Family<Labels, Histogram, fn() -> Histogram>,
     hibernations: Family<Labels, Counter>,
     guest_faults: Family<Labels, Counter>,
     resumes: Family<Labels, Counter>,
@@ -102,6 +114,14 @@ impl Metrics {
             wakes: Counter::default(),
             // Finer than the instantiation histogram: the wake-up target is 1 ms at p99.
             wake_seconds: Histogram::new(exponential_buckets(20e-6, 1.25, 36)),
+            nats_connected: Gauge::default(),
+            nats_reconnects: Counter::default(),
+            cluster_feeds: Gauge::default(),
+            cluster_gap_events: Counter::default(),
+            cluster_lag_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 18)),
+            nats_round_trips: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(25e-6, 2.0, 18))
+            }),
             hibernations: Family::default(),
             events_replayed: Counter::default(),
             event_frames_too_large: Counter::default(),
@@ -273,6 +293,36 @@ impl Metrics {
             m.guest_faults.clone(),
         );
         registry.register(
+            "nats_connected",
+            "Cluster mode: 1 while the NATS connection is up",
+            m.nats_connected.clone(),
+        );
+        registry.register(
+            "nats_reconnects",
+            "Cluster mode: NATS connections re-established after a loss",
+            m.nats_reconnects.clone(),
+        );
+        registry.register(
+            "nats_round_trip_seconds",
+            "Cluster mode: NATS request round trips, by operation (publish, get)",
+            m.nats_round_trips.clone(),
+        );
+        registry.register(
+            "cluster_feeds",
+            "Cluster mode: identities this node subscribes to",
+            m.cluster_feeds.clone(),
+        );
+        registry.register(
+            "cluster_gap_events",
+            "Cluster mode: events fetched from the stream because live delivery skipped them",
+            m.cluster_gap_events.clone(),
+        );
+        registry.register(
+            "cluster_lag_seconds",
+            "Cluster mode: from the stream storing an event to this node queueing it",
+            m.cluster_lag_seconds.clone(),
+        );
+        registry.register(
             "refusals",
             "Connections or requests refused, by reason",
             m.refusals.clone(),
@@ -293,6 +343,12 @@ impl Metrics {
         self.hibernations
             .get_or_create(&vec![("result", result)])
             .inc();
+    }
+
+    pub fn nats_round_trip(&self, op: &'static str, seconds: f64) {
+        self.nats_round_trips
+            .get_or_create(&vec![("op", op)])
+            .observe(seconds);
     }
 
     pub fn guest_compile(&self, result: &'static str) {

@@ -10,12 +10,15 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::Identity;
+use crate::cluster::Cluster;
+use crate::cluster::feed::Feed;
 use crate::config::Limits;
 use crate::event_log::{Appended, EventLog, event_bytes};
 use crate::metrics::Metrics;
@@ -107,6 +110,9 @@ pub enum Refused {
 #[derive(Default)]
 struct UserRoutes {
     sessions: Vec<Route>,
+    /// Cluster mode: the subscription bringing this identity's events to this node, held
+    /// while it has sessions here.
+    feed: Option<Feed>,
 }
 
 pub struct Router {
@@ -120,6 +126,12 @@ pub struct Router {
     log: Arc<dyn EventLog>,
     /// Bytes of events queued to all sessions and not yet taken: the node's backlog.
     queued: AtomicUsize,
+    /// Cluster mode: events come from the stream through per-identity feeds instead of
+    /// from [`Router::publish`].
+    cluster: OnceLock<Arc<Cluster>>,
+    /// Numbers feeds, so a feed that outlived its identity's routes cannot deliver to
+    /// sessions registered after it.
+    feeds_opened: AtomicU64,
 }
 
 impl std::fmt::Debug for Router {
@@ -136,9 +148,23 @@ pub struct Mailbox {
     connection_id: Arc<str>,
     events: mpsc::Receiver<Arc<Event>>,
     queue: Arc<QueueState>,
+    /// Cluster mode: whether the identity's feed on this node is live.
+    feed_ready: Option<watch::Receiver<bool>>,
 }
 
 impl Mailbox {
+    /// Cluster mode: waits until the identity's feed delivers events stored from now on;
+    /// false if it is not ready in `limit`. Immediately true otherwise.
+    pub async fn feed_ready(&mut self, limit: Duration) -> bool {
+        let Some(ready) = &mut self.feed_ready else {
+            return true;
+        };
+        matches!(
+            tokio::time::timeout(limit, ready.wait_for(|ready| *ready)).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// The next event, or why the router closed this queue. Once closed, events still
     /// queued are not handed out: the session ends now.
     pub async fn recv(&mut self) -> Result<Arc<Event>, Closed> {
@@ -190,7 +216,19 @@ impl Router {
             shut_down: AtomicBool::new(false),
             log,
             queued: AtomicUsize::new(0),
+            cluster: OnceLock::new(),
+            feeds_opened: AtomicU64::new(0),
         }
+    }
+
+    /// Cluster mode from now on: sessions get their events through feeds from `cluster`.
+    /// Set once, before the node serves.
+    pub fn join(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
     }
 
     /// The log events are appended to and resumes read from.
@@ -228,6 +266,13 @@ impl Router {
         if routes.sessions.len() >= self.per_user {
             return Err(Refused::UserLimit(routes.sessions.len()));
         }
+        if let Some(cluster) = self.cluster.get()
+            && routes.feed.is_none()
+        {
+            let generation = self.feeds_opened.fetch_add(1, Ordering::Relaxed) + 1;
+            routes.feed = Some(cluster.open_feed(identity, generation, Arc::downgrade(self)));
+        }
+        let feed_ready = routes.feed.as_ref().map(|f| f.ready.clone());
         routes.sessions.push(Route {
             connection_id: connection_id.clone(),
             sid: sid.map(Into::into),
@@ -241,6 +286,7 @@ impl Router {
             connection_id,
             events: rx,
             queue,
+            feed_ready,
         })
     }
 
@@ -300,42 +346,64 @@ impl Router {
             }
         };
         let seq = event.seq;
-        let size = event_bytes(&event);
-        let mut queued = 0;
-        let mut overflows = 0;
-        if let Some(routes) = routes {
-            routes.sessions.retain(|route| {
-                // Counted before it is sent: the session may take it (and subtract) at once.
-                let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
-                self.queued.fetch_add(size, Ordering::Relaxed);
-                let sent = before + size <= self.queue_bytes
-                    && route.events.try_send(event.clone()).is_ok();
-                if sent {
-                    queued += 1;
-                    return true;
-                }
-                route.queue.bytes.fetch_sub(size, Ordering::Relaxed);
-                self.queued.fetch_sub(size, Ordering::Relaxed);
-                // Full (or the session is already ending): never block the publisher or the
-                // identity's other sessions, and never drop silently. The queue closes, the
-                // route goes (dropping the sender wakes the session), and the session closes
-                // with the slow-client code so the client can reconnect and resume.
-                route.queue.close(Closed::Overflow);
-                overflows += 1;
-                false
-            });
-        }
-        drop(shard); // the counters need no lock
+        let queued = match routes {
+            Some(routes) => self.fan_out(routes, &event),
+            None => 0,
+        };
+        drop(shard);
         self.metrics.events_published.inc();
-        self.metrics.events_routed.inc_by(queued as u64);
-        if overflows > 0 {
-            self.metrics.queue_overflows.inc_by(overflows);
-        }
         Receipt {
             seq,
             sessions: queued,
             duplicate: false,
         }
+    }
+
+    /// Cluster mode: queues an event from the identity's feed to its sessions here. False
+    /// when the feed is no longer wanted (no sessions left, or a newer feed took over).
+    pub fn deliver(&self, identity: &Identity, generation: u64, event: Arc<Event>) -> bool {
+        let mut shard = lock(self.shard(identity));
+        let Some(routes) = shard
+            .get_mut(identity)
+            .filter(|r| r.feed.as_ref().is_some_and(|f| f.generation == generation))
+        else {
+            return false;
+        };
+        self.fan_out(routes, &event);
+        true
+    }
+
+    /// Queues the event to each of the identity's sessions; returns to how many. A session
+    /// whose queue is full is told to close as a slow client.
+    fn fan_out(&self, routes: &mut UserRoutes, event: &Arc<Event>) -> usize {
+        let size = event_bytes(event);
+        let mut queued = 0;
+        let mut overflows = 0;
+        routes.sessions.retain(|route| {
+            // Counted before it is sent: the session may take it (and subtract) at once.
+            let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
+            self.queued.fetch_add(size, Ordering::Relaxed);
+            let sent =
+                before + size <= self.queue_bytes && route.events.try_send(event.clone()).is_ok();
+            if sent {
+                queued += 1;
+                return true;
+            }
+            route.queue.bytes.fetch_sub(size, Ordering::Relaxed);
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            // Full (or the session is already ending): never block the publisher or the
+            // identity's other sessions, and never drop silently. The queue closes, the
+            // route goes (dropping the sender wakes the session), and the session closes
+            // with the slow-client code so the client can reconnect and resume.
+            route.queue.close(Closed::Overflow);
+            overflows += 1;
+            false
+        });
+        self.metrics.events_routed.inc_by(queued as u64);
+        if overflows > 0 {
+            self.metrics.queue_overflows.inc_by(overflows);
+        }
+        queued
     }
 
     /// How many identities have live sessions, and the `top` ones with the most.

@@ -40,6 +40,9 @@ pub mod close_code {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const GUEST_FAULT: u16 = 1011;
+    /// Cluster mode: the event log (NATS JetStream) did not answer in time; reconnect with
+    /// `since` shortly.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const SLOW_CLIENT: u16 = 4000;
     /// An operator closed the session (`POST /v1/disconnect`): do not reconnect with the
     /// same token.
@@ -149,6 +152,15 @@ fn admit(
         })?),
     };
 
+    if let Some(trouble) = app.router.cluster().and_then(|c| c.trouble()) {
+        return Err(refuse(
+            "event_log_unavailable",
+            user,
+            ApiError::unavailable(format!(
+                "the event log is unavailable ({trouble}); retry shortly"
+            )),
+        ));
+    }
     let permit = app.admission.try_admit().ok_or_else(|| {
         refuse(
             "node_full",
@@ -230,6 +242,8 @@ enum End {
     ForeignRefresh,
     /// An operator closed it (`POST /v1/disconnect`).
     Disconnected,
+    /// Cluster mode: the event log did not answer (a feed or a resume).
+    LogUnavailable,
     TooBig,
     InvalidUtf8,
     Transport,
@@ -248,6 +262,7 @@ impl End {
             End::RateLimited => "rate_limited",
             End::ForeignRefresh => "foreign_refresh",
             End::Disconnected => "disconnected",
+            End::LogUnavailable => "event_log_unavailable",
             End::TooBig => "message_too_big",
             End::InvalidUtf8 => "invalid_utf8",
             End::Transport => "transport",
@@ -271,6 +286,10 @@ impl End {
             End::RateLimited => (POLICY, "message rate exceeded".into()),
             End::ForeignRefresh => (POLICY, "refresh token is for another user".into()),
             End::Disconnected => (DISCONNECTED, "disconnected".into()),
+            End::LogUnavailable => (
+                TRY_AGAIN_LATER,
+                "event log unavailable; reconnect with since".into(),
+            ),
             End::TooBig => (TOO_BIG, "message too big".into()),
             End::InvalidUtf8 => (INVALID_PAYLOAD, "invalid UTF-8 in text frame".into()),
             End::Fault(f) if f.is_policy() => (POLICY, format!("policy violation: {}", f.as_str())),
@@ -284,7 +303,7 @@ impl End {
             End::Idle => CloseReason::Idle,
             // Its credentials no longer hold, as at expiry (the world has no other word).
             End::TokenExpired | End::Disconnected => CloseReason::TokenExpired,
-            End::Shutdown => CloseReason::Shutdown,
+            End::Shutdown | End::LogUnavailable => CloseReason::Shutdown,
             End::SlowClient => CloseReason::SlowClient,
             End::DeadPeer => CloseReason::Client,
             End::RateLimited
@@ -452,6 +471,13 @@ impl Session {
         }));
         tokio::pin!(expiry, idle_timer, hibernate_timer);
 
+        // Cluster mode: the welcome waits until this node receives the identity's events,
+        // so every event stored after it reaches the client.
+        if let Some(cluster) = self.app.router.cluster()
+            && !self.mailbox.feed_ready(cluster.subscribe_timeout).await
+        {
+            return End::LogUnavailable;
+        }
         // Events queued since registration wait until `init` has run.
         let ctx = self.ctx.clone();
         if let Err(end) = self.call(|h| h.init(&ctx)).await {
@@ -537,7 +563,13 @@ impl Session {
     /// replay already covered are skipped there. Never a partial replay: when the log cannot
     /// prove it holds everything after `since`, nothing is replayed and the frame says why.
     async fn resume(&mut self, since: u64) -> Result<(), End> {
-        let replay = self.app.router.log().read(&self.identity, since);
+        let replay = match self.app.router.cluster() {
+            Some(cluster) => cluster.read(&self.identity, since).await.map_err(|e| {
+                tracing::warn!(error = %e, "resume: cannot read the event log");
+                End::LogUnavailable
+            })?,
+            None => self.app.router.log().read(&self.identity, since),
+        };
         let metrics = &self.app.metrics;
         metrics.resume(replay.recovered);
         metrics.events_replayed.inc_by(replay.events.len() as u64);

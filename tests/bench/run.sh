@@ -17,12 +17,17 @@
 #             the same connections live; a 90/10 blend (10 % of the connections receive
 #             events, 90 % stay hibernated) against the same blend live and on the Node.js
 #             peer; wake-up time from the gateway's gateway_wake_seconds histogram
-#   multi     100,000 connections across several gateway processes, if time allows
+#   cluster   cluster mode on a local nats-server (JetStream): the same delivery run against
+#             one embedded-mode gateway, one cluster-mode gateway, and two cluster-mode
+#             gateways each publishing to the other's users; publish-ack latency from the
+#             gateway's histogram; a resume storm read from the stream
+#   multi     100,000 connections across several gateway processes, if time allows; in
+#             cluster mode (one nats-server) when nats-server is installed
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (900, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
 # numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
-# subset of: density storm delivery native resume tls startup peer hibernate multi).
+# subset of: density storm delivery native resume tls startup peer hibernate cluster multi).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -32,7 +37,7 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-900}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume tls startup peer hibernate multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume tls startup peer hibernate cluster multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
@@ -41,6 +46,7 @@ NATIVE=$ROOT/target/release/gateway-bench-native
 LOADGEN=$ROOT/target/release/loadgen
 SANDBOX_CALLS=$ROOT/target/release/sandbox_calls
 RESUME_STORM=$ROOT/target/release/resume_storm
+NATS_SERVER=${NATS_SERVER:-$ROOT/target/tools/nats/bin/nats-server}
 GUEST=$ROOT/target/components/handler.wasm
 OUT=$ROOT/target/bench
 LOGS=$OUT/logs
@@ -58,6 +64,8 @@ if [[ $QUICK == 1 ]]; then
     MULTI_PER_GATEWAY=200
     RESUME_CLIENTS=200
     RESUME_USERS=40
+    CLUSTER_CONNECTIONS=200
+    CLUSTER_USERS=40
 else
     DENSITY_POINTS=(1000 5000 10000)
     STORM_CONNECTIONS=5000
@@ -69,6 +77,8 @@ else
     MULTI_PER_GATEWAY=16667
     RESUME_CLIENTS=10000
     RESUME_USERS=2000
+    CLUSTER_CONNECTIONS=5000
+    CLUSTER_USERS=1000
 fi
 RESUME_MISSED=20
 DELIVERY_BATCH=100
@@ -429,6 +439,18 @@ fi
 
 # ---------------------------------------------------------------------------------------
 # Resume storm: every client reconnects at once with ?since= after missing a burst.
+# resume_storm LABEL PORT: the storm against the gateway on PORT, JSON to $OUT/LABEL.json.
+resume_storm() {
+    local label=$1 port=$2 ips
+    # Each client connects twice: twice the source addresses of one loadgen run.
+    ips=$(($(source_ips_for "$RESUME_CLIENTS") * 2))
+    "$RESUME_STORM" --addr "127.0.0.1:$port" --clients "$RESUME_CLIENTS" \
+        --users "$RESUME_USERS" --missed "$RESUME_MISSED" \
+        --source-ips "$ips" --source-ip-offset "$SRC_NEXT" --json "$OUT/$label.json" \
+        >"$LOGS/$label.out" 2>"$LOGS/$label.err" ||
+        note "resume_storm $label failed (see target/bench/logs/$label.out and .err)"
+    SRC_NEXT=$((SRC_NEXT + ips))
+}
 if has resume; then
     for run in $(seq 1 "$RUNS"); do
         label=resume-r$run
@@ -437,14 +459,7 @@ if has resume; then
             note "$label: the gateway did not start; run skipped"
             continue
         fi
-        # Each client connects twice: twice the source addresses of one loadgen run.
-        ips=$(($(source_ips_for "$RESUME_CLIENTS") * 2))
-        "$RESUME_STORM" --addr "127.0.0.1:$GW_PORT" --clients "$RESUME_CLIENTS" \
-            --users "$RESUME_USERS" --missed "$RESUME_MISSED" \
-            --source-ips "$ips" --source-ip-offset "$SRC_NEXT" --json "$OUT/$label.json" \
-            >"$LOGS/$label.out" 2>"$LOGS/$label.err" ||
-            note "resume_storm $label failed (see target/bench/logs/$label.out and .err)"
-        SRC_NEXT=$((SRC_NEXT + ips))
+        resume_storm "$label" "$GW_PORT"
         stop_gateway "$GW_PID" "$label"
     done
 fi
@@ -589,6 +604,112 @@ if has hibernate; then
 fi
 
 # ---------------------------------------------------------------------------------------
+# Cluster mode: gateways sharing one JetStream stream on a local nats-server.
+# start_nats LABEL: a fresh single server with JetStream. Sets NATS_PID and NATS_URL.
+start_nats() {
+    local label=$1 port i store=$OUT/nats-store-$1
+    port=$(free_port)
+    rm -rf "$store"
+    mkdir -p "$store"
+    "$NATS_SERVER" -js -a 127.0.0.1 -p "$port" -sd "$store" >"$LOGS/$label.nats.log" 2>&1 &
+    NATS_PID=$!
+    GW_PIDS+=("$NATS_PID")
+    NATS_URL=nats://127.0.0.1:$port
+    for i in $(seq 1 100); do
+        grep -q "Server is ready" "$LOGS/$label.nats.log" 2>/dev/null && return 0
+        kill -0 "$NATS_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "nats-server $label did not start"
+    return 1
+}
+stop_nats() { # stop_nats LABEL
+    kill -TERM "$NATS_PID" 2>/dev/null || true
+    wait "$NATS_PID" 2>/dev/null || true
+    forget_pid "$NATS_PID"
+    rm -rf "$OUT/nats-store-$1"
+}
+scrape() { curl -s "http://127.0.0.1:$1/metrics" >"$OUT/$2.metrics" || true; }
+if has cluster && [[ ! -x $NATS_SERVER ]]; then
+    note "cluster scenario not run: no nats-server at $NATS_SERVER (make nats installs it)"
+elif has cluster; then
+    cluster_args=(--connections "$CLUSTER_CONNECTIONS" --users "$CLUSTER_USERS" --max-inflight 128
+        --batch "$DELIVERY_BATCH" --publishers "$DELIVERY_PUBLISHERS" --publish-max
+        --publish-secs "$PUBLISH_SECS" --drain-secs 5 --max-secs 120)
+    for run in $(seq 1 "$RUNS"); do
+        log "cluster: embedded-mode gateway, $CLUSTER_CONNECTIONS connections, run $run"
+        one_run "cluster-embedded-r$run" "$GATEWAY" "" "${cluster_args[@]}"
+
+        log "cluster: one cluster-mode gateway, run $run"
+        label=cluster-1node-r$run
+        if start_nats "$label" && GATEWAY_CLUSTER__NATS_URL=$NATS_URL start_gateway "$label" "$GATEWAY"; then
+            pid=$GW_PID port=$GW_PORT
+            run_loadgen "$label" "$pid" "$port" "${cluster_args[@]}"
+            scrape "$port" "$label"
+            stop_gateway "$pid" "$label"
+        else
+            note "$label: nats-server or the gateway did not start"
+        fi
+        stop_nats "$label"
+
+        # Two nodes, each holding half the users and publishing to the other's: every
+        # event crosses from one node through the stream to the other.
+        log "cluster: two cluster-mode gateways, cross-node publishing, run $run"
+        label=cluster-2node-r$run
+        if start_nats "$label" &&
+            GATEWAY_CLUSTER__NATS_URL=$NATS_URL start_gateway "cluster-2node-a-r$run" "$GATEWAY" &&
+            pid_a=$GW_PID port_a=$GW_PORT &&
+            GATEWAY_CLUSTER__NATS_URL=$NATS_URL start_gateway "cluster-2node-b-r$run" "$GATEWAY"; then
+            pid_b=$GW_PID port_b=$GW_PORT
+            ips=$(source_ips_for "$CLUSTER_CONNECTIONS")
+            lg=()
+            for side in a b; do
+                if [[ $side == a ]]; then
+                    me=$port_a other=$port_b mypid=$pid_a offset=0
+                else
+                    me=$port_b other=$port_a mypid=$pid_b offset=$CLUSTER_USERS
+                fi
+                "$LOADGEN" --url "ws://127.0.0.1:$me" --publish-to "ws://127.0.0.1:$other" \
+                    --server-pid "$mypid" --json "$OUT/cluster-2node-$side-r$run.json" \
+                    --user-offset "$offset" --source-ips "$ips" --source-ip-offset "$SRC_NEXT" \
+                    "${cluster_args[@]}" >"$LOGS/cluster-2node-$side-r$run.loadgen.out" \
+                    2>"$LOGS/cluster-2node-$side-r$run.loadgen.err" &
+                lg+=($!)
+                LG_PIDS+=($!)
+                SRC_NEXT=$((SRC_NEXT + ips))
+            done
+            for p in "${lg[@]}"; do
+                wait "$p" || note "loadgen of $label exited with an error (see target/bench/logs/cluster-2node-*-r$run.loadgen.err)"
+                forget_pid "$p"
+            done
+            for side in a b; do
+                [[ -f $OUT/cluster-2node-$side-r$run.json ]] &&
+                    python3 "$ROOT/tests/bench/summarize.py" --line "$OUT/cluster-2node-$side-r$run.json" |
+                    sed "s/^/[bench] cluster-2node-$side-r$run: /" >&2
+            done
+            scrape "$port_a" "cluster-2node-a-r$run"
+            scrape "$port_b" "cluster-2node-b-r$run"
+            stop_gateway "$pid_a" "cluster-2node-a-r$run"
+            stop_gateway "$pid_b" "cluster-2node-b-r$run"
+        else
+            note "$label: nats-server or a gateway did not start"
+        fi
+        stop_nats "$label"
+
+        label=cluster-resume-r$run
+        log "cluster: resume storm from JetStream, $RESUME_CLIENTS clients, run $run"
+        if start_nats "$label" && GATEWAY_CLUSTER__NATS_URL=$NATS_URL start_gateway "$label" "$GATEWAY"; then
+            resume_storm "$label" "$GW_PORT"
+            scrape "$GW_PORT" "$label"
+            stop_gateway "$GW_PID" "$label"
+        else
+            note "$label: nats-server or the gateway did not start"
+        fi
+        stop_nats "$label"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
 # 100,000 connections on the machine: several gateways, one loadgen process each (disjoint
 # users and source addresses), all held open together; totals sampled while they are.
 multi_skip() {
@@ -602,9 +723,16 @@ run_multi() {
     local k pids=() ports=() lgs=() label release=$OUT/multi.release
     local total_target=$((MULTI_GATEWAYS * MULTI_PER_GATEWAY))
     rm -f "$release"
+    # Nodes of one cluster when nats-server is at hand: each holds a live subscription per
+    # user it has connections of.
+    local cluster_url=""
+    if [[ -x $NATS_SERVER ]] && start_nats multi; then
+        cluster_url=$NATS_URL
+    fi
     for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
         # Live, as the density points: idle ones would hibernate after 30 s of the hold.
-        if ! GATEWAY_LIMITS__HIBERNATE_AFTER_SECS=0 start_gateway "multi-g$k" "$GATEWAY"; then
+        if ! GATEWAY_LIMITS__HIBERNATE_AFTER_SECS=0 GATEWAY_CLUSTER__NATS_URL=$cluster_url \
+            start_gateway "multi-g$k" "$GATEWAY"; then
             note "multi: gateway $k did not start"
             return 1
         fi
@@ -670,8 +798,15 @@ run_multi() {
     # One more sample with everything connected, then release the holds.
     sleep 2
     sample ge
-    local mem_avail
+    local mem_avail feeds=0 f nats_rss=0
     mem_avail=$(awk '/^MemAvailable:/{print $2}' /proc/meminfo)
+    for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
+        f=$(curl -s "http://127.0.0.1:${ports[$k]}/metrics" | awk '$1=="gateway_cluster_feeds"{print $2}')
+        feeds=$((feeds + ${f:-0}))
+    done
+    if [[ -n $cluster_url ]]; then
+        nats_rss=$(awk '/^VmRSS:/{print $2}' "/proc/$NATS_PID/status" 2>/dev/null || echo 0)
+    fi
     touch "$release"
     local rcs=()
     for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
@@ -684,10 +819,11 @@ run_multi() {
     for k in $(seq 0 $((MULTI_GATEWAYS - 1))); do
         stop_gateway "${pids[$k]}" "multi-g$k"
     done
+    [[ -n $cluster_url ]] && stop_nats multi
     python3 - "$OUT/multi.json" "$OUT/multi.peak" "$total_target" "$peak" "$peak_rss" "$peak_at" \
-        "$mem_avail" "${rcs[*]}" <<'EOF'
+        "$mem_avail" "${rcs[*]}" "$feeds" "$nats_rss" "${cluster_url:+1}" <<'EOF'
 import json, sys
-out, peak_file, target, peak, peak_rss, peak_at, mem_avail, rcs = sys.argv[1:]
+out, peak_file, target, peak, peak_rss, peak_at, mem_avail, rcs, feeds, nats_rss, cluster = sys.argv[1:]
 per = []
 for item in open(peak_file).read().split()[1:]:
     live, rss = item.split(":")
@@ -701,6 +837,9 @@ json.dump({
     "mem_available_kib_at_peak": int(mem_avail),
     "gateways": per,
     "loadgen_exit_codes": [int(r) for r in rcs.split()],
+    "cluster": cluster == "1",
+    "cluster_feeds": int(feeds),
+    "nats_rss_kib": int(nats_rss),
 }, open(out, "w"), indent=2)
 EOF
     log "multi: peak $peak connections at the same time, total gateway RSS ${peak_rss} KiB"

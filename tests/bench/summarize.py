@@ -325,6 +325,11 @@ def multi_section(out, findings):
         "In the total row, RSS/conn is the whole RSS of all gateways divided by the live "
         "connections (baseline included).",
     ]
+    if multi.get("cluster"):
+        text += ["", f"The gateways were nodes of one cluster (one local nats-server with "
+                 f"JetStream): at the peak they held {num(multi.get('cluster_feeds'))} live "
+                 f"subscriptions, one per user per node (`gateway_cluster_feeds`); "
+                 f"nats-server's RSS was {num(multi.get('nats_rss_kib', 0) / 1024, 1)} MiB."]
     failures = {}
     for r in reports:
         if r:
@@ -920,25 +925,121 @@ def peer_section(out):
     ]) + "\n"
 
 
-def histogram_quantiles(path, name, qs):
+def histogram_quantiles(path, name, qs, label=None):
     """Quantiles (upper bucket bounds, seconds) of a Prometheus histogram in a /metrics dump,
-    and its count; (None..., 0) when absent."""
+    and its count; (None..., 0) when absent. `label` (e.g. 'op="publish"') picks one series."""
     buckets = []
     try:
         text = open(path).read()
     except OSError:
         return [None for _ in qs], 0
     for line in text.splitlines():
-        m = re.match(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', line)
-        if m:
-            le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
-            buckets.append((le, float(m.group(2))))
+        m = re.match(rf'^{name}_bucket{{([^}}]*)}} (\S+)$', line)
+        if not m:
+            continue
+        pairs = m.group(1).split(",")
+        le = next((p[4:-1] for p in pairs if p.startswith("le=")), None)
+        others = [p for p in pairs if not p.startswith("le=")]
+        if le is None or others != ([label] if label else []):
+            continue
+        buckets.append((float("inf") if le == "+Inf" else float(le), float(m.group(2))))
     buckets.sort()
     total = buckets[-1][1] if buckets else 0
     out = []
     for q in qs:
         out.append(next((le for le, c in buckets if total and c >= q * total), None))
     return out, int(total)
+
+
+def metric_files(out, prefix):
+    return sorted(glob.glob(os.path.join(out, f"{prefix}-r*.metrics")), key=lambda p: run_number(p[:-8] + ".json"))
+
+
+def cluster_section(out, findings):
+    embedded = runs(out, "cluster-embedded")
+    one = runs(out, "cluster-1node")
+    two = runs(out, "cluster-2node-a") + runs(out, "cluster-2node-b")
+    if not (embedded or one or two):
+        return "## 10. Cluster mode (NATS JetStream)\n\nNot run.\n"
+    def row(name, reports):
+        return [
+            name,
+            med_runs(reports, "events_published_per_sec"),
+            med_runs(reports, "events_per_sec"),
+            med_runs(reports, ("latency_ms", "p50"), 2),
+            med_runs(reports, ("latency_ms", "p99"), 2),
+            num(sum_of(reports, "losses")),
+            num(sum_of(reports, "misdeliveries")),
+            num(sum_of(reports, "publish_errors")),
+            num(cpu(reports, "server", "publish")),
+        ]
+    rows = [row("embedded log, 1 gateway", embedded),
+            row("cluster, 1 gateway", one),
+            row("cluster, 2 gateways (per gateway, cross-node)", two)]
+    base = med(embedded, "events_per_sec")
+    base_p99 = med(embedded, "latency_ms", "p99")
+    ratios = []
+    for label, reports in (("1 gateway", one), ("2 gateways, per gateway", two)):
+        rate = med(reports, "events_per_sec")
+        p99 = med(reports, "latency_ms", "p99")
+        if base and rate:
+            ratios.append(f"- cluster mode, {label}: {num(rate / base * 100, 1)} % of the embedded "
+                          f"delivery rate; p99 {num(p99, 2)} ms against {num(base_p99, 2)} ms "
+                          f"(target: within 20 %: {verdict(rate >= 0.8 * base)})")
+    findings["cluster_ratio"] = (med(one, "events_per_sec") or 0) / base if base else None
+    acks = []
+    for prefix in ("cluster-1node", "cluster-2node-a", "cluster-2node-b"):
+        for path in metric_files(out, prefix):
+            (p50, p99, p999), count = histogram_quantiles(
+                path, "gateway_nats_round_trip_seconds", (0.5, 0.99, 0.999), label='op="publish"')
+            lag, lag_count = histogram_quantiles(path, "gateway_cluster_lag_seconds", (0.5, 0.99))
+            if count:
+                acks.append([os.path.basename(path)[:-8], num(count),
+                             num(p50 * 1000 if p50 else None, 3), num(p99 * 1000 if p99 else None, 3),
+                             num(p999 * 1000 if p999 else None, 3),
+                             num(lag[0] * 1000 if lag[0] else None, 3),
+                             num(lag[1] * 1000 if lag[1] else None, 3)])
+    resumes = runs(out, "cluster-resume")
+    embedded_resumes = runs(out, "resume")
+    resume_rows = []
+    for name, reports in (("embedded log", embedded_resumes), ("JetStream", resumes)):
+        if reports:
+            resume_rows.append([name, med_runs(reports, "recovered"), med_runs(reports, "failures"),
+                                med_runs(reports, "storm_secs", 2), med_runs(reports, ("recover_ms", "p50"), 1),
+                                med_runs(reports, ("recover_ms", "p99"), 1)])
+    first = (one or embedded or two)[0]
+    text = [
+        "## 10. Cluster mode (NATS JetStream)",
+        "",
+        f"One nats-server 2.15 with JetStream (file storage) on the same machine. Each run: "
+        f"{first.get('connections_requested', 0):,} connections of {first.get('users', 0):,} users per gateway, "
+        "batches of 100 published as fast as they are taken. *embedded*: one gateway with the "
+        "in-process log; *cluster, 1 gateway*: the same with the stream (publish, then the "
+        "node's feeds bring each event back); *cluster, 2 gateways*: each gateway holds half "
+        "the users and its load generator publishes to the other gateway, so every event "
+        "crosses nodes through the stream. nats-server, the gateways and the load generators "
+        "share the 2 cores.",
+        "",
+        table(["mode", "published /s", "delivered /s", "p50 ms", "p99 ms", "losses",
+               "misdeliveries", "publish errors", "server CPU %"], rows),
+        "",
+        *ratios,
+        "",
+        "Publish acknowledgement (the gateway's `gateway_nats_round_trip_seconds{op=\"publish\"}`, "
+        "from sending an event to the stream's answer; batch events are sent together) and "
+        "lag (`gateway_cluster_lag_seconds`, from the publishing node sending an event to a node "
+        "queueing it to its sessions), upper bucket bounds:",
+        "",
+        table(["run", "acks", "ack p50 ms", "ack p99 ms", "ack p99.9 ms", "lag p50 ms", "lag p99 ms"], acks)
+        if acks else "No publish acknowledgements recorded.",
+        "",
+        "Resume storm (the `resume` scenario's storm), from the embedded log and from JetStream "
+        "(each resume: one direct get per event, plus two to check the position):",
+        "",
+        table(["log", "recovered", "failures", "storm s", "p50 ms", "p99 ms"], resume_rows)
+        if resume_rows else "Not run.",
+    ]
+    return "\n".join(text) + "\n"
 
 
 def read_smaps(path):
@@ -1146,6 +1247,7 @@ def summarize(out):
         startup_section(out),
         peer_section(out),
         hibernate_section(out, findings),
+        cluster_section(out, findings),
     ]
     plot_data(out, findings)
     return "\n".join([

@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod browser;
+pub mod nats;
 
 /// Paths of the guest components `build.rs` built.
 pub mod guests {
@@ -89,6 +90,11 @@ impl TestGateway {
         };
         let ops_addr = ops.as_ref().map(|l| l.local_addr().unwrap());
         let state = AppState::new(config).expect("gateway starts");
+        // Cluster mode: joined before the first client can connect.
+        state
+            .join_cluster()
+            .await
+            .expect("gateway joins the cluster");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway::serve_with_ops(
             listener,
@@ -233,6 +239,20 @@ impl Drop for TestGateway {
             task.abort();
         }
     }
+}
+
+/// A child's stderr as lines on a channel, read by a thread of their own, so that every wait
+/// on them can have a bound and the child never blocks on a full pipe.
+pub fn log_lines(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    lines
 }
 
 pub fn claims(user: &str) -> Claims {

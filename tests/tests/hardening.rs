@@ -437,16 +437,7 @@ fn sighup_without_a_key_set_keeps_the_binary_running() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Lines of the log arrive on a channel, so that every wait below has a bound.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = gateway_tests::log_lines(child.stderr.take().unwrap());
     let wait_for = |what: &str| {
         let deadline = std::time::Instant::now() + WAIT;
         loop {

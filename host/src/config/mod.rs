@@ -41,6 +41,7 @@ pub struct Config {
     pub limits: Limits,
     pub history: History,
     pub tls: TlsConfig,
+    pub cluster: ClusterConfig,
     /// Development mode (`serve --dev` only, never from a file or the environment): serves
     /// the demo page at `/` and `/dev/token`, which mints a token for anyone who asks.
     #[serde(skip)]
@@ -70,6 +71,105 @@ impl Default for TlsConfig {
             handshake_timeout_secs: 10,
             reload_poll_secs: 10,
         }
+    }
+}
+
+/// Cluster mode: any number of gateway nodes share one event log, a NATS JetStream stream.
+/// Off unless `nats_url` is set; the embedded in-process log serves otherwise. In cluster
+/// mode `[history]` bounds the stream: `max_events_per_user` is its per-subject message
+/// limit, `max_age_secs` its age, `idempotency_window_secs` its duplicate window, and
+/// `max_replay_events` bounds a resume as before.
+#[derive(Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs, comma-separated (`nats://host:4222,nats://other:4222`). Set: cluster
+    /// mode.
+    pub nats_url: Option<String>,
+    /// The JetStream stream holding every identity's events; created, or updated to these
+    /// settings, at start-up.
+    pub stream: String,
+    /// First token of the stream's subjects: events are stored on `<prefix>.ev.<tenant>.<user>`
+    /// and republished to nodes on `<prefix>.live.<tenant>.<user>`.
+    pub subject_prefix: String,
+    /// Copies of the stream JetStream keeps (1, 3 or 5; at most the servers in the NATS
+    /// cluster).
+    pub replicas: usize,
+    /// `file` (kept across NATS restarts) or `memory`.
+    pub storage: ClusterStorage,
+    /// Bytes the whole stream may hold; past it the oldest events of any identity go first.
+    pub max_bytes: u64,
+    /// How long a publish waits for the stream's acknowledgement, and a read for its answer;
+    /// past it the publish answers 503 and a resume closes with 1013 (retry).
+    pub request_timeout_ms: u64,
+    /// How long a new connection waits for this node's subscription to its identity's events
+    /// before it is closed with 1013 (retry).
+    pub subscribe_timeout_ms: u64,
+    /// A NATS credentials file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// A NATS authentication token.
+    pub token: Option<String>,
+    /// PEM CA certificates to verify the NATS servers with (implies TLS).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for NATS mutual TLS (with `tls_key_file`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse NATS servers that do not speak TLS.
+    pub tls_required: bool,
+    /// This node's name on its NATS connection and in logs. Unset: the host name and port.
+    pub node_name: Option<String>,
+}
+
+/// Where JetStream keeps the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterStorage {
+    File,
+    Memory,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_url: None,
+            stream: "GATEWAY_EVENTS".into(),
+            subject_prefix: "gateway".into(),
+            replicas: 1,
+            storage: ClusterStorage::File,
+            max_bytes: 1 << 30,
+            request_timeout_ms: 2000,
+            subscribe_timeout_ms: 5000,
+            credentials_file: None,
+            token: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
+            node_name: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("nats_url", &self.nats_url)
+            .field("stream", &self.stream)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("replicas", &self.replicas)
+            .field("storage", &self.storage)
+            .field("max_bytes", &self.max_bytes)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("subscribe_timeout_ms", &self.subscribe_timeout_ms)
+            .field("credentials_file", &self.credentials_file)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_required", &self.tls_required)
+            .field("node_name", &self.node_name)
+            .finish()
     }
 }
 
@@ -255,6 +355,7 @@ impl Default for Config {
             limits: Limits::default(),
             history: History::default(),
             tls: TlsConfig::default(),
+            cluster: ClusterConfig::default(),
             dev: false,
         }
     }
@@ -331,6 +432,7 @@ impl std::fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("history", &self.history)
             .field("tls", &self.tls)
+            .field("cluster", &self.cluster)
             .field("dev", &self.dev)
             .finish()
     }
@@ -512,6 +614,51 @@ impl Config {
                 None => ("tls.cert_file", "unset (key_file is set)".to_owned()),
             };
             return Err(bad(key, &value, "TLS needs both cert_file and key_file"));
+        }
+        let c = &self.cluster;
+        if c.nats_url.is_some() {
+            for (key, value) in [
+                ("cluster.request_timeout_ms", c.request_timeout_ms),
+                ("cluster.subscribe_timeout_ms", c.subscribe_timeout_ms),
+                ("cluster.max_bytes", c.max_bytes),
+            ] {
+                if value == 0 {
+                    return Err(bad(key, &value, "must be at least 1"));
+                }
+            }
+            if ![1, 3, 5].contains(&c.replicas) {
+                return Err(bad(
+                    "cluster.replicas",
+                    &c.replicas,
+                    "must be 1, 3 or 5: JetStream needs a majority of an odd number of copies",
+                ));
+            }
+            let token = |t: &str| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if !token(&c.subject_prefix) {
+                return Err(bad(
+                    "cluster.subject_prefix",
+                    &c.subject_prefix,
+                    "one subject token: letters, digits, '-' and '_'",
+                ));
+            }
+            if !token(&c.stream) {
+                return Err(bad(
+                    "cluster.stream",
+                    &c.stream,
+                    "a stream name: letters, digits, '-' and '_'",
+                ));
+            }
+            if c.tls_cert_file.is_some() != c.tls_key_file.is_some() {
+                return Err(bad(
+                    "cluster.tls_key_file",
+                    &"one of tls_cert_file and tls_key_file",
+                    "NATS client TLS needs both",
+                ));
+            }
         }
         if l.max_payload_depth > 100 {
             return Err(bad(

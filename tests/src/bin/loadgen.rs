@@ -136,6 +136,10 @@ struct Args {
     /// where 10 % of the connections are active.
     #[arg(long, default_value_t = 0)]
     active_users: u64,
+    /// Publish to this node (`ws://host:port`, as --url) instead of the one connected to:
+    /// in cluster mode, events then cross from one node to another through the stream.
+    #[arg(long)]
+    publish_to: Option<String>,
     /// Events per second to publish in total; 0 publishes nothing.
     #[arg(long, default_value_t = 0)]
     publish_rate: u64,
@@ -230,7 +234,10 @@ fn prepare(args: Args) -> anyhow::Result<Plan> {
     if args.secret.len() < 32 {
         eprintln!("note: the secret is shorter than 32 bytes; the gateway refuses such secrets");
     }
-    let (target, ws_url, publish_url) = parse_url(&args.url)?;
+    let (target, ws_url, mut publish_url) = parse_url(&args.url)?;
+    if let Some(other) = &args.publish_to {
+        publish_url = parse_url(other)?.2;
+    }
     let tls = tls_for(&args)?;
     if tls.is_some() && (args.publish_max || args.publish_rate > 0) {
         bail!("a wss:// run only connects: publishing over TLS is not supported by loadgen");
@@ -352,6 +359,9 @@ fn raise_nofile_limit() -> std::io::Result<u64> {
 /// cut short by `--max-secs` can still report what it measured.
 struct Stats {
     established: AtomicU64,
+    /// Established connections per user (by index within this run's users), for the
+    /// events each publish is owed when the gateway does not say (cluster mode).
+    per_user: Vec<AtomicU64>,
     connect_failures: AtomicU64,
     /// Established + failed; the connect phase ends when it reaches N.
     settled: AtomicU64,
@@ -451,9 +461,12 @@ fn histogram() -> Histogram<u64> {
 }
 
 impl Stats {
-    fn new() -> Self {
+    fn new(users_with_connections: u64) -> Self {
         Stats {
             established: AtomicU64::new(0),
+            per_user: (0..users_with_connections)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             connect_failures: AtomicU64::new(0),
             settled: AtomicU64::new(0),
             settled_changed: Notify::new(),
@@ -523,7 +536,7 @@ fn unix_micros() -> u64 {
 
 /// Runs the load under `--max-secs`, then reports. Returns the exit status.
 async fn drive(plan: Arc<Plan>) -> ExitCode {
-    let stats = Arc::new(Stats::new());
+    let stats = Arc::new(Stats::new(plan.args.users.min(plan.args.connections)));
     let wall = Instant::now();
     let own_cpu = cpu_seconds("self");
     let server_cpu = plan
@@ -827,6 +840,7 @@ async fn connection(
             let us = started.elapsed().as_micros() as u64;
             stats.connect_us.lock().unwrap().saturating_record(us);
             stats.established.fetch_add(1, Relaxed);
+            stats.per_user[user as usize].fetch_add(1, Relaxed);
             stats.settle();
             for text in early {
                 reader.on_text(&text);
@@ -1044,7 +1058,8 @@ struct BatchResponse {
 
 #[derive(Deserialize)]
 struct Receipt {
-    queued: u64,
+    /// Null in cluster mode: every node takes the event from the stream.
+    queued: Option<u64>,
 }
 
 /// Publish phase: `--publishers` tasks sharing the total rate, for `--publish-secs`.
@@ -1140,7 +1155,20 @@ async fn publisher(
         };
         match response.json::<BatchResponse>().await {
             Ok(answer) => {
-                let queued: u64 = answer.results.iter().map(|r| r.queued).sum();
+                let queued: u64 = answer
+                    .results
+                    .iter()
+                    .zip(first..)
+                    .map(|(r, n)| {
+                        r.queued.unwrap_or_else(|| {
+                            // Owed to every connection of the event's user this run holds.
+                            stats
+                                .per_user
+                                .get((n % users) as usize)
+                                .map_or(0, |c| c.load(Relaxed))
+                        })
+                    })
+                    .sum();
                 stats
                     .published
                     .fetch_add(answer.results.len() as u64, Relaxed);

@@ -1,0 +1,256 @@
+//! Live feeds: while a node holds sessions of an identity, one task subscribes to the
+//! identity's live subject and hands its events, in stream order and each once, to the
+//! router. The stream republishes each stored event with the sequence of the identity's
+//! previous one (`Nats-Last-Sequence`), so a feed sees any gap and fills it from the stream
+//! before going on: after a NATS reconnect, a slow subscription, or while a new subscription
+//! propagates through a NATS cluster.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{oneshot, watch};
+
+use super::{Cluster, Unavailable, decode, now_micros};
+use crate::auth::Identity;
+use crate::router::Router;
+use crate::sandbox::Event;
+
+/// When a new subscription looks at the stream again (see `follow`).
+const RECHECK_AFTER: Duration = Duration::from_millis(500);
+
+/// The router's handle on a feed: dropping it ends the feed and its subscription.
+#[derive(Debug)]
+pub struct Feed {
+    pub generation: u64,
+    /// True once the subscription is in place and the identity's head known: events
+    /// stored from then on reach the identity's sessions here.
+    pub ready: watch::Receiver<bool>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// Where a feed stands: the last `seq` handed to the router.
+struct Position {
+    delivered: u64,
+}
+
+/// Why a feed's subscription must be set up again.
+enum Lost {
+    /// The router no longer wants this feed.
+    Stopped,
+    Nats(Unavailable),
+}
+
+impl From<Unavailable> for Lost {
+    fn from(e: Unavailable) -> Self {
+        Lost::Nats(e)
+    }
+}
+
+impl Cluster {
+    /// Starts the feed of an identity that just got its first session on this node.
+    pub fn open_feed(
+        self: &Arc<Self>,
+        identity: &Identity,
+        generation: u64,
+        router: Weak<Router>,
+    ) -> Feed {
+        let (ready_tx, ready) = watch::channel(false);
+        let (stop_tx, stop) = oneshot::channel();
+        let cluster = self.clone();
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            cluster.metrics.cluster_feeds.inc();
+            cluster
+                .run_feed(&identity, generation, &router, ready_tx, stop)
+                .await;
+            cluster.metrics.cluster_feeds.dec();
+        });
+        Feed {
+            generation,
+            ready,
+            _stop: stop_tx,
+        }
+    }
+
+    async fn run_feed(
+        &self,
+        identity: &Identity,
+        generation: u64,
+        router: &Weak<Router>,
+        ready: watch::Sender<bool>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        let mut epoch = self.link.epoch.subscribe();
+        let mut position: Option<Position> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let outcome = tokio::select! {
+                _ = &mut stop => return,
+                outcome = self.follow(identity, generation, router, &ready, &mut epoch, &mut position) => outcome,
+            };
+            match outcome {
+                Lost::Stopped => return,
+                Lost::Nats(e) => {
+                    tracing::debug!(error = %e, "live feed interrupted; setting it up again");
+                }
+            }
+            // Until NATS is back (a new epoch) or a short while has passed.
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = epoch.changed() => {}
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Subscribes, catches up from the stream, then hands on live events until something
+    /// breaks.
+    async fn follow(
+        &self,
+        identity: &Identity,
+        generation: u64,
+        router: &Weak<Router>,
+        ready: &watch::Sender<bool>,
+        epoch: &mut watch::Receiver<u64>,
+        position: &mut Option<Position>,
+    ) -> Lost {
+        let subject = self.live_subject(identity);
+        let subscribed = async {
+            let subscriber = self
+                .client
+                .subscribe(subject)
+                .await
+                .map_err(|e| Unavailable(e.to_string()))?;
+            // The server has the subscription once it answers a ping sent after it.
+            self.client
+                .flush()
+                .await
+                .map_err(|e| Unavailable(e.to_string()))?;
+            Ok::<_, Unavailable>(subscriber)
+        };
+        let mut subscriber = match tokio::time::timeout(self.request_timeout, subscribed).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Lost::Nats(e),
+            Err(_) => return Lost::Nats(Unavailable("subscribe: no answer in time".into())),
+        };
+        epoch.mark_unchanged();
+        let head = match self.head_of(identity).await {
+            Ok(head) => head,
+            Err(e) => return Lost::Nats(e),
+        };
+        let deliver = |event: Event, at: u64| -> Result<(), Lost> {
+            let router = router.upgrade().ok_or(Lost::Stopped)?;
+            if at > 0 {
+                let lag = now_micros().saturating_sub(at) as f64 / 1e6;
+                self.metrics.cluster_lag_seconds.observe(lag);
+            }
+            match router.deliver(identity, generation, Arc::new(event)) {
+                true => Ok(()),
+                false => Err(Lost::Stopped),
+            }
+        };
+        let position = match position {
+            // A first subscription starts at the identity's head: sessions get what is
+            // stored from now on (a resuming one reads the stream itself).
+            None => position.insert(Position { delivered: head }),
+            Some(p) => p,
+        };
+        if let Err(lost) = self.fill(identity, position, head, &deliver).await {
+            return lost;
+        }
+        ready.send_replace(true);
+        // In a NATS cluster a new subscription reaches the stream's server a moment later:
+        // an event stored meanwhile is not republished to it. One look at the head shortly
+        // after finds it even if no later event comes to reveal the gap.
+        let recheck = tokio::time::sleep(RECHECK_AFTER);
+        tokio::pin!(recheck);
+        let mut rechecked = false;
+        loop {
+            tokio::select! {
+                () = &mut recheck, if !rechecked => {
+                    rechecked = true;
+                    let head = match self.head_of(identity).await {
+                        Ok(head) => head,
+                        Err(e) => return Lost::Nats(e),
+                    };
+                    if let Err(lost) = self.fill(identity, position, head, &deliver).await {
+                        return lost;
+                    }
+                }
+                message = subscriber.next() => {
+                    let Some(message) = message else {
+                        return Lost::Nats(Unavailable("subscription ended".into()));
+                    };
+                    let header = |name: &str| {
+                        message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(name))
+                            .and_then(|v| v.as_str().parse::<u64>().ok())
+                    };
+                    let (Some(seq), previous) = (header("Nats-Sequence"), header("Nats-Last-Sequence")) else {
+                        tracing::warn!("live message without a stream sequence; ignored");
+                        continue;
+                    };
+                    if seq <= position.delivered {
+                        continue;
+                    }
+                    if let Some(previous) = previous.filter(|p| *p > position.delivered)
+                        && let Err(lost) = self.fill(identity, position, previous, &deliver).await
+                    {
+                        return lost;
+                    }
+                    let Some((event, at)) = decode(seq, &message.payload) else {
+                        position.delivered = seq;
+                        continue;
+                    };
+                    if let Err(lost) = deliver(event, at) {
+                        return lost;
+                    }
+                    position.delivered = seq;
+                }
+                changed = epoch.changed() => {
+                    if changed.is_err() {
+                        return Lost::Stopped;
+                    }
+                    // Reconnected, or some subscription overflowed: whatever was missed is
+                    // in the stream.
+                    let _permit = self.catch_ups.acquire().await;
+                    let head = match self.head_of(identity).await {
+                        Ok(head) => head,
+                        Err(e) => return Lost::Nats(e),
+                    };
+                    if let Err(lost) = self.fill(identity, position, head, &deliver).await {
+                        return lost;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands on the identity's stored events after `position` up to `to`, in order.
+    async fn fill(
+        &self,
+        identity: &Identity,
+        position: &mut Position,
+        to: u64,
+        deliver: &impl Fn(Event, u64) -> Result<(), Lost>,
+    ) -> Result<(), Lost> {
+        while position.delivered < to {
+            let Some((seq, event)) = self.next_of(identity, position.delivered + 1).await? else {
+                break;
+            };
+            if seq > to {
+                break;
+            }
+            if let Some(event) = event {
+                self.metrics.cluster_gap_events.inc();
+                deliver(event, 0)?;
+            }
+            position.delivered = seq;
+        }
+        Ok(())
+    }
+}

