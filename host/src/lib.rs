@@ -167,7 +167,7 @@ impl AppState {
     /// already done. [`serve_with_ops`] calls it; call it first for a start-up error of its
     /// own.
     pub async fn join_cluster(&self) -> Result<(), StartError> {
-        if self.config.cluster.nats_url.is_none() || self.router.cluster().is_some() {
+        if self.config.cluster.nats_url().is_none() || self.router.cluster().is_some() {
             return Ok(());
         }
         let cluster = cluster::Cluster::join(

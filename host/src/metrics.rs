@@ -118,9 +118,9 @@ impl Metrics {
             nats_reconnects: Counter::default(),
             cluster_feeds: Gauge::default(),
             cluster_gap_events: Counter::default(),
-            cluster_lag_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 18)),
+            cluster_lag_seconds: Histogram::new(exponential_buckets(50e-6, 1.5, 30)),
             nats_round_trips: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(25e-6, 2.0, 18))
+                Histogram::new(exponential_buckets(25e-6, 1.5, 32))
             }),
             hibernations: Family::default(),
             events_replayed: Counter::default(),

@@ -11,10 +11,13 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{oneshot, watch};
 
-use super::{Cluster, Unavailable, decode, now_micros};
+use super::{Cluster, Unavailable, decode, now_micros, number_header};
 use crate::auth::Identity;
 use crate::router::Router;
 use crate::sandbox::Event;
+
+/// Most events one request fetches to fill a gap.
+const FILL_BATCH: u64 = 256;
 
 /// When a new subscription looks at the stream again (see `follow`).
 const RECHECK_AFTER: Duration = Duration::from_millis(500);
@@ -183,13 +186,7 @@ impl Cluster {
                     let Some(message) = message else {
                         return Lost::Nats(Unavailable("subscription ended".into()));
                     };
-                    let header = |name: &str| {
-                        message
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get(name))
-                            .and_then(|v| v.as_str().parse::<u64>().ok())
-                    };
+                    let header = |name: &str| number_header(&message, name);
                     let (Some(seq), previous) = (header("Nats-Sequence"), header("Nats-Last-Sequence")) else {
                         tracing::warn!("live message without a stream sequence; ignored");
                         continue;
@@ -239,17 +236,21 @@ impl Cluster {
         deliver: &impl Fn(Event, u64) -> Result<(), Lost>,
     ) -> Result<(), Lost> {
         while position.delivered < to {
-            let Some((seq, event)) = self.next_of(identity, position.delivered + 1).await? else {
-                break;
-            };
-            if seq > to {
+            let want = (to - position.delivered).min(FILL_BATCH) as usize;
+            let batch = self.batch(identity, position.delivered + 1, want).await?;
+            if batch.is_empty() {
                 break;
             }
-            if let Some(event) = event {
-                self.metrics.cluster_gap_events.inc();
-                deliver(event, 0)?;
+            for (seq, event) in batch {
+                if seq > to {
+                    return Ok(());
+                }
+                if let Some(event) = event {
+                    self.metrics.cluster_gap_events.inc();
+                    deliver(event, 0)?;
+                }
+                position.delivered = seq;
             }
-            position.delivered = seq;
         }
         Ok(())
     }

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, stream};
 use base64::Engine as _;
-use serde::{Deserialize, Serialize};
+use futures_util::StreamExt;
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, watch};
@@ -37,6 +38,20 @@ use crate::event_log::{NotRecovered, Replay};
 use crate::metrics::Metrics;
 use crate::router::Publication;
 use crate::sandbox::Event;
+
+/// Resume reads one node has in flight at once.
+const MAX_READS: usize = 64;
+
+/// How long a resume waits for its turn to read before it is closed with 1013.
+const READ_QUEUE_WAIT: Duration = Duration::from_secs(30);
+
+/// A stream's name: the configured one, or with many, that name and the shard's number.
+fn stream_name(base: &str, shard: usize, shards: usize) -> String {
+    match shards {
+        1 => base.to_owned(),
+        _ => format!("{base}-{shard}"),
+    }
+}
 
 /// Why the stream could not be used; publishes answer 503 with it, resumes close with 1013.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -65,6 +80,8 @@ pub struct Stored {
 #[derive(Debug)]
 struct Link {
     connected: AtomicBool,
+    /// Set when the connection is lost, until it is back.
+    lost: AtomicBool,
     /// Bumped on every (re)connection and every slow-consumer report: each feed then checks
     /// the stream for events live delivery may have skipped.
     epoch: watch::Sender<u64>,
@@ -77,11 +94,15 @@ impl Link {
             async_nats::Event::Connected => {
                 self.connected.store(true, Ordering::Release);
                 self.metrics.nats_connected.set(1);
-                self.metrics.nats_reconnects.inc();
-                tracing::warn!("NATS connection re-established; live feeds catch up");
-                self.epoch.send_modify(|e| *e += 1);
+                // The first connection is announced too; only a later one is a reconnect.
+                if self.lost.swap(false, Ordering::AcqRel) {
+                    self.metrics.nats_reconnects.inc();
+                    tracing::warn!("NATS connection re-established; live feeds catch up");
+                    self.epoch.send_modify(|e| *e += 1);
+                }
             }
             async_nats::Event::Disconnected => {
+                self.lost.store(true, Ordering::Release);
                 self.connected.store(false, Ordering::Release);
                 self.metrics.nats_connected.set(0);
                 tracing::error!(
@@ -103,7 +124,8 @@ impl Link {
 pub struct Cluster {
     client: async_nats::Client,
     js: jetstream::Context,
-    stream: stream::Stream,
+    /// The streams identities are spread over (see [`Cluster::shard`]).
+    streams: Vec<stream::Stream>,
     prefix: String,
     history: History,
     request_timeout: Duration,
@@ -112,23 +134,13 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     /// Catch-ups after a reconnect run a few at a time, not one per identity at once.
     catch_ups: Semaphore,
+    /// Resume reads in flight: a resume storm queues here instead of piling requests on the
+    /// stream until they time out.
+    reads: Semaphore,
     pub node: String,
 }
 
-/// An event as stored in the stream: the publication, its payload kept as the publisher's
-/// JSON text, and when the publishing node sent it.
-#[derive(Serialize)]
-struct StoredEvent<'a> {
-    kind: &'a str,
-    payload: &'a RawValue,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    run_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    thread_id: Option<&'a str>,
-    /// Microseconds since the epoch, for the lag metric.
-    at: u64,
-}
-
+/// An event as stored in the stream (see [`encode`]).
 #[derive(Deserialize)]
 struct StoredEventOwned<'a> {
     kind: String,
@@ -166,7 +178,7 @@ impl Cluster {
         max_event_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Cluster>, JoinError> {
-        let url = config.nats_url.clone().unwrap_or_default();
+        let url = config.nats_url().unwrap_or_default().to_owned();
         let node = config.node_name.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -176,6 +188,7 @@ impl Cluster {
         let request_timeout = Duration::from_millis(config.request_timeout_ms);
         let link = Arc::new(Link {
             connected: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
             epoch: watch::channel(0).0,
             metrics: metrics.clone(),
         });
@@ -226,46 +239,53 @@ impl Cluster {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(request_timeout);
         let prefix = config.subject_prefix.clone();
-        let stream_config = stream::Config {
-            name: config.stream.clone(),
-            description: Some("gateway events, per identity".into()),
-            subjects: vec![format!("{prefix}.ev.>")],
-            // One more than the limit: with at most the limit stored, an identity has
-            // provably lost nothing to this bound (see `read`).
-            max_messages_per_subject: history.max_events_per_user as i64 + 1,
-            max_age: Duration::from_secs(history.max_age_secs),
-            max_bytes: i64::try_from(config.max_bytes).unwrap_or(i64::MAX),
-            // The stored body is the payload plus ids and a little JSON.
-            max_message_size: i32::try_from(max_event_bytes + 4096).unwrap_or(i32::MAX),
-            duplicate_window: Duration::from_secs(history.idempotency_window_secs),
-            storage: match config.storage {
-                ClusterStorage::File => stream::StorageType::File,
-                ClusterStorage::Memory => stream::StorageType::Memory,
-            },
-            num_replicas: config.replicas,
-            discard: stream::DiscardPolicy::Old,
-            allow_direct: true,
-            republish: Some(stream::Republish {
-                source: format!("{prefix}.ev.>"),
-                destination: format!("{prefix}.live.>"),
-                headers_only: false,
-            }),
-            ..Default::default()
-        };
-        let stream_err = |reason: String| JoinError::Stream {
-            stream: config.stream.clone(),
-            reason,
-        };
-        js.create_or_update_stream(stream_config)
-            .await
-            .map_err(|e| stream_err(e.to_string()))?;
-        let stream = js
-            .get_stream(&config.stream)
-            .await
-            .map_err(|e| stream_err(e.to_string()))?;
+        let shards = config.streams.max(1);
+        let mut streams = Vec::with_capacity(shards);
+        for shard in 0..shards {
+            let name = stream_name(&config.stream, shard, shards);
+            let stream_config = stream::Config {
+                name: name.clone(),
+                description: Some(format!("gateway events, shard {shard} of {shards}")),
+                subjects: vec![format!("{prefix}.ev.{shard}.>")],
+                // One more than the limit: with at most the limit stored, an identity has
+                // provably lost nothing to this bound (see `read`).
+                max_messages_per_subject: history.max_events_per_user as i64 + 1,
+                max_age: Duration::from_secs(history.max_age_secs),
+                max_bytes: i64::try_from(config.max_bytes / shards as u64).unwrap_or(i64::MAX),
+                // The stored body is the payload plus ids and a little JSON.
+                max_message_size: i32::try_from(max_event_bytes + 4096).unwrap_or(i32::MAX),
+                duplicate_window: Duration::from_secs(history.idempotency_window_secs),
+                storage: match config.storage {
+                    ClusterStorage::File => stream::StorageType::File,
+                    ClusterStorage::Memory => stream::StorageType::Memory,
+                },
+                num_replicas: config.replicas,
+                discard: stream::DiscardPolicy::Old,
+                allow_direct: true,
+                republish: Some(stream::Republish {
+                    source: format!("{prefix}.ev.{shard}.>"),
+                    destination: format!("{prefix}.live.{shard}.>"),
+                    headers_only: false,
+                }),
+                ..Default::default()
+            };
+            let stream_err = |reason: String| JoinError::Stream {
+                stream: name.clone(),
+                reason,
+            };
+            js.create_or_update_stream(stream_config)
+                .await
+                .map_err(|e| stream_err(e.to_string()))?;
+            streams.push(
+                js.get_stream(&name)
+                    .await
+                    .map_err(|e| stream_err(e.to_string()))?,
+            );
+        }
         tracing::info!(
             %url,
             stream = %config.stream,
+            streams = shards,
             replicas = config.replicas,
             %node,
             "cluster mode: events are stored in JetStream"
@@ -273,7 +293,7 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             client,
             js,
-            stream,
+            streams,
             prefix,
             history: history.clone(),
             request_timeout,
@@ -281,6 +301,7 @@ impl Cluster {
             link,
             metrics,
             catch_ups: Semaphore::new(64),
+            reads: Semaphore::new(MAX_READS),
             node,
         }))
     }
@@ -293,44 +314,60 @@ impl Cluster {
         }
     }
 
-    /// For `/v1/stats`: this node, its NATS server, and the stream's state and replicas.
+    /// For `/v1/stats`: this node, its NATS server, and each stream's state and replicas.
     pub async fn describe(&self) -> serde_json::Value {
         let server = self.client.server_info();
-        let stream = match tokio::time::timeout(self.request_timeout, self.stream.get_info()).await
-        {
-            Ok(Ok(info)) => {
-                let cluster = info.cluster.as_ref();
-                serde_json::json!({
-                    "name": info.config.name,
-                    "messages": info.state.messages,
-                    "bytes": info.state.bytes,
-                    "first_seq": info.state.first_sequence,
-                    "last_seq": info.state.last_sequence,
-                    "leader": cluster.and_then(|c| c.leader.clone()),
-                    "replicas": cluster.map(|c| c.replicas.iter().map(|p| serde_json::json!({
-                        "name": p.name, "current": p.current, "offline": p.offline,
-                    })).collect::<Vec<_>>()),
-                })
-            }
-            Ok(Err(e)) => serde_json::json!({"error": e.to_string()}),
-            Err(_) => serde_json::json!({"error": "no answer from the stream in time"}),
-        };
+        let mut streams = Vec::new();
+        for stream in &self.streams {
+            streams.push(match tokio::time::timeout(self.request_timeout, stream.get_info()).await {
+                Ok(Ok(info)) => {
+                    let cluster = info.cluster.as_ref();
+                    serde_json::json!({
+                        "name": info.config.name,
+                        "messages": info.state.messages,
+                        "bytes": info.state.bytes,
+                        "first_seq": info.state.first_sequence,
+                        "last_seq": info.state.last_sequence,
+                        "leader": cluster.and_then(|c| c.leader.clone()),
+                        "replicas": cluster.map(|c| c.replicas.iter().map(|p| serde_json::json!({
+                            "name": p.name, "current": p.current, "offline": p.offline,
+                        })).collect::<Vec<_>>()),
+                    })
+                }
+                Ok(Err(e)) => serde_json::json!({"error": e.to_string()}),
+                Err(_) => serde_json::json!({"error": "no answer from the stream in time"}),
+            });
+        }
         serde_json::json!({
             "node": self.node,
             "nats": {
                 "connected": self.trouble().is_none(),
                 "server": server.server_name,
             },
-            "stream": stream,
+            "streams": streams,
         })
     }
 
+    /// The stream of an identity: a stable hash of its subject tokens, so every node and
+    /// every restart agree.
+    fn shard(&self, identity: &Identity) -> usize {
+        let digest = Sha256::digest(identity_tokens(identity).as_bytes());
+        let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+        (n % self.streams.len() as u64) as usize
+    }
+
+    fn stream_of(&self, identity: &Identity) -> &stream::Stream {
+        &self.streams[self.shard(identity)]
+    }
+
     fn event_subject(&self, identity: &Identity) -> String {
-        format!("{}.ev.{}", self.prefix, identity_tokens(identity))
+        let shard = self.shard(identity);
+        format!("{}.ev.{shard}.{}", self.prefix, identity_tokens(identity))
     }
 
     fn live_subject(&self, identity: &Identity) -> String {
-        format!("{}.live.{}", self.prefix, identity_tokens(identity))
+        let shard = self.shard(identity);
+        format!("{}.live.{shard}.{}", self.prefix, identity_tokens(identity))
     }
 
     /// Stores the event; answers once the stream has it.
@@ -354,30 +391,20 @@ impl Cluster {
         if !self.link.connected.load(Ordering::Acquire) {
             return Err(Unavailable("the NATS connection is down".into()));
         }
-        let payload = RawValue::from_string(publication.payload.clone())
-            .map_err(|e| Unavailable(format!("payload: {e}")))?;
-        let body = serde_json::to_vec(&StoredEvent {
-            kind: &publication.kind,
-            payload: &payload,
-            run_id: publication.run_id.as_deref(),
-            thread_id: publication.thread_id.as_deref(),
-            at: now_micros(),
-        })
-        .map_err(|e| Unavailable(format!("encoding: {e}")))?;
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(key) = idempotency_key {
-            headers.insert("Nats-Msg-Id", msg_id(&publication.identity, key).as_str());
-        }
+        let body = encode(publication, now_micros());
+        let subject = self.event_subject(&publication.identity);
         let started = Instant::now();
-        let ack = self
-            .js
-            .publish_with_headers(
-                self.event_subject(&publication.identity),
-                headers,
-                body.into(),
-            )
-            .await
-            .map_err(|e| Unavailable(e.to_string()))?;
+        let sent = match idempotency_key {
+            Some(key) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", msg_id(&publication.identity, key).as_str());
+                self.js
+                    .publish_with_headers(subject, headers, body.into())
+                    .await
+            }
+            None => self.js.publish(subject, body.into()).await,
+        };
+        let ack = sent.map_err(|e| Unavailable(e.to_string()))?;
         Ok((started, ack))
     }
 
@@ -415,40 +442,112 @@ impl Cluster {
         }
     }
 
-    /// The identity's first stored message at or after `seq`: its sequence, and the event
-    /// unless its body is unreadable (then it is skipped, and logged).
-    async fn next_of(
-        &self,
-        identity: &Identity,
-        seq: u64,
-    ) -> Result<Option<(u64, Option<Event>)>, Unavailable> {
-        let subject = self.event_subject(identity);
-        let message = self
-            .get(
-                self.stream
-                    .direct_get_next_for_subject(subject, Some(seq.max(1))),
-            )
-            .await?;
-        Ok(message.map(|m| (m.sequence, decode(m.sequence, &m.payload).map(|(e, _)| e))))
-    }
-
     /// The identity's latest `seq`, 0 when the stream holds none of its events.
     async fn head_of(&self, identity: &Identity) -> Result<u64, Unavailable> {
         let subject = self.event_subject(identity);
         let message = self
-            .get(self.stream.direct_get_last_for_subject(subject))
+            .get(
+                self.stream_of(identity)
+                    .direct_get_last_for_subject(subject),
+            )
             .await?;
         Ok(message.map_or(0, |m| m.sequence))
     }
 
-    /// Events after `since`, or why they cannot be proven complete: the embedded log's
-    /// answers, read from the stream.
-    pub async fn read(&self, identity: &Identity, since: u64) -> Result<Replay, Unavailable> {
+    /// The identity's stored messages from `from` on, oldest first, at most `max`: each
+    /// one's sequence and its event (none when its body is unreadable; it is skipped, and
+    /// logged). One batched direct get (the server answers with the messages, then an
+    /// end-of-batch status), repeated only if the server cut the batch short.
+    pub(crate) async fn batch(
+        &self,
+        identity: &Identity,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Option<Event>)>, Unavailable> {
         let subject = self.event_subject(identity);
-        let earliest = self
-            .get(self.stream.direct_get_first_for_subject(subject.clone()))
-            .await?
-            .map(|m| m.sequence);
+        let api = format!(
+            "$JS.API.DIRECT.GET.{}",
+            self.stream_of(identity).cached_info().config.name
+        );
+        let mut got = Vec::new();
+        let mut next = from.max(1);
+        while got.len() < max {
+            let started = Instant::now();
+            let inbox = self.client.new_inbox();
+            let mut replies = self
+                .client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| Unavailable(e.to_string()))?;
+            let request = serde_json::json!({
+                "seq": next,
+                "next_by_subj": subject,
+                "batch": max - got.len(),
+            });
+            self.client
+                .publish_with_reply(api.clone(), inbox, request.to_string().into())
+                .await
+                .map_err(|e| Unavailable(e.to_string()))?;
+            let mut more = false;
+            loop {
+                let reply = tokio::time::timeout(self.request_timeout, replies.next())
+                    .await
+                    .map_err(|_| Unavailable("no answer from the stream in time".into()))?
+                    .ok_or_else(|| Unavailable("the NATS connection closed".into()))?;
+                let header = |name: &str| number_header(&reply, name);
+                match reply.status.map(|s| s.as_u16()) {
+                    // End of the batch: what is left after it.
+                    Some(204) => {
+                        more = header("Nats-Num-Pending").is_some_and(|n| n > 0);
+                        break;
+                    }
+                    Some(404) => break,
+                    Some(code) if code != 200 => {
+                        return Err(Unavailable(format!(
+                            "direct get: {code} {}",
+                            reply.description.as_deref().unwrap_or("")
+                        )));
+                    }
+                    _ => {}
+                }
+                let Some(seq) = header("Nats-Sequence") else {
+                    return Err(Unavailable(
+                        "direct get: an answer without a sequence".into(),
+                    ));
+                };
+                got.push((seq, decode(seq, &reply.payload).map(|(e, _)| e)));
+                next = seq + 1;
+            }
+            self.metrics
+                .nats_round_trip("batch", started.elapsed().as_secs_f64());
+            if !more {
+                break;
+            }
+        }
+        Ok(got)
+    }
+
+    /// Events after `since`, or why they cannot be proven complete: the embedded log's
+    /// answers, read from the stream. Two requests in all: the identity's messages from
+    /// `since` on (the first of which must be `since` itself: still stored and this
+    /// identity's, so that everything after it is stored too, since JetStream's limits
+    /// remove an identity's oldest events first), and its earliest.
+    pub async fn read(&self, identity: &Identity, since: u64) -> Result<Replay, Unavailable> {
+        let _permit = tokio::time::timeout(READ_QUEUE_WAIT, self.reads.acquire())
+            .await
+            .map_err(|_| Unavailable("too many resumes waiting to read the stream".into()))?;
+        let subject = self.event_subject(identity);
+        let max = self.history.max_replay_events;
+        // `since` itself, the events after it, and one more to tell "too many".
+        let want = max + 1 + usize::from(since > 0);
+        let (batch, earliest) = tokio::join!(
+            self.batch(identity, since, want),
+            self.get(
+                self.stream_of(identity)
+                    .direct_get_first_for_subject(subject.clone())
+            )
+        );
+        let (mut batch, earliest) = (batch?, earliest?.map(|m| m.sequence));
         let not = |reason, head| Replay {
             events: Vec::new(),
             recovered: false,
@@ -457,37 +556,32 @@ impl Cluster {
             head,
         };
         if since > 0 {
-            match self.get(self.stream.direct_get(since)).await? {
-                // Still stored and this identity's: limits remove an identity's oldest
-                // events first, so everything after it is stored too.
-                Some(m) if m.subject.as_str() == subject => {}
-                Some(_) => {
-                    return Ok(not(NotRecovered::UnknownPosition, None));
-                }
-                None => {
-                    let head = self.head_of(identity).await?;
-                    let last = self.last_seq().await?;
-                    let reason = if since > last {
-                        NotRecovered::UnknownPosition
-                    } else {
-                        NotRecovered::Evicted
-                    };
-                    return Ok(not(reason, Some(head).filter(|h| *h > 0)));
-                }
+            if batch.first().is_some_and(|(seq, _)| *seq == since) {
+                batch.remove(0);
+            } else {
+                // Not this identity's stored event: another's, evicted, or never numbered.
+                let reason = match self.get(self.stream_of(identity).direct_get(since)).await? {
+                    Some(m) if m.subject.as_str() != subject => NotRecovered::UnknownPosition,
+                    Some(_) => NotRecovered::Evicted,
+                    None if since > self.last_seq(identity).await? => NotRecovered::UnknownPosition,
+                    None => NotRecovered::Evicted,
+                };
+                let head = match reason {
+                    NotRecovered::UnknownPosition => None,
+                    _ => Some(self.head_of(identity).await?).filter(|h| *h > 0),
+                };
+                return Ok(not(reason, head));
             }
         }
-        let max = self.history.max_replay_events;
-        let mut events = Vec::new();
-        let mut next = since + 1;
-        while let Some((seq, event)) = self.next_of(identity, next).await? {
-            next = seq + 1;
-            let Some(event) = event else { continue };
-            if events.len() == max {
-                let head = self.head_of(identity).await?;
-                return Ok(not(NotRecovered::TooMany, Some(head)));
-            }
-            events.push(Arc::new(event));
+        if batch.len() > max {
+            let head = self.head_of(identity).await?;
+            return Ok(not(NotRecovered::TooMany, Some(head)));
         }
+        let stored = batch.len();
+        let events: Vec<Arc<Event>> = batch
+            .into_iter()
+            .filter_map(|(_, event)| event.map(Arc::new))
+            .collect();
         let head = events
             .last()
             .map(|e| e.seq)
@@ -498,8 +592,8 @@ impl Cluster {
         // by age, which takes the oldest first), or the stream lost events younger than the
         // age limit to its byte bound.
         if since == 0
-            && (events.len() > self.history.max_events_per_user
-                || !self.nothing_discarded_within_age().await?)
+            && (stored > self.history.max_events_per_user
+                || !self.nothing_discarded_within_age(identity).await?)
         {
             return Ok(not(NotRecovered::Evicted, head));
         }
@@ -512,9 +606,9 @@ impl Cluster {
         })
     }
 
-    async fn stream_state(&self) -> Result<stream::State, Unavailable> {
+    async fn stream_state(&self, identity: &Identity) -> Result<stream::State, Unavailable> {
         let started = Instant::now();
-        let info = tokio::time::timeout(self.request_timeout, self.stream.get_info())
+        let info = tokio::time::timeout(self.request_timeout, self.stream_of(identity).get_info())
             .await
             .map_err(|_| Unavailable("no answer from the stream in time".into()))?
             .map_err(|e| Unavailable(e.to_string()))?;
@@ -523,14 +617,14 @@ impl Cluster {
         Ok(info.state)
     }
 
-    async fn last_seq(&self) -> Result<u64, Unavailable> {
-        Ok(self.stream_state().await?.last_sequence)
+    async fn last_seq(&self, identity: &Identity) -> Result<u64, Unavailable> {
+        Ok(self.stream_state(identity).await?.last_sequence)
     }
 
     /// Whether every event younger than the age limit is still stored: the stream never
     /// discarded anything, or its oldest event is already past the age limit.
-    async fn nothing_discarded_within_age(&self) -> Result<bool, Unavailable> {
-        let state = self.stream_state().await?;
+    async fn nothing_discarded_within_age(&self, identity: &Identity) -> Result<bool, Unavailable> {
+        let state = self.stream_state(identity).await?;
         if state.first_sequence <= 1 || state.messages == 0 {
             return Ok(true);
         }
@@ -538,6 +632,41 @@ impl Cluster {
         let horizon = now_micros() as i128 - self.history.max_age_secs as i128 * 1_000_000;
         Ok(oldest <= horizon)
     }
+}
+
+/// An event's body in the stream: the publication as JSON, its payload copied as the
+/// publisher's text (valid JSON, checked when it was published), and the publishing node's
+/// clock.
+fn encode(publication: &Publication, at: u64) -> Vec<u8> {
+    let mut body = Vec::with_capacity(publication.payload.len() + publication.kind.len() + 96);
+    let string = |body: &mut Vec<u8>, s: &str| {
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *body, s);
+    };
+    body.extend_from_slice(b"{\"kind\":");
+    string(&mut body, &publication.kind);
+    body.extend_from_slice(b",\"payload\":");
+    body.extend_from_slice(publication.payload.as_bytes());
+    for (name, value) in [
+        ("run_id", &publication.run_id),
+        ("thread_id", &publication.thread_id),
+    ] {
+        if let Some(value) = value {
+            body.extend_from_slice(format!(",\"{name}\":").as_bytes());
+            string(&mut body, value);
+        }
+    }
+    body.extend_from_slice(format!(",\"at\":{at}}}").as_bytes());
+    body
+}
+
+/// A numeric header of a message from JetStream (`Nats-Sequence` and the like).
+fn number_header(message: &async_nats::Message, name: &str) -> Option<u64> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .and_then(|v| v.as_str().parse().ok())
 }
 
 /// A stored event's body as an [`Event`] with its `seq`, and when it was published.
@@ -619,19 +748,20 @@ mod tests {
 
     #[test]
     fn stored_events_decode_with_their_payload_text() {
-        let payload = RawValue::from_string(r#"{"a": [1, 2.50]}"#.into()).unwrap();
-        let body = serde_json::to_vec(&StoredEvent {
-            kind: "tool",
-            payload: &payload,
-            run_id: Some("r"),
+        let publication = Publication {
+            identity: who(None, "alice"),
+            kind: "tool \"x\"".into(),
+            payload: r#"{"a": [1, 2.50]}"#.into(),
+            run_id: Some("r".into()),
             thread_id: None,
-            at: 7,
-        })
-        .unwrap();
+        };
+        let body = encode(&publication, 7);
         let (event, at) = decode(42, &body).unwrap();
         assert_eq!((event.seq, at), (42, 7));
         assert_eq!(event.payload, r#"{"a": [1, 2.50]}"#);
         assert_eq!(event.run_id.as_deref(), Some("r"));
+        assert_eq!(event.kind, "tool \"x\"");
+        assert_eq!(event.thread_id, None);
         assert!(decode(1, b"not json").is_none());
     }
 }

@@ -82,21 +82,29 @@ impl Default for TlsConfig {
 #[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// NATS server URLs, comma-separated (`nats://host:4222,nats://other:4222`). Set: cluster
-    /// mode.
+    /// NATS server URLs, comma-separated (`nats://host:4222,nats://other:4222`). Set (and not
+    /// blank): cluster mode.
     pub nats_url: Option<String>,
     /// The JetStream stream holding every identity's events; created, or updated to these
     /// settings, at start-up.
     pub stream: String,
-    /// First token of the stream's subjects: events are stored on `<prefix>.ev.<tenant>.<user>`
-    /// and republished to nodes on `<prefix>.live.<tenant>.<user>`.
+    /// Streams the identities are spread over (by a hash of the identity): one stream's
+    /// leader stores every event of its identities, so more streams spread the storing over
+    /// more NATS servers and cores. With more than one they are named `<stream>-0`, ...
+    /// Changing it moves identities to other streams: their earlier positions answer
+    /// `unknown_position`, and the old streams must be removed first.
+    pub streams: usize,
+    /// First token of the streams' subjects: events are stored on
+    /// `<prefix>.ev.<shard>.<tenant>.<user>` and republished to nodes on
+    /// `<prefix>.live.<shard>.<tenant>.<user>`.
     pub subject_prefix: String,
     /// Copies of the stream JetStream keeps (1, 3 or 5; at most the servers in the NATS
     /// cluster).
     pub replicas: usize,
     /// `file` (kept across NATS restarts) or `memory`.
     pub storage: ClusterStorage,
-    /// Bytes the whole stream may hold; past it the oldest events of any identity go first.
+    /// Bytes all streams together may hold (each an equal share); past it a stream's oldest
+    /// events, of any of its identities, go first.
     pub max_bytes: u64,
     /// How long a publish waits for the stream's acknowledgement, and a read for its answer;
     /// past it the publish answers 503 and a resume closes with 1013 (retry).
@@ -133,6 +141,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             nats_url: None,
             stream: "GATEWAY_EVENTS".into(),
+            streams: 1,
             subject_prefix: "gateway".into(),
             replicas: 1,
             storage: ClusterStorage::File,
@@ -150,12 +159,21 @@ impl Default for ClusterConfig {
     }
 }
 
+impl ClusterConfig {
+    /// The NATS URLs when cluster mode is on; a blank value (`GATEWAY_CLUSTER__NATS_URL=`)
+    /// leaves it off.
+    pub fn nats_url(&self) -> Option<&str> {
+        self.nats_url.as_deref().filter(|u| !u.trim().is_empty())
+    }
+}
+
 impl std::fmt::Debug for ClusterConfig {
     /// Never prints the token.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterConfig")
             .field("nats_url", &self.nats_url)
             .field("stream", &self.stream)
+            .field("streams", &self.streams)
             .field("subject_prefix", &self.subject_prefix)
             .field("replicas", &self.replicas)
             .field("storage", &self.storage)
@@ -616,7 +634,7 @@ impl Config {
             return Err(bad(key, &value, "TLS needs both cert_file and key_file"));
         }
         let c = &self.cluster;
-        if c.nats_url.is_some() {
+        if c.nats_url().is_some() {
             for (key, value) in [
                 ("cluster.request_timeout_ms", c.request_timeout_ms),
                 ("cluster.subscribe_timeout_ms", c.subscribe_timeout_ms),
@@ -625,6 +643,9 @@ impl Config {
                 if value == 0 {
                     return Err(bad(key, &value, "must be at least 1"));
                 }
+            }
+            if !(1..=64).contains(&c.streams) {
+                return Err(bad("cluster.streams", &c.streams, "1 to 64"));
             }
             if ![1, 3, 5].contains(&c.replicas) {
                 return Err(bad(
