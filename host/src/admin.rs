@@ -3,18 +3,21 @@
 //! expiry; `POST /v1/guest/reload` reloads the guest.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::AppState;
 use crate::api::{ApiError, authorize, read_body, refuse};
 use crate::auth::{DISCONNECT_SCOPE, GUEST_RELOAD_SCOPE, Identity, MAX_REVOCATION_SECS, now_secs};
+use crate::cluster::Disconnection;
 
 /// The operator's reason goes into the close frame, whose reason text is at most 123 bytes,
 /// after `disconnected: `.
@@ -90,10 +93,28 @@ pub async fn disconnect(
         user: request.user_id,
     };
 
+    // Cluster mode: recorded for every node first; if that fails, nothing is done here either
+    // and the operator retries.
+    let now = now_secs();
+    if let Some(cluster) = app.router.cluster() {
+        let disconnection = Disconnection {
+            tenant: identity.tenant.clone(),
+            user: identity.user.clone(),
+            sid: request.sid.clone(),
+            reason: reason.clone(),
+            at: now,
+            until: request.revoke_secs.map(|secs| now + secs),
+            node: cluster.node.clone(),
+            origin: cluster.instance.clone(),
+        };
+        cluster.announce(&disconnection).await.map_err(|e| {
+            ApiError::unavailable(format!("{e}; nothing was disconnected or revoked: retry"))
+        })?;
+    }
     // Revoked before the close, so that a client reconnecting at once is already refused.
     let revoked_until = match request.revoke_secs {
         Some(secs) => {
-            let until = now_secs() + secs;
+            let until = now + secs;
             app.verifier
                 .revocations
                 .revoke(identity.clone(), request.sid.clone(), until)
@@ -128,6 +149,105 @@ pub async fn disconnect(
     }))
     .into_response())
 }
+
+/// Cluster mode, until shutdown: applies the disconnects and revocations other nodes
+/// announce, as if made here. `loaded` is told once those recorded before (the revocations
+/// in force) are applied: a node serves no one before that.
+pub async fn follow_disconnects(app: Arc<AppState>, loaded: tokio::sync::oneshot::Sender<()>) {
+    let Some(cluster) = app.router.cluster().cloned() else {
+        let _ = loaded.send(());
+        return;
+    };
+    let mut loaded = Some(loaded);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let recorded = cluster.disconnects_recorded().await;
+        let mut entries = match cluster.disconnections().await {
+            Ok(entries) => entries,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot follow the cluster's disconnects; retrying");
+                tokio::select! {
+                    () = app.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        // The watch first delivers every recorded entry (one per key), then new ones.
+        let mut to_load = recorded.unwrap_or(0);
+        if to_load == 0
+            && let Some(loaded) = loaded.take()
+        {
+            let _ = loaded.send(());
+        }
+        loop {
+            let entry = tokio::select! {
+                () = app.shutdown.cancelled() => return,
+                entry = entries.next() => entry,
+            };
+            match entry {
+                Some(Ok(entry)) => {
+                    apply_disconnect(&app, &cluster.instance, &entry.value);
+                    to_load = to_load.saturating_sub(1);
+                    if (to_load == 0 || entry.delta == 0)
+                        && let Some(loaded) = loaded.take()
+                    {
+                        let _ = loaded.send(());
+                    }
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "following the cluster's disconnects");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Another node's disconnect: revoke, then close this node's matching sessions.
+fn apply_disconnect(app: &AppState, this_instance: &str, value: &[u8]) {
+    let Ok(d) = serde_json::from_slice::<Disconnection>(value) else {
+        tracing::error!("unreadable disconnect in the cluster's bucket; ignored");
+        return;
+    };
+    if d.origin == this_instance {
+        return;
+    }
+    let identity = d.identity();
+    let now = now_secs();
+    if let Some(until) = d.until.filter(|until| *until > now)
+        && let Err(full) =
+            app.verifier
+                .revocations
+                .revoke_at(identity.clone(), d.sid.clone(), d.at, until)
+    {
+        tracing::error!(user = %identity.user, error = %full, "cannot hold another node's revocation");
+    }
+    // Closing is for sessions that were open when it was made; one recorded long ago (seen
+    // again at start-up) has nothing left to close.
+    if now.saturating_sub(d.at) <= DISCONNECT_NEWS_SECS {
+        let disconnected = app
+            .router
+            .disconnect(&identity, d.sid.as_deref(), &d.reason);
+        tracing::warn!(
+            target: "audit",
+            from = %d.node,
+            user = %identity.user,
+            tenant = identity.tenant.as_deref().unwrap_or(""),
+            sid = d.sid.as_deref().unwrap_or(""),
+            reason = %d.reason,
+            disconnected,
+            revoked_until = d.until,
+            "sessions disconnected by an operator on another node"
+        );
+    }
+}
+
+/// How old an announced disconnect may be and still close sessions here.
+const DISCONNECT_NEWS_SECS: u64 = 60;
 
 /// Loads the guest from its configured path again (as SIGHUP does) and answers with the
 /// version now serving new connections, or 422 with why the new one was refused, in which

@@ -542,18 +542,23 @@ impl Revocations {
         sid: Option<String>,
         until: u64,
     ) -> Result<(), RevocationsFull> {
+        self.revoke_at(identity, sid, now_secs(), until)
+    }
+
+    /// [`Revocations::revoke`] as made at `at`: another node's, learnt through the cluster.
+    pub fn revoke_at(
+        &self,
+        identity: Identity,
+        sid: Option<String>,
+        at: u64,
+        until: u64,
+    ) -> Result<(), RevocationsFull> {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         let key = (identity, sid);
         if entries.len() >= MAX_REVOCATIONS && !entries.contains_key(&key) {
             return Err(RevocationsFull);
         }
-        entries.insert(
-            key,
-            Revocation {
-                at: now_secs(),
-                until,
-            },
-        );
+        entries.insert(key, Revocation { at, until });
         Ok(())
     }
 

@@ -298,6 +298,9 @@ pub fn ops_app(state: Arc<AppState>) -> axum::Router {
         .with_state(state)
 }
 
+/// How long start-up waits for the revocations other nodes recorded.
+const DISCONNECTS_LOAD_WAIT: Duration = Duration::from_secs(10);
+
 /// Connections the ops listener holds at once: probes and scrapers, a handful.
 const OPS_HTTP_CONNECTIONS: usize = 64;
 
@@ -477,6 +480,16 @@ pub async fn serve_with_ops(
         .join_cluster()
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // Cluster mode: the revocations in force, recorded by any node, hold here before anyone
+    // is served (bounded: a NATS that does not answer delays start-up, it does not stop it).
+    let (loaded, disconnects_loaded) = tokio::sync::oneshot::channel();
+    let disconnects = tokio::spawn(admin::follow_disconnects(state.clone(), loaded));
+    if tokio::time::timeout(DISCONNECTS_LOAD_WAIT, disconnects_loaded)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the cluster's recorded disconnects did not load in time; serving anyway");
+    }
     let limits = &state.config.limits;
     let serving = listener::Serving {
         header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
@@ -509,6 +522,7 @@ pub async fn serve_with_ops(
         )));
     }
     let jwks = tokio::spawn(watch_reloads(state.clone()));
+
     let history = tokio::spawn(expire_history(state.clone()));
 
     tokio::select! {
@@ -524,6 +538,7 @@ pub async fn serve_with_ops(
     }
     let _ = jwks.await;
     let _ = history.await;
+    let _ = disconnects.await;
 
     serving.connections.close();
     state.sessions.close();

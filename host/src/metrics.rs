@@ -304,7 +304,7 @@ impl Metrics {
         );
         registry.register(
             "nats_round_trip_seconds",
-            "Cluster mode: NATS request round trips, by operation (publish, get)",
+            "Cluster mode: NATS request round trips, by operation (publish, get, batch, info, disconnect)",
             m.nats_round_trips.clone(),
         );
         registry.register(

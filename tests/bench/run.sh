@@ -24,7 +24,7 @@
 #   multi     100,000 connections across several gateway processes, if time allows; in
 #             cluster mode (one nats-server) when nats-server is installed
 #
-# Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (900, the whole run including the
+# Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (1500, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
 # numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
 # subset of: density storm delivery native resume tls startup peer hibernate cluster multi).
@@ -35,7 +35,7 @@ ROOT=$(pwd)
 START_EPOCH=$(date +%s)
 
 RUNS=${BENCH_RUNS:-3}
-BUDGET=${BENCH_BUDGET_SECS:-900}
+BUDGET=${BENCH_BUDGET_SECS:-1500}
 QUICK=${BENCH_QUICK:-0}
 SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume tls startup peer hibernate cluster multi}
 CARGO=${CARGO:-cargo}

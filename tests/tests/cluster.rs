@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use gateway::auth::Claims;
 use gateway::config::{ClusterStorage, Config};
 use gateway_tests::nats::NatsServer;
 use gateway_tests::{Client, TestGateway, WAIT, claims, config, guests, token, wait_until};
@@ -159,6 +160,54 @@ async fn resume_reads_the_stream_and_detects_foreign_and_evicted_positions() {
     );
     let (_c, resumed) = resume(&a, 0).await;
     assert_eq!(resumed["reason"], "evicted", "{resumed}");
+}
+
+/// An operator's disconnect on one node closes the session on every node, and its
+/// revocation holds on every node, including one that starts afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_on_one_node_closes_and_revokes_on_every_node() {
+    let nats = NatsServer::start();
+    let cfg = cluster_config(&nats.url());
+    let a = TestGateway::start_with(cfg.clone()).await;
+    let b = TestGateway::start_with(cfg.clone()).await;
+    let laptop = Claims {
+        sid: Some("laptop".into()),
+        ..claims("ivy")
+    };
+    let phone = Claims {
+        sid: Some("phone".into()),
+        ..claims("ivy")
+    };
+    let mut on_a = a.connect_with(laptop.clone()).await;
+    let mut on_b = b.connect_with(laptop.clone()).await;
+    let mut other_session = b.connect_with(phone).await;
+
+    let operator = {
+        let mut c = claims("ops-console");
+        c.scope = Some(gateway::auth::DISCONNECT_SCOPE.into());
+        token(c)
+    };
+    let body =
+        json!({"user_id": "ivy", "sid": "laptop", "reason": "logged out", "revoke_secs": 600});
+    let (status, answer) =
+        gateway_tests::post(&a.url("/v1/disconnect"), &operator, body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    for client in [&mut on_a, &mut on_b] {
+        let closed = client.closed().await;
+        assert_eq!(
+            (closed.code, closed.reason.as_str()),
+            (4001, "disconnected: logged out")
+        );
+    }
+    // The revoked session cannot come back on the other node, nor on one started later.
+    let c = TestGateway::start_with(cfg).await;
+    for node in [&b, &c] {
+        let refused = node.try_connect(&token(laptop.clone())).await;
+        assert!(refused.is_err(), "a revoked token must be refused");
+    }
+    // The user's other session is untouched.
+    let seq = publish_ok(&a, &event("ivy", 1)).await;
+    assert_eq!(next_event(&mut other_session).await, (seq, 1));
 }
 
 /// A gateway node as its own process, so it can be killed with SIGKILL.

@@ -20,6 +20,8 @@
 
 pub mod feed;
 
+use async_nats::jetstream::kv;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, stream};
 use base64::Engine as _;
 use futures_util::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, watch};
@@ -67,6 +69,32 @@ pub enum JoinError {
     Stream { stream: String, reason: String },
     #[error("cluster: {0}")]
     Options(String),
+}
+
+/// An operator's disconnect as every node learns it (`POST /v1/disconnect`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Disconnection {
+    pub tenant: Option<String>,
+    pub user: String,
+    pub sid: Option<String>,
+    pub reason: String,
+    /// When it was made (seconds): an identity-wide revocation refuses tokens issued up to it.
+    pub at: u64,
+    /// Tokens are refused until then, if revoked.
+    pub until: Option<u64>,
+    /// The node it was made on (its name, for the audit record).
+    pub node: String,
+    /// That node's process ([`Cluster::instance`]), which has applied it already.
+    pub origin: String,
+}
+
+impl Disconnection {
+    pub fn identity(&self) -> Identity {
+        Identity {
+            tenant: self.tenant.clone(),
+            user: self.user.clone(),
+        }
+    }
 }
 
 /// What a cluster publish did.
@@ -137,7 +165,11 @@ pub struct Cluster {
     /// Resume reads in flight: a resume storm queues here instead of piling requests on the
     /// stream until they time out.
     reads: Semaphore,
+    /// Operators' disconnects and revocations, so that every node applies them.
+    disconnects: kv::Store,
     pub node: String,
+    /// This process among the nodes: unique even where two nodes share a name.
+    pub instance: String,
 }
 
 /// An event as stored in the stream (see [`encode`]).
@@ -282,6 +314,25 @@ impl Cluster {
                     .map_err(|e| stream_err(e.to_string()))?,
             );
         }
+        let bucket = format!("{}_DISCONNECTS", config.stream);
+        let disconnects = js
+            .create_key_value(kv::Config {
+                bucket: bucket.clone(),
+                description: "gateway: operators' disconnects and revocations".into(),
+                history: 1,
+                max_age: Duration::from_secs(crate::auth::MAX_REVOCATION_SECS),
+                storage: match config.storage {
+                    ClusterStorage::File => stream::StorageType::File,
+                    ClusterStorage::Memory => stream::StorageType::Memory,
+                },
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| JoinError::Stream {
+                stream: bucket,
+                reason: e.to_string(),
+            })?;
         tracing::info!(
             %url,
             stream = %config.stream,
@@ -302,7 +353,9 @@ impl Cluster {
             metrics,
             catch_ups: Semaphore::new(64),
             reads: Semaphore::new(MAX_READS),
+            disconnects,
             node,
+            instance: uuid::Uuid::new_v4().simple().to_string(),
         }))
     }
 
@@ -358,6 +411,48 @@ impl Cluster {
 
     fn stream_of(&self, identity: &Identity) -> &stream::Stream {
         &self.streams[self.shard(identity)]
+    }
+
+    /// Records an operator's disconnect (and revocation) for every node; answers once it is
+    /// stored, so no node that is up misses it and a node that starts later still gets the
+    /// revocation.
+    pub async fn announce(&self, disconnection: &Disconnection) -> Result<(), Unavailable> {
+        let mut key = Sha256::new();
+        key.update(identity_tokens(&disconnection.identity()).as_bytes());
+        key.update([0]);
+        key.update(disconnection.sid.as_deref().unwrap_or("").as_bytes());
+        let value = serde_json::to_vec(disconnection).map_err(|e| Unavailable(e.to_string()))?;
+        let started = Instant::now();
+        tokio::time::timeout(
+            self.request_timeout,
+            self.disconnects
+                .put(format!("{:x}", key.finalize()), value.into()),
+        )
+        .await
+        .map_err(|_| Unavailable("no answer from the stream in time".into()))?
+        .map_err(|e| Unavailable(e.to_string()))?;
+        self.metrics
+            .nats_round_trip("disconnect", started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// How many disconnects are recorded (one per identity and session); `None` when NATS
+    /// does not answer.
+    pub async fn disconnects_recorded(&self) -> Option<u64> {
+        tokio::time::timeout(self.request_timeout, self.disconnects.status())
+            .await
+            .ok()?
+            .ok()
+            .map(|status| status.values())
+    }
+
+    /// Every disconnect recorded and still in force, then each new one, as other nodes
+    /// announce them.
+    pub async fn disconnections(&self) -> Result<kv::Watch, Unavailable> {
+        self.disconnects
+            .watch_with_history(">")
+            .await
+            .map_err(|e| Unavailable(e.to_string()))
     }
 
     fn event_subject(&self, identity: &Identity) -> String {
