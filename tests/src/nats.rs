@@ -41,9 +41,15 @@ pub struct NatsServer {
 impl NatsServer {
     /// One server with JetStream on a fresh store.
     pub fn start() -> Self {
+        let mut server = NatsServer::start_args(&[]);
+        server.launch();
+        server
+    }
+
+    fn start_args(extra: &[&str]) -> Self {
         let port = free_port();
         let store = store_dir(&format!("single-{port}"));
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "-js".into(),
             "-a".into(),
             "127.0.0.1".into(),
@@ -52,12 +58,18 @@ impl NatsServer {
             "-sd".into(),
             store.display().to_string(),
         ];
-        let mut server = NatsServer {
+        args.extend(extra.iter().map(|a| a.to_string()));
+        NatsServer {
             port,
             args,
             child: None,
             store,
-        };
+        }
+    }
+
+    /// One server with JetStream that requires `token` from its clients.
+    pub fn start_with_token(token: &str) -> Self {
+        let mut server = NatsServer::start_args(&["--auth", token]);
         server.launch();
         server
     }

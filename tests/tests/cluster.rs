@@ -210,6 +210,30 @@ async fn a_disconnect_on_one_node_closes_and_revokes_on_every_node() {
     assert_eq!(next_event(&mut other_session).await, (seq, 1));
 }
 
+/// NATS credentials: a node with the server's token joins; one without it does not start,
+/// and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_authenticates_to_nats_and_a_wrong_token_stops_start_up() {
+    let nats = NatsServer::start_with_token("s3cret-token");
+    let mut cfg = cluster_config(&nats.url());
+    cfg.cluster.token = Some("wrong".into());
+    let err = gateway::AppState::new(cfg.clone())
+        .unwrap()
+        .join_cluster()
+        .await
+        .expect_err("a wrong token is refused");
+    assert!(err.to_string().contains("cannot connect to NATS"), "{err}");
+    assert!(
+        !format!("{:?}", cfg.cluster).contains("wrong"),
+        "the token is never printed"
+    );
+    cfg.cluster.token = Some("s3cret-token".into());
+    let gw = TestGateway::start_with(cfg).await;
+    let mut client = gw.connect("jack").await;
+    let seq = publish_ok(&gw, &event("jack", 1)).await;
+    assert_eq!(next_event(&mut client).await, (seq, 1));
+}
+
 /// A gateway node as its own process, so it can be killed with SIGKILL.
 struct Node {
     child: std::process::Child,
