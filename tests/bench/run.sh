@@ -707,6 +707,31 @@ elif has cluster; then
         fi
         stop_nats "$label"
     done
+    # The same offered load on both: a quarter of what the embedded log delivered as fast as
+    # it could (the cluster-mode gateway's maximum here, with nats-server on the same cores,
+    # is lower): delivered events and latency at equal load.
+    full=$(median_of events_per_sec "$OUT"/cluster-embedded-r*.json)
+    if [[ -n $full ]]; then
+        rate=$(python3 -c "print(max(1, round(0.25 * $full / ($CLUSTER_CONNECTIONS / $CLUSTER_USERS))))")
+        steady_cluster_args=(--connections "$CLUSTER_CONNECTIONS" --users "$CLUSTER_USERS"
+            --max-inflight 128 --batch "$STEADY_BATCH" --publishers 16 --publish-rate "$rate"
+            --publish-secs "$PUBLISH_SECS" --drain-secs 5 --max-secs 120)
+        for run in $(seq 1 "$RUNS"); do
+            log "cluster: equal load ($rate events/s published), embedded log, run $run"
+            one_run "cluster-steady-embedded-r$run" "$GATEWAY" "" "${steady_cluster_args[@]}"
+            label=cluster-steady-1node-r$run
+            log "cluster: equal load ($rate events/s published), one cluster-mode gateway, run $run"
+            if start_nats "$label" && GATEWAY_CLUSTER__NATS_URL=$NATS_URL start_gateway "$label" "$GATEWAY"; then
+                pid=$GW_PID port=$GW_PORT
+                run_loadgen "$label" "$pid" "$port" "${steady_cluster_args[@]}"
+                scrape "$port" "$label"
+                stop_gateway "$pid" "$label"
+            else
+                note "$label: nats-server or the gateway did not start"
+            fi
+            stop_nats "$label"
+        done
+    fi
 fi
 
 # ---------------------------------------------------------------------------------------

@@ -973,9 +973,15 @@ def cluster_section(out, findings):
             num(sum_of(reports, "publish_errors")),
             num(cpu(reports, "server", "publish")),
         ]
+    steady_embedded = runs(out, "cluster-steady-embedded")
+    steady_one = runs(out, "cluster-steady-1node")
     rows = [row("embedded log, 1 gateway", embedded),
             row("cluster, 1 gateway", one),
             row("cluster, 2 gateways (per gateway, cross-node)", two)]
+    if steady_embedded or steady_one:
+        offered = med(steady_embedded or steady_one, "publish_rate_target")
+        rows += [row(f"equal load ({num(offered)}/s offered): embedded log", steady_embedded),
+                 row(f"equal load ({num(offered)}/s offered): cluster, 1 gateway", steady_one)]
     base = med(embedded, "events_per_sec")
     base_p99 = med(embedded, "latency_ms", "p99")
     ratios = []
@@ -986,11 +992,20 @@ def cluster_section(out, findings):
             ratios.append(f"- cluster mode, {label}: {num(rate / base * 100, 1)} % of the embedded "
                           f"delivery rate; p99 {num(p99, 2)} ms against {num(base_p99, 2)} ms "
                           f"(target: within 20 %: {verdict(rate >= 0.8 * base)}; at saturation, "
-                          "with nats-server on the same 2 cores; tests/bench/cluster-16-cores.md "
-                          "compares at equal load on 16 cores)")
+                          "with nats-server on the same 2 cores; equal load below, and on 16 "
+                          "cores in tests/bench/cluster-16-cores.md)")
+    steady_base = med(steady_embedded, "events_per_sec")
+    steady_rate = med(steady_one, "events_per_sec")
+    if steady_base and steady_rate:
+        ratios.append(
+            f"- cluster mode, 1 gateway, at equal load (a quarter of the embedded maximum): "
+            f"{num(steady_rate / steady_base * 100, 1)} % of the embedded delivery rate; p99 "
+            f"{num(med(steady_one, 'latency_ms', 'p99'), 2)} ms against "
+            f"{num(med(steady_embedded, 'latency_ms', 'p99'), 2)} ms (target: within 20 %: "
+            f"{verdict(steady_rate >= 0.8 * steady_base)})")
     findings["cluster_ratio"] = (med(one, "events_per_sec") or 0) / base if base else None
     acks = []
-    for prefix in ("cluster-1node", "cluster-2node-a", "cluster-2node-b"):
+    for prefix in ("cluster-1node", "cluster-2node-a", "cluster-2node-b", "cluster-steady-1node"):
         for path in metric_files(out, prefix):
             (p50, p99, p999), count = histogram_quantiles(
                 path, "gateway_nats_round_trip_seconds", (0.5, 0.99, 0.999), label='op="publish"')
