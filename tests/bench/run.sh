@@ -630,6 +630,24 @@ stop_nats() { # stop_nats LABEL
     rm -rf "$OUT/nats-store-$1"
 }
 scrape() { curl -s "http://127.0.0.1:$1/metrics" >"$OUT/$2.metrics" || true; }
+# cluster_node_run LABEL run_loadgen|resume_storm [loadgen args...]: a fresh nats-server and
+# one cluster-mode gateway, the run, the gateway's metrics kept, both stopped.
+cluster_node_run() {
+    local label=$1 what=$2 pid port
+    shift 2
+    if start_nats "$label" && GATEWAY_CLUSTER__NATS_URL=$NATS_URL start_gateway "$label" "$GATEWAY"; then
+        pid=$GW_PID port=$GW_PORT
+        case $what in
+        run_loadgen) run_loadgen "$label" "$pid" "$port" "$@" ;;
+        resume_storm) resume_storm "$label" "$port" ;;
+        esac
+        scrape "$port" "$label"
+        stop_gateway "$pid" "$label"
+    else
+        note "$label: nats-server or the gateway did not start"
+    fi
+    stop_nats "$label"
+}
 if has cluster && [[ ! -x $NATS_SERVER ]]; then
     note "cluster scenario not run: no nats-server at $NATS_SERVER (make nats installs it)"
 elif has cluster; then
@@ -641,16 +659,7 @@ elif has cluster; then
         one_run "cluster-embedded-r$run" "$GATEWAY" "" "${cluster_args[@]}"
 
         log "cluster: one cluster-mode gateway, run $run"
-        label=cluster-1node-r$run
-        if start_nats "$label" && GATEWAY_CLUSTER__NATS_URL=$NATS_URL start_gateway "$label" "$GATEWAY"; then
-            pid=$GW_PID port=$GW_PORT
-            run_loadgen "$label" "$pid" "$port" "${cluster_args[@]}"
-            scrape "$port" "$label"
-            stop_gateway "$pid" "$label"
-        else
-            note "$label: nats-server or the gateway did not start"
-        fi
-        stop_nats "$label"
+        cluster_node_run "cluster-1node-r$run" run_loadgen "${cluster_args[@]}"
 
         # Two nodes, each holding half the users and publishing to the other's: every
         # event crosses from one node through the stream to the other.
@@ -696,16 +705,8 @@ elif has cluster; then
         fi
         stop_nats "$label"
 
-        label=cluster-resume-r$run
         log "cluster: resume storm from JetStream, $RESUME_CLIENTS clients, run $run"
-        if start_nats "$label" && GATEWAY_CLUSTER__NATS_URL=$NATS_URL start_gateway "$label" "$GATEWAY"; then
-            resume_storm "$label" "$GW_PORT"
-            scrape "$GW_PORT" "$label"
-            stop_gateway "$GW_PID" "$label"
-        else
-            note "$label: nats-server or the gateway did not start"
-        fi
-        stop_nats "$label"
+        cluster_node_run "cluster-resume-r$run" resume_storm
     done
     # The same offered load on both: a quarter of what the embedded log delivered as fast as
     # it could (the cluster-mode gateway's maximum here, with nats-server on the same cores,
@@ -719,17 +720,8 @@ elif has cluster; then
         for run in $(seq 1 "$RUNS"); do
             log "cluster: equal load ($rate events/s published), embedded log, run $run"
             one_run "cluster-steady-embedded-r$run" "$GATEWAY" "" "${steady_cluster_args[@]}"
-            label=cluster-steady-1node-r$run
             log "cluster: equal load ($rate events/s published), one cluster-mode gateway, run $run"
-            if start_nats "$label" && GATEWAY_CLUSTER__NATS_URL=$NATS_URL start_gateway "$label" "$GATEWAY"; then
-                pid=$GW_PID port=$GW_PORT
-                run_loadgen "$label" "$pid" "$port" "${steady_cluster_args[@]}"
-                scrape "$port" "$label"
-                stop_gateway "$pid" "$label"
-            else
-                note "$label: nats-server or the gateway did not start"
-            fi
-            stop_nats "$label"
+            cluster_node_run "cluster-steady-1node-r$run" run_loadgen "${steady_cluster_args[@]}"
         done
     fi
 fi
