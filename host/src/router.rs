@@ -7,6 +7,11 @@
 //! different users rarely contend. Appending to the log and queueing happen under the
 //! identity's shard lock, so every session sees its identity's events in `seq` order, and a
 //! session that registers and then reads the log (resume) misses nothing in between.
+//!
+//! In cluster mode the log is the JetStream stream and publishes do not come here: each
+//! identity with sessions has one feed ([`crate::cluster::feed`]), which hands the stream's
+//! events to [`Router::deliver`] in `seq` order; a session that registers and then reads the
+//! stream skips the events its replay already covered.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
