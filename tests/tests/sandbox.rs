@@ -140,9 +140,9 @@ async fn faults_close_only_their_own_connection() {
 }
 
 /// `guest_cache_dir`: the second load of the same component with the same engine settings
-/// takes the compiled code from disk; a damaged artifact is compiled again and replaced,
-/// other engine settings get their own artifact, and a directory others may write to is
-/// not trusted.
+/// takes the compiled code from disk; a damaged or unauthenticated artifact is compiled
+/// again and replaced, other engine settings get their own artifact, and a directory others
+/// may write to, or a symbolic link, is not trusted.
 #[test]
 fn compiled_guests_are_cached_per_component_and_engine_settings() {
     use std::path::Path;
@@ -173,13 +173,30 @@ fn compiled_guests_are_cached_per_component_and_engine_settings() {
     assert_eq!(cached.compiled, Compiled::Hit);
     cached.trial(&cfg).expect("the cached guest runs");
 
-    for entry in std::fs::read_dir(&cache).unwrap() {
-        std::fs::write(entry.unwrap().path(), b"not compiled code").unwrap();
-    }
+    let artifacts = |cache: &Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(cache)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|x| x == "cwasm"))
+            .collect()
+    };
+    let stored = artifacts(&cache);
+    assert_eq!(stored.len(), 1);
+    let genuine = std::fs::read(&stored[0]).unwrap();
+    std::fs::write(&stored[0], b"not compiled code").unwrap();
     assert_eq!(
         load(&cfg).compiled,
         Compiled::Stored,
         "a damaged artifact is replaced"
+    );
+    assert_eq!(load(&cfg).compiled, Compiled::Hit);
+    // Compiled code that the cache's key did not authenticate (here: the genuine artifact
+    // with its MAC cut off, a valid wasmtime serialization) is not loaded.
+    std::fs::write(&stored[0], &genuine[32..]).unwrap();
+    assert_eq!(
+        load(&cfg).compiled,
+        Compiled::Stored,
+        "an unauthenticated artifact is replaced"
     );
     assert_eq!(load(&cfg).compiled, Compiled::Hit);
 
@@ -210,8 +227,11 @@ fn compiled_guests_are_cached_per_component_and_engine_settings() {
     let mut compact_large = compact.clone();
     compact_large.limits.guest_memory_bytes = 64 << 20;
     assert_eq!(load(&compact_large).compiled, Compiled::Stored);
-    let left = std::fs::read_dir(&cache).unwrap().count();
-    assert_eq!(left, gateway::sandbox::cache::MAX_ARTIFACTS);
+    assert_eq!(
+        artifacts(&cache).len(),
+        gateway::sandbox::cache::MAX_ARTIFACTS
+    );
+    assert!(cache.join(gateway::sandbox::cache::KEY_FILE).is_file());
     assert_eq!(
         load(&cfg).compiled,
         Compiled::Hit,
@@ -227,6 +247,17 @@ fn compiled_guests_are_cached_per_component_and_engine_settings() {
             Compiled::NotStored,
             "a shared directory is not trusted"
         );
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = root.join("link");
+        std::os::unix::fs::symlink(&cache, &link).unwrap();
+        let mut linked = cfg.clone();
+        linked.guest_cache_dir = Some(link);
+        assert_eq!(
+            load(&linked).compiled,
+            Compiled::NotStored,
+            "a symbolic link is not followed"
+        );
+        assert_eq!(load(&cfg).compiled, Compiled::Hit);
     }
     let _ = std::fs::remove_dir_all(&root);
 }
