@@ -93,9 +93,22 @@ pub async fn disconnect(
         user: request.user_id,
     };
 
+    // A revocation this node could not hold is neither recorded for the cluster nor made
+    // here (every node holds the same ones); the disconnect itself happens regardless.
+    let now = now_secs();
+    let mut refused = request.revoke_secs.and_then(|_| {
+        app.verifier
+            .revocations
+            .has_room(&identity, request.sid.as_deref())
+            .err()
+    });
+    let until = request
+        .revoke_secs
+        .filter(|_| refused.is_none())
+        .map(|secs| now + secs);
+
     // Cluster mode: recorded for every node first; if that fails, nothing is done here either
     // and the operator retries.
-    let now = now_secs();
     if let Some(cluster) = app.router.cluster() {
         let disconnection = Disconnection {
             tenant: identity.tenant.clone(),
@@ -103,7 +116,7 @@ pub async fn disconnect(
             sid: request.sid.clone(),
             reason: reason.clone(),
             at: now,
-            until: request.revoke_secs.map(|secs| now + secs),
+            until,
             node: cluster.node.clone(),
             origin: cluster.instance.clone(),
         };
@@ -112,21 +125,19 @@ pub async fn disconnect(
         })?;
     }
     // Revoked before the close, so that a client reconnecting at once is already refused.
-    let revoked_until = match request.revoke_secs {
-        Some(secs) => {
-            let until = now + secs;
-            app.verifier
-                .revocations
-                .revoke(identity.clone(), request.sid.clone(), until)
-                .map_err(|full| {
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        full.to_string(),
-                    )
-                })?;
-            Some(until)
-        }
+    let revoked_until = match until {
+        Some(until) => match app.verifier.revocations.revoke_at(
+            identity.clone(),
+            request.sid.clone(),
+            now,
+            until,
+        ) {
+            Ok(()) => Some(until),
+            Err(full) => {
+                refused = Some(full);
+                None
+            }
+        },
         None => None,
     };
     let disconnected = app
@@ -141,8 +152,22 @@ pub async fn disconnect(
         %reason,
         disconnected,
         revoked_until,
+        revocation_refused = refused.as_ref().map(ToString::to_string),
         "sessions disconnected by an operator"
     );
+    if let Some(full) = refused {
+        app.metrics.refusal("revocations_full");
+        return Ok((
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({
+                "error": "revocations_full",
+                "reason": full.to_string(),
+                "disconnected": disconnected,
+                "revoked_until": null,
+            })),
+        )
+            .into_response());
+    }
     Ok(Json(json!({
         "disconnected": disconnected,
         "revoked_until": revoked_until,
@@ -160,6 +185,10 @@ pub async fn follow_disconnects(app: Arc<AppState>, loaded: tokio::sync::oneshot
     };
     let mut loaded = Some(loaded);
     let mut backoff = Duration::from_millis(100);
+    // The newest record applied. A watch started again (NATS came back) replays every record
+    // first: those up to here were applied already, and closing their sessions again would
+    // close clients that reconnected legitimately since.
+    let mut applied_revision = 0u64;
     loop {
         let recorded = cluster.disconnects_recorded().await;
         let mut entries = match cluster.disconnections().await {
@@ -189,7 +218,9 @@ pub async fn follow_disconnects(app: Arc<AppState>, loaded: tokio::sync::oneshot
             };
             match entry {
                 Some(Ok(entry)) => {
-                    apply_disconnect(&app, &cluster.instance, &entry.value);
+                    let news = entry.revision > applied_revision;
+                    apply_disconnect(&app, &cluster.instance, &entry.value, news);
+                    applied_revision = applied_revision.max(entry.revision);
                     to_load = to_load.saturating_sub(1);
                     if (to_load == 0 || entry.delta == 0)
                         && let Some(loaded) = loaded.take()
@@ -207,8 +238,9 @@ pub async fn follow_disconnects(app: Arc<AppState>, loaded: tokio::sync::oneshot
     }
 }
 
-/// Another node's disconnect: revoke, then close this node's matching sessions.
-fn apply_disconnect(app: &AppState, this_instance: &str, value: &[u8]) {
+/// Another node's disconnect: revoke, then close this node's matching sessions if it is
+/// `news` (not seen by this node before) and recent.
+fn apply_disconnect(app: &AppState, this_instance: &str, value: &[u8], news: bool) {
     let Ok(d) = serde_json::from_slice::<Disconnection>(value) else {
         tracing::error!("unreadable disconnect in the cluster's bucket; ignored");
         return;
@@ -228,7 +260,7 @@ fn apply_disconnect(app: &AppState, this_instance: &str, value: &[u8]) {
     }
     // Closing is for sessions that were open when it was made; one recorded long ago (seen
     // again at start-up) has nothing left to close.
-    if now.saturating_sub(d.at) <= DISCONNECT_NEWS_SECS {
+    if news && now.saturating_sub(d.at) <= DISCONNECT_NEWS_SECS {
         let disconnected = app
             .router
             .disconnect(&identity, d.sid.as_deref(), &d.reason);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -280,10 +280,19 @@ pub async fn publish_batch(
     Ok(Json(BatchReceipt { results }).into_response())
 }
 
+/// One event's outcome in a cluster batch.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum BatchResult<'a> {
+    Stored(PublishReceipt<'a>),
+    Failed { error: &'static str, reason: String },
+}
+
 /// A batch in cluster mode: every event is sent, then the stream's answers are awaited in
-/// order, so the batch costs about one round trip. Any event not acknowledged fails the
-/// whole answer with 503; those that were stored are deduplicated on a retry with their
-/// idempotency keys.
+/// order, so the batch costs about one round trip. When some event is not acknowledged, the
+/// answer is 503 with every event's own result, so that a publisher retries those that
+/// failed and never stores the others twice (a retry with idempotency keys is safe either
+/// way).
 async fn publish_to_cluster(
     app: &AppState,
     cluster: &Cluster,
@@ -291,28 +300,52 @@ async fn publish_to_cluster(
 ) -> Result<Response, ApiError> {
     let mut sent = Vec::with_capacity(publications.len());
     for (publication, key) in &publications {
-        let ack = cluster
-            .send(publication, key.as_deref())
-            .await
-            .map_err(|e| log_unavailable(app, e))?;
-        sent.push(ack);
+        sent.push(cluster.send(publication, key.as_deref()).await);
     }
-    let mut stored = Vec::with_capacity(sent.len());
-    for ack in sent {
-        stored.push(
-            cluster
-                .acked(ack)
-                .await
-                .map_err(|e| log_unavailable(app, e))?,
-        );
+    let mut results = Vec::with_capacity(sent.len());
+    let mut failed = 0;
+    for ((publication, _), ack) in publications.iter().zip(sent) {
+        let stored = match ack {
+            Ok(ack) => cluster.acked(ack).await,
+            Err(err) => Err(err),
+        };
+        results.push(match stored {
+            Ok(stored) => {
+                app.metrics.events_published.inc();
+                BatchResult::Stored(PublishReceipt::stored(&publication.identity, stored))
+            }
+            Err(err) => {
+                failed += 1;
+                BatchResult::Failed {
+                    error: "event_log_unavailable",
+                    reason: format!("{err}; the event may or may not be stored"),
+                }
+            }
+        });
     }
-    app.metrics.events_published.inc_by(stored.len() as u64);
-    let results = publications
-        .iter()
-        .zip(stored)
-        .map(|((p, _), s)| PublishReceipt::stored(&p.identity, s))
-        .collect();
-    Ok(Json(BatchReceipt { results }).into_response())
+    if failed == 0 {
+        return Ok(Json(json!({ "results": results })).into_response());
+    }
+    app.metrics.refusal("event_log_unavailable");
+    tracing::warn!(
+        failed,
+        events = results.len(),
+        "batch partly refused: the event log did not acknowledge every event"
+    );
+    let body = json!({
+        "error": "event_log_unavailable",
+        "reason": format!(
+            "{failed} of {} events were not acknowledged; `results` says which: retry those \
+             (with their idempotency keys)",
+            results.len()
+        ),
+        "results": results,
+    });
+    let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(1));
+    Ok(response)
 }
 
 /// Why a batch did not parse, naming the first bad event's index when the batch itself is
@@ -346,7 +379,7 @@ pub async fn stats(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&app, &headers, STATS_SCOPE)?;
+    let operator = authorize(&app, &headers, STATS_SCOPE)?;
     let m = &app.metrics;
     let created = m.instantiations.get();
     let active = m.instances_live.get().max(0) as u64;
@@ -360,7 +393,10 @@ pub async fn stats(
         Some(cluster) => cluster.describe().await,
         None => Value::Null,
     };
-    let (users_connected, top) = app.router.busiest_users(STATS_TOP_USERS);
+    // A tenant-bound token sees its own tenant's users only, never another tenant's ids.
+    let (users_connected, top) = app
+        .router
+        .busiest_users(STATS_TOP_USERS, operator.tenant.as_deref());
     let top: Vec<Value> = top
         .into_iter()
         .map(|(identity, connections)| {

@@ -58,9 +58,15 @@ pub struct ConfigArgs {
     /// TOML config file; GATEWAY_* environment variables override it.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Development mode: without a configured secret, use (or create) ./.gateway-dev-secret.
+    /// Development mode: tokens are signed with the generated secret in
+    /// ./.gateway-dev-secret (created on first use), never with configured keys, so a
+    /// production configuration cannot be combined with it.
     #[arg(long)]
     pub dev: bool,
+    /// With --dev: serve on an address other than loopback (the dev endpoints mint tokens
+    /// for anyone who can reach the port).
+    #[arg(long, requires = "dev")]
+    pub dev_allow_remote: bool,
 }
 
 #[derive(Debug, Args)]
@@ -162,17 +168,96 @@ pub enum GuestCommand {
 
 pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
     let mut config = Config::load(args.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if args.dev && config.jwt_secret.is_none() && config.auth.public_keys.is_empty() {
+    if args.dev {
+        refuse_production_keys(&config)?;
         config.jwt_secret = Some(dev_secret(Path::new(DEV_SECRET_FILE))?);
     }
     config.dev = args.dev;
     Ok(config)
 }
 
-/// Reads the development secret, creating it on first use.
+/// Development mode mints tokens for anyone who asks: with a production key or issuer it
+/// would mint production tokens, so it refuses them instead of choosing one.
+fn refuse_production_keys(config: &Config) -> anyhow::Result<()> {
+    let configured: Vec<&str> = [
+        (
+            "jwt_secret (GATEWAY_JWT_SECRET)",
+            config.jwt_secret.is_some(),
+        ),
+        ("auth.public_keys", !config.auth.public_keys.is_empty()),
+        ("auth.jwks_file", config.auth.jwks_file.is_some()),
+        ("auth.issuer", config.auth.issuer.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if !configured.is_empty() {
+        anyhow::bail!(
+            "--dev signs tokens with its own generated secret ({DEV_SECRET_FILE}) and refuses \
+             configured keys; remove {} or run without --dev",
+            configured.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A secret file is trusted only if it is a regular file of this process's user that no one
+/// else may read or write: another local user who planted it would know every dev token.
+fn check_private_file(path: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let me = nix::unistd::geteuid().as_raw();
+        if !meta.file_type().is_file() {
+            anyhow::bail!(
+                "{} is not a regular file (a link?); remove it",
+                path.display()
+            );
+        }
+        if meta.uid() != me {
+            anyhow::bail!(
+                "{} belongs to uid {}, not to this user (uid {me}); remove it",
+                path.display(),
+                meta.uid()
+            );
+        }
+        if meta.mode() & 0o077 != 0 {
+            anyhow::bail!(
+                "{} may be read or written by others (mode {:o}); remove it or chmod 600",
+                path.display(),
+                meta.mode() & 0o777
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, meta);
+    Ok(())
+}
+
+/// Dev mode's endpoints answer anyone who reaches the port: loopback only, unless the
+/// operator says otherwise with `--dev-allow-remote`.
+fn refuse_remote_dev(listen: std::net::SocketAddr, allow_remote: bool) -> anyhow::Result<()> {
+    if !allow_remote && !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--dev on {listen}: the dev endpoints mint tokens for anyone who can reach it; \
+             listen on a loopback address or add --dev-allow-remote"
+        );
+    }
+    Ok(())
+}
+
+/// Reads the development secret, creating it on first use. An existing file is trusted only
+/// if it is a regular file (not a link) of this process's user that no one else can read.
 fn dev_secret(path: &Path) -> anyhow::Result<String> {
-    if let Ok(secret) = std::fs::read_to_string(path) {
-        return Ok(secret.trim().to_owned());
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            check_private_file(path, &meta)?;
+            let secret = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            return Ok(secret.trim().to_owned());
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
     }
     let secret = format!(
         "{}{}",
@@ -196,6 +281,17 @@ fn dev_secret(path: &Path) -> anyhow::Result<String> {
     Ok(secret)
 }
 
+/// Writes to standard output. A reader that went away (`gateway token | head -c0`, a
+/// closed pipe) is not an error of ours: the output is simply not wanted any more.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("cannot write to standard output"),
+    }
+}
+
 pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = load_config(&args.config)?;
     if let Some(listen) = args.listen {
@@ -205,6 +301,9 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         config.guest = Some(guest);
     }
     let listen = config.listen;
+    if args.config.dev {
+        refuse_remote_dev(listen, args.config.dev_allow_remote)?;
+    }
     #[cfg(not(feature = "native-handler"))]
     let state = AppState::new(config)?;
     #[cfg(feature = "native-handler")]
@@ -252,7 +351,7 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 }
 
 fn print_dev_help(addr: std::net::SocketAddr) {
-    println!(
+    let _ = print_out(&format!(
         "\ngateway (dev) listening on http://{addr}\n\
          \n  demo page:     http://{addr}/  (a live agent run in the browser client)\n\
          \n  mint tokens:   USER=$(target/release/gateway token --dev --user alice)\n\
@@ -261,7 +360,7 @@ fn print_dev_help(addr: std::net::SocketAddr) {
          \x20 publish:       curl -s -H \"Authorization: Bearer $PUB\" -H 'content-type: application/json' \\\n\
          \x20                  -d '{{\"user_id\":\"alice\",\"kind\":\"agent_started\",\"payload\":{{\"step\":1}},\"run_id\":\"r1\"}}' \\\n\
          \x20                  http://{addr}/v1/publish\n"
-    );
+    ));
 }
 
 async fn shutdown_signal() {
@@ -344,9 +443,27 @@ pub fn check_config(config: &Config) -> anyhow::Result<String> {
         effective.jwt_secret = Some("<redacted>".into());
     }
     let toml = toml::to_string_pretty(&effective).context("cannot print the configuration")?;
+    let warnings: String = config_warnings(config)
+        .iter()
+        .map(|w| format!("# warning: {w}\n"))
+        .collect();
     Ok(format!(
-        "# valid; the effective configuration (defaults, file, environment):\n{toml}"
+        "{warnings}# valid; the effective configuration (defaults, file, environment):\n{toml}"
     ))
+}
+
+/// Settings that start but work against each other.
+fn config_warnings(config: &Config) -> Vec<String> {
+    let l = &config.limits;
+    let mut warnings = Vec::new();
+    if l.max_message_bytes > l.outbound_queue_bytes {
+        warnings.push(format!(
+            "limits.max_message_bytes ({}) exceeds limits.outbound_queue_bytes ({}): a handler \
+             that echoes a maximal client message faults (emit_too_large) instead of sending it",
+            l.max_message_bytes, l.outbound_queue_bytes
+        ));
+    }
+    warnings
 }
 
 pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
@@ -358,14 +475,14 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot wrap {} into a component", module.display()))?;
             std::fs::write(&output, component)
                 .with_context(|| format!("cannot write {}", output.display()))?;
-            println!("wrote {}", output.display());
+            print_out(&format!("wrote {}\n", output.display()))?;
         }
         GuestCommand::New { name, lang } => {
             let dir = new_project(Path::new("."), &name, &lang)?;
-            println!(
-                "wrote {}: `make -C {name}` builds {name}/{name}.wasm, `make -C {name} test` replays samples through it",
+            print_out(&format!(
+                "wrote {}: `make -C {name}` builds {name}/{name}.wasm, `make -C {name} test` replays samples through it\n",
                 dir.display()
-            );
+            ))?;
         }
         GuestCommand::Replay {
             component,
@@ -403,7 +520,7 @@ pub fn run_guest(command: GuestCommand) -> anyhow::Result<()> {
             let config = load_config(&config)?;
             config.validate()?;
             let report = check_guest(&component, &config)?;
-            println!("{report}");
+            print_out(&format!("{report}\n"))?;
         }
     }
     Ok(())
@@ -482,6 +599,11 @@ pub fn new_project(parent: &Path, name: &str, lang: &str) -> anyhow::Result<Path
     let dir = parent.join(name);
     anyhow::ensure!(!dir.exists(), "{} already exists", dir.display());
     let lib = name.replace('-', "_");
+    // The Makefile runs the gateway that wrote it, whether or not one is on PATH.
+    let gateway = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "gateway".into());
     for (file, text) in files.iter().chain(COMMON_TEMPLATE) {
         let path = dir.join(file);
         if let Some(folder) = path.parent() {
@@ -492,6 +614,7 @@ pub fn new_project(parent: &Path, name: &str, lang: &str) -> anyhow::Result<Path
         let text = text
             .replace("{{name}}", name)
             .replace("{{lib}}", &lib)
+            .replace("{{gateway}}", &gateway)
             .replace("gateway-handler-js", name);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -616,7 +739,66 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         }
         assert_eq!(dev_secret(&path).unwrap(), secret);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Readable by others: whoever could read it knows every dev token.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let err = dev_secret(&path).unwrap_err().to_string();
+            assert!(err.contains("chmod 600"), "{err}");
+            // Another user's file, even a private one.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if nix::unistd::geteuid().is_root() {
+                std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+                let err = dev_secret(&path).unwrap_err().to_string();
+                assert!(err.contains("not to this user"), "{err}");
+            }
+            // A link to a private file of ours is not the file.
+            std::fs::remove_file(&path).unwrap();
+            let target = dir.join("elsewhere");
+            std::fs::write(&target, "planted-secret").unwrap();
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::symlink(&target, &path).unwrap();
+            let err = dev_secret(&path).unwrap_err().to_string();
+            assert!(err.contains("not a regular file"), "{err}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn config_check_warns_when_a_maximal_message_cannot_be_echoed() {
+        let mut config = Config::default();
+        assert!(config_warnings(&config).is_empty());
+        config.limits.max_message_bytes = config.limits.outbound_queue_bytes + 1;
+        let warnings = config_warnings(&config);
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("limits.outbound_queue_bytes"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn dev_mode_refuses_production_keys_and_remote_addresses() {
+        let mut config = Config::default();
+        assert!(refuse_production_keys(&config).is_ok());
+        config.auth.issuer = Some("https://login.example".into());
+        config.jwt_secret = Some("production-secret-0123456789abcdef".into());
+        let err = refuse_production_keys(&config).unwrap_err().to_string();
+        assert!(
+            err.contains("jwt_secret") && err.contains("auth.issuer"),
+            "{err}"
+        );
+        let mut jwks = Config::default();
+        jwks.auth.jwks_file = Some("keys.json".into());
+        let err = refuse_production_keys(&jwks).unwrap_err().to_string();
+        assert!(err.contains("auth.jwks_file"), "{err}");
+
+        assert!(refuse_remote_dev("127.0.0.1:8080".parse().unwrap(), false).is_ok());
+        assert!(refuse_remote_dev("[::1]:8080".parse().unwrap(), false).is_ok());
+        let err = refuse_remote_dev("0.0.0.0:8080".parse().unwrap(), false).unwrap_err();
+        assert!(err.to_string().contains("--dev-allow-remote"), "{err}");
+        assert!(refuse_remote_dev("0.0.0.0:8080".parse().unwrap(), true).is_ok());
     }
 
     #[test]
@@ -631,6 +813,11 @@ mod tests {
         let makefile = std::fs::read_to_string(made.join("Makefile")).unwrap();
         assert!(makefile.contains("release/my_agent.wasm"), "{makefile}");
         assert!(!makefile.contains("{{"), "{makefile}");
+        let me = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+        assert!(
+            makefile.contains(&format!("GATEWAY ?= {}\n", me.display())),
+            "{makefile}"
+        );
         assert!(
             new_project(&dir, "my-agent", "rust").is_err(),
             "overwrote a project"

@@ -133,13 +133,20 @@ fn stream_bytes(identity: &Identity) -> usize {
     identity.user.len() + identity.tenant.as_ref().map_or(0, String::len) + 200
 }
 
+/// The key an identity's tenant is counted under.
+fn tenant_key(identity: &Identity) -> &str {
+    identity.tenant.as_deref().unwrap_or("")
+}
+
 fn key_bytes(key: &str) -> usize {
     2 * key.len() + 96
 }
 
 /// The embedded log: in this process, bounded per identity by count and age, and overall
 /// by bytes: events and their streams within `max_bytes`, idempotency keys within a quarter
-/// of it on top. Past a bound, the oldest event (or key) of each identity goes in turn.
+/// of it on top. Past the byte bound, the oldest event of each identity of the tenant that
+/// holds the most bytes goes in turn (so one tenant's publishers evict their own history,
+/// not every tenant's); past the key bound, the oldest key of each identity.
 /// Each eviction is counted in `evictions`.
 pub struct MemoryLog {
     shards: Box<[Mutex<HashMap<Identity, Stream>>]>,
@@ -149,6 +156,9 @@ pub struct MemoryLog {
     bytes: AtomicUsize,
     /// Bytes of idempotency keys.
     key_bytes: AtomicUsize,
+    /// Bytes of events per tenant (`""`: identities without one), to evict from the
+    /// heaviest first.
+    tenant_bytes: Mutex<HashMap<String, usize>>,
     /// The shard the next eviction pass starts in, so that passes go round.
     cursor: AtomicUsize,
     /// At least the last `seq` handed out by any stream dropped so far: a new stream's base
@@ -186,6 +196,7 @@ impl MemoryLog {
             limits,
             bytes: AtomicUsize::new(0),
             key_bytes: AtomicUsize::new(0),
+            tenant_bytes: Mutex::default(),
             cursor: AtomicUsize::new(0),
             last_base: AtomicU64::new(0),
             forgot: Mutex::new(Instant::now()),
@@ -224,12 +235,45 @@ impl MemoryLog {
     }
 
     /// Drops the stream's oldest event; whether there was one.
-    fn pop_event(&self, stream: &mut Stream) -> bool {
+    fn pop_event(&self, identity: &Identity, stream: &mut Stream) -> bool {
         let Some((_, event)) = stream.events.pop_front() else {
             return false;
         };
-        self.bytes.fetch_sub(event_bytes(&event), Ordering::Relaxed);
+        let bytes = event_bytes(&event);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let mut tenants = lock(&self.tenant_bytes);
+        let tenant = tenant_key(identity);
+        if let Some(held) = tenants.get_mut(tenant) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                tenants.remove(tenant);
+            }
+        }
         true
+    }
+
+    /// Counts an appended event's bytes.
+    fn push_event(&self, identity: &Identity, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let mut tenants = lock(&self.tenant_bytes);
+        match tenants.get_mut(tenant_key(identity)) {
+            Some(held) => *held += bytes,
+            None => {
+                tenants.insert(tenant_key(identity).to_owned(), bytes);
+            }
+        }
+    }
+
+    /// The tenant whose events hold the most bytes.
+    fn heaviest_tenant(&self) -> Option<String> {
+        let tenants = lock(&self.tenant_bytes);
+        if tenants.len() < 2 {
+            return None; // one tenant (or none): every identity is fair game
+        }
+        tenants
+            .iter()
+            .max_by_key(|(_, bytes)| **bytes)
+            .map(|(tenant, _)| tenant.clone())
     }
 
     /// Drops the stream's oldest idempotency key; whether there was one.
@@ -244,14 +288,14 @@ impl MemoryLog {
     }
 
     /// Drops expired events and keys of one stream.
-    fn expire_stream(&self, stream: &mut Stream, now: Instant) {
+    fn expire_stream(&self, identity: &Identity, stream: &mut Stream, now: Instant) {
         let max_age = Duration::from_secs(self.limits.max_age_secs);
         while stream
             .events
             .front()
             .is_some_and(|(at, _)| now.duration_since(*at) >= max_age)
         {
-            self.pop_event(stream);
+            self.pop_event(identity, stream);
             self.evictions.age.fetch_add(1, Ordering::Relaxed);
         }
         let window = Duration::from_secs(self.limits.idempotency_window_secs);
@@ -278,7 +322,11 @@ impl MemoryLog {
     /// turn, shard by shard. Streams emptied this way are forgotten, and the log notes when.
     fn enforce_bounds(&self) {
         let mut idle = 0;
+        // Events go from the heaviest tenant first; should a whole round over the shards
+        // find none of its events to take, from any tenant.
+        let mut fair = true;
         while (self.events_over() || self.keys_over()) && idle < SHARDS {
+            let heaviest = fair.then(|| self.heaviest_tenant()).flatten();
             let i = self.cursor.fetch_add(1, Ordering::Relaxed) % self.shards.len();
             let mut shard = lock(&self.shards[i]);
             let mut progressed = false;
@@ -288,7 +336,10 @@ impl MemoryLog {
                 if !events && !keys {
                     break;
                 }
-                if events && self.pop_event(stream) {
+                let chosen = heaviest
+                    .as_deref()
+                    .is_none_or(|tenant| tenant_key(identity) == tenant);
+                if events && chosen && self.pop_event(identity, stream) {
                     self.evictions.bytes.fetch_add(1, Ordering::Relaxed);
                     progressed = true;
                 }
@@ -307,6 +358,10 @@ impl MemoryLog {
                 progressed = true;
             }
             idle = if progressed { 0 } else { idle + 1 };
+            if idle == SHARDS && fair && heaviest.is_some() {
+                fair = false;
+                idle = 0;
+            }
         }
     }
 }
@@ -335,7 +390,7 @@ impl EventLog for MemoryLog {
                     })
                 }
             };
-            self.expire_stream(stream, now);
+            self.expire_stream(&identity, stream, now);
             if let Some(key) = idempotency_key
                 && let Some(&seq) = stream.keys.get(key)
             {
@@ -350,10 +405,10 @@ impl EventLog for MemoryLog {
                 run_id: publication.run_id,
                 thread_id: publication.thread_id,
             });
-            self.bytes.fetch_add(event_bytes(&event), Ordering::Relaxed);
+            self.push_event(&identity, event_bytes(&event));
             stream.events.push_back((now, event.clone()));
             while stream.events.len() > self.limits.max_events_per_user {
-                self.pop_event(stream);
+                self.pop_event(&identity, stream);
                 self.evictions.count.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(key) = idempotency_key {
@@ -382,7 +437,7 @@ impl EventLog for MemoryLog {
                 head: None,
             };
         };
-        self.expire_stream(stream, Instant::now());
+        self.expire_stream(identity, stream, Instant::now());
         let head = stream.next_seq.checked_sub(1).filter(|h| *h >= stream.base);
         let earliest = stream.earliest();
         let not = |reason| Replay {
@@ -444,7 +499,7 @@ impl EventLog for MemoryLog {
             let mut shard = lock(shard);
             let mut empty = Vec::new();
             for (identity, stream) in shard.iter_mut() {
-                self.expire_stream(stream, now);
+                self.expire_stream(identity, stream, now);
                 if stream.is_empty() {
                     empty.push(identity.clone());
                 }
@@ -625,6 +680,43 @@ mod tests {
         let identity = fresh.identity.clone();
         log.append(fresh, None);
         assert_eq!(log.read(&identity, 0).reason, Some(NotRecovered::Evicted));
+    }
+
+    #[test]
+    fn one_tenant_flooding_the_byte_bound_evicts_its_own_history_only() {
+        let mut limits = limits();
+        limits.max_bytes = 256 << 10;
+        let log = settled(limits);
+        let in_tenant = |tenant: &str, user: &str, n: u64| Publication {
+            identity: Identity {
+                tenant: Some(tenant.into()),
+                user: user.into(),
+            },
+            ..publication(user, n)
+        };
+        let mut quiet = Vec::new();
+        for n in 0..20 {
+            for _ in 0..3 {
+                let p = in_tenant("quiet", &format!("user-{n}"), n);
+                quiet.push(p.identity.clone());
+                log.append(p, None);
+            }
+        }
+        // The other tenant publishes to ever new users, far past the byte bound.
+        for n in 0..50_000u64 {
+            log.append(in_tenant("flood", &format!("user-{n}"), n), None);
+            assert!(log.bytes() <= 256 << 10);
+        }
+        assert!(log.evictions.bytes.load(Ordering::Relaxed) > 40_000);
+        for identity in &quiet {
+            let replay = log.read(identity, 0);
+            assert!(
+                replay.recovered,
+                "{identity:?} lost history: {:?}",
+                replay.reason
+            );
+            assert_eq!(replay.events.len(), 3);
+        }
     }
 
     #[test]

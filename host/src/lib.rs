@@ -289,25 +289,18 @@ fn file_stamp(path: &std::path::Path) -> FileStamp {
         .map(|meta| (meta.modified().ok(), meta.len()))
 }
 
-/// What the ops listener serves: health and metrics only.
+/// What the ops listener serves: health, metrics, and the backend's and operators' API
+/// (`/v1/*`, authorised exactly as on the public listener). Browsers never reach it, so no
+/// crowd of WebSocket handshakes or anonymous clients can starve a publisher of slots.
 pub fn ops_app(state: Arc<AppState>) -> axum::Router {
-    axum::Router::new()
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
+    api_routes(axum::Router::new())
         .route("/metrics", get(api::metrics))
         .with_state(state)
 }
 
-/// How long start-up waits for the revocations other nodes recorded.
-const DISCONNECTS_LOAD_WAIT: Duration = Duration::from_secs(10);
-
-/// Connections the ops listener holds at once: probes and scrapers, a handful.
-const OPS_HTTP_CONNECTIONS: usize = 64;
-
-/// The HTTP application, shared by the binary and the tests.
-pub fn app(state: Arc<AppState>) -> axum::Router {
-    web::routes(state.config.dev)
-        .route("/ws", get(session::connect))
+/// Routes served on both listeners.
+fn api_routes(router: axum::Router<Arc<AppState>>) -> axum::Router<Arc<AppState>> {
+    router
         .route("/v1/publish", post(api::publish))
         .route("/v1/publish/batch", post(api::publish_batch))
         .route("/v1/disconnect", post(admin::disconnect))
@@ -315,8 +308,24 @@ pub fn app(state: Arc<AppState>) -> axum::Router {
         .route("/v1/stats", get(api::stats))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
-        .route("/metrics", get(api::metrics))
-        .with_state(state)
+}
+
+/// How long start-up waits for the revocations other nodes recorded.
+const DISCONNECTS_LOAD_WAIT: Duration = Duration::from_secs(30);
+
+/// Connections the ops listener holds at once: probes, scrapers and backend services.
+const OPS_HTTP_CONNECTIONS: usize = 256;
+
+/// The HTTP application of the public listener, shared by the binary and the tests.
+/// `/metrics` is here only when there is no ops listener (`ops_apart`): it tells anyone who
+/// can reach it how many users are connected and what the node refuses.
+pub fn app(state: Arc<AppState>, ops_apart: bool) -> axum::Router {
+    let routes = api_routes(web::routes(state.config.dev).route("/ws", get(session::connect)));
+    let routes = match ops_apart {
+        true => routes,
+        false => routes.route("/metrics", get(api::metrics)),
+    };
+    routes.with_state(state)
 }
 
 /// Re-reads the JWKS file and the TLS certificate when they change, and on SIGHUP those and
@@ -481,18 +490,25 @@ pub async fn serve_with_ops(
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     // Cluster mode: the revocations in force, recorded by any node, hold here before anyone
-    // is served (bounded: a NATS that does not answer delays start-up, it does not stop it).
+    // is served. A node that cannot load them does not serve at all: it would admit revoked
+    // tokens.
     let (loaded, disconnects_loaded) = tokio::sync::oneshot::channel();
     let disconnects = tokio::spawn(admin::follow_disconnects(state.clone(), loaded));
     if tokio::time::timeout(DISCONNECTS_LOAD_WAIT, disconnects_loaded)
         .await
         .is_err()
     {
-        tracing::warn!("the cluster's recorded disconnects did not load in time; serving anyway");
+        disconnects.abort();
+        return Err(std::io::Error::other(format!(
+            "cluster: the revocations in force did not load from NATS within {} s; not \
+             serving, since this node would admit revoked tokens",
+            DISCONNECTS_LOAD_WAIT.as_secs()
+        )));
     }
     let limits = &state.config.limits;
     let serving = listener::Serving {
         header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
+        write_timeout: Duration::from_secs(limits.write_timeout_secs),
         tls_handshake_timeout: Duration::from_secs(state.config.tls.handshake_timeout_secs),
         draining: CancellationToken::new(),
         stopped: CancellationToken::new(),
@@ -502,8 +518,9 @@ pub async fn serve_with_ops(
     let mut accepting = vec![tokio::spawn(listener::accept(
         listener::Listener {
             socket: listener,
-            app: app(state.clone()),
+            app: app(state.clone(), ops.is_some()),
             http_connections: limits.max_http_connections,
+            per_address: limits.max_http_connections_per_address,
             name: "public",
             tls: state.tls.clone(),
         },
@@ -515,6 +532,7 @@ pub async fn serve_with_ops(
                 socket: ops,
                 app: ops_app(state.clone()),
                 http_connections: OPS_HTTP_CONNECTIONS,
+                per_address: 0,
                 name: "ops",
                 tls: None,
             },

@@ -1,7 +1,7 @@
 //! The `gateway` binary. See `gateway --help`.
 
 use clap::Parser;
-use gateway::cli::{Cli, Command, run_config, run_guest, run_serve, run_token};
+use gateway::cli::{Cli, Command, print_out, run_config, run_guest, run_serve, run_token};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -15,9 +15,9 @@ fn main() -> std::process::ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(run_serve(args)))
         }
-        Command::Token(args) => run_token(args).map(|token| println!("{token}")),
+        Command::Token(args) => run_token(args).and_then(|token| print_out(&format!("{token}\n"))),
         Command::Guest(command) => run_guest(command),
-        Command::Config(command) => run_config(command).map(|text| print!("{text}")),
+        Command::Config(command) => run_config(command).and_then(|text| print_out(&text)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

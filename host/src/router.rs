@@ -83,6 +83,9 @@ pub enum Closed {
     Shutdown = 2,
     /// An operator disconnected the session (`POST /v1/disconnect`).
     Disconnected = 3,
+    /// Cluster mode: events of the identity were removed from the stream before its feed
+    /// here read them; the client resumes (1013) and is told `recovered:false`.
+    Behind = 4,
 }
 
 impl QueueState {
@@ -98,6 +101,7 @@ impl QueueState {
             0 => None,
             1 => Some(Closed::Overflow),
             3 => Some(Closed::Disconnected),
+            4 => Some(Closed::Behind),
             _ => Some(Closed::Shutdown),
         }
     }
@@ -333,6 +337,26 @@ impl Router {
         closed
     }
 
+    /// Cluster mode: closes the sessions the feed `generation` serves, which can no longer
+    /// prove they got every event ([`Closed::Behind`]), and drops that feed with them: a
+    /// session registered later starts a new one. Returns how many.
+    pub fn interrupt(&self, identity: &Identity, generation: u64) -> usize {
+        let mut shard = lock(self.shard(identity));
+        let Some(routes) = shard
+            .get(identity)
+            .filter(|r| r.feed.as_ref().is_some_and(|f| f.generation == generation))
+        else {
+            return 0;
+        };
+        for route in &routes.sessions {
+            route.queue.close(Closed::Behind);
+        }
+        let closed = routes.sessions.len();
+        // Dropping the senders wakes the sessions; dropping the feed ends it.
+        shard.remove(identity);
+        closed
+    }
+
     /// Appends the event to the log (which numbers it) and queues it to each of the
     /// identity's sessions. A session whose queue is full is told to close as a slow client;
     /// it never blocks the publisher or the identity's other sessions. A repeated
@@ -411,8 +435,13 @@ impl Router {
         queued
     }
 
-    /// How many identities have live sessions, and the `top` ones with the most.
-    pub fn busiest_users(&self, top: usize) -> (usize, Vec<(Identity, usize)>) {
+    /// How many identities have live sessions, and the `top` ones with the most; with
+    /// `tenant`, that tenant's only.
+    pub fn busiest_users(
+        &self,
+        top: usize,
+        tenant: Option<&str>,
+    ) -> (usize, Vec<(Identity, usize)>) {
         let mut users = Vec::new();
         for shard in &self.shards {
             let shard = lock(shard);
@@ -420,6 +449,7 @@ impl Router {
                 shard
                     .iter()
                     .filter(|(_, r)| !r.sessions.is_empty())
+                    .filter(|(user, _)| tenant.is_none() || user.tenant.as_deref() == tenant)
                     .map(|(user, r)| (user.clone(), r.sessions.len())),
             );
         }
@@ -574,7 +604,7 @@ mod tests {
             router.register(&alice, "2".into(), None).err(),
             Some(Refused::ShuttingDown)
         );
-        let (users, _) = router.busiest_users(10);
+        let (users, _) = router.busiest_users(10, None);
         assert_eq!(users, 0);
     }
 
@@ -583,9 +613,9 @@ mod tests {
         let router = router(Limits::default());
         let alice = who(None, "alice");
         let mailbox = router.register(&alice, "1".into(), None).unwrap();
-        assert_eq!(router.busiest_users(10).0, 1);
+        assert_eq!(router.busiest_users(10, None).0, 1);
         drop(mailbox);
-        assert_eq!(router.busiest_users(10).0, 0);
+        assert_eq!(router.busiest_users(10, None).0, 0);
         let shards: usize = router.shards.iter().map(|s| lock(s).len()).sum();
         assert_eq!(shards, 0);
         // Publishing to it keeps nothing in the router either (the log has the event).

@@ -36,6 +36,9 @@ use crate::sandbox::{CloseReason, Context, Event, Fault, Frame, Handler, Sandbox
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol (an unmasked frame, a bad opcode, a
+    /// fragmented control frame, reserved bits set).
+    pub const PROTOCOL: u16 = 1002;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
@@ -246,6 +249,8 @@ enum End {
     LogUnavailable,
     TooBig,
     InvalidUtf8,
+    /// The client broke the WebSocket protocol.
+    Protocol,
     Transport,
     Fault(Fault),
 }
@@ -265,6 +270,7 @@ impl End {
             End::LogUnavailable => "event_log_unavailable",
             End::TooBig => "message_too_big",
             End::InvalidUtf8 => "invalid_utf8",
+            End::Protocol => "protocol_error",
             End::Transport => "transport",
             End::Fault(_) => "guest_fault",
         }
@@ -292,6 +298,7 @@ impl End {
             ),
             End::TooBig => (TOO_BIG, "message too big".into()),
             End::InvalidUtf8 => (INVALID_PAYLOAD, "invalid UTF-8 in text frame".into()),
+            End::Protocol => (PROTOCOL, "websocket protocol error".into()),
             End::Fault(f) if f.is_policy() => (POLICY, format!("policy violation: {}", f.as_str())),
             End::Fault(f) => (GUEST_FAULT, format!("guest fault: {}", f.as_str())),
         })
@@ -310,6 +317,7 @@ impl End {
             | End::ForeignRefresh
             | End::TooBig
             | End::InvalidUtf8
+            | End::Protocol
             | End::Transport
             | End::Fault(_) => CloseReason::Error,
         }
@@ -530,6 +538,7 @@ impl Session {
                 Work::Event(Err(Closed::Overflow)) => Err(End::SlowClient),
                 Work::Event(Err(Closed::Shutdown)) => Err(End::Shutdown),
                 Work::Event(Err(Closed::Disconnected)) => Err(End::Disconnected),
+                Work::Event(Err(Closed::Behind)) => Err(End::LogUnavailable),
                 Work::Hibernate => {
                     let due = self.last_active + hibernate_after;
                     if due > Instant::now() {
@@ -654,7 +663,12 @@ impl Session {
                     self.count_received();
                     let (renewed, reply) = match refresh.apply(&self.app, &self.ctx, &self.identity)
                     {
-                        Refreshed::Renewed(exp, reply) => (Some(exp), reply),
+                        Refreshed::Renewed(exp, reply) => {
+                            // A handler restored after hibernation is given this context:
+                            // it must carry the expiry in force, not the first token's.
+                            self.ctx.expires_at = exp;
+                            (Some(exp), reply)
+                        }
                         Refreshed::Refused(reply) => (None, reply),
                         Refreshed::ForeignUser => return Err(End::ForeignRefresh),
                     };
@@ -1010,6 +1024,23 @@ impl Refresh {
             );
             return Refreshed::ForeignUser;
         }
+        // A token of another token session (`sid`) would outlive that session's revocation
+        // on a connection opened under the revoked one.
+        if claims.sid != ctx.session_id {
+            app.metrics.refusal("foreign_session");
+            tracing::info!(
+                target: "audit",
+                conn = %ctx.connection_id,
+                user = %ctx.user_id,
+                reason = "foreign_session",
+                "in-band refresh refused"
+            );
+            let reply = serde_json::json!({
+                "type": "gateway.refresh_failed",
+                "reason": "the token is for another session (sid) than this connection's",
+            });
+            return Refreshed::Refused(Frame::Text(reply.to_string()));
+        }
         let reply = serde_json::json!({"type": "gateway.refreshed", "expires_at": claims.exp});
         Refreshed::Renewed(claims.exp, Frame::Text(reply.to_string()))
     }
@@ -1027,11 +1058,14 @@ enum Refreshed {
 /// Maps a read error to how the session ends, so that a bad frame gets its specific code.
 fn classify(err: axum::Error) -> End {
     use tokio_tungstenite::tungstenite::Error as WsError;
-    use tokio_tungstenite::tungstenite::error::CapacityError;
+    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
     match err.into_inner().downcast::<WsError>() {
         Ok(err) => match *err {
             WsError::Capacity(CapacityError::MessageTooLong { .. }) => End::TooBig,
             WsError::Utf8(_) => End::InvalidUtf8,
+            // A peer gone without a close handshake is not a protocol breach.
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Transport,
+            WsError::Protocol(_) => End::Protocol,
             _ => End::Transport,
         },
         Err(_) => End::Transport,

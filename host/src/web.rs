@@ -228,16 +228,25 @@ async fn dev_run(
     let run = run_id.clone();
     tokio::spawn(async move {
         for (kind, payload) in DEMO_RUN {
-            publishing.router.publish(
-                Publication {
-                    identity: identity.clone(),
-                    kind: (*kind).to_owned(),
-                    payload: (*payload).to_owned(),
-                    run_id: Some(run.clone()),
-                    thread_id: Some("demo".to_owned()),
-                },
-                None,
-            );
+            let publication = Publication {
+                identity: identity.clone(),
+                kind: (*kind).to_owned(),
+                payload: (*payload).to_owned(),
+                run_id: Some(run.clone()),
+                thread_id: Some("demo".to_owned()),
+            };
+            // Into the log every node reads: in cluster mode that is the stream, not this
+            // node's (unused) embedded log.
+            match publishing.router.cluster() {
+                Some(cluster) => {
+                    if let Err(err) = cluster.publish(&publication, None).await {
+                        tracing::warn!(error = %err, "demo run: an event was not stored");
+                    }
+                }
+                None => {
+                    publishing.router.publish(publication, None);
+                }
+            }
             tokio::select! {
                 () = publishing.shutdown.cancelled() => return,
                 () = tokio::time::sleep(DEMO_STEP) => {}

@@ -191,6 +191,12 @@ impl std::fmt::Debug for ClusterConfig {
     }
 }
 
+/// The most events one resume may replay in cluster mode: its read is one batched direct
+/// get, whose answers (these events, `since` itself, one more to tell "too many", and the
+/// end-of-batch status) wait in a NATS inbox bounded at 4,096 messages
+/// (`cluster::INBOX_CAPACITY`); past that the client would drop some.
+pub const MAX_CLUSTER_REPLAY_EVENTS: usize = 4000;
+
 /// The event log's bounds: what a reconnecting client can get back (`?since=`).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
@@ -203,7 +209,7 @@ pub struct History {
     /// events of any identity go first.
     pub max_bytes: usize,
     /// Most events one resume replays; a resume that would need more is answered
-    /// `recovered: false` (`too_many`), never truncated.
+    /// `recovered: false` (`too_many`), never truncated. At most 4000 in cluster mode.
     pub max_replay_events: usize,
     /// How long an `idempotency_key` is remembered.
     pub idempotency_window_secs: u64,
@@ -339,6 +345,18 @@ pub struct Limits {
     /// listener holds at once; past it, new ones wait in the kernel's backlog. Upgraded
     /// WebSocket connections do not count (`max_connections` bounds them).
     pub max_http_connections: usize,
+    /// Of those, how many one client address may hold (0: no cap). Past it, that address's
+    /// new connections are answered 429 and closed at once, so one client cannot take every
+    /// slot. Behind a reverse proxy every client shares its address: raise or disable it
+    /// there, and bound clients at the proxy.
+    pub max_http_connections_per_address: usize,
+    /// Revocations (`POST /v1/disconnect` with `revoke_secs`) one tenant may hold in force
+    /// at once (users without a tenant count as one tenant), so that one tenant's backend
+    /// cannot use up the table for every other. Past it, the disconnect still happens and
+    /// the answer is 429 `revocations_full`.
+    pub max_revocations_per_tenant: usize,
+    /// Revocations held in force at once, all tenants together (memory: ~200 bytes each).
+    pub max_revocations: usize,
     /// Deepest nesting of arrays and objects in an event's payload. Handlers parse payloads
     /// (the reference one to redact them) and a parser stops at some depth (serde_json's at
     /// 128); a payload it cannot parse cannot be inspected, so the publish API refuses it.
@@ -425,6 +443,9 @@ impl Default for Limits {
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 10,
             max_http_connections: 1024,
+            max_http_connections_per_address: 256,
+            max_revocations_per_tenant: 10_000,
+            max_revocations: 100_000,
             max_payload_depth: 32,
             max_batch_events: 1000,
             shutdown_grace_secs: 10,
@@ -555,6 +576,11 @@ impl Config {
             ),
             ("limits.body_read_timeout_secs", l.body_read_timeout_secs),
             ("limits.max_http_connections", l.max_http_connections as u64),
+            (
+                "limits.max_revocations_per_tenant",
+                l.max_revocations_per_tenant as u64,
+            ),
+            ("limits.max_revocations", l.max_revocations as u64),
             ("limits.max_queued_bytes", l.max_queued_bytes as u64),
             (
                 "history.max_events_per_user",
@@ -643,6 +669,14 @@ impl Config {
                 if value == 0 {
                     return Err(bad(key, &value, "must be at least 1"));
                 }
+            }
+            if self.history.max_replay_events > MAX_CLUSTER_REPLAY_EVENTS {
+                return Err(bad(
+                    "history.max_replay_events",
+                    &self.history.max_replay_events,
+                    "at most 4000 in cluster mode: a resume reads its events in one batch from \
+                     the stream, and the answers wait in a NATS inbox of 4096 messages",
+                ));
             }
             if !(1..=64).contains(&c.streams) {
                 return Err(bad("cluster.streams", &c.streams, "1 to 64"));
