@@ -12,13 +12,21 @@ const MAX_THREAD_ID_BYTES = 256;
 const MAX_TRACKED_RUNS = 256;
 const WITHHELD = "[redacted: payload could not be inspected]";
 
-// Compared after lower-casing and dropping `-` and `_`, as the Rust handler does.
-const SENSITIVE_KEYS = new Set([
-  "password", "passwd", "pwd", "secret", "clientsecret", "apikey", "token", "accesstoken",
-  "refreshtoken", "idtoken", "authtoken", "bearertoken", "sessiontoken", "authorization",
-  "cookie", "setcookie", "privatekey", "credential", "credentials",
-]);
-const SENSITIVE_SUFFIXES = ["password", "secret", "apikey"];
+// A key is sensitive when, lower-cased with `-` and `_` dropped, it ends with one of these:
+// the Rust handler's list (guest/src/handler.rs), checked by tests/fixtures/redaction-corpus.json.
+const SENSITIVE_SUFFIXES = [
+  "password", "passwords", "passwd", "passphrase", "pwd", "secret", "secrets", "token", "apikey",
+  "apikeys", "accesskey", "secretkey", "privatekey", "authorization", "cookie", "cookies",
+  "credential", "credentials",
+];
+// In a name/value list (`{"name":"Authorization","value":"..."}`), the members that name and
+// the members that the name covers.
+const NAME_FIELDS = new Set(["name", "key"]);
+const VALUE_FIELDS = new Set(["value", "values"]);
+// Levels of JSON inside string values inspected; a deeper one withholds the payload.
+const MAX_EMBEDDED = 4;
+// Nesting `parseExact` follows, as serde_json's in the Rust handler.
+const MAX_DEPTH = 128;
 
 let connectionId = "";
 let userId = "";
@@ -94,8 +102,8 @@ export function onEvent(event) {
     return;
   }
   const state = event.runId == null ? null : track(event.runId, event.kind);
-  // Built as text so that a payload with nothing to redact goes out as it came, numbers
-  // beyond 2^53 included.
+  // Built as text so that the payload goes out as it came but for what was redacted: no
+  // number is re-printed (digits beyond 2^53 included).
   let frame = `{"type":"event","seq":${event.seq},"kind":${JSON.stringify(event.kind)},"payload":${redacted(event.payload)}`;
   if (event.runId != null) frame += `,"run_id":${JSON.stringify(event.runId)}`;
   if (thread !== null) frame += `,"thread_id":${JSON.stringify(thread)}`;
@@ -175,44 +183,221 @@ function finished(state) {
   return state === "completed" || state === "error";
 }
 
-function sensitive(key) {
-  const norm = key.replace(/[-_]/g, "").toLowerCase();
-  return SENSITIVE_KEYS.has(norm) || SENSITIVE_SUFFIXES.some((s) => norm.endsWith(s));
+function normalise(key) {
+  return key.replace(/[-_]/g, "").toLowerCase();
 }
 
-// Every sensitive key, normalised, contains one of these; an escape (`\u0074oken`) could
-// hide one, so a payload with a backslash is always parsed.
-const STEMS = ["pass", "pwd", "secret", "apikey", "token", "authorization", "cookie", "privatekey", "credential"];
+function sensitive(key) {
+  return sensitiveNormalised(normalise(key));
+}
+
+// One regular expression for all suffixes: one call per name, not one per suffix.
+const SENSITIVE_END = new RegExp(`(?:${SENSITIVE_SUFFIXES.join("|")})$`);
+
+function sensitiveNormalised(norm) {
+  return SENSITIVE_END.test(norm);
+}
+
+// Every sensitive name, normalised, contains one of these; an escape (`\u0074oken`) could
+// hide one, so a text with a backslash is always parsed.
+const STEMS = ["pass", "pwd", "secret", "apikey", "accesskey", "privatekey", "token", "authorization", "cookie", "credential"];
+
+function mayHoldSecret(text) {
+  const norm = normalise(text);
+  return text.includes("\\") || STEMS.some((stem) => norm.includes(stem));
+}
 
 // The payload as JSON text with sensitive values replaced at any depth: unchanged when no
-// key can be sensitive; withheld whole when it cannot be parsed, since a secret could be
-// anywhere in it.
+// name can be sensitive or none was; withheld whole when it cannot be inspected, since a
+// secret could be anywhere in it.
 function redacted(payload) {
-  const norm = payload.replace(/[-_]/g, "").toLowerCase();
-  if (!payload.includes("\\") && !STEMS.some((stem) => norm.includes(stem))) return payload;
-  let value;
+  if (!mayHoldSecret(payload)) return payload;
+  let box;
+  let count;
   try {
-    value = JSON.parse(payload);
+    // Boxed, so that a payload that is one string holding JSON is redacted in place too.
+    box = [decode(payload)];
+    count = redact(box, 0);
   } catch {
     counters.payloads_withheld += 1;
     return JSON.stringify(WITHHELD);
   }
-  const before = counters.redactions;
-  const clean = redact(value);
-  return counters.redactions === before ? payload : JSON.stringify(clean);
+  if (count === 0) return payload;
+  counters.redactions += count;
+  return encode(box[0], payload);
 }
 
-function redact(value) {
-  if (Array.isArray(value)) return value.map(redact);
-  if (value === null || typeof value !== "object") return value;
-  const out = {};
-  for (const [key, inner] of Object.entries(value)) {
-    if (sensitive(key)) {
-      counters.redactions += 1;
-      out[key] = "[redacted]";
-    } else {
-      out[key] = redact(inner);
-    }
+// Replaces the sensitive values inside a parsed array or object, in place; returns how many.
+// Throws when JSON inside strings is nested past MAX_EMBEDDED.
+function redact(container, embedded) {
+  let count = 0;
+  if (Array.isArray(container)) {
+    for (let i = 0; i < container.length; i += 1) count += redactInside(container, i, embedded);
+    return count;
   }
-  return out;
+  const keys = Object.keys(container);
+  const norms = keys.map(normalise);
+  const named = norms.some(
+    (norm, i) => NAME_FIELDS.has(norm) && typeof container[keys[i]] === "string" && sensitive(container[keys[i]]),
+  );
+  keys.forEach((key, i) => {
+    if (sensitiveNormalised(norms[i]) || (named && VALUE_FIELDS.has(norms[i]))) {
+      put(container, key, "[redacted]");
+      count += 1;
+    } else {
+      count += redactInside(container, key, embedded);
+    }
+  });
+  return count;
+}
+
+// The value at `slot`, itself not sensitive: an array or object is walked, and a string may
+// hold JSON.
+function redactInside(container, slot, embedded) {
+  const inner = container[slot];
+  if (typeof inner === "string") {
+    const [count, text] = redactEmbedded(inner, embedded);
+    if (count > 0) put(container, slot, text);
+    return count;
+  }
+  if (inner !== null && typeof inner === "object" && !(inner instanceof Exact)) return redact(inner, embedded);
+  return 0;
+}
+
+// Defined, not assigned: a `__proto__` key is an own property (JSON.parse makes it one), and
+// an assignment would not replace it.
+function put(container, slot, value) {
+  Object.defineProperty(container, slot, { value, writable: true, enumerable: true, configurable: true });
+}
+
+// JSON inside a string value (a tool call's `arguments`): parsed when the string looks like
+// an object or array, redacted inside, and put back as a string, re-encoded only when
+// something in it was replaced. A string that does not parse is text and stays as it is.
+// Returns how many values were replaced and the string.
+function redactEmbedded(text, embedded) {
+  const trimmed = text.trim();
+  const looksLikeJson =
+    (trimmed.startsWith("{") && trimmed.endsWith("}")) || (trimmed.startsWith("[") && trimmed.endsWith("]"));
+  if (!looksLikeJson || !mayHoldSecret(text)) return [0, text];
+  let box;
+  try {
+    box = [decode(text)];
+  } catch {
+    return [0, text];
+  }
+  if (embedded >= MAX_EMBEDDED) throw new Error("JSON nested in strings too deep to inspect");
+  const count = redact(box, embedded + 1);
+  return count > 0 ? [count, encode(box[0], text)] : [0, text];
+}
+
+// JSON.parse rounds integers past 2^53 (16 digits and more). A text with 16 digits in a row is
+// read by `parseExact` instead, which keeps each number as its literal (`Exact`), and printed
+// back by `printExact`, so those digits go out as they came; any other by JSON.parse and
+// JSON.stringify, which are much faster here.
+const LONG_DIGITS = /[0-9]{16}/;
+
+function decode(text) {
+  return LONG_DIGITS.test(text) ? parseExact(text) : JSON.parse(text);
+}
+
+function encode(value, text) {
+  return LONG_DIGITS.test(text) ? printExact(value) : JSON.stringify(value);
+}
+
+class Exact {
+  constructor(raw) {
+    this.raw = raw;
+  }
+}
+
+const NUMBER = /-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?/y;
+
+// JSON.parse's result, but numbers as `Exact`; as deep as serde_json goes in the Rust handler.
+function parseExact(source) {
+  let at = 0;
+  const fail = () => {
+    throw new SyntaxError(`not JSON at ${at}`);
+  };
+  const skip = () => {
+    while (at < source.length && " \t\n\r".includes(source[at])) at += 1;
+  };
+  const expect = (c) => {
+    skip();
+    if (source[at] !== c) fail();
+    at += 1;
+  };
+  // A string literal from its opening quote; JSON.parse checks and decodes it.
+  const string = () => {
+    if (source[at] !== '"') fail();
+    let end = at + 1;
+    for (;;) {
+      end = source.indexOf('"', end);
+      if (end < 0) fail();
+      let escapes = 0;
+      while (source[end - 1 - escapes] === "\\") escapes += 1;
+      end += 1;
+      if (escapes % 2 === 0) break;
+    }
+    const text = JSON.parse(source.slice(at, end));
+    at = end;
+    return text;
+  };
+  const value = (depth) => {
+    if (depth > MAX_DEPTH) fail();
+    skip();
+    const c = source[at];
+    if (c === "{" || c === "[") {
+      at += 1;
+      const items = [];
+      const close = c === "{" ? "}" : "]";
+      skip();
+      if (source[at] === close) {
+        at += 1;
+      } else {
+        for (;;) {
+          if (c === "{") {
+            skip();
+            const key = string();
+            expect(":");
+            items.push([key, value(depth + 1)]);
+          } else {
+            items.push(value(depth + 1));
+          }
+          skip();
+          if (source[at] !== ",") break;
+          at += 1;
+        }
+        expect(close);
+      }
+      // fromEntries defines each key, `__proto__` included, as JSON.parse does.
+      return c === "{" ? Object.fromEntries(items) : items;
+    }
+    if (c === '"') return string();
+    for (const [word, literal] of [["true", true], ["false", false], ["null", null]]) {
+      if (source.startsWith(word, at)) {
+        at += word.length;
+        return literal;
+      }
+    }
+    NUMBER.lastIndex = at;
+    const m = NUMBER.exec(source);
+    if (m === null) fail();
+    at = NUMBER.lastIndex;
+    return new Exact(m[0]);
+  };
+  const tree = value(0);
+  skip();
+  if (at !== source.length) fail();
+  return tree;
+}
+
+function printExact(value) {
+  if (value instanceof Exact) return value.raw;
+  if (Array.isArray(value)) return `[${value.map(printExact).join(",")}]`;
+  if (value !== null && typeof value === "object") {
+    return `{${Object.keys(value)
+      .map((key) => `${JSON.stringify(key)}:${printExact(value[key])}`)
+      .join(",")}}`;
+  }
+  return JSON.stringify(value);
 }

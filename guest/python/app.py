@@ -17,16 +17,25 @@ MAX_THREAD_ID_BYTES = 256
 MAX_TRACKED_RUNS = 256
 WITHHELD = "[redacted: payload could not be inspected]"
 
-# Compared after lower-casing and dropping `-` and `_`, as the Rust handler does.
-SENSITIVE_KEYS = {
-    "password", "passwd", "pwd", "secret", "clientsecret", "apikey", "token", "accesstoken",
-    "refreshtoken", "idtoken", "authtoken", "bearertoken", "sessiontoken", "authorization",
-    "cookie", "setcookie", "privatekey", "credential", "credentials",
-}
-SENSITIVE_SUFFIXES = ("password", "secret", "apikey")
-# Every sensitive key, normalised, contains one of these; an escape could hide one, so a
-# payload with a backslash is always parsed.
-STEMS = ("pass", "pwd", "secret", "apikey", "token", "authorization", "cookie", "privatekey", "credential")
+# A key is sensitive when, lower-cased with `-` and `_` dropped, it ends with one of these:
+# the Rust handler's list (guest/src/handler.rs), checked by tests/fixtures/redaction-corpus.json.
+SENSITIVE_SUFFIXES = (
+    "password", "passwords", "passwd", "passphrase", "pwd", "secret", "secrets", "token", "apikey",
+    "apikeys", "accesskey", "secretkey", "privatekey", "authorization", "cookie", "cookies",
+    "credential", "credentials",
+)
+# In a name/value list (`{"name":"Authorization","value":"..."}`), the members that name and
+# the members that the name covers.
+NAME_FIELDS = ("name", "key")
+VALUE_FIELDS = ("value", "values")
+# Levels of JSON inside string values inspected; a deeper one withholds the payload.
+MAX_EMBEDDED = 4
+# Every sensitive name, normalised, contains one of these; an escape could hide one, so a
+# text with a backslash is always parsed.
+STEMS = ("pass", "pwd", "secret", "apikey", "accesskey", "privatekey", "token", "authorization",
+         "cookie", "credential")
+REDACTED = "[redacted]"
+JSON_SPACE = " \t\n\r"
 
 SAVED_VERSION = 1
 
@@ -158,39 +167,103 @@ def track(run_id, kind):
     return run["state"]
 
 
+def normalise(key):
+    return key.replace("-", "").replace("_", "").lower()
+
+
 def sensitive(key):
-    norm = key.replace("-", "").replace("_", "").lower()
-    return norm in SENSITIVE_KEYS or norm.endswith(SENSITIVE_SUFFIXES)
+    return normalise(key).endswith(SENSITIVE_SUFFIXES)
+
+
+def may_hold_secret(text):
+    norm = normalise(text)
+    return "\\" in text or any(stem in norm for stem in STEMS)
+
+
+def not_json(name):
+    raise ValueError(name)
+
+
+def finite(text):
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError(text)
+    return number
+
+
+# JSON as the other handlers read it: no NaN or Infinity (json.loads takes them, and
+# json.dumps would print them back, which is not JSON). Made once: json.loads and json.dumps
+# with options make a new decoder or encoder on every call.
+loads = json.JSONDecoder(parse_constant=not_json, parse_float=finite).decode
+dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class Uninspectable(Exception):
+    """JSON inside strings nested past MAX_EMBEDDED."""
 
 
 def redacted(payload):
     """The payload as JSON text with sensitive values replaced at any depth: unchanged when
-    no key can be sensitive; withheld whole when it cannot be parsed."""
-    norm = payload.replace("-", "").replace("_", "").lower()
-    if "\\" not in payload and not any(stem in norm for stem in STEMS):
+    no name can be sensitive or none was; withheld whole when it cannot be inspected."""
+    if not may_hold_secret(payload):
         return payload
     try:
-        value = json.loads(payload)
-    except (ValueError, RecursionError):
+        # Boxed, so that a payload that is one string holding JSON is redacted in place too.
+        box = [loads(payload)]
+        count = redact(box, 0)
+    except (ValueError, RecursionError, Uninspectable):
         counters["payloads_withheld"] += 1
         return json.dumps(WITHHELD)
-    before = counters["redactions"]
-    clean = redact(value)
-    if counters["redactions"] == before:
+    if count == 0:
         return payload
-    return json.dumps(clean, separators=(",", ":"), ensure_ascii=False)
+    counters["redactions"] += count
+    return dumps(box[0])
 
 
-def redact(value):
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, dict):
-        out = {}
-        for key, inner in value.items():
-            if sensitive(key):
-                counters["redactions"] += 1
-                out[key] = "[redacted]"
-            else:
-                out[key] = redact(inner)
-        return out
-    return value
+def redact(container, embedded):
+    """Replaces the sensitive values inside a parsed list or dict, in place; returns how many."""
+    if isinstance(container, dict):
+        named = False
+        slots = []
+        for key, inner in container.items():
+            norm = normalise(key)
+            if norm in NAME_FIELDS and isinstance(inner, str) and sensitive(inner):
+                named = True
+            slots.append((key, norm))
+        secret = [(key, norm.endswith(SENSITIVE_SUFFIXES) or (named and norm in VALUE_FIELDS))
+                  for key, norm in slots]
+    else:
+        secret = [(i, False) for i in range(len(container))]
+    count = 0
+    for slot, replace in secret:
+        inner = container[slot]
+        if replace:
+            container[slot] = REDACTED
+            count += 1
+        elif isinstance(inner, (dict, list)):
+            count += redact(inner, embedded)
+        elif isinstance(inner, str) and inner.strip(JSON_SPACE)[:1] in ("{", "["):
+            found, text = redact_embedded(inner, embedded)
+            if found:
+                container[slot] = text
+                count += found
+    return count
+
+
+def redact_embedded(text, embedded):
+    """JSON inside a string value (a tool call's `arguments`): parsed when the string looks
+    like an object or array, redacted inside, and put back as a string, re-encoded only when
+    something in it was replaced. A string that does not parse is text and stays as it is."""
+    trimmed = text.strip(JSON_SPACE)
+    if not (trimmed[:1] + trimmed[-1:] in ("{}", "[]") and may_hold_secret(text)):
+        return 0, text
+    try:
+        box = [loads(text)]
+    except (ValueError, RecursionError):
+        return 0, text
+    if embedded >= MAX_EMBEDDED:
+        raise Uninspectable()
+    count = redact(box, embedded + 1)
+    if count == 0:
+        return 0, text
+    return count, dumps(box[0])

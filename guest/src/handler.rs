@@ -370,60 +370,79 @@ impl State {
         run.phase
     }
 
-    /// The payload with sensitive values replaced, or unchanged (not re-encoded) when no key
-    /// could be sensitive.
+    /// The payload with sensitive values replaced, or unchanged (not re-encoded) when nothing
+    /// in it could be sensitive.
     fn redacted(&mut self, payload: String) -> String {
         if !may_hold_secret(&payload) {
             return payload;
         }
-        let Ok(mut value) = serde_json::from_str::<Value>(&payload) else {
-            // Nested deeper than the parser goes (the gateway's publish API refuses those, but
-            // a handler must not rely on it) or not JSON: what cannot be inspected is not
-            // forwarded, not even as a string, since the secret would still be in it.
-            self.payloads_withheld += 1;
-            let mut withheld = String::new();
-            push_json_str(&mut withheld, WITHHELD);
-            return withheld;
-        };
-        let count = redact(&mut value);
-        if count == 0 {
-            return payload;
+        // Not JSON, or nested deeper than the parser goes (the gateway's publish API refuses
+        // those, but a handler must not rely on it), or JSON inside strings nested past
+        // `MAX_EMBEDDED`: what cannot be inspected is not forwarded, not even as a string,
+        // since a secret could still be in it.
+        let count = serde_json::from_str::<Value>(&payload)
+            .ok()
+            .and_then(|mut value| Some((redact(&mut value, 0)?, value)));
+        match count {
+            None => {
+                self.payloads_withheld += 1;
+                let mut withheld = String::new();
+                push_json_str(&mut withheld, WITHHELD);
+                withheld
+            }
+            Some((0, _)) => payload,
+            Some((count, value)) => {
+                self.redactions += count;
+                value.to_string()
+            }
         }
-        self.redactions += count;
-        value.to_string()
     }
 }
 
-/// Key names whose values never leave the handler. Compared after lower-casing and dropping
-/// `-` and `_`, so `API-Key`, `api_key` and `apiKey` all match.
-const SENSITIVE_KEYS: &[&str] = &[
+/// A key is sensitive when, lower-cased with `-` and `_` dropped, it ends with one of these:
+/// `API-Key`, `x_api_key` and `apiKey` all match, `max_tokens` and `token_count` do not.
+/// The README's Security section lists the same names; the three reference handlers (Rust,
+/// JavaScript, Python) share them and the corpus `tests/fixtures/redaction-corpus.json`.
+const SENSITIVE_SUFFIXES: &[&str] = &[
     "password",
+    "passwords",
     "passwd",
+    "passphrase",
     "pwd",
     "secret",
-    "clientsecret",
-    "apikey",
+    "secrets",
     "token",
-    "accesstoken",
-    "refreshtoken",
-    "idtoken",
-    "authtoken",
-    "bearertoken",
-    "sessiontoken",
+    "apikey",
+    "apikeys",
+    "accesskey",
+    "secretkey",
+    "privatekey",
     "authorization",
     "cookie",
-    "setcookie",
-    "privatekey",
+    "cookies",
     "credential",
     "credentials",
 ];
-const SENSITIVE_SUFFIXES: &[&str] = &["password", "secret", "apikey"];
+
+/// Members that name a header or variable in a name/value list (`{"name":"Authorization",
+/// "value":"Bearer ..."}`, `{"key":"X-Api-Key","value":"..."}`), compared normalised.
+const NAME_FIELDS: &[&str] = &["name", "key"];
+/// The members whose values such an object's sensitive name covers.
+const VALUE_FIELDS: &[&str] = &["value", "values"];
+
+/// How many levels of JSON inside string values are inspected: a tool call's `arguments`
+/// string is one level, JSON in a string inside that two. A deeper one that parses is not
+/// inspected, so its payload is withheld.
+const MAX_EMBEDDED: u32 = 4;
 
 fn is_sensitive(key: &str) -> bool {
-    let norm = normalise(key);
     // `may_hold_secret` must find every key this matches, so it normalises the same way
     // (test `every_key_this_matches_is_found_by_the_pre_check`).
-    SENSITIVE_KEYS.contains(&norm.as_str()) || SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
+    sensitive_normalised(&normalise(key))
+}
+
+fn sensitive_normalised(norm: &str) -> bool {
+    SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
 }
 
 /// `key` without `-` and `_`, lower-cased as far as matching the ASCII names above needs:
@@ -449,9 +468,10 @@ fn normalise(key: &str) -> String {
 /// letter of a stem (`k`), so `is_sensitive` reads `toKen` as `token`.
 const KELVIN: &[u8] = "\u{212a}".as_bytes();
 
-/// Cheap pre-check: can any key in this text be sensitive? Every sensitive key contains one
-/// of the stems below once lower-cased with `-` and `_` dropped, exactly as `is_sensitive`
-/// normalises it, so a payload without any needs no parsing. Runs on every event: one pass
+/// Cheap pre-check: can any key, or name in a name/value list, in this text be sensitive?
+/// Every sensitive name contains one of the stems below once lower-cased with `-` and `_`
+/// dropped, exactly as `is_sensitive` normalises it, so a payload without any needs no
+/// parsing (JSON inside its strings included: their text is part of the payload's). Runs on every event: one pass
 /// over the bytes, looking closer only at those that can start a stem.
 fn may_hold_secret(payload: &str) -> bool {
     let bytes = payload.as_bytes();
@@ -488,22 +508,55 @@ fn stem_at(bytes: &[u8], mut i: usize, stem: &[u8]) -> bool {
     true
 }
 
-fn redact(value: &mut Value) -> u64 {
+/// Replaces the sensitive values in `value` with the marker; returns how many, or `None`
+/// when JSON inside a string is nested past `MAX_EMBEDDED` (the payload is then withheld).
+fn redact(value: &mut Value, embedded: u32) -> Option<u64> {
     match value {
-        Value::Object(map) => map
-            .iter_mut()
-            .map(|(k, v)| {
-                if is_sensitive(k) {
+        Value::Object(map) => {
+            let named = map.iter().any(|(k, v)| {
+                NAME_FIELDS.contains(&normalise(k).as_str()) && v.as_str().is_some_and(is_sensitive)
+            });
+            let mut count = 0;
+            for (k, v) in map.iter_mut() {
+                let norm = normalise(k);
+                if sensitive_normalised(&norm) || (named && VALUE_FIELDS.contains(&norm.as_str())) {
                     *v = Value::String(REDACTED.to_owned());
-                    1
+                    count += 1;
                 } else {
-                    redact(v)
+                    count += redact(v, embedded)?;
                 }
-            })
-            .sum(),
-        Value::Array(items) => items.iter_mut().map(redact).sum(),
-        _ => 0,
+            }
+            Some(count)
+        }
+        Value::Array(items) => items.iter_mut().map(|v| redact(v, embedded)).sum(),
+        Value::String(text) => redact_embedded(text, embedded),
+        _ => Some(0),
     }
+}
+
+/// JSON inside a string value (a tool call's `arguments`): parsed when the string looks like
+/// an object or array, redacted inside, and put back as a string, re-encoded only when
+/// something in it was replaced. A string that does not parse is text and stays as it is.
+fn redact_embedded(text: &mut String, embedded: u32) -> Option<u64> {
+    let trimmed = text.trim_matches([' ', '\t', '\n', '\r']).as_bytes();
+    let looks_like_json = matches!(
+        (trimmed.first(), trimmed.last()),
+        (Some(b'{'), Some(b'}')) | (Some(b'['), Some(b']'))
+    );
+    if !looks_like_json || !may_hold_secret(text) {
+        return Some(0);
+    }
+    let Ok(mut inner) = serde_json::from_str::<Value>(text) else {
+        return Some(0);
+    };
+    if embedded >= MAX_EMBEDDED {
+        return None;
+    }
+    let count = redact(&mut inner, embedded + 1)?;
+    if count > 0 {
+        *text = inner.to_string();
+    }
+    Some(count)
 }
 
 /// Appends `s` as a JSON string literal, escaping in place (no temporary string per field).
@@ -626,6 +679,12 @@ mod tests {
             "Coo_Kie",
             "credent-ials",
             "db_PASS_word",
+            "x-auth-token",
+            "aws_secret_access_key",
+            "access_\u{212a}ey",
+            "session_cookie",
+            "Private-Key",
+            "wifi_passphrase",
         ] {
             assert!(is_sensitive(key), "{key} is sensitive");
             let payload = serde_json::json!({ key: "sk-live" }).to_string();
@@ -647,6 +706,83 @@ mod tests {
     }
 
     #[test]
+    fn the_pre_check_finds_every_sensitive_name_as_key_and_as_listed_name() {
+        for name in SENSITIVE_SUFFIXES {
+            for payload in [
+                serde_json::json!({ *name: "sk-live" }),
+                serde_json::json!([{ "Name": name.to_uppercase(), "value": "sk-live" }]),
+                serde_json::json!({ "args": serde_json::json!({ *name: "sk-live" }).to_string() }),
+            ] {
+                let payload = payload.to_string();
+                assert!(may_hold_secret(&payload), "pre-check misses {payload}");
+                let mut state = State::default();
+                let mut frame = String::new();
+                state.event(event_with(&payload), &mut frame);
+                assert!(!frame.contains("sk-live"), "{frame}");
+                assert_eq!(state.pong()["redactions"], 1, "{frame}");
+            }
+        }
+    }
+
+    /// The corpus the gateway's tests run through all three reference handlers, here through
+    /// this one without a gateway: every secret gone, everything else kept.
+    #[test]
+    fn the_shared_corpus_passes_natively() {
+        type Raw = BTreeMap<String, Box<serde_json::value::RawValue>>;
+        let corpus: Raw =
+            serde_json::from_str(include_str!("../../tests/fixtures/redaction-corpus.json"))
+                .unwrap();
+        let cases: Vec<Raw> = serde_json::from_str(corpus["cases"].get()).unwrap();
+        let mut state = State::default();
+        let mut frame = String::new();
+        for raw in &cases {
+            // The payload exactly as written (escapes, digits); the rest as values.
+            let payload = raw["payload"].get();
+            let case = |field: &str| -> Value {
+                raw.get(field)
+                    .map_or(Value::Null, |v| serde_json::from_str(v.get()).unwrap())
+            };
+            let name = case("name");
+            let text = |field: &str| -> Vec<String> {
+                let list = case(field);
+                let list = list.as_array().map(Vec::as_slice).unwrap_or_default();
+                list.iter()
+                    .map(|s| s.as_str().unwrap().to_owned())
+                    .collect()
+            };
+            let before = state.pong();
+            assert!(state.event(event_with(payload), &mut frame));
+            let after = state.pong();
+            let v: Value = serde_json::from_str(&frame).unwrap();
+            for secret in text("absent") {
+                assert!(
+                    payload.contains(&secret),
+                    "{name}: {secret} is not in the payload"
+                );
+                assert!(!frame.contains(&secret), "{name}: {secret} in {frame}");
+            }
+            for kept in text("present") {
+                assert!(frame.contains(&kept), "{name}: {kept} missing from {frame}");
+            }
+            for pointer in text("embedded") {
+                let inner = v["payload"].pointer(&pointer).and_then(Value::as_str);
+                let parsed = inner.map(serde_json::from_str::<Value>);
+                assert!(
+                    matches!(parsed, Some(Ok(_))),
+                    "{name}: {pointer} in {frame}"
+                );
+            }
+            let grew = |counter: &str| {
+                after[counter].as_u64().unwrap() - before[counter].as_u64().unwrap()
+            };
+            assert_eq!(grew("redactions"), case("redactions"), "{name}: {frame}");
+            let withheld = case("withheld").as_bool().unwrap_or(false);
+            assert_eq!(grew("payloads_withheld"), u64::from(withheld), "{name}");
+            assert_eq!(v["payload"] == WITHHELD, withheld, "{name}: {frame}");
+        }
+    }
+
+    #[test]
     fn key_matching_is_that_of_unicode_lower_case() {
         let unicode = |key: &str| -> bool {
             let norm: String = key
@@ -654,8 +790,7 @@ mod tests {
                 .filter(|c| *c != '_' && *c != '-')
                 .flat_map(char::to_lowercase)
                 .collect();
-            SENSITIVE_KEYS.contains(&norm.as_str())
-                || SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
+            SENSITIVE_SUFFIXES.iter().any(|s| norm.ends_with(s))
         };
         for c in (0..=0x10ffff_u32).filter_map(char::from_u32) {
             for key in [
@@ -663,6 +798,7 @@ mod tests {
                 format!("{c}token"),
                 format!("to{c}en"),
                 format!("api{c}ey"),
+                format!("access{c}ey"),
                 format!("db{c}password"),
                 format!("pass{c}word"),
                 format!("{c}ookie"),
