@@ -160,6 +160,69 @@ impl NatsServer {
         }
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGSTOP: the server stops reading and answering (its clients and the other servers
+    /// keep their connections) until [`NatsServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`NatsServer::pause`]: it works through what queued up meanwhile.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the server runs");
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}: {status}");
+    }
+
+    /// One request over a plain NATS connection (this crate has no NATS client), for the
+    /// JetStream API: the JSON answer.
+    pub async fn request(&self, subject: &str, body: &serde_json::Value) -> serde_json::Value {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let exchange = async {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            let payload = body.to_string();
+            let commands = format!(
+                "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB _INBOX.test 1\r\n\
+                 PUB {subject} _INBOX.test {}\r\n{payload}\r\n",
+                payload.len()
+            );
+            write.write_all(commands.as_bytes()).await.unwrap();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                assert!(read.read_line(&mut line).await.unwrap() > 0, "NATS hung up");
+                if line.starts_with("PING") {
+                    write.write_all(b"PONG\r\n").await.unwrap();
+                } else if line.starts_with("-ERR") {
+                    panic!("NATS: {line}");
+                } else if line.starts_with("MSG ") {
+                    let len: usize = line.split_whitespace().last().unwrap().parse().unwrap();
+                    let mut answer = vec![0; len + 2];
+                    read.read_exact(&mut answer).await.unwrap();
+                    return serde_json::from_slice(&answer[..len]).unwrap();
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("NATS answers")
+    }
+
     /// Starts it again on the same port and store.
     pub fn restart(&mut self) {
         self.kill();
@@ -179,4 +242,66 @@ fn store_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A TCP proxy in front of a NATS server, so that a test can cut one gateway node from NATS
+/// (its connections dropped, new ones refused) while other nodes keep publishing, and then
+/// let it back.
+pub struct Proxy {
+    pub port: u16,
+    open: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Forwards a local port to `target` (a NATS server's port). Call within a tokio runtime.
+    pub async fn start(target: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(tokio::sync::watch::channel(true).0);
+        let state = open.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut cut = state.subscribe();
+                if !*cut.borrow_and_update() {
+                    drop(inbound); // refused while cut
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, open, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every connection through it and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -34,7 +34,10 @@ pub struct Feed {
 
 /// Where a feed stands: the last `seq` handed to the router.
 struct Position {
+    /// An event of the identity (`anchored`); before the first, the stream's last sequence
+    /// when the feed started, which every later event of the identity is past.
     delivered: u64,
+    anchored: bool,
 }
 
 /// Why a feed's subscription must be set up again.
@@ -42,6 +45,9 @@ enum Lost {
     /// The router no longer wants this feed.
     Stopped,
     Nats(Unavailable),
+    /// Events after the position were removed from the stream (its count, age or byte
+    /// limits) before this feed read them: its sessions must resume and be told.
+    Evicted,
 }
 
 impl From<Unavailable> for Lost {
@@ -96,6 +102,19 @@ impl Cluster {
                 Lost::Stopped => return,
                 Lost::Nats(e) => {
                     tracing::debug!(error = %e, "live feed interrupted; setting it up again");
+                }
+                Lost::Evicted => {
+                    // Its sessions close with 1013; a client that resumes learns
+                    // `recovered:false`. The router drops this feed with them.
+                    if let Some(router) = router.upgrade() {
+                        let sessions = router.interrupt(identity, generation);
+                        tracing::warn!(
+                            sessions,
+                            "events were removed from the stream before this node's feed \
+                             read them; its sessions close with 1013 and resume"
+                        );
+                    }
+                    return;
                 }
             }
             // Until NATS is back (a new epoch) or a short while has passed.
@@ -157,7 +176,18 @@ impl Cluster {
         let position = match position {
             // A first subscription starts at the identity's head: sessions get what is
             // stored from now on (a resuming one reads the stream itself).
-            None => position.insert(Position { delivered: head }),
+            None if head > 0 => position.insert(Position {
+                delivered: head,
+                anchored: true,
+            }),
+            // No event of the identity yet: every later one is past the stream's end now.
+            None => match self.last_seq(identity).await {
+                Ok(last) => position.insert(Position {
+                    delivered: last,
+                    anchored: false,
+                }),
+                Err(e) => return Lost::Nats(e),
+            },
             Some(p) => p,
         };
         if let Err(lost) = self.fill(identity, position, head, &deliver).await {
@@ -199,6 +229,7 @@ impl Cluster {
                     {
                         return lost;
                     }
+                    position.anchored = true;
                     let Some((event, at)) = decode(seq, &message.payload) else {
                         position.delivered = seq;
                         continue;
@@ -227,7 +258,12 @@ impl Cluster {
         }
     }
 
-    /// Hands on the identity's stored events after `position` up to `to`, in order.
+    /// Hands on the identity's stored events after `position` up to `to` (a sequence the
+    /// stream's leader gave), in order: all of them, even when a replica that lags answers
+    /// the read. When some of them are no longer stored, nothing is handed on and the
+    /// sessions must be told ([`Lost::Evicted`]): JetStream removes an identity's oldest
+    /// events first, so the event at the position, still stored, proves that everything
+    /// after it is too.
     async fn fill(
         &self,
         identity: &Identity,
@@ -236,8 +272,23 @@ impl Cluster {
         deliver: &impl Fn(Event, u64) -> Result<(), Lost>,
     ) -> Result<(), Lost> {
         while position.delivered < to {
-            let want = (to - position.delivered).min(FILL_BATCH) as usize;
-            let batch = self.batch(identity, position.delivered + 1, want).await?;
+            let anchored = position.anchored;
+            let from = position.delivered + u64::from(!anchored);
+            let want = (to - position.delivered).min(FILL_BATCH) as usize + usize::from(anchored);
+            let mut batch = self
+                .batch_through(identity, from, to, want, anchored)
+                .await?;
+            if anchored {
+                if batch
+                    .first()
+                    .is_none_or(|(seq, _)| *seq != position.delivered)
+                {
+                    return Err(Lost::Evicted);
+                }
+                batch.remove(0);
+            } else if !batch.is_empty() && !self.nothing_removed_after(identity, from).await? {
+                return Err(Lost::Evicted);
+            }
             if batch.is_empty() {
                 break;
             }
@@ -250,6 +301,7 @@ impl Cluster {
                     deliver(event, 0)?;
                 }
                 position.delivered = seq;
+                position.anchored = true;
             }
         }
         Ok(())

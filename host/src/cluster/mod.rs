@@ -41,6 +41,12 @@ use crate::metrics::Metrics;
 use crate::router::Publication;
 use crate::sandbox::Event;
 
+/// Messages a subscription (a live feed, a batched read's inbox) may hold unread.
+pub const INBOX_CAPACITY: usize = 4096;
+
+// A resume's batch (`since`, its events, one more, the end-of-batch status) fits an inbox.
+const _: () = assert!(crate::config::MAX_CLUSTER_REPLAY_EVENTS + 3 <= INBOX_CAPACITY);
+
 /// Resume reads one node has in flight at once.
 const MAX_READS: usize = 64;
 
@@ -67,8 +73,37 @@ pub enum JoinError {
     Connect { url: String, reason: String },
     #[error("cluster.stream = {stream}: cannot create or update the JetStream stream: {reason}")]
     Stream { stream: String, reason: String },
+    #[error(
+        "cluster.streams = {configured}, but the streams of cluster.stream = {stream} were \
+         created with cluster.streams = {found}: identities would move to other streams and \
+         their earlier positions would be answered wrongly. Set cluster.streams = {found}, \
+         or delete those streams first (and lose their history)"
+    )]
+    StreamCount {
+        stream: String,
+        configured: usize,
+        found: usize,
+    },
     #[error("cluster: {0}")]
     Options(String),
+}
+
+/// The stream metadata key recording how many streams the identities are spread over.
+const STREAMS_METADATA: &str = "gateway_streams";
+
+/// How many streams an existing stream of the set says there are: its metadata, or the
+/// description nodes wrote before the metadata (`gateway events, shard 0 of 4`).
+fn recorded_streams(info: &stream::Info) -> Option<usize> {
+    if let Some(n) = info.config.metadata.get(STREAMS_METADATA) {
+        return n.parse().ok();
+    }
+    let description = info.config.description.as_deref()?;
+    description
+        .strip_prefix("gateway events, shard ")?
+        .split_once(" of ")?
+        .1
+        .parse()
+        .ok()
 }
 
 /// An operator's disconnect as every node learns it (`POST /v1/disconnect`).
@@ -230,7 +265,7 @@ impl Cluster {
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
             // Bounded per live feed; one that falls behind is caught up from the stream.
-            .subscription_capacity(4096)
+            .subscription_capacity(INBOX_CAPACITY)
             .require_tls(config.tls_required);
         if let Some(path) = &config.credentials_file {
             options = options.credentials_file(path).await.map_err(|e| {
@@ -272,12 +307,14 @@ impl Cluster {
         js.set_timeout(request_timeout);
         let prefix = config.subject_prefix.clone();
         let shards = config.streams.max(1);
+        check_stream_count(&js, &config.stream, shards).await?;
         let mut streams = Vec::with_capacity(shards);
         for shard in 0..shards {
             let name = stream_name(&config.stream, shard, shards);
             let stream_config = stream::Config {
                 name: name.clone(),
                 description: Some(format!("gateway events, shard {shard} of {shards}")),
+                metadata: [(STREAMS_METADATA.to_owned(), shards.to_string())].into(),
                 subjects: vec![format!("{prefix}.ev.{shard}.>")],
                 // One more than the limit: with at most the limit stored, an identity has
                 // provably lost nothing to this bound (see `read`).
@@ -537,16 +574,116 @@ impl Cluster {
         }
     }
 
-    /// The identity's latest `seq`, 0 when the stream holds none of its events.
+    /// The identity's latest `seq`, 0 when the stream holds none of its events, as the
+    /// stream's leader knows it: the non-direct get API is answered by the leader only, so
+    /// the answer includes every acknowledged event, where a direct get may be answered by
+    /// a replica that has not applied the newest ones yet.
     async fn head_of(&self, identity: &Identity) -> Result<u64, Unavailable> {
         let subject = self.event_subject(identity);
         let message = self
-            .get(
+            .leader_get(
+                "head",
                 self.stream_of(identity)
-                    .direct_get_last_for_subject(subject),
+                    .raw_message_builder()
+                    .last_by_subject(subject)
+                    .send(),
             )
             .await?;
         Ok(message.map_or(0, |m| m.sequence))
+    }
+
+    /// A get answered by the stream's leader, timed; `None` when there is no such message.
+    async fn leader_get(
+        &self,
+        op: &'static str,
+        request: impl std::future::Future<
+            Output = Result<jetstream::message::StreamMessage, stream::RawMessageError>,
+        >,
+    ) -> Result<Option<jetstream::message::StreamMessage>, Unavailable> {
+        let started = Instant::now();
+        let got = tokio::time::timeout(self.request_timeout, request)
+            .await
+            .map_err(|_| Unavailable("no answer from the stream's leader in time".into()))?;
+        self.metrics
+            .nats_round_trip(op, started.elapsed().as_secs_f64());
+        match got {
+            Ok(message) => Ok(Some(message)),
+            Err(e) if matches!(e.kind(), stream::RawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(Unavailable(e.to_string())),
+        }
+    }
+
+    /// [`Cluster::batch`], complete through `through`: see [`Cluster::complete`].
+    pub(crate) async fn batch_through(
+        &self,
+        identity: &Identity,
+        from: u64,
+        through: u64,
+        max: usize,
+        anchor: bool,
+    ) -> Result<Vec<(u64, Option<Event>)>, Unavailable> {
+        let got = self.batch(identity, from, max).await?;
+        self.complete(identity, got, from, through, max, anchor)
+            .await
+    }
+
+    /// A [`Cluster::batch`] from `from`, completed through `through`: a sequence of the
+    /// identity's that the leader acknowledged (its head from [`Cluster::head_of`], or the
+    /// previous sequence on a republished event). With `anchor`, `from` is an event of the
+    /// identity the reader already knows, which the answer must hold unless it was evicted.
+    /// The batched direct get may be answered by a replica (or a mirror) that has not
+    /// applied the newest events yet: unless its answer holds `through` (or is full before
+    /// it) and the anchor, what it lacks is read from the leader, one event a request
+    /// (`gateway_nats_round_trip_seconds{op="leader_fill"}` counts them).
+    async fn complete(
+        &self,
+        identity: &Identity,
+        mut got: Vec<(u64, Option<Event>)>,
+        from: u64,
+        through: u64,
+        max: usize,
+        anchor: bool,
+    ) -> Result<Vec<(u64, Option<Event>)>, Unavailable> {
+        let holds = |got: &[(u64, Option<Event>)], seq: u64| got.iter().any(|(s, _)| *s == seq);
+        let anchored = !anchor || got.first().is_some_and(|(seq, _)| *seq == from);
+        let full_before = got.len() >= max && got.last().is_some_and(|(seq, _)| *seq < through);
+        let reached = through < from.max(1) || full_before || holds(&got, through);
+        if anchored && reached {
+            return Ok(got);
+        }
+        // Whatever it gave past what it lacks is read again, in order, from the leader.
+        if anchored {
+            got.retain(|(seq, _)| *seq < through);
+        } else {
+            got.clear();
+        }
+        let mut next = got.last().map_or(from.max(1), |(seq, _)| seq + 1);
+        tracing::debug!(
+            next,
+            through,
+            "a replica that lags answered a read; the leader has the rest"
+        );
+        let subject = self.event_subject(identity);
+        let stream = self.stream_of(identity);
+        while got.len() < max && next <= through {
+            let Some(message) = self
+                .leader_get(
+                    "leader_fill",
+                    stream.get_first_raw_message_by_subject(&subject, next),
+                )
+                .await?
+            else {
+                break;
+            };
+            let seq = message.sequence;
+            got.push((seq, decode(seq, &message.payload).map(|(e, _)| e)));
+            if !anchored && seq != from {
+                // The leader has lost the anchor too: the caller says what that means.
+                break;
+            }
+            next = seq + 1;
+        }
+        Ok(got)
     }
 
     /// The identity's stored messages from `from` on, oldest first, at most `max`: each
@@ -635,14 +772,20 @@ impl Cluster {
         let max = self.history.max_replay_events;
         // `since` itself, the events after it, and one more to tell "too many".
         let want = max + 1 + usize::from(since > 0);
-        let (batch, earliest) = tokio::join!(
+        // The batch may come from a replica that lags: the leader's head, asked at the same
+        // time, is what it must reach (every event acknowledged before this resume began).
+        let (batch, earliest, leader_head) = tokio::join!(
             self.batch(identity, since, want),
             self.get(
                 self.stream_of(identity)
                     .direct_get_first_for_subject(subject.clone())
-            )
+            ),
+            self.head_of(identity),
         );
-        let (mut batch, earliest) = (batch?, earliest?.map(|m| m.sequence));
+        let (batch, earliest, leader_head) = (batch?, earliest?.map(|m| m.sequence), leader_head?);
+        let mut batch = self
+            .complete(identity, batch, since, leader_head, want, since > 0)
+            .await?;
         let not = |reason, head| Replay {
             events: Vec::new(),
             recovered: false,
@@ -655,7 +798,10 @@ impl Cluster {
                 batch.remove(0);
             } else {
                 // Not this identity's stored event: another's, evicted, or never numbered.
-                let reason = match self.get(self.stream_of(identity).direct_get(since)).await? {
+                let stored = self
+                    .leader_get("get", self.stream_of(identity).get_raw_message(since))
+                    .await?;
+                let reason = match stored {
                     Some(m) if m.subject.as_str() != subject => NotRecovered::UnknownPosition,
                     Some(_) => NotRecovered::Evicted,
                     None if since > self.last_seq(identity).await? => NotRecovered::UnknownPosition,
@@ -663,14 +809,13 @@ impl Cluster {
                 };
                 let head = match reason {
                     NotRecovered::UnknownPosition => None,
-                    _ => Some(self.head_of(identity).await?).filter(|h| *h > 0),
+                    _ => Some(leader_head).filter(|h| *h > 0),
                 };
                 return Ok(not(reason, head));
             }
         }
         if batch.len() > max {
-            let head = self.head_of(identity).await?;
-            return Ok(not(NotRecovered::TooMany, Some(head)));
+            return Ok(not(NotRecovered::TooMany, Some(leader_head)));
         }
         let stored = batch.len();
         let events: Vec<Arc<Event>> = batch
@@ -716,6 +861,40 @@ impl Cluster {
         Ok(self.stream_state(identity).await?.last_sequence)
     }
 
+    /// Whether no event of the identity after `from` can have been removed: the stream
+    /// removed nothing from `from` on by its age or byte limits (they take its oldest
+    /// first), and the identity holds no more than its count limit (the stream keeps one
+    /// more, see [`Cluster::read`]). Asked of the leader.
+    async fn nothing_removed_after(
+        &self,
+        identity: &Identity,
+        from: u64,
+    ) -> Result<bool, Unavailable> {
+        let subject = self.event_subject(identity);
+        let started = Instant::now();
+        let look = async {
+            let mut info = self
+                .stream_of(identity)
+                .info_with_subjects(&subject)
+                .await?;
+            let first = info.info.state.first_sequence;
+            let mut count = 0;
+            while let Some((name, n)) = futures_util::TryStreamExt::try_next(&mut info).await? {
+                if name == subject {
+                    count = n;
+                }
+            }
+            Ok::<_, stream::InfoError>((first, count))
+        };
+        let (first, count) = tokio::time::timeout(self.request_timeout, look)
+            .await
+            .map_err(|_| Unavailable("no answer from the stream in time".into()))?
+            .map_err(|e| Unavailable(e.to_string()))?;
+        self.metrics
+            .nats_round_trip("info", started.elapsed().as_secs_f64());
+        Ok(first <= from && count <= self.history.max_events_per_user)
+    }
+
     /// Whether every event younger than the age limit is still stored: the stream never
     /// discarded anything, or its oldest event is already past the age limit.
     async fn nothing_discarded_within_age(&self, identity: &Identity) -> Result<bool, Unavailable> {
@@ -727,6 +906,45 @@ impl Cluster {
         let horizon = now_micros() as i128 - self.history.max_age_secs as i128 * 1_000_000;
         Ok(oldest <= horizon)
     }
+}
+
+/// Refuses a stream set made with another `cluster.streams`: an identity's stream is chosen
+/// by its hash modulo the count, so with another count its new events would go to another
+/// stream than its old ones, and a position in one would be looked up in the other.
+async fn check_stream_count(
+    js: &jetstream::Context,
+    base: &str,
+    shards: usize,
+) -> Result<(), JoinError> {
+    // The first stream of either naming: `<stream>` alone, or `<stream>-0` of many.
+    for (name, named_count) in [(base.to_owned(), 1), (stream_name(base, 0, 2), 2)] {
+        let info = match js.get_stream(&name).await {
+            Ok(stream) => stream.cached_info().clone(),
+            Err(e)
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref err)
+                    if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                return Err(JoinError::Stream {
+                    stream: name,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        // Only the gateway's own streams say how many there are; without a record, the
+        // naming tells one from many.
+        let found = recorded_streams(&info).unwrap_or(named_count);
+        if found != shards {
+            return Err(JoinError::StreamCount {
+                stream: base.to_owned(),
+                configured: shards,
+                found,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// An event's body in the stream: the publication as JSON, its payload copied as the
