@@ -106,6 +106,9 @@ fn recorded_streams(info: &stream::Info) -> Option<usize> {
         .ok()
 }
 
+/// Attempts at merging a revocation into a record that others write at the same time.
+const REVOCATION_WRITE_TRIES: usize = 8;
+
 /// An operator's disconnect as every node learns it (`POST /v1/disconnect`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Disconnection {
@@ -453,24 +456,77 @@ impl Cluster {
     /// Records an operator's disconnect (and revocation) for every node; answers once it is
     /// stored, so no node that is up misses it and a node that starts later still gets the
     /// revocation.
+    ///
+    /// A revocation is kept under a key of its own, which a later plain disconnect of the
+    /// same target never replaces; a later revocation of that target is merged into it
+    /// (compare-and-set on the record's revision), so the one in force is never weakened.
     pub async fn announce(&self, disconnection: &Disconnection) -> Result<(), Unavailable> {
         let mut key = Sha256::new();
         key.update(identity_tokens(&disconnection.identity()).as_bytes());
         key.update([0]);
         key.update(disconnection.sid.as_deref().unwrap_or("").as_bytes());
-        let value = serde_json::to_vec(disconnection).map_err(|e| Unavailable(e.to_string()))?;
+        let kind = match disconnection.until {
+            Some(_) => "revoke",
+            None => "close",
+        };
+        let key = format!("{kind}.{:x}", key.finalize());
         let started = Instant::now();
-        tokio::time::timeout(
-            self.request_timeout,
-            self.disconnects
-                .put(format!("{:x}", key.finalize()), value.into()),
-        )
-        .await
-        .map_err(|_| Unavailable("no answer from the stream in time".into()))?
-        .map_err(|e| Unavailable(e.to_string()))?;
+        tokio::time::timeout(self.request_timeout, self.record(&key, disconnection))
+            .await
+            .map_err(|_| Unavailable("no answer from the stream in time".into()))??;
         self.metrics
             .nats_round_trip("disconnect", started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    async fn record(&self, key: &str, disconnection: &Disconnection) -> Result<(), Unavailable> {
+        let encode =
+            |d: &Disconnection| serde_json::to_vec(d).map_err(|e| Unavailable(e.to_string()));
+        if disconnection.until.is_none() {
+            self.disconnects
+                .put(key, encode(disconnection)?.into())
+                .await
+                .map_err(|e| Unavailable(e.to_string()))?;
+            return Ok(());
+        }
+        // Another node may be revoking the same target at the same moment: read, merge,
+        // write if nobody wrote in between, else again.
+        for _ in 0..REVOCATION_WRITE_TRIES {
+            let held = self
+                .disconnects
+                .entry(key)
+                .await
+                .map_err(|e| Unavailable(e.to_string()))?
+                .filter(|entry| entry.operation == kv::Operation::Put);
+            let mut merged = disconnection.clone();
+            if let Some(held) = &held
+                && let Ok(before) = serde_json::from_slice::<Disconnection>(&held.value)
+            {
+                merged.at = merged.at.max(before.at);
+                merged.until = merged.until.max(before.until);
+            }
+            let value = encode(&merged)?.into();
+            let written = match &held {
+                Some(held) => self
+                    .disconnects
+                    .update(key, value, held.revision)
+                    .await
+                    .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
+                None => self
+                    .disconnects
+                    .create(key, value)
+                    .await
+                    .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
+            };
+            match written {
+                Ok(_) => return Ok(()),
+                Err(true) => continue, // written meanwhile: merge with that
+                Err(false) => return Err(Unavailable("cannot record the revocation".into())),
+            }
+        }
+        Err(Unavailable(
+            "the revocation record kept changing under concurrent writes".into(),
+        ))
     }
 
     /// How many disconnects are recorded (one per identity and session); `None` when NATS

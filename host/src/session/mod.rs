@@ -1,6 +1,6 @@
 //! The path of one connection, from HTTP request to closed socket.
 //!
-//! 1. [`connect`] (HTTP phase): check the origin, verify the token, take a node slot,
+//! 1. [`connect`] (HTTP phase, `admit.rs`): check the origin, verify the token, take a node slot,
 //!    register with the router (events queue from here on), instantiate the connection's own
 //!    guest, then upgrade. Any refusal is an HTTP answer.
 //! 2. `run` (socket phase): a `Session` owns the socket, the handler and the event queue.
@@ -8,29 +8,24 @@
 //!    (`Session::resume`), then serves one source of work at a time: the client
 //!    (`Session::on_client`), events (`Session::on_events`, in bounded turns), pings
 //!    and timers, until the connection ends.
-//! 3. `Session::close`: `on-close`, a close frame with a documented code, and the instance
-//!    is dropped with its memory. The router registration goes with it.
+//! 3. `Session::close`: `on-close`, a close frame with a documented code (`end.rs`), and the
+//!    instance is dropped with its memory. The router registration goes with it.
+//!
+//! Beside them: the in-band token refresh (`refresh.rs`) and the client rate limit
+//! (`rate.rs`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, sleep_until, timeout};
-use tracing::Instrument;
 
 use crate::AppState;
-use crate::api::{ApiError, refuse};
-use crate::auth::{AuthError, Claims, Identity, bearer, now_secs};
+use crate::auth::{Identity, now_secs};
 use crate::metrics::Metrics;
-use crate::router::{Closed, Mailbox, Refused};
-use crate::sandbox::{CloseReason, Context, Event, Fault, Frame, Handler, Sandbox};
+use crate::router::{Closed, Mailbox};
+use crate::sandbox::{Context, Event, Fault, Frame, Handler, Sandbox};
 
 /// Close codes the gateway sends (see the README's table).
 pub mod close_code {
@@ -52,278 +47,23 @@ pub mod close_code {
     pub const DISCONNECTED: u16 = 4001;
 }
 
+mod admit;
+mod end;
+mod rate;
+mod refresh;
+
+use admit::Admitted;
+pub use admit::connect;
+use end::{End, classify};
+use rate::RateLimit;
+use refresh::{Refresh, Refreshed};
+
 /// Most events handed to the guest before the frames they produced are written; batching
 /// them saves a flush (a syscall) per event under load.
 const EVENT_BATCH: u64 = 64;
 
 /// Turns in a row the session may serve queued events without polling its socket.
 const READS_SKIPPED_MAX: u32 = 8;
-
-/// `GET /ws`: the HTTP phase. Nothing is upgraded unless the origin is allowed, the token
-/// is good, the node and the user have room, and the connection has its own instance.
-pub async fn connect(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-    upgrade: WebSocketUpgrade,
-) -> Response {
-    match admit(&app, &headers, query) {
-        Ok(admitted) => {
-            let limits = &app.config.limits;
-            let span = tracing::info_span!(
-                "session",
-                conn = %admitted.ctx.connection_id,
-                user = %admitted.ctx.user_id
-            );
-            let tracker = app.sessions.clone();
-            upgrade
-                .read_buffer_size(limits.read_buffer_bytes)
-                .write_buffer_size(limits.write_buffer_bytes)
-                .max_write_buffer_size(limits.write_buffer_bytes + limits.max_message_bytes * 2)
-                .max_message_size(limits.max_message_bytes)
-                .max_frame_size(limits.max_message_bytes)
-                .on_upgrade(move |socket| {
-                    tracker.track_future(run(socket, app, admitted).instrument(span))
-                })
-        }
-        Err(refusal) => refusal.into_response(),
-    }
-}
-
-/// What a connection holds from admission until it ends.
-struct Admitted {
-    ctx: Context,
-    /// Who this connection is; an in-band refresh must name the same identity.
-    identity: Identity,
-    token_exp: u64,
-    /// `?since=<seq>`: resume after this position before going live.
-    since: Option<u64>,
-    handler: Box<dyn Handler>,
-    /// The guest version that made `handler`: a hibernated handler is restored by the same
-    /// one, even after a reload.
-    sandbox: Arc<Sandbox>,
-    mailbox: Mailbox,
-    /// The node-wide connection slot, released when the session ends.
-    _permit: OwnedSemaphorePermit,
-}
-
-fn admit(
-    app: &Arc<AppState>,
-    headers: &HeaderMap,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Admitted, ApiError> {
-    let refuse =
-        |reason: &'static str, user: Option<&str>, err: ApiError| refuse(app, reason, user, err);
-    if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
-        let allowed = &app.config.auth.allowed_origins;
-        let origin = origin.to_str().unwrap_or("");
-        if !allowed.is_empty() && !allowed.iter().any(|a| a == origin) {
-            return Err(refuse(
-                "origin",
-                None,
-                ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "origin is not allowed to connect",
-                ),
-            ));
-        }
-    }
-    let token = bearer(headers).or_else(|| {
-        query
-            .as_ref()
-            .ok()
-            .and_then(|Query(q)| q.get("access_token").map(String::as_str))
-    });
-    let claims = token
-        .ok_or(AuthError::Missing)
-        .and_then(|t| app.verifier.verify(t))
-        .map_err(|err| refuse(err.label(), None, ApiError::unauthorized(err)))?;
-    let user = Some(claims.sub.as_str());
-    let since = match query.as_ref().ok().and_then(|Query(q)| q.get("since")) {
-        None => None,
-        Some(since) => Some(since.parse::<u64>().map_err(|_| {
-            refuse(
-                "bad_since",
-                user,
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "since must be the seq of the last event received (an unsigned integer)",
-                ),
-            )
-        })?),
-    };
-
-    if let Some(trouble) = app.router.cluster().and_then(|c| c.trouble()) {
-        return Err(refuse(
-            "event_log_unavailable",
-            user,
-            ApiError::unavailable(format!(
-                "the event log is unavailable ({trouble}); retry shortly"
-            )),
-        ));
-    }
-    let permit = app.admission.try_admit().ok_or_else(|| {
-        refuse(
-            "node_full",
-            user,
-            ApiError::unavailable(
-                "this node is at its connection limit; retry another node or later",
-            ),
-        )
-    })?;
-    let ctx = context(&claims);
-    let identity = claims.identity();
-    let mailbox = app
-        .router
-        .register(
-            &identity,
-            ctx.connection_id.as_str().into(),
-            ctx.session_id.as_deref(),
-        )
-        .map_err(|refused| match refused {
-            Refused::UserLimit(_) => refuse(
-                "user_limit",
-                user,
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_connections",
-                    format!("{refused}; close one first"),
-                ),
-            ),
-            Refused::ShuttingDown => refuse(
-                "draining",
-                user,
-                ApiError::unavailable("this node is shutting down; retry another node"),
-            ),
-        })?;
-    let sandbox = app.sandbox();
-    let handler = sandbox.instantiate(&ctx).map_err(|err| {
-        tracing::error!(user = %ctx.user_id, error = %err.advice(&app.config), "cannot instantiate guest");
-        refuse(
-            "instantiate",
-            user,
-            ApiError::unavailable("cannot create a handler instance"),
-        )
-    })?;
-    Ok(Admitted {
-        token_exp: claims.exp,
-        since,
-        identity,
-        ctx,
-        handler,
-        sandbox,
-        mailbox,
-        _permit: permit,
-    })
-}
-
-fn context(claims: &Claims) -> Context {
-    Context {
-        connection_id: uuid::Uuid::new_v4().simple().to_string(),
-        user_id: claims.sub.clone(),
-        tenant_id: claims.tenant.clone(),
-        session_id: claims.sid.clone(),
-        scopes: claims.scopes().map(str::to_owned).collect(),
-        expires_at: claims.exp,
-    }
-}
-
-/// Why a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// The client sent Close or the stream ended.
-    Client,
-    Idle,
-    TokenExpired,
-    Shutdown,
-    SlowClient,
-    DeadPeer,
-    RateLimited,
-    /// An in-band refresh carried a token for another user.
-    ForeignRefresh,
-    /// An operator closed it (`POST /v1/disconnect`).
-    Disconnected,
-    /// Cluster mode: the event log did not answer (a feed or a resume).
-    LogUnavailable,
-    TooBig,
-    InvalidUtf8,
-    /// The client broke the WebSocket protocol.
-    Protocol,
-    Transport,
-    Fault(Fault),
-}
-
-impl End {
-    fn label(self) -> &'static str {
-        match self {
-            End::Client => "client",
-            End::Idle => "idle",
-            End::TokenExpired => "token_expired",
-            End::Shutdown => "shutdown",
-            End::SlowClient => "slow_client",
-            End::DeadPeer => "dead_peer",
-            End::RateLimited => "rate_limited",
-            End::ForeignRefresh => "foreign_refresh",
-            End::Disconnected => "disconnected",
-            End::LogUnavailable => "event_log_unavailable",
-            End::TooBig => "message_too_big",
-            End::InvalidUtf8 => "invalid_utf8",
-            End::Protocol => "protocol_error",
-            End::Transport => "transport",
-            End::Fault(_) => "guest_fault",
-        }
-    }
-
-    /// The close frame to send, if the socket can still take one.
-    fn close_frame(self) -> Option<(u16, String)> {
-        use close_code::*;
-        Some(match self {
-            End::Client | End::Transport => return None,
-            End::Idle => (NORMAL, "idle timeout".into()),
-            End::TokenExpired => (POLICY, "token expired".into()),
-            End::Shutdown => (
-                GOING_AWAY,
-                "gateway shutting down; resume with since".into(),
-            ),
-            End::SlowClient => (SLOW_CLIENT, "slow client".into()),
-            End::DeadPeer => (GOING_AWAY, "no answer to pings".into()),
-            End::RateLimited => (POLICY, "message rate exceeded".into()),
-            End::ForeignRefresh => (POLICY, "refresh token is for another user".into()),
-            End::Disconnected => (DISCONNECTED, "disconnected".into()),
-            End::LogUnavailable => (
-                TRY_AGAIN_LATER,
-                "event log unavailable; reconnect with since".into(),
-            ),
-            End::TooBig => (TOO_BIG, "message too big".into()),
-            End::InvalidUtf8 => (INVALID_PAYLOAD, "invalid UTF-8 in text frame".into()),
-            End::Protocol => (PROTOCOL, "websocket protocol error".into()),
-            End::Fault(f) if f.is_policy() => (POLICY, format!("policy violation: {}", f.as_str())),
-            End::Fault(f) => (GUEST_FAULT, format!("guest fault: {}", f.as_str())),
-        })
-    }
-
-    fn guest_reason(self) -> CloseReason {
-        match self {
-            End::Client => CloseReason::Client,
-            End::Idle => CloseReason::Idle,
-            // Its credentials no longer hold, as at expiry (the world has no other word).
-            End::TokenExpired | End::Disconnected => CloseReason::TokenExpired,
-            End::Shutdown | End::LogUnavailable => CloseReason::Shutdown,
-            End::SlowClient => CloseReason::SlowClient,
-            End::DeadPeer => CloseReason::Client,
-            End::RateLimited
-            | End::ForeignRefresh
-            | End::TooBig
-            | End::InvalidUtf8
-            | End::Protocol
-            | End::Transport
-            | End::Fault(_) => CloseReason::Error,
-        }
-    }
-}
-
 /// The socket phase of one connection: the session owns the socket, the handler and the
 /// event queue until the connection ends.
 async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
@@ -863,7 +603,6 @@ impl Session {
         }
     }
 }
-
 /// Writes frames with one flush. A client that does not take them within the write timeout
 /// is a slow client.
 async fn write(
@@ -937,137 +676,4 @@ fn far_ahead(d: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(d.min(FAR_FUTURE))
         .unwrap_or(now + FAR_FUTURE)
-}
-
-/// Token bucket over client messages.
-struct RateLimit {
-    per_sec: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(per_sec: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        RateLimit {
-            per_sec: f64::from(per_sec),
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.per_sec;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// The in-band token refresh, handled by the gateway, never seen by the guest:
-/// `{"type":"gateway.refresh","access_token":"<jwt>"}`.
-#[derive(serde::Deserialize)]
-struct Refresh {
-    #[serde(rename = "type")]
-    kind: String,
-    access_token: String,
-}
-
-impl Refresh {
-    const TYPE: &'static str = "gateway.refresh";
-
-    fn parse(text: &str) -> Option<Refresh> {
-        // Cheap test first: most client frames are for the guest and are not parsed here.
-        if text.len() > 16 << 10 || !text.contains(Self::TYPE) {
-            return None;
-        }
-        serde_json::from_str::<Refresh>(text)
-            .ok()
-            .filter(|r| r.kind == Self::TYPE)
-    }
-
-    fn apply(&self, app: &AppState, ctx: &Context, identity: &Identity) -> Refreshed {
-        let claims = match app.verifier.verify(&self.access_token) {
-            Ok(claims) => claims,
-            Err(err) => {
-                app.metrics.refusal(err.label());
-                tracing::info!(
-                    target: "audit",
-                    conn = %ctx.connection_id,
-                    user = %ctx.user_id,
-                    reason = err.label(),
-                    "in-band refresh refused"
-                );
-                let reply = serde_json::json!({
-                    "type": "gateway.refresh_failed",
-                    "reason": err.to_string(),
-                });
-                return Refreshed::Refused(Frame::Text(reply.to_string()));
-            }
-        };
-        // The whole identity: the same `sub` in another tenant is someone else.
-        if claims.identity() != *identity {
-            app.metrics.refusal("foreign_refresh");
-            tracing::warn!(
-                target: "audit",
-                conn = %ctx.connection_id,
-                user = %ctx.user_id,
-                "refresh with a token for another user: connection closed"
-            );
-            return Refreshed::ForeignUser;
-        }
-        // A token of another token session (`sid`) would outlive that session's revocation
-        // on a connection opened under the revoked one.
-        if claims.sid != ctx.session_id {
-            app.metrics.refusal("foreign_session");
-            tracing::info!(
-                target: "audit",
-                conn = %ctx.connection_id,
-                user = %ctx.user_id,
-                reason = "foreign_session",
-                "in-band refresh refused"
-            );
-            let reply = serde_json::json!({
-                "type": "gateway.refresh_failed",
-                "reason": "the token is for another session (sid) than this connection's",
-            });
-            return Refreshed::Refused(Frame::Text(reply.to_string()));
-        }
-        let reply = serde_json::json!({"type": "gateway.refreshed", "expires_at": claims.exp});
-        Refreshed::Renewed(claims.exp, Frame::Text(reply.to_string()))
-    }
-}
-
-enum Refreshed {
-    /// New expiry, and the frame confirming it.
-    Renewed(u64, Frame),
-    /// The token was not valid; the connection lives on until its current expiry.
-    Refused(Frame),
-    /// A token for another user: the connection closes (policy).
-    ForeignUser,
-}
-
-/// Maps a read error to how the session ends, so that a bad frame gets its specific code.
-fn classify(err: axum::Error) -> End {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
-    match err.into_inner().downcast::<WsError>() {
-        Ok(err) => match *err {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => End::TooBig,
-            WsError::Utf8(_) => End::InvalidUtf8,
-            // A peer gone without a close handshake is not a protocol breach.
-            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Transport,
-            WsError::Protocol(_) => End::Protocol,
-            _ => End::Transport,
-        },
-        Err(_) => End::Transport,
-    }
 }

@@ -1,0 +1,142 @@
+//! Cluster mode against a real `nats-server`: what operators record for every node holds.
+//! A revocation survives later plain disconnects and shorter revocations of the same target
+//! and is in force on nodes started afterwards; a batch the stream could not take answers
+//! per event; the dev demo run goes through the stream every node reads.
+
+use gateway::auth::{Claims, DISCONNECT_SCOPE, now_secs};
+use gateway::config::{ClusterStorage, Config};
+use gateway_tests::nats::NatsServer;
+use gateway_tests::{TestGateway, claims, config, guests, post, token, wait_until};
+use serde_json::{Value, json};
+
+fn cluster_config(nats_url: &str) -> Config {
+    let mut cfg = config(guests::REFERENCE);
+    cfg.cluster.nats_url = Some(nats_url.into());
+    cfg.cluster.storage = ClusterStorage::File;
+    cfg
+}
+
+fn operator() -> String {
+    let mut c = claims("ops-console");
+    c.scope = Some(DISCONNECT_SCOPE.into());
+    token(c)
+}
+
+async fn disconnect(gw: &TestGateway, body: Value) -> Value {
+    let (status, answer) = post(&gw.url("/v1/disconnect"), &operator(), body.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// A token issued before the revocations below.
+fn issued_before(user: &str, sid: Option<&str>) -> Claims {
+    Claims {
+        iat: Some(now_secs() - 5),
+        sid: sid.map(Into::into),
+        ..claims(user)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_survives_later_disconnects_and_shorter_revocations() {
+    let nats = NatsServer::start();
+    let cfg = cluster_config(&nats.url());
+    let a = TestGateway::start_with(cfg.clone()).await;
+
+    // ivy: revoked for an hour, then a plain disconnect of the same identity.
+    let ivy = issued_before("ivy", None);
+    disconnect(&a, json!({"user_id": "ivy", "revoke_secs": 3600})).await;
+    disconnect(&a, json!({"user_id": "ivy", "reason": "maintenance"})).await;
+    // jay's laptop session: revoked for an hour, then again for one second.
+    let laptop = issued_before("jay", Some("laptop"));
+    disconnect(
+        &a,
+        json!({"user_id": "jay", "sid": "laptop", "revoke_secs": 3600}),
+    )
+    .await;
+    let short = disconnect(
+        &a,
+        json!({"user_id": "jay", "sid": "laptop", "revoke_secs": 1}),
+    )
+    .await;
+    let short_until = short["revoked_until"].as_u64().unwrap();
+    wait_until("the short revocation has run out", async || {
+        now_secs() > short_until
+    })
+    .await;
+
+    // A node started afterwards (a restart, a rolling deploy) still refuses both, and so
+    // does the node that recorded them.
+    let b = TestGateway::start_with(cfg).await;
+    for node in [&a, &b] {
+        for claims in [&ivy, &laptop] {
+            let refused = node.try_connect(&token(claims.clone())).await;
+            assert!(refused.is_err(), "{} was admitted again", claims.sub);
+        }
+    }
+    // A token issued after the identity-wide revocation is fine.
+    let fresh = Claims {
+        iat: Some(now_secs() + 1),
+        ..claims("ivy")
+    };
+    wait_until("a token issued after the revocation", async || {
+        now_secs() > fresh.iat.unwrap()
+    })
+    .await;
+    b.try_connect(&token(fresh))
+        .await
+        .expect("a token issued later is admitted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_stream_cannot_take_answers_each_event() {
+    let mut nats = NatsServer::start();
+    let gw = TestGateway::start_with(cluster_config(&nats.url())).await;
+    // Serving (it serves once the revocations in force are loaded) before NATS goes.
+    let (status, answer) = gw
+        .publish(
+            &gw.publisher_token(),
+            &json!({"user_id": "kim", "kind": "k", "payload": {}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    nats.kill();
+    gw.wait_metric("gateway_nats_connected", 0.0).await;
+    let events: Vec<Value> = (0..3)
+        .map(|n| json!({"user_id": "kim", "kind": "k", "payload": {"n": n}}))
+        .collect();
+    let (status, answer) = gw.publish_batch(&gw.publisher_token(), &events).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"], "event_log_unavailable", "{answer}");
+    let results = answer["results"].as_array().expect("per-event results");
+    assert_eq!(results.len(), 3, "{answer}");
+    for result in results {
+        assert_eq!(result["error"], "event_log_unavailable", "{answer}");
+        assert!(result["seq"].is_null(), "{answer}");
+    }
+}
+
+/// `/dev/run` in cluster mode stores the demo events in the stream, so a connection on
+/// another node sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_demo_run_goes_through_the_stream() {
+    let nats = NatsServer::start();
+    let cfg = cluster_config(&nats.url());
+    let a = TestGateway::start_with(Config {
+        dev: true,
+        ..cfg.clone()
+    })
+    .await;
+    let b = TestGateway::start_with(cfg).await;
+    let mut on_b = b.connect("lee").await;
+    let answer = reqwest::Client::new()
+        .post(a.url("/dev/run"))
+        .bearer_auth(a.token("lee"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let frame = on_b.next_json().await.unwrap();
+    assert_eq!(frame["type"], "event", "{frame}");
+    assert_eq!(frame["kind"], "agent_started", "{frame}");
+}
