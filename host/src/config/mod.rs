@@ -63,6 +63,27 @@ pub struct TlsConfig {
     pub reload_poll_secs: u64,
 }
 
+impl TlsConfig {
+    /// Both files or neither.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            let (key, value) = match &self.cert_file {
+                Some(cert) => (
+                    "tls.key_file",
+                    format!("unset (cert_file = {})", cert.display()),
+                ),
+                None => ("tls.cert_file", "unset (key_file is set)".to_owned()),
+            };
+            return Err(invalid(
+                key,
+                &value,
+                "TLS needs both cert_file and key_file",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for TlsConfig {
     fn default() -> Self {
         TlsConfig {
@@ -160,6 +181,68 @@ impl Default for ClusterConfig {
 }
 
 impl ClusterConfig {
+    /// Refuses cluster settings that cannot work, with the key named; `history` bounds what
+    /// one resume may read from the stream.
+    pub fn validate(&self, history: &History) -> Result<(), Invalid> {
+        let c = self;
+        if c.nats_url().is_some() {
+            for (key, value) in [
+                ("cluster.request_timeout_ms", c.request_timeout_ms),
+                ("cluster.subscribe_timeout_ms", c.subscribe_timeout_ms),
+                ("cluster.max_bytes", c.max_bytes),
+            ] {
+                if value == 0 {
+                    return Err(invalid(key, &value, "must be at least 1"));
+                }
+            }
+            if history.max_replay_events > MAX_CLUSTER_REPLAY_EVENTS {
+                return Err(invalid(
+                    "history.max_replay_events",
+                    &history.max_replay_events,
+                    "at most 4000 in cluster mode: a resume reads its events in one batch from \
+                 the stream, and the answers wait in a NATS inbox of 4096 messages",
+                ));
+            }
+            if !(1..=64).contains(&c.streams) {
+                return Err(invalid("cluster.streams", &c.streams, "1 to 64"));
+            }
+            if ![1, 3, 5].contains(&c.replicas) {
+                return Err(invalid(
+                    "cluster.replicas",
+                    &c.replicas,
+                    "must be 1, 3 or 5: JetStream needs a majority of an odd number of copies",
+                ));
+            }
+            let token = |t: &str| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if !token(&c.subject_prefix) {
+                return Err(invalid(
+                    "cluster.subject_prefix",
+                    &c.subject_prefix,
+                    "one subject token: letters, digits, '-' and '_'",
+                ));
+            }
+            if !token(&c.stream) {
+                return Err(invalid(
+                    "cluster.stream",
+                    &c.stream,
+                    "a stream name: letters, digits, '-' and '_'",
+                ));
+            }
+            if c.tls_cert_file.is_some() != c.tls_key_file.is_some() {
+                return Err(invalid(
+                    "cluster.tls_key_file",
+                    &"one of tls_cert_file and tls_key_file",
+                    "NATS client TLS needs both",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The NATS URLs when cluster mode is on; a blank value (`GATEWAY_CLUSTER__NATS_URL=`)
     /// leaves it off.
     pub fn nats_url(&self) -> Option<&str> {
@@ -490,6 +573,15 @@ pub struct Invalid {
     pub reason: String,
 }
 
+/// The refusal of `value` for `key`, and why.
+fn invalid(key: &'static str, value: &dyn std::fmt::Display, reason: &str) -> Invalid {
+    Invalid {
+        key,
+        value: value.to_string(),
+        reason: reason.to_owned(),
+    }
+}
+
 /// Top-level keys and sections (tables), as environment variables spell them after
 /// `GATEWAY_`: read from the config type itself, so a new key is settable at once.
 fn env_names() -> (Vec<String>, Vec<String>) {
@@ -512,11 +604,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), Invalid> {
         let l = &self.limits;
         let a = &self.auth;
-        let bad = |key: &'static str, value: &dyn std::fmt::Display, reason: &str| Invalid {
-            key,
-            value: value.to_string(),
-            reason: reason.to_owned(),
-        };
+        let bad = invalid;
         for (key, value) in [
             ("limits.idle_timeout_secs", l.idle_timeout_secs),
             ("limits.hibernate_after_secs", l.hibernate_after_secs),
@@ -649,72 +737,8 @@ impl Config {
                 "at most 4 GiB, the size of a 32-bit linear memory",
             ));
         }
-        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            let (key, value) = match &self.tls.cert_file {
-                Some(cert) => (
-                    "tls.key_file",
-                    format!("unset (cert_file = {})", cert.display()),
-                ),
-                None => ("tls.cert_file", "unset (key_file is set)".to_owned()),
-            };
-            return Err(bad(key, &value, "TLS needs both cert_file and key_file"));
-        }
-        let c = &self.cluster;
-        if c.nats_url().is_some() {
-            for (key, value) in [
-                ("cluster.request_timeout_ms", c.request_timeout_ms),
-                ("cluster.subscribe_timeout_ms", c.subscribe_timeout_ms),
-                ("cluster.max_bytes", c.max_bytes),
-            ] {
-                if value == 0 {
-                    return Err(bad(key, &value, "must be at least 1"));
-                }
-            }
-            if self.history.max_replay_events > MAX_CLUSTER_REPLAY_EVENTS {
-                return Err(bad(
-                    "history.max_replay_events",
-                    &self.history.max_replay_events,
-                    "at most 4000 in cluster mode: a resume reads its events in one batch from \
-                     the stream, and the answers wait in a NATS inbox of 4096 messages",
-                ));
-            }
-            if !(1..=64).contains(&c.streams) {
-                return Err(bad("cluster.streams", &c.streams, "1 to 64"));
-            }
-            if ![1, 3, 5].contains(&c.replicas) {
-                return Err(bad(
-                    "cluster.replicas",
-                    &c.replicas,
-                    "must be 1, 3 or 5: JetStream needs a majority of an odd number of copies",
-                ));
-            }
-            let token = |t: &str| {
-                !t.is_empty()
-                    && t.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            };
-            if !token(&c.subject_prefix) {
-                return Err(bad(
-                    "cluster.subject_prefix",
-                    &c.subject_prefix,
-                    "one subject token: letters, digits, '-' and '_'",
-                ));
-            }
-            if !token(&c.stream) {
-                return Err(bad(
-                    "cluster.stream",
-                    &c.stream,
-                    "a stream name: letters, digits, '-' and '_'",
-                ));
-            }
-            if c.tls_cert_file.is_some() != c.tls_key_file.is_some() {
-                return Err(bad(
-                    "cluster.tls_key_file",
-                    &"one of tls_cert_file and tls_key_file",
-                    "NATS client TLS needs both",
-                ));
-            }
-        }
+        self.tls.validate()?;
+        self.cluster.validate(&self.history)?;
         if l.max_payload_depth > 100 {
             return Err(bad(
                 "limits.max_payload_depth",

@@ -1,0 +1,193 @@
+//! Serving a node: the HTTP routes of the public and ops listeners, the accept loops, the
+//! node's periodic work, and the drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::reload::watch_reloads;
+use crate::{AppState, admin, api, auth, listener, session, web};
+
+/// What the ops listener serves: health, metrics, and the backend's and operators' API
+/// (`/v1/*`, authorised exactly as on the public listener). Browsers never reach it, so no
+/// crowd of WebSocket handshakes or anonymous clients can starve a publisher of slots.
+pub fn ops_app(state: Arc<AppState>) -> axum::Router {
+    api_routes(axum::Router::new())
+        .route("/metrics", get(api::metrics))
+        .with_state(state)
+}
+
+/// Routes served on both listeners.
+fn api_routes(router: axum::Router<Arc<AppState>>) -> axum::Router<Arc<AppState>> {
+    router
+        .route("/v1/publish", post(api::publish))
+        .route("/v1/publish/batch", post(api::publish_batch))
+        .route("/v1/disconnect", post(admin::disconnect))
+        .route("/v1/guest/reload", post(admin::reload_guest))
+        .route("/v1/stats", get(api::stats))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+}
+
+/// How long start-up waits for the revocations other nodes recorded.
+const DISCONNECTS_LOAD_WAIT: Duration = Duration::from_secs(30);
+
+/// Connections the ops listener holds at once: probes, scrapers and backend services.
+const OPS_HTTP_CONNECTIONS: usize = 256;
+
+/// The HTTP application of the public listener, shared by the binary and the tests.
+/// `/metrics` is here only when there is no ops listener (`ops_apart`): it tells anyone who
+/// can reach it how many users are connected and what the node refuses.
+pub fn app(state: Arc<AppState>, ops_apart: bool) -> axum::Router {
+    let routes = api_routes(web::routes(state.config.dev).route("/ws", get(session::connect)));
+    let routes = match ops_apart {
+        true => routes,
+        false => routes.route("/metrics", get(api::metrics)),
+    };
+    routes.with_state(state)
+}
+
+/// Once a second until shutdown: drops events, idempotency keys and revocations past their
+/// age, and publishes the log's size and evictions as metrics.
+async fn expire_history(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut reported = [0u64; 3];
+    loop {
+        tokio::select! {
+            () = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !state.verifier.revocations.is_empty() {
+            state.verifier.revocations.expire(auth::now_secs());
+        }
+        let log = state.router.log();
+        log.expire();
+        state.metrics.history_bytes.set(log.bytes() as i64);
+        for (i, (cause, total)) in log.evicted().into_iter().enumerate() {
+            let new = total.saturating_sub(reported[i]);
+            if new > 0 {
+                state
+                    .metrics
+                    .history_evictions
+                    .get_or_create(&vec![("reason", cause)])
+                    .inc_by(new);
+                reported[i] = total;
+            }
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` completes, then drains (see [`serve_with_ops`]).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with_ops(listener, None, state, shutdown).await
+}
+
+/// Serves the public listener (and the ops listener, if given) until `shutdown` completes
+/// or the state's shutdown token is cancelled. Then the drain: no new connections, every
+/// session closes with 1001, HTTP connections finish their request; all of it bounded by
+/// `shutdown_grace_secs`, after which whatever is left is dropped.
+pub async fn serve_with_ops(
+    listener: TcpListener,
+    ops: Option<TcpListener>,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    state
+        .join_cluster()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // Cluster mode: the revocations in force, recorded by any node, hold here before anyone
+    // is served. A node that cannot load them does not serve at all: it would admit revoked
+    // tokens.
+    let (loaded, disconnects_loaded) = tokio::sync::oneshot::channel();
+    let disconnects = tokio::spawn(admin::follow_disconnects(state.clone(), loaded));
+    if tokio::time::timeout(DISCONNECTS_LOAD_WAIT, disconnects_loaded)
+        .await
+        .is_err()
+    {
+        disconnects.abort();
+        return Err(std::io::Error::other(format!(
+            "cluster: the revocations in force did not load from NATS within {} s; not \
+             serving, since this node would admit revoked tokens",
+            DISCONNECTS_LOAD_WAIT.as_secs()
+        )));
+    }
+    let limits = &state.config.limits;
+    let serving = listener::Serving {
+        header_read_timeout: Duration::from_secs(limits.header_read_timeout_secs),
+        write_timeout: Duration::from_secs(limits.write_timeout_secs),
+        tls_handshake_timeout: Duration::from_secs(state.config.tls.handshake_timeout_secs),
+        draining: CancellationToken::new(),
+        stopped: CancellationToken::new(),
+        connections: TaskTracker::new(),
+        metrics: state.metrics.clone(),
+    };
+    let mut accepting = vec![tokio::spawn(listener::accept(
+        listener::Listener {
+            socket: listener,
+            app: app(state.clone(), ops.is_some()),
+            http_connections: limits.max_http_connections,
+            per_address: limits.max_http_connections_per_address,
+            name: "public",
+            tls: state.tls.clone(),
+        },
+        serving.clone(),
+    ))];
+    if let Some(ops) = ops {
+        accepting.push(tokio::spawn(listener::accept(
+            listener::Listener {
+                socket: ops,
+                app: ops_app(state.clone()),
+                http_connections: OPS_HTTP_CONNECTIONS,
+                per_address: 0,
+                name: "ops",
+                tls: None,
+            },
+            serving.clone(),
+        )));
+    }
+    let jwks = tokio::spawn(watch_reloads(state.clone()));
+
+    let history = tokio::spawn(expire_history(state.clone()));
+
+    tokio::select! {
+        () = shutdown => {}
+        () = state.shutdown.cancelled() => {}
+    }
+    state.shutdown.cancel();
+    serving.draining.cancel();
+    // Every session learns it from its mailbox and closes with 1001.
+    state.router.shut_down();
+    for task in accepting {
+        let _ = task.await;
+    }
+    let _ = jwks.await;
+    let _ = history.await;
+    let _ = disconnects.await;
+
+    serving.connections.close();
+    state.sessions.close();
+    let grace = Duration::from_secs(limits.shutdown_grace_secs);
+    let drained = async {
+        serving.connections.wait().await;
+        state.sessions.wait().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!(
+            http_connections = serving.connections.len(),
+            sessions = state.sessions.len(),
+            "connections still open after the shutdown grace period; dropping them"
+        );
+    }
+    serving.stopped.cancel();
+    Ok(())
+}
