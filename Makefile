@@ -6,7 +6,7 @@ GATEWAY := target/release/gateway
 GUEST_MODULE := target/$(WASM_TARGET)/guest/gateway_guest.wasm
 GUEST := target/components/handler.wasm
 
-.PHONY: run test guest guests setup browser nats lint fmt clean bench
+.PHONY: run test guest guests setup browser nats lint fmt clean bench soak
 
 # Package installs need root; elsewhere they go through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -86,6 +86,24 @@ test: setup browser nats guests
 ## target/bench/.
 bench: setup nats
 	CARGO="$(CARGO)" MAKE="$(MAKE)" bash tests/bench/run.sh
+
+## The chaos checker (issue 20): gateway nodes killed, drained and (in cluster mode) NATS
+## servers paused and killed for SOAK_SECS under a resuming workload, then every guarantee
+## checked from the recorded history. Prints one summary line per mode; reports in
+## target/chaos/soak-<mode>.json. SOAK_MODES picks the modes, SOAK_SEED the seed (printed).
+SOAK_SECS ?= 600
+SOAK_MODES ?= cluster embedded
+ifndef SOAK_SEED
+SOAK_SEED := $(shell date +%s)
+endif
+soak: setup nats
+	$(CARGO) build --release --locked -p gateway
+	$(CARGO) build --release --locked -p gateway-tests --bin chaos
+	@status=0; for mode in $(SOAK_MODES); do \
+	  echo "soak: $$mode mode, $(SOAK_SECS) s, seed $(SOAK_SEED)"; \
+	  target/release/chaos --mode $$mode --secs $(SOAK_SECS) --seed $(SOAK_SEED) \
+	    --report target/chaos/soak-$$mode.json || status=$$?; \
+	done; exit $$status
 
 lint: setup
 	$(CARGO) fmt --all -- --check
