@@ -41,6 +41,12 @@ pub struct Metrics {
     pub frames_received: Counter,
     /// Sessions closed as slow clients because their queue was full.
     pub queue_overflows: Counter,
+    /// Bytes of events queued to this node's sessions and not yet taken (the backlog that
+    /// `limits.max_queued_bytes` bounds).
+    pub queued_bytes: Gauge,
+    /// Cluster mode: times a feed left events in the stream because this node's backlog was
+    /// at `limits.max_queued_bytes`; it read them from the stream once there was room.
+    pub cluster_feed_pauses: Counter,
     /// Events replayed to resuming clients.
     pub events_replayed: Counter,
     /// Event frames a guest made too large for the client, replaced by a marker.
@@ -108,6 +114,8 @@ impl Metrics {
             frames_sent: Counter::default(),
             frames_received: Counter::default(),
             queue_overflows: Counter::default(),
+            queued_bytes: Gauge::default(),
+            cluster_feed_pauses: Counter::default(),
             turns_cut: Counter::default(),
             sessions_hibernated: Gauge::default(),
             hibernated_bytes: Gauge::default(),
@@ -311,6 +319,16 @@ impl Metrics {
             "cluster_feeds",
             "Cluster mode: identities this node subscribes to",
             m.cluster_feeds.clone(),
+        );
+        registry.register(
+            "queued_bytes",
+            "Bytes of events queued to this node's sessions and not yet taken",
+            m.queued_bytes.clone(),
+        );
+        registry.register(
+            "cluster_feed_pauses",
+            "Cluster mode: times a feed left events in the stream because this node's backlog was at limits.max_queued_bytes",
+            m.cluster_feed_pauses.clone(),
         );
         registry.register(
             "cluster_gap_events",

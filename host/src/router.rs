@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::auth::Identity;
 use crate::cluster::Cluster;
@@ -107,6 +107,18 @@ impl QueueState {
     }
 }
 
+/// What [`Router::deliver`] did with a feed's event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued to the identity's sessions here.
+    Queued,
+    /// Not queued: the node's backlog is at `limits.max_queued_bytes`.
+    Full,
+    /// Not queued: the feed is no longer wanted (no sessions left, or a newer feed took
+    /// over).
+    Gone,
+}
+
 /// Why a session could not be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
@@ -135,6 +147,12 @@ pub struct Router {
     log: Arc<dyn EventLog>,
     /// Bytes of events queued to all sessions and not yet taken: the node's backlog.
     queued: AtomicUsize,
+    /// `limits.max_queued_bytes`: in cluster mode, feeds queue nothing more while the
+    /// backlog is at it (see [`Router::deliver`]).
+    max_queued: usize,
+    /// Woken when the backlog falls to half of `max_queued`: feeds that stopped at the
+    /// bound catch up from the stream.
+    room: Notify,
     /// Cluster mode: events come from the stream through per-identity feeds instead of
     /// from [`Router::publish`].
     cluster: OnceLock<Arc<Cluster>>,
@@ -208,7 +226,7 @@ impl Mailbox {
     fn taken(&self, event: Arc<Event>) -> Arc<Event> {
         let n = event_bytes(&event);
         self.queue.bytes.fetch_sub(n, Ordering::Relaxed);
-        self.router.queued.fetch_sub(n, Ordering::Relaxed);
+        self.router.release(n);
         event
     }
 }
@@ -225,6 +243,8 @@ impl Router {
             shut_down: AtomicBool::new(false),
             log,
             queued: AtomicUsize::new(0),
+            max_queued: limits.max_queued_bytes,
+            room: Notify::new(),
             cluster: OnceLock::new(),
             feeds_opened: AtomicU64::new(0),
         }
@@ -248,6 +268,44 @@ impl Router {
     /// Bytes of events queued to this node's sessions, not yet handed to their guests.
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` bytes more queued.
+    fn hold(&self, n: usize) {
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        self.metrics.queued_bytes.inc_by(n as i64);
+    }
+
+    /// Counts `n` queued bytes taken or dropped; wakes the feeds waiting for room when the
+    /// backlog falls to the low mark.
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let before = self.queued.fetch_sub(n, Ordering::Relaxed);
+        self.metrics.queued_bytes.dec_by(n as i64);
+        let low = self.max_queued / 2;
+        if before > low && before - n <= low {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Whether the backlog is at `limits.max_queued_bytes`: feeds queue nothing more.
+    pub fn full(&self) -> bool {
+        self.queued_bytes() >= self.max_queued
+    }
+
+    /// Waits until the backlog is at most half of `limits.max_queued_bytes`.
+    pub async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.queued_bytes() <= self.max_queued / 2 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn shard(&self, identity: &Identity) -> &Mutex<HashMap<Identity, UserRoutes>> {
@@ -388,18 +446,22 @@ impl Router {
         }
     }
 
-    /// Cluster mode: queues an event from the identity's feed to its sessions here. False
-    /// when the feed is no longer wanted (no sessions left, or a newer feed took over).
-    pub fn deliver(&self, identity: &Identity, generation: u64, event: Arc<Event>) -> bool {
+    /// Cluster mode: queues an event from the identity's feed to its sessions here, unless
+    /// the node's backlog is at `limits.max_queued_bytes` ([`Delivery::Full`]: nothing is
+    /// queued; the event stays in the stream, where the feed reads it once there is room).
+    pub fn deliver(&self, identity: &Identity, generation: u64, event: Arc<Event>) -> Delivery {
         let mut shard = lock(self.shard(identity));
         let Some(routes) = shard
             .get_mut(identity)
             .filter(|r| r.feed.as_ref().is_some_and(|f| f.generation == generation))
         else {
-            return false;
+            return Delivery::Gone;
         };
+        if self.full() {
+            return Delivery::Full;
+        }
         self.fan_out(routes, &event);
-        true
+        Delivery::Queued
     }
 
     /// Queues the event to each of the identity's sessions; returns to how many. A session
@@ -411,7 +473,7 @@ impl Router {
         routes.sessions.retain(|route| {
             // Counted before it is sent: the session may take it (and subtract) at once.
             let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
-            self.queued.fetch_add(size, Ordering::Relaxed);
+            self.hold(size);
             let sent =
                 before + size <= self.queue_bytes && route.events.try_send(event.clone()).is_ok();
             if sent {
@@ -419,7 +481,7 @@ impl Router {
                 return true;
             }
             route.queue.bytes.fetch_sub(size, Ordering::Relaxed);
-            self.queued.fetch_sub(size, Ordering::Relaxed);
+            self.release(size);
             // Full (or the session is already ending): never block the publisher or the
             // identity's other sessions, and never drop silently. The queue closes, the
             // route goes (dropping the sender wakes the session), and the session closes
@@ -478,7 +540,7 @@ impl Drop for Mailbox {
         self.router.unregister(&self.identity, &self.connection_id);
         // Whatever was still queued leaves the node's backlog with the session.
         let left = self.queue.bytes.swap(0, Ordering::Relaxed);
-        self.router.queued.fetch_sub(left, Ordering::Relaxed);
+        self.router.release(left);
     }
 }
 

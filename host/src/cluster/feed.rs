@@ -13,7 +13,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::{Cluster, Unavailable, decode, now_micros, number_header};
 use crate::auth::Identity;
-use crate::router::Router;
+use crate::router::{Delivery, Router};
 use crate::sandbox::Event;
 
 /// Most events one request fetches to fill a gap.
@@ -53,6 +53,15 @@ enum Lost {
 impl From<Unavailable> for Lost {
     fn from(e: Unavailable) -> Self {
         Lost::Nats(e)
+    }
+}
+
+/// Waits until the node's backlog has room again (half of `limits.max_queued_bytes`).
+async fn room(router: &Weak<Router>) {
+    match router.upgrade() {
+        Some(router) => router.room().await,
+        // The feed ends with its next delivery.
+        None => std::future::pending().await,
     }
 }
 
@@ -141,12 +150,12 @@ impl Cluster {
         let subject = self.live_subject(identity);
         let subscribed = async {
             let subscriber = self
-                .client
+                .feeds
                 .subscribe(subject)
                 .await
                 .map_err(|e| Unavailable(e.to_string()))?;
             // The server has the subscription once it answers a ping sent after it.
-            self.client
+            self.feeds
                 .flush()
                 .await
                 .map_err(|e| Unavailable(e.to_string()))?;
@@ -162,17 +171,26 @@ impl Cluster {
             Ok(head) => head,
             Err(e) => return Lost::Nats(e),
         };
-        let deliver = |event: Event, at: u64| -> Result<(), Lost> {
+        // Queues an event to the identity's sessions here: `Ok(false)` when this node's
+        // backlog is at `limits.max_queued_bytes` and it stays in the stream.
+        let deliver = |event: Event, at: u64| -> Result<bool, Lost> {
             let router = router.upgrade().ok_or(Lost::Stopped)?;
-            if at > 0 {
-                let lag = now_micros().saturating_sub(at) as f64 / 1e6;
-                self.metrics.cluster_lag_seconds.observe(lag);
-            }
             match router.deliver(identity, generation, Arc::new(event)) {
-                true => Ok(()),
-                false => Err(Lost::Stopped),
+                Delivery::Queued => {
+                    if at > 0 {
+                        let lag = now_micros().saturating_sub(at) as f64 / 1e6;
+                        self.metrics.cluster_lag_seconds.observe(lag);
+                    }
+                    Ok(true)
+                }
+                Delivery::Full => {
+                    self.metrics.cluster_feed_pauses.inc();
+                    Ok(false)
+                }
+                Delivery::Gone => Err(Lost::Stopped),
             }
         };
+        let full = || router.upgrade().is_some_and(|r| r.full());
         let position = match position {
             // A first subscription starts at the identity's head: sessions get what is
             // stored from now on (a resuming one reads the stream itself).
@@ -190,9 +208,13 @@ impl Cluster {
             },
             Some(p) => p,
         };
-        if let Err(lost) = self.fill(identity, position, head, &deliver).await {
-            return lost;
-        }
+        // Behind: this node's backlog was at its bound, so the events after the position
+        // were left in the stream; live messages are let go (the stream has them) until
+        // there is room and the feed reads them from there.
+        let mut behind = match self.fill(identity, position, head, &deliver, &full).await {
+            Ok(caught_up) => !caught_up,
+            Err(lost) => return lost,
+        };
         ready.send_replace(true);
         // In a NATS cluster a new subscription reaches the stream's server a moment later:
         // an event stored meanwhile is not republished to it. One look at the head shortly
@@ -204,18 +226,43 @@ impl Cluster {
             tokio::select! {
                 () = &mut recheck, if !rechecked => {
                     rechecked = true;
+                    if behind {
+                        // Catching up reads to the head anyway.
+                        continue;
+                    }
                     let head = match self.head_of(identity).await {
                         Ok(head) => head,
                         Err(e) => return Lost::Nats(e),
                     };
-                    if let Err(lost) = self.fill(identity, position, head, &deliver).await {
-                        return lost;
+                    match self.fill(identity, position, head, &deliver, &full).await {
+                        Ok(caught_up) => behind = !caught_up,
+                        Err(lost) => return lost,
+                    }
+                }
+                () = room(router), if behind => {
+                    // The node's backlog fell to half its bound: read what was left in the
+                    // stream, a few feeds at a time.
+                    let _permit = self.catch_ups.acquire().await;
+                    if full() {
+                        continue;
+                    }
+                    let head = match self.head_of(identity).await {
+                        Ok(head) => head,
+                        Err(e) => return Lost::Nats(e),
+                    };
+                    match self.fill(identity, position, head, &deliver, &full).await {
+                        Ok(caught_up) => behind = !caught_up,
+                        Err(lost) => return lost,
                     }
                 }
                 message = subscriber.next() => {
                     let Some(message) = message else {
                         return Lost::Nats(Unavailable("subscription ended".into()));
                     };
+                    if behind {
+                        // Kept in the stream; read from there when there is room.
+                        continue;
+                    }
                     let header = |name: &str| number_header(&message, name);
                     let (Some(seq), previous) = (header("Nats-Sequence"), header("Nats-Last-Sequence")) else {
                         tracing::warn!("live message without a stream sequence; ignored");
@@ -224,24 +271,34 @@ impl Cluster {
                     if seq <= position.delivered {
                         continue;
                     }
-                    if let Some(previous) = previous.filter(|p| *p > position.delivered)
-                        && let Err(lost) = self.fill(identity, position, previous, &deliver).await
-                    {
-                        return lost;
+                    if let Some(previous) = previous.filter(|p| *p > position.delivered) {
+                        match self.fill(identity, position, previous, &deliver, &full).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                behind = true;
+                                continue;
+                            }
+                            Err(lost) => return lost,
+                        }
                     }
                     position.anchored = true;
                     let Some((event, at)) = decode(seq, &message.payload) else {
                         position.delivered = seq;
                         continue;
                     };
-                    if let Err(lost) = deliver(event, at) {
-                        return lost;
+                    match deliver(event, at) {
+                        Ok(true) => position.delivered = seq,
+                        Ok(false) => behind = true,
+                        Err(lost) => return lost,
                     }
-                    position.delivered = seq;
                 }
                 changed = epoch.changed() => {
                     if changed.is_err() {
                         return Lost::Stopped;
+                    }
+                    if behind {
+                        // Catching up reads to the head anyway.
+                        continue;
                     }
                     // Reconnected, or some subscription overflowed: whatever was missed is
                     // in the stream.
@@ -250,8 +307,9 @@ impl Cluster {
                         Ok(head) => head,
                         Err(e) => return Lost::Nats(e),
                     };
-                    if let Err(lost) = self.fill(identity, position, head, &deliver).await {
-                        return lost;
+                    match self.fill(identity, position, head, &deliver, &full).await {
+                        Ok(caught_up) => behind = !caught_up,
+                        Err(lost) => return lost,
                     }
                 }
             }
@@ -264,14 +322,22 @@ impl Cluster {
     /// sessions must be told ([`Lost::Evicted`]): JetStream removes an identity's oldest
     /// events first, so the event at the position, still stored, proves that everything
     /// after it is too.
+    ///
+    /// `Ok(false)` when it stopped short because this node's backlog reached
+    /// `limits.max_queued_bytes` (`full`, or `deliver` answering false): the rest stays in
+    /// the stream, and the position where the sessions are.
     async fn fill(
         &self,
         identity: &Identity,
         position: &mut Position,
         to: u64,
-        deliver: &impl Fn(Event, u64) -> Result<(), Lost>,
-    ) -> Result<(), Lost> {
+        deliver: &impl Fn(Event, u64) -> Result<bool, Lost>,
+        full: &impl Fn() -> bool,
+    ) -> Result<bool, Lost> {
         while position.delivered < to {
+            if full() {
+                return Ok(false);
+            }
             let anchored = position.anchored;
             let from = position.delivered + u64::from(!anchored);
             let want = (to - position.delivered).min(FILL_BATCH) as usize + usize::from(anchored);
@@ -294,16 +360,18 @@ impl Cluster {
             }
             for (seq, event) in batch {
                 if seq > to {
-                    return Ok(());
+                    return Ok(true);
                 }
                 if let Some(event) = event {
+                    if !deliver(event, 0)? {
+                        return Ok(false);
+                    }
                     self.metrics.cluster_gap_events.inc();
-                    deliver(event, 0)?;
                 }
                 position.delivered = seq;
                 position.anchored = true;
             }
         }
-        Ok(())
+        Ok(true)
     }
 }

@@ -41,8 +41,17 @@ use crate::metrics::Metrics;
 use crate::router::Publication;
 use crate::sandbox::Event;
 
-/// Messages a subscription (a live feed, a batched read's inbox) may hold unread.
+/// Messages a batched read's reply inbox (or another subscription on the main connection)
+/// may hold unread.
 pub const INBOX_CAPACITY: usize = 4096;
+
+/// Messages a live feed's subscription may hold unread (on a connection of the feeds' own).
+/// A feed takes each as it comes, queuing it or, while this node's backlog is at
+/// `limits.max_queued_bytes`, leaving it in the stream; only while it reads a gap from the
+/// stream can more arrive, and past this many the client drops them: a gap the feed fills
+/// from the stream like any other. So a node holds at most this many events per feed in
+/// the client, whatever other nodes accept.
+pub const FEED_CAPACITY: usize = 64;
 
 // A resume's batch (`since`, its events, one more, the end-of-batch status) fits an inbox.
 const _: () = assert!(crate::config::MAX_CLUSTER_REPLAY_EVENTS + 3 <= INBOX_CAPACITY);
@@ -142,15 +151,19 @@ pub struct Stored {
     pub duplicate: bool,
 }
 
-/// The NATS connection's state, shared with its event callback.
+/// A NATS connection's state, shared with its event callback: the main connection
+/// (publishes, reads, disconnects) or the feeds' (live subscriptions only).
 #[derive(Debug)]
 struct Link {
+    /// The feeds' connection: its state is not the node's (`nats_connected`, 503s).
+    feeds: bool,
     connected: AtomicBool,
     /// Set when the connection is lost, until it is back.
     lost: AtomicBool,
-    /// Bumped on every (re)connection and every slow-consumer report: each feed then checks
-    /// the stream for events live delivery may have skipped.
-    epoch: watch::Sender<u64>,
+    /// Bumped on every (re)connection and every slow-consumer report of the feeds'
+    /// connection: each feed then checks the stream for events live delivery may have
+    /// skipped. Shared by both links.
+    epoch: Arc<watch::Sender<u64>>,
     metrics: Arc<Metrics>,
 }
 
@@ -159,26 +172,43 @@ impl Link {
         match event {
             async_nats::Event::Connected => {
                 self.connected.store(true, Ordering::Release);
-                self.metrics.nats_connected.set(1);
+                if !self.feeds {
+                    self.metrics.nats_connected.set(1);
+                }
                 // The first connection is announced too; only a later one is a reconnect.
                 if self.lost.swap(false, Ordering::AcqRel) {
-                    self.metrics.nats_reconnects.inc();
-                    tracing::warn!("NATS connection re-established; live feeds catch up");
+                    if !self.feeds {
+                        self.metrics.nats_reconnects.inc();
+                    }
+                    tracing::warn!(
+                        feeds = self.feeds,
+                        "NATS connection re-established; live feeds catch up"
+                    );
                     self.epoch.send_modify(|e| *e += 1);
                 }
             }
             async_nats::Event::Disconnected => {
                 self.lost.store(true, Ordering::Release);
                 self.connected.store(false, Ordering::Release);
-                self.metrics.nats_connected.set(0);
-                tracing::error!(
-                    "NATS connection lost: publishes answer 503 until it is back; \
-                     live connections stay up"
-                );
+                if self.feeds {
+                    tracing::error!("NATS connection of the live feeds lost; reconnecting");
+                } else {
+                    self.metrics.nats_connected.set(0);
+                    tracing::error!(
+                        "NATS connection lost: publishes answer 503 until it is back; \
+                         live connections stay up"
+                    );
+                }
+            }
+            async_nats::Event::SlowConsumer(sid) if self.feeds => {
+                // The client dropped messages of a feed that was reading a gap: they are
+                // in the stream. A later event of that identity reveals the gap; this
+                // finds it even if none comes.
+                tracing::debug!(sid, "a live feed fell behind; catching up from the stream");
+                self.epoch.send_modify(|e| *e += 1);
             }
             async_nats::Event::SlowConsumer(sid) => {
-                tracing::warn!(sid, "a live feed fell behind; catching up from the stream");
-                self.epoch.send_modify(|e| *e += 1);
+                tracing::warn!(sid, "a read's reply inbox overflowed; the read is retried");
             }
             other => tracing::warn!(event = %other, "NATS"),
         }
@@ -189,6 +219,9 @@ impl Link {
 #[derive(Debug)]
 pub struct Cluster {
     client: async_nats::Client,
+    /// The live feeds' own connection, whose subscriptions hold at most [`FEED_CAPACITY`]
+    /// messages each.
+    feeds: async_nats::Client,
     js: jetstream::Context,
     /// The streams identities are spread over (see [`Cluster::shard`]).
     streams: Vec<stream::Stream>,
@@ -256,39 +289,17 @@ impl Cluster {
             format!("{host}-{}", std::process::id())
         });
         let request_timeout = Duration::from_millis(config.request_timeout_ms);
-        let link = Arc::new(Link {
-            connected: AtomicBool::new(false),
-            lost: AtomicBool::new(false),
-            epoch: watch::channel(0).0,
-            metrics: metrics.clone(),
-        });
-        let mut options = async_nats::ConnectOptions::new()
-            .name(format!("gateway {node}"))
-            .request_timeout(Some(request_timeout))
-            .connection_timeout(Duration::from_secs(5))
-            .max_reconnects(None)
-            // Bounded per live feed; one that falls behind is caught up from the stream.
-            .subscription_capacity(INBOX_CAPACITY)
-            .require_tls(config.tls_required);
-        if let Some(path) = &config.credentials_file {
-            options = options.credentials_file(path).await.map_err(|e| {
-                JoinError::Options(format!("credentials_file {}: {e}", path.display()))
-            })?;
-        }
-        if let Some(token) = &config.token {
-            options = options.token(token.clone());
-        }
-        if let Some(ca) = &config.tls_ca_file {
-            options = options.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
-        let callback = link.clone();
-        options = options.event_callback(move |event| {
-            let link = callback.clone();
-            async move { link.on_event(event) }
-        });
+        let epoch = Arc::new(watch::channel(0).0);
+        let link = |feeds| {
+            Arc::new(Link {
+                feeds,
+                connected: AtomicBool::new(false),
+                lost: AtomicBool::new(false),
+                epoch: epoch.clone(),
+                metrics: metrics.clone(),
+            })
+        };
+        let (link, feeds_link) = (link(false), link(true));
         let servers: Vec<async_nats::ServerAddr> = url
             .split(',')
             .map(|u| u.trim().parse())
@@ -297,13 +308,19 @@ impl Cluster {
                 url: url.clone(),
                 reason: format!("{e}"),
             })?;
-        let client = options
-            .connect(servers)
-            .await
-            .map_err(|e| JoinError::Connect {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+        let connect = async |link: &Arc<Link>, name: String, capacity: usize| {
+            let options = connect_options(config, name, request_timeout, link, capacity).await?;
+            options
+                .connect(servers.clone())
+                .await
+                .map_err(|e| JoinError::Connect {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })
+        };
+        let client = connect(&link, format!("gateway {node}"), INBOX_CAPACITY).await?;
+        let feeds = connect(&feeds_link, format!("gateway {node} feeds"), FEED_CAPACITY).await?;
+        feeds_link.connected.store(true, Ordering::Release);
         link.connected.store(true, Ordering::Release);
         metrics.nats_connected.set(1);
         let mut js = jetstream::new(client.clone());
@@ -383,6 +400,7 @@ impl Cluster {
         );
         Ok(Arc::new(Cluster {
             client,
+            feeds,
             js,
             streams,
             prefix,
@@ -962,6 +980,45 @@ impl Cluster {
         let horizon = now_micros() as i128 - self.history.max_age_secs as i128 * 1_000_000;
         Ok(oldest <= horizon)
     }
+}
+
+/// The options of one of the node's NATS connections; `capacity`: messages each of its
+/// subscriptions may hold unread.
+async fn connect_options(
+    config: &ClusterConfig,
+    name: String,
+    request_timeout: Duration,
+    link: &Arc<Link>,
+    capacity: usize,
+) -> Result<async_nats::ConnectOptions, JoinError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .request_timeout(Some(request_timeout))
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None)
+        // A subscription that falls behind loses messages past this, and is told.
+        .subscription_capacity(capacity)
+        .require_tls(config.tls_required);
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| JoinError::Options(format!("credentials_file {}: {e}", path.display())))?;
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let callback = link.clone();
+    Ok(options.event_callback(move |event| {
+        let link = callback.clone();
+        async move { link.on_event(event) }
+    }))
 }
 
 /// Refuses a stream set made with another `cluster.streams`: an identity's stream is chosen

@@ -422,7 +422,10 @@ pub struct Limits {
     pub body_read_timeout_secs: u64,
     /// Bytes of events queued to this node's sessions and not yet handed to their guests;
     /// past it, publishes are refused with 503 and `Retry-After` until delivery catches up,
-    /// so that latency under overload stays bounded instead of growing with the queues.
+    /// so that latency under overload stays bounded instead of growing with the queues. In
+    /// cluster mode also the most this node holds for its sessions, whatever other nodes
+    /// accept: at it, its feeds leave events in the stream and read them from there once
+    /// the backlog is down to half.
     pub max_queued_bytes: usize,
     /// Connections still speaking HTTP (not upgraded: handshakes, publishers, probes) the
     /// listener holds at once; past it, new ones wait in the kernel's backlog. Upgraded
