@@ -463,6 +463,14 @@ fn config_warnings(config: &Config) -> Vec<String> {
             l.max_message_bytes, l.outbound_queue_bytes
         ));
     }
+    if l.outbound_queue_bytes >= l.max_queued_bytes {
+        warnings.push(format!(
+            "limits.outbound_queue_bytes ({}) is not below limits.max_queued_bytes ({}): one \
+             client that stops reading can hold this node's whole delivery budget (and in cluster \
+             mode pause every feed) until it is closed as a slow client",
+            l.outbound_queue_bytes, l.max_queued_bytes
+        ));
+    }
     warnings
 }
 
