@@ -22,6 +22,17 @@ use std::time::Duration;
 use clap::Parser as _;
 use gateway_tests::chaos::{self, Options};
 
+/// SIGTERM (a `timeout`, a CI runner): the run ends like on Ctrl-C, its processes with it.
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            term.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
 fn main() -> ExitCode {
     let options = Options::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -44,6 +55,7 @@ fn main() -> ExitCode {
                 Err(_) => Err(anyhow::anyhow!("the run did not finish within {limit:?}")),
             },
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            _ = terminated() => Err(anyhow::anyhow!("terminated")),
         }
     });
     // Whatever is left (tasks holding sockets) goes now; the processes went with the run.
