@@ -71,8 +71,11 @@ fn embedded_node_killed_and_drained_loses_and_misdelivers_nothing() {
 /// nodes) seconds before, and the connection then skips from that head to the first live
 /// event. Seed 7 (`--secs 120 --rate 150 --fault-every-secs 3`) showed it in two runs out of
 /// two: four resumes within 7 ms of SIGCONT of server n0 (stopped 5.5 s), e.g. since 1879,
-/// head 1880 while 1891 had been acknowledged 4 s earlier, 62 events lost. The read the head
-/// rests on was answered from the stopped server's stale state. It passes once that is fixed.
+/// head 1880 while 1891 had been acknowledged 4 s earlier, 62 events lost; seed 11 with the
+/// default workload (`make soak SOAK_SECS=90 SOAK_SEED=11`) shows it too. Not yet pinned
+/// down: the replay (and the leader-only head read it is completed against) seem to come
+/// back with the stopped server's stale view, and the node's live feed does not fill the
+/// gap either. It passes once that is fixed.
 #[test]
 #[ignore = "finding: recovered:true with a stale head after a NATS server is stopped and continued"]
 fn cluster_with_nodes_and_nats_servers_failing_loses_and_misdelivers_nothing() {
