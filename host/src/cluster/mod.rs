@@ -236,6 +236,9 @@ pub struct Cluster {
     /// Resume reads in flight: a resume storm queues here instead of piling requests on the
     /// stream until they time out.
     reads: Semaphore,
+    /// Per stream, the last barrier written (when it was sent, its sequence): reads that
+    /// began before it was sent share it instead of writing their own.
+    barriers: Vec<tokio::sync::Mutex<Option<(Instant, u64)>>>,
     /// Operators' disconnects and revocations, so that every node applies them.
     disconnects: kv::Store,
     pub node: String,
@@ -411,6 +414,7 @@ impl Cluster {
             metrics,
             catch_ups: Semaphore::new(64),
             reads: Semaphore::new(MAX_READS),
+            barriers: (0..shards).map(|_| tokio::sync::Mutex::new(None)).collect(),
             disconnects,
             node,
             instance: uuid::Uuid::new_v4().simple().to_string(),
@@ -648,11 +652,21 @@ impl Cluster {
         }
     }
 
-    /// The identity's latest `seq`, 0 when the stream holds none of its events, as the
-    /// stream's leader knows it: the non-direct get API is answered by the leader only, so
-    /// the answer includes every acknowledged event, where a direct get may be answered by
-    /// a replica that has not applied the newest ones yet.
+    /// The identity's latest `seq`, 0 when the stream holds none of its events, including
+    /// every event acknowledged before the call. No single read can promise that: a replica
+    /// may lag, and a server that was stopped and continued may still answer as the leader
+    /// it no longer is. So a barrier is written to the identity's stream first (only the
+    /// real leader can commit it, so its sequence is above every acknowledged event), and
+    /// the head is read together with the newest barrier in one answer, from one server,
+    /// which counts only once that server holds the barrier. The leader's own answer is
+    /// asked at the same time, and the higher of the two is the head.
     async fn head_of(&self, identity: &Identity) -> Result<u64, Unavailable> {
+        let (leader, fenced) = tokio::join!(self.leader_head(identity), self.fenced_head(identity));
+        Ok(leader?.max(fenced?))
+    }
+
+    /// The identity's latest `seq` as the server answering for the leader knows it.
+    async fn leader_head(&self, identity: &Identity) -> Result<u64, Unavailable> {
         let subject = self.event_subject(identity);
         let message = self
             .leader_get(
@@ -664,6 +678,122 @@ impl Cluster {
             )
             .await?;
         Ok(message.map_or(0, |m| m.sequence))
+    }
+
+    /// The identity's latest `seq` from a server that holds a barrier written after this
+    /// call began.
+    async fn fenced_head(&self, identity: &Identity) -> Result<u64, Unavailable> {
+        let barrier = self.barrier(identity).await?;
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let (head, seen) = self.last_with_barrier(identity).await?;
+            if seen >= barrier {
+                return Ok(head);
+            }
+            if Instant::now() >= deadline {
+                return Err(Unavailable(
+                    "the stream's copies did not catch up with its leader in time".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn barrier_subject(&self, shard: usize) -> String {
+        // One token where an identity has two: no identity's subject.
+        format!("{}.ev.{shard}.barrier", self.prefix)
+    }
+
+    /// The sequence of a barrier in the identity's stream sent after this call began.
+    async fn barrier(&self, identity: &Identity) -> Result<u64, Unavailable> {
+        let began = Instant::now();
+        let shard = self.shard(identity);
+        // Bounded: behind a barrier that NATS does not answer, the others do not queue on.
+        let mut last = tokio::time::timeout(self.request_timeout, self.barriers[shard].lock())
+            .await
+            .map_err(|_| Unavailable("no answer from the stream in time".into()))?;
+        if let Some((sent, seq)) = *last
+            && sent >= began
+        {
+            return Ok(seq);
+        }
+        if !self.link.connected.load(Ordering::Acquire) {
+            return Err(Unavailable("the NATS connection is down".into()));
+        }
+        let sent = Instant::now();
+        let written = async {
+            self.js
+                .publish(self.barrier_subject(shard), Vec::new().into())
+                .await?
+                .await
+        };
+        let ack = tokio::time::timeout(self.request_timeout, written)
+            .await
+            .map_err(|_| Unavailable("no answer from the stream in time".into()))?
+            .map_err(|e| Unavailable(e.to_string()))?;
+        self.metrics
+            .nats_round_trip("barrier", sent.elapsed().as_secs_f64());
+        *last = Some((sent, ack.sequence));
+        Ok(ack.sequence)
+    }
+
+    /// The identity's last sequence (0: none) and the stream's last barrier, in one batched
+    /// direct get: both as one server holds them.
+    async fn last_with_barrier(&self, identity: &Identity) -> Result<(u64, u64), Unavailable> {
+        let subject = self.event_subject(identity);
+        let barrier = self.barrier_subject(self.shard(identity));
+        let api = format!(
+            "$JS.API.DIRECT.GET.{}",
+            self.stream_of(identity).cached_info().config.name
+        );
+        let started = Instant::now();
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        let request = serde_json::json!({ "multi_last": [subject, barrier], "batch": 2 });
+        self.client
+            .publish_with_reply(api, inbox, request.to_string().into())
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+        let (mut head, mut seen) = (0, 0);
+        loop {
+            let reply = tokio::time::timeout(self.request_timeout, replies.next())
+                .await
+                .map_err(|_| Unavailable("no answer from the stream in time".into()))?
+                .ok_or_else(|| Unavailable("the NATS connection closed".into()))?;
+            match reply.status.map(|s| s.as_u16()) {
+                Some(204 | 404) => break,
+                Some(code) if code != 200 => {
+                    return Err(Unavailable(format!(
+                        "direct get: {code} {}",
+                        reply.description.as_deref().unwrap_or("")
+                    )));
+                }
+                _ => {}
+            }
+            let seq = number_header(&reply, "Nats-Sequence")
+                .ok_or_else(|| Unavailable("direct get: an answer without a sequence".into()))?;
+            let of = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Subject"))
+                .map(|v| v.as_str().to_owned());
+            match of {
+                Some(of) if of == subject => head = seq,
+                Some(_) => seen = seq,
+                None => {
+                    return Err(Unavailable(
+                        "direct get: an answer without a subject".into(),
+                    ));
+                }
+            }
+        }
+        self.metrics
+            .nats_round_trip("fenced_head", started.elapsed().as_secs_f64());
+        Ok((head, seen))
     }
 
     /// A get answered by the stream's leader, timed; `None` when there is no such message.
@@ -890,6 +1020,15 @@ impl Cluster {
         }
         if batch.len() > max {
             return Ok(not(NotRecovered::TooMany, Some(leader_head)));
+        }
+        // The head is the identity's newest event, which limits remove last: an answer that
+        // stops short of it came from a copy that lags (or a fill from a server that was the
+        // leader no more). Nothing to vouch for: the client tries again.
+        let last_stored = batch.last().map_or(since, |(seq, _)| *seq);
+        if last_stored < leader_head {
+            return Err(Unavailable(
+                "the stream's copies did not hold its newest events; retry".into(),
+            ));
         }
         let stored = batch.len();
         let events: Vec<Arc<Event>> = batch
