@@ -247,7 +247,9 @@ async fn reads_answered_by_a_copy_without_the_newest_events_still_see_them() {
                 .request("$JS.API.STREAM.INFO.LAGGING", &json!({}))
                 .await;
             // At or past: barriers (written by resumes) follow the events.
-            info["state"]["last_seq"].as_u64().is_some_and(|seq| seq >= last)
+            info["state"]["last_seq"]
+                .as_u64()
+                .is_some_and(|seq| seq >= last)
         })
         .await;
         for seq in seqs {
