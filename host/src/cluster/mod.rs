@@ -742,6 +742,32 @@ impl Cluster {
     async fn last_with_barrier(&self, identity: &Identity) -> Result<(u64, u64), Unavailable> {
         let subject = self.event_subject(identity);
         let barrier = self.barrier_subject(self.shard(identity));
+        let request = serde_json::json!({ "multi_last": [subject, barrier], "batch": 2 });
+        let (replies, _) = self.direct_batch(identity, "fenced_head", &request).await?;
+        let (mut head, mut seen) = (0, 0);
+        for (seq, reply) in replies {
+            let of = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Subject"))
+                .map(|v| v.as_str().to_owned())
+                .ok_or_else(|| Unavailable("direct get: an answer without a subject".into()))?;
+            match of == subject {
+                true => head = seq,
+                false => seen = seq,
+            }
+        }
+        Ok((head, seen))
+    }
+
+    /// One batched direct get of the identity's stream: the messages answered, each with its
+    /// sequence, and whether the server has more past the batch. Timed as `op`.
+    async fn direct_batch(
+        &self,
+        identity: &Identity,
+        op: &'static str,
+        request: &serde_json::Value,
+    ) -> Result<(Vec<(u64, async_nats::Message)>, bool), Unavailable> {
         let api = format!(
             "$JS.API.DIRECT.GET.{}",
             self.stream_of(identity).cached_info().config.name
@@ -753,19 +779,22 @@ impl Cluster {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| Unavailable(e.to_string()))?;
-        let request = serde_json::json!({ "multi_last": [subject, barrier], "batch": 2 });
         self.client
             .publish_with_reply(api, inbox, request.to_string().into())
             .await
             .map_err(|e| Unavailable(e.to_string()))?;
-        let (mut head, mut seen) = (0, 0);
-        loop {
+        let mut got = Vec::new();
+        let more = loop {
             let reply = tokio::time::timeout(self.request_timeout, replies.next())
                 .await
                 .map_err(|_| Unavailable("no answer from the stream in time".into()))?
                 .ok_or_else(|| Unavailable("the NATS connection closed".into()))?;
             match reply.status.map(|s| s.as_u16()) {
-                Some(204 | 404) => break,
+                // End of the batch: what is left after it.
+                Some(204) => {
+                    break number_header(&reply, "Nats-Num-Pending").is_some_and(|n| n > 0);
+                }
+                Some(404) => break false,
                 Some(code) if code != 200 => {
                     return Err(Unavailable(format!(
                         "direct get: {code} {}",
@@ -776,24 +805,11 @@ impl Cluster {
             }
             let seq = number_header(&reply, "Nats-Sequence")
                 .ok_or_else(|| Unavailable("direct get: an answer without a sequence".into()))?;
-            let of = reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Subject"))
-                .map(|v| v.as_str().to_owned());
-            match of {
-                Some(of) if of == subject => head = seq,
-                Some(_) => seen = seq,
-                None => {
-                    return Err(Unavailable(
-                        "direct get: an answer without a subject".into(),
-                    ));
-                }
-            }
-        }
+            got.push((seq, reply));
+        };
         self.metrics
-            .nats_round_trip("fenced_head", started.elapsed().as_secs_f64());
-        Ok((head, seen))
+            .nats_round_trip(op, started.elapsed().as_secs_f64());
+        Ok((got, more))
     }
 
     /// A get answered by the stream's leader, timed; `None` when there is no such message.
@@ -901,61 +917,19 @@ impl Cluster {
         max: usize,
     ) -> Result<Vec<(u64, Option<Event>)>, Unavailable> {
         let subject = self.event_subject(identity);
-        let api = format!(
-            "$JS.API.DIRECT.GET.{}",
-            self.stream_of(identity).cached_info().config.name
-        );
         let mut got = Vec::new();
         let mut next = from.max(1);
         while got.len() < max {
-            let started = Instant::now();
-            let inbox = self.client.new_inbox();
-            let mut replies = self
-                .client
-                .subscribe(inbox.clone())
-                .await
-                .map_err(|e| Unavailable(e.to_string()))?;
             let request = serde_json::json!({
                 "seq": next,
                 "next_by_subj": subject,
                 "batch": max - got.len(),
             });
-            self.client
-                .publish_with_reply(api.clone(), inbox, request.to_string().into())
-                .await
-                .map_err(|e| Unavailable(e.to_string()))?;
-            let mut more = false;
-            loop {
-                let reply = tokio::time::timeout(self.request_timeout, replies.next())
-                    .await
-                    .map_err(|_| Unavailable("no answer from the stream in time".into()))?
-                    .ok_or_else(|| Unavailable("the NATS connection closed".into()))?;
-                let header = |name: &str| number_header(&reply, name);
-                match reply.status.map(|s| s.as_u16()) {
-                    // End of the batch: what is left after it.
-                    Some(204) => {
-                        more = header("Nats-Num-Pending").is_some_and(|n| n > 0);
-                        break;
-                    }
-                    Some(404) => break,
-                    Some(code) if code != 200 => {
-                        return Err(Unavailable(format!(
-                            "direct get: {code} {}",
-                            reply.description.as_deref().unwrap_or("")
-                        )));
-                    }
-                    _ => {}
-                }
-                let Some(seq) = header("Nats-Sequence") else {
-                    return Err(Unavailable(
-                        "direct get: an answer without a sequence".into(),
-                    ));
-                };
+            let (replies, more) = self.direct_batch(identity, "batch", &request).await?;
+            for (seq, reply) in replies {
                 got.push((seq, decode(seq, &reply.payload).map(|(e, _)| e)));
                 next = seq + 1;
             }
-            self.metrics
-                .nats_round_trip("batch", started.elapsed().as_secs_f64());
             if !more {
                 break;
             }
