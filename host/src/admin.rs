@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::AppState;
 use crate::api::{ApiError, authorize, read_body, refuse};
 use crate::auth::{DISCONNECT_SCOPE, GUEST_RELOAD_SCOPE, Identity, MAX_REVOCATION_SECS, now_secs};
-use crate::cluster::Disconnection;
+use crate::cluster::{Disconnection, Unavailable};
 
 /// The operator's reason goes into the close frame, whose reason text is at most 123 bytes,
 /// after `disconnected: `.
@@ -190,9 +190,17 @@ pub async fn follow_disconnects(app: Arc<AppState>, loaded: tokio::sync::oneshot
     // close clients that reconnected legitimately since.
     let mut applied_revision = 0u64;
     loop {
-        let recorded = cluster.disconnects_recorded().await;
-        let mut entries = match cluster.disconnections().await {
-            Ok(entries) => entries,
+        // How many records the watch delivers first (one per key), then the watch. Without
+        // that count an empty bucket and one that did not answer would look alike, and the
+        // node would serve before loading the revocations.
+        let watch = match cluster.disconnects_recorded().await {
+            Some(recorded) => cluster.disconnections().await.map(|w| (recorded, w)),
+            None => Err(Unavailable(
+                "no answer about the recorded disconnects".into(),
+            )),
+        };
+        let (mut to_load, mut entries) = match watch {
+            Ok(watch) => watch,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot follow the cluster's disconnects; retrying");
                 tokio::select! {
@@ -204,8 +212,6 @@ pub async fn follow_disconnects(app: Arc<AppState>, loaded: tokio::sync::oneshot
             }
         };
         backoff = Duration::from_millis(100);
-        // The watch first delivers every recorded entry (one per key), then new ones.
-        let mut to_load = recorded.unwrap_or(0);
         if to_load == 0
             && let Some(loaded) = loaded.take()
         {
@@ -229,12 +235,16 @@ pub async fn follow_disconnects(app: Arc<AppState>, loaded: tokio::sync::oneshot
                     }
                 }
                 Some(Err(err)) => {
-                    tracing::warn!(error = %err, "following the cluster's disconnects");
+                    tracing::warn!(
+                        error = %err,
+                        "the watch of the cluster's disconnects ended; watching again"
+                    );
                     break;
                 }
                 None => break,
             }
         }
+        app.metrics.disconnect_watch_restarts.inc();
     }
 }
 

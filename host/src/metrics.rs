@@ -77,6 +77,10 @@ pub struct Metrics {
     pub cluster_gap_events: Counter,
     /// Cluster mode: from the stream storing an event to this node queueing it.
     pub cluster_lag_seconds: Histogram,
+    /// Cluster mode: times this node's watch of the operators' disconnects ended (NATS
+    /// stopped feeding it) and was started again; the new watch replays every record, and
+    /// only those newer than the last one applied close sessions.
+    pub disconnect_watch_restarts: Counter,
     nats_round_trips: Family<Labels, Histogram, fn() -> Histogram>,
     hibernations: Family<Labels, Counter>,
     guest_faults: Family<Labels, Counter>,
@@ -127,6 +131,7 @@ impl Metrics {
             cluster_feeds: Gauge::default(),
             cluster_gap_events: Counter::default(),
             cluster_lag_seconds: Histogram::new(exponential_buckets(50e-6, 1.5, 30)),
+            disconnect_watch_restarts: Counter::default(),
             nats_round_trips: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(25e-6, 1.5, 32))
             }),
@@ -339,6 +344,11 @@ impl Metrics {
             "cluster_lag_seconds",
             "Cluster mode: from the stream storing an event to this node queueing it",
             m.cluster_lag_seconds.clone(),
+        );
+        registry.register(
+            "disconnect_watch_restarts",
+            "Cluster mode: times the watch of the operators' disconnects ended and was started again",
+            m.disconnect_watch_restarts.clone(),
         );
         registry.register(
             "refusals",

@@ -34,9 +34,6 @@ fn api_routes(router: axum::Router<Arc<AppState>>) -> axum::Router<Arc<AppState>
         .route("/readyz", get(api::readyz))
 }
 
-/// How long start-up waits for the revocations other nodes recorded.
-const DISCONNECTS_LOAD_WAIT: Duration = Duration::from_secs(30);
-
 /// Connections the ops listener holds at once: probes, scrapers and backend services.
 const OPS_HTTP_CONNECTIONS: usize = 256;
 
@@ -106,19 +103,20 @@ pub async fn serve_with_ops(
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     // Cluster mode: the revocations in force, recorded by any node, hold here before anyone
-    // is served. A node that cannot load them does not serve at all: it would admit revoked
-    // tokens.
+    // is served. A node that cannot load them within `cluster.revocations_load_timeout_secs`
+    // does not serve at all: it would admit revoked tokens.
     let (loaded, disconnects_loaded) = tokio::sync::oneshot::channel();
     let disconnects = tokio::spawn(admin::follow_disconnects(state.clone(), loaded));
-    if tokio::time::timeout(DISCONNECTS_LOAD_WAIT, disconnects_loaded)
+    let load_wait = state.config.cluster.revocations_load_timeout_secs;
+    if tokio::time::timeout(Duration::from_secs(load_wait), disconnects_loaded)
         .await
         .is_err()
     {
         disconnects.abort();
         return Err(std::io::Error::other(format!(
-            "cluster: the revocations in force did not load from NATS within {} s; not \
-             serving, since this node would admit revoked tokens",
-            DISCONNECTS_LOAD_WAIT.as_secs()
+            "cluster: the revocations in force did not load from NATS within {load_wait} s \
+             (cluster.revocations_load_timeout_secs); not serving, since this node would \
+             admit revoked tokens"
         )));
     }
     let limits = &state.config.limits;

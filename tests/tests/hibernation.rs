@@ -5,8 +5,9 @@
 //! stays live. Guests of the first world (0.1.0) run as before and never hibernate.
 
 use futures_util::{SinkExt, StreamExt};
+use gateway::auth::{Claims, now_secs};
 use gateway::sandbox::{Context, WORLD_0_1};
-use gateway_tests::{Client, TestGateway, config, guests, wait_until};
+use gateway_tests::{Client, TestGateway, claims, config, guests, token, wait_until};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -115,6 +116,62 @@ async fn an_idle_handler_hibernates_and_wakes_with_its_state_in_order() {
     alice.close().await;
     gw.wait_metric("gateway_sessions_hibernated", 0.0).await;
     gw.wait_metric("gateway_hibernated_bytes", 0.0).await;
+}
+
+/// A token refreshed in-band while the handler sleeps is the one its restored instance is
+/// given: the guest sees the renewed expiry, and the connection outlives the first token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_woken_after_a_refresh_is_given_the_renewed_expiry() {
+    let mut cfg = config(guests::CHAOS);
+    cfg.limits.hibernate_after_secs = 1;
+    // The first token ends at exp + 1 s: 5 s to 6 s from now, time for the connect, one
+    // hibernation and the refresh.
+    cfg.auth.leeway_secs = 1;
+    let gw = TestGateway::start_with(cfg).await;
+    let first = Claims {
+        exp: now_secs() + 5,
+        ..claims("dana")
+    };
+    let mut dana = gw.connect_with(first.clone()).await;
+    dana.send_text("expiry").await;
+    assert_eq!(
+        next_of_type(&mut dana, "expiry").await["expires_at"],
+        first.exp
+    );
+    all_hibernated(&gw, 1.0).await;
+
+    let renewed = Claims {
+        exp: first.exp + 3600,
+        ..first.clone()
+    };
+    dana.send_json(&json!({"type": "gateway.refresh", "access_token": token(renewed.clone())}))
+        .await;
+    let reply = next_of_type(&mut dana, "gateway.refreshed").await;
+    assert_eq!(reply["expires_at"], renewed.exp, "{reply}");
+    // The refresh is the gateway's business: the handler slept through it.
+    assert_eq!(gw.metric("gateway_wakes_total").await, 0.0);
+
+    dana.send_text("expiry").await;
+    let seen = next_of_type(&mut dana, "expiry").await;
+    assert_eq!(
+        seen["expires_at"], renewed.exp,
+        "the restored handler's context: {seen}"
+    );
+    assert_eq!(gw.metric("gateway_wakes_total").await, 1.0);
+
+    // Past the first token's end (its timer has fired by then), the connection still serves.
+    wait_until("the first token has run out", async || {
+        now_secs() > first.exp + 1
+    })
+    .await;
+    dana.send_text("expiry").await;
+    let seen = next_of_type(&mut dana, "expiry").await;
+    assert_eq!(seen["expires_at"], renewed.exp, "{seen}");
+    assert_eq!(
+        gw.metric("gateway_session_closes_total{reason=\"token_expired\"}")
+            .await,
+        0.0
+    );
 }
 
 #[tokio::test]

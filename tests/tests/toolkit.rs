@@ -1,6 +1,7 @@
-//! Tools for plugin authors, through the real binary: `gateway guest replay`.
+//! Tools for plugin authors, through the real binary: `gateway guest replay`; and the CLI's
+//! output into a pipe whose reader has gone.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use gateway_tests::guests;
 use serde_json::Value;
@@ -227,4 +228,22 @@ fn new_javascript_and_python_projects_build_check_and_replay() {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// `gateway config reference | head -c0`: a reader that went away before the output was
+/// written (EPIPE) is not an error of the gateway's. It exits 0, with no panic and no
+/// complaint. The pipe's read end is closed before the gateway starts, so every write fails.
+#[test]
+fn output_into_a_pipe_nobody_reads_is_not_an_error() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(gateway())
+        .args(["config", "reference"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}: {stderr}", output.status);
+    assert!(stderr.is_empty(), "{stderr}");
 }

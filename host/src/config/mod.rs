@@ -133,6 +133,10 @@ pub struct ClusterConfig {
     /// How long a new connection waits for this node's subscription to its identity's events
     /// before it is closed with 1013 (retry).
     pub subscribe_timeout_ms: u64,
+    /// How long start-up waits for the revocations in force (recorded by any node in NATS)
+    /// to load; past it the node exits instead of serving, since it would admit revoked
+    /// tokens. 1 to 3600.
+    pub revocations_load_timeout_secs: u64,
     /// A NATS credentials file (JWT and NKey seed).
     pub credentials_file: Option<PathBuf>,
     /// A NATS authentication token.
@@ -169,6 +173,7 @@ impl Default for ClusterConfig {
             max_bytes: 1 << 30,
             request_timeout_ms: 2000,
             subscribe_timeout_ms: 5000,
+            revocations_load_timeout_secs: 30,
             credentials_file: None,
             token: None,
             tls_ca_file: None,
@@ -194,6 +199,13 @@ impl ClusterConfig {
                 if value == 0 {
                     return Err(invalid(key, &value, "must be at least 1"));
                 }
+            }
+            if !(1..=MAX_REVOCATIONS_LOAD_SECS).contains(&c.revocations_load_timeout_secs) {
+                return Err(invalid(
+                    "cluster.revocations_load_timeout_secs",
+                    &c.revocations_load_timeout_secs,
+                    "1 to 3600: a node serves no one until its revocations are loaded",
+                ));
             }
             if history.max_replay_events > MAX_CLUSTER_REPLAY_EVENTS {
                 return Err(invalid(
@@ -263,6 +275,10 @@ impl std::fmt::Debug for ClusterConfig {
             .field("max_bytes", &self.max_bytes)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("subscribe_timeout_ms", &self.subscribe_timeout_ms)
+            .field(
+                "revocations_load_timeout_secs",
+                &self.revocations_load_timeout_secs,
+            )
             .field("credentials_file", &self.credentials_file)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("tls_ca_file", &self.tls_ca_file)
@@ -273,6 +289,9 @@ impl std::fmt::Debug for ClusterConfig {
             .finish()
     }
 }
+
+/// Most seconds `cluster.revocations_load_timeout_secs` may give start-up.
+pub const MAX_REVOCATIONS_LOAD_SECS: u64 = 3600;
 
 /// The most events one resume may replay in cluster mode: its read is one batched direct
 /// get, whose answers (these events, `since` itself, one more to tell "too many", and the
@@ -858,6 +877,27 @@ mod tests {
             config.validate().unwrap_err().key,
             "limits.guest_call_wall_ms"
         );
+    }
+
+    #[test]
+    fn the_revocations_load_timeout_is_bounded_in_cluster_mode() {
+        let mut config = Config::default();
+        assert_eq!(config.cluster.revocations_load_timeout_secs, 30);
+        config.cluster.nats_url = Some("nats://127.0.0.1:4222".into());
+        config.validate().unwrap();
+        for bad in [0, MAX_REVOCATIONS_LOAD_SECS + 1] {
+            config.cluster.revocations_load_timeout_secs = bad;
+            assert_eq!(
+                config.validate().unwrap_err().key,
+                "cluster.revocations_load_timeout_secs"
+            );
+        }
+        let config = Config::load_from(
+            None,
+            vars(&[("GATEWAY_CLUSTER__REVOCATIONS_LOAD_TIMEOUT_SECS", "5")]),
+        )
+        .unwrap();
+        assert_eq!(config.cluster.revocations_load_timeout_secs, 5);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! Events are forwarded as `{"type":"event","seq":N,"kind":K,"count":C}`, where `count` (events
 //! seen by this handler) survives hibernation. Hibernation faults, picked by a client frame:
 //! `save-trap`, `save-none` (declines), `save-big` (64 KiB of state), `restore-refuse`,
-//! `restore-no-ack`.
+//! `restore-no-ack`. `expiry` answers `{"type":"expiry","expires_at":T}`, the token expiry of
+//! the context this instance was given (by `init`, or by `restore` after hibernation).
 
 // The generated export glue takes one argument per flattened record field.
 #![allow(clippy::too_many_arguments)]
@@ -26,6 +27,8 @@ thread_local! {
     static SLOW: Cell<bool> = const { Cell::new(false) };
     /// The hibernation fault asked for, if any (saved with the state).
     static SAVE_MODE: Cell<u8> = const { Cell::new(0) };
+    /// `expires-at` of the context this instance was given.
+    static EXPIRES_AT: Cell<u64> = const { Cell::new(0) };
 }
 
 const SAVE_TRAP: u8 = 1;
@@ -38,6 +41,7 @@ struct Chaos;
 
 impl Guest for Chaos {
     fn init(ctx: Context) {
+        EXPIRES_AT.set(ctx.expires_at);
         match ctx.session_id.as_deref() {
             Some("no-ack") => {}
             Some("ack-other-user") => ack_context(&ctx.connection_id, "mallory"),
@@ -94,6 +98,10 @@ impl Guest for Chaos {
             "save-big" => SAVE_MODE.set(SAVE_BIG),
             "restore-refuse" => SAVE_MODE.set(RESTORE_REFUSE),
             "restore-no-ack" => SAVE_MODE.set(RESTORE_NO_ACK),
+            "expiry" => emit(&Frame::Text(format!(
+                r#"{{"type":"expiry","expires_at":{}}}"#,
+                EXPIRES_AT.get()
+            ))),
             _ => emit(&Frame::Text(text)),
         }
     }
@@ -140,6 +148,7 @@ impl Guest for Chaos {
         if mode == RESTORE_REFUSE {
             return Err("asked to refuse".into());
         }
+        EXPIRES_AT.set(ctx.expires_at);
         let events = events.get(..8).ok_or("saved state too short")?;
         EVENTS.set(u64::from_le_bytes(events.try_into().unwrap()));
         SLOW.set(slow == 1);
