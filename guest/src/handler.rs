@@ -23,6 +23,8 @@ const MAX_TRACKED_RUNS: usize = 128;
 /// most 256 bytes, so a longer one can never match and would only grow this instance.
 pub const MAX_THREAD_ID_BYTES: usize = 256;
 const REDACTED: &str = "[redacted]";
+/// The kind of the events that carry message ops (AI output streams) from the gateway.
+pub const MESSAGE_KIND: &str = "gateway.message";
 /// What a payload becomes when the handler cannot inspect all of it (deeper than its JSON
 /// parser goes, or not JSON at all): redaction fails closed, the payload is never forwarded
 /// as it came.
@@ -290,6 +292,13 @@ impl State {
             self.events_filtered += 1;
             return false;
         }
+        if event.kind == MESSAGE_KIND
+            && let Some(frame) = self.message(&event)
+        {
+            self.events_out += 1;
+            out.push_str(&frame);
+            return true;
+        }
         let phase = event
             .run_id
             .as_deref()
@@ -368,6 +377,48 @@ impl State {
             _ => {}
         }
         run.phase
+    }
+
+    /// A message op (AI output streams) as a `type:"message"` frame: the gateway hands it
+    /// over as an event of kind `gateway.message` whose payload is
+    /// `{"id","op","text","status","kind","payload"?}`. The text goes as published (a secret
+    /// split over appends could not be recognised in one of them anyway); the create's
+    /// payload is redacted like any other. `None` when the envelope is not one.
+    fn message(&mut self, event: &EventIn) -> Option<String> {
+        let Ok(Value::Object(mut envelope)) = serde_json::from_str::<Value>(&event.payload) else {
+            return None;
+        };
+        let text = |v: &Value| v.as_str().map(str::to_owned);
+        let (id, op, status, kind) = (
+            text(envelope.get("id")?)?,
+            text(envelope.get("op")?)?,
+            text(envelope.get("status")?)?,
+            text(envelope.get("kind")?)?,
+        );
+        let body = match envelope.remove("text")? {
+            Value::String(body) => body,
+            _ => return None,
+        };
+        let mut frame = json!({
+            "type": "message",
+            "op": op,
+            "message_id": id,
+            "text": body,
+            "status": status,
+            "seq": event.seq,
+            "kind": kind,
+        });
+        if let Some(run) = &event.run_id {
+            frame["run_id"] = run.as_str().into();
+        }
+        if let Some(thread) = &event.thread_id {
+            frame["thread_id"] = thread.as_str().into();
+        }
+        if let Some(payload) = envelope.remove("payload").filter(|p| !p.is_null()) {
+            let redacted = self.redacted(payload.to_string());
+            frame["payload"] = serde_json::from_str(&redacted).unwrap_or(Value::Null);
+        }
+        Some(frame.to_string())
     }
 
     /// The payload with sensitive values replaced, or unchanged (not re-encoded) when nothing

@@ -11,7 +11,9 @@
 //! - `{"type":"ping"}`: answered with a `pong` carrying this instance's counters and state.
 //!
 //! Frames sent: `welcome` on connect, `event` for each forwarded event (payload with sensitive
-//! fields redacted), `subscribed`/`unsubscribed`, `pong`, and `error` for a frame it cannot use.
+//! fields redacted), `message` for each op of a message (AI output streams: the gateway's
+//! events of kind `gateway.message`), `subscribed`/`unsubscribed`, `pong`, and `error` for a
+//! frame it cannot use.
 
 // The generated export glue takes one argument per flattened record field.
 #![allow(clippy::too_many_arguments)]

@@ -16,6 +16,7 @@ use crate::AppState;
 use crate::auth::{AuthError, Identity, PUBLISH_SCOPE, STATS_SCOPE, bearer};
 use crate::cluster::{Cluster, Stored, Unavailable};
 use crate::router::{Publication, Receipt};
+use crate::streams::{MESSAGE_KIND, MessageOp, MessageRequest, Refusal, escaped_len};
 
 /// Longest `user_id`, `tenant_id`, `kind`, `run_id` or `thread_id` accepted.
 const MAX_ID_BYTES: usize = 256;
@@ -33,6 +34,8 @@ pub struct ApiError {
     reason: String,
     /// Seconds for a `Retry-After` header, when trying again later will help.
     retry_after: Option<u64>,
+    /// A message append refused: the index the message expects next.
+    expected_index: Option<u64>,
 }
 
 impl ApiError {
@@ -42,6 +45,7 @@ impl ApiError {
             error,
             reason: reason.into(),
             retry_after: None,
+            expected_index: None,
         }
     }
     pub fn unauthorized(err: AuthError) -> Self {
@@ -55,6 +59,20 @@ impl ApiError {
     }
     pub(crate) fn forbidden(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", reason)
+    }
+    /// A message op the log refused (409, 413 or 429), with the index it expects.
+    fn message(refusal: Refusal) -> Self {
+        let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::CONFLICT);
+        let mut err = Self::new(status, refusal.error, refusal.reason);
+        err.expected_index = refusal.expected_index;
+        err
+    }
+    fn body(&self) -> Value {
+        let mut body = json!({"error": self.error, "reason": self.reason});
+        if let Some(index) = self.expected_index {
+            body["expected_index"] = index.into();
+        }
+        body
     }
     /// The same refusal for one event of a batch, its index in front of the reason.
     fn in_batch(mut self, i: usize) -> Self {
@@ -79,8 +97,7 @@ pub fn refuse(app: &AppState, label: &'static str, who: Option<&str>, err: ApiEr
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": self.error, "reason": self.reason}));
-        let mut response = (self.status, body).into_response();
+        let mut response = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -103,9 +120,13 @@ struct PublishRequest {
     /// The tenant of the user; required to reach connections whose token had a `tenant`.
     #[serde(default)]
     tenant_id: Option<String>,
-    kind: String,
-    /// Kept as the publisher's text: valid JSON by construction, never re-encoded.
-    payload: Box<RawValue>,
+    /// Required, except on a message's `append` and `end` (which take the create's).
+    #[serde(default)]
+    kind: Option<String>,
+    /// Kept as the publisher's text: valid JSON by construction, never re-encoded. Required,
+    /// except on a message op (a message's create may carry one).
+    #[serde(default)]
+    payload: Option<Box<RawValue>>,
     #[serde(default)]
     run_id: Option<String>,
     #[serde(default)]
@@ -114,6 +135,9 @@ struct PublishRequest {
     /// published again: the answer carries the original `seq` and `"duplicate": true`.
     #[serde(default)]
     idempotency_key: Option<String>,
+    /// An op on one of the user's messages (AI output streams).
+    #[serde(default)]
+    message: Option<MessageRequest>,
 }
 
 /// A batch parsed in one pass. Only when that fails is it parsed again event by event
@@ -223,6 +247,7 @@ pub async fn publish(
     check_backlog(&app)?;
     let identity = publication.identity.clone();
     let receipt = match app.router.cluster() {
+        Some(_) if publication.message.is_some() => return Err(no_messages_in_cluster()),
         Some(cluster) => {
             let stored = cluster
                 .publish(&publication, key.as_deref())
@@ -231,7 +256,12 @@ pub async fn publish(
             app.metrics.events_published.inc();
             PublishReceipt::stored(&identity, stored)
         }
-        None => PublishReceipt::new(&identity, app.router.publish(publication, key.as_deref())),
+        None => PublishReceipt::new(
+            &identity,
+            app.router
+                .publish(publication, key.as_deref())
+                .map_err(ApiError::message)?,
+        ),
     };
     Ok(Json(receipt).into_response())
 }
@@ -264,20 +294,57 @@ pub async fn publish_batch(
         .collect::<Result<Vec<_>, ApiError>>()?;
     check_backlog(&app)?;
     if let Some(cluster) = app.router.cluster() {
+        if publications.iter().any(|(p, _)| p.message.is_some()) {
+            return Err(no_messages_in_cluster());
+        }
         return publish_to_cluster(&app, cluster, publications).await;
     }
-    let receipts: Vec<(Identity, Receipt)> = publications
+    let receipts: Vec<(Identity, Result<Receipt, Refusal>)> = publications
         .into_iter()
         .map(|(p, key)| {
             let identity = p.identity.clone();
             (identity, app.router.publish(p, key.as_deref()))
         })
         .collect();
-    let results = receipts
-        .iter()
-        .map(|(identity, receipt)| PublishReceipt::new(identity, *receipt))
+    let refused = receipts.iter().filter(|(_, r)| r.is_err()).count();
+    if refused == 0 {
+        let results = receipts
+            .iter()
+            .map(|(identity, r)| PublishReceipt::new(identity, *r.as_ref().expect("checked")))
+            .collect();
+        return Ok(Json(BatchReceipt { results }).into_response());
+    }
+    // Message ops are checked against their message as they are applied, so some of a
+    // batch may be refused after others were published: every event's own result says
+    // which (the published ones are not undone; retrying them answers `duplicate`).
+    let results: Vec<Value> = receipts
+        .into_iter()
+        .map(|(identity, r)| match r {
+            Ok(receipt) => json!(PublishReceipt::new(&identity, receipt)),
+            Err(refusal) => ApiError::message(refusal).body(),
+        })
         .collect();
-    Ok(Json(BatchReceipt { results }).into_response())
+    let status = StatusCode::CONFLICT;
+    let body = json!({
+        "error": "message_refused",
+        "reason": format!(
+            "{refused} of {} events were refused (message ops that do not fit their message);              `results` says which and why, the others were published",
+            results.len()
+        ),
+        "results": results,
+    });
+    Ok((status, Json(body)).into_response())
+}
+
+/// Message ops need the embedded log for now; a cluster refuses them instead of storing
+/// appends no node could fold.
+fn no_messages_in_cluster() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "messages_unsupported",
+        "message ops (AI output streams) are served by the embedded log; this node runs in \
+         cluster mode, which does not take them yet: publish the text as plain events",
+    )
 }
 
 /// One event's outcome in a cluster batch.
@@ -526,9 +593,45 @@ fn validate(
     app: &AppState,
 ) -> Result<(Publication, Option<String>), ApiError> {
     let limits = &app.config.limits;
+    let mut message = request
+        .message
+        .map(MessageOp::from_request)
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let (kind, payload) = match (&message, request.kind, request.payload) {
+        (None, None, _) => return Err(ApiError::bad_request("kind is required")),
+        (None, _, None) => return Err(ApiError::bad_request("payload is required")),
+        (None, Some(kind), Some(payload)) => (kind, payload),
+        // A message's kind and payload are its create's: the frames of its appends and
+        // end name that kind, and its snapshot carries that payload.
+        (Some(MessageOp::Create { .. }), kind, payload) => (
+            kind.unwrap_or_else(|| "message".to_owned()),
+            payload.unwrap_or_else(|| RawValue::from_string("null".into()).expect("JSON")),
+        ),
+        (Some(_), _, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "payload goes with a message's create; its appends and end carry text only",
+            ));
+        }
+        (Some(_), kind, None) => (
+            kind.unwrap_or_else(|| MESSAGE_KIND.to_owned()),
+            RawValue::from_string("null".into()).expect("JSON"),
+        ),
+    };
+    if kind == MESSAGE_KIND
+        && !matches!(
+            message,
+            Some(MessageOp::Append { .. } | MessageOp::End { .. })
+        )
+    {
+        return Err(ApiError::bad_request(format!(
+            "kind {MESSAGE_KIND:?} is reserved for message ops: publish a `message` instead"
+        )));
+    }
+    let message_id = message.as_ref().map(|m| m.id().to_owned());
     for (name, value) in [
         ("user_id", Some(&request.user_id)),
-        ("kind", Some(&request.kind)),
+        ("kind", Some(&kind)),
         ("tenant_id", request.tenant_id.as_ref()),
         ("idempotency_key", request.idempotency_key.as_ref()),
     ] {
@@ -539,7 +642,8 @@ fn validate(
     for (name, value) in [
         ("user_id", Some(&request.user_id)),
         ("tenant_id", request.tenant_id.as_ref()),
-        ("kind", Some(&request.kind)),
+        ("kind", Some(&kind)),
+        ("message.id", message_id.as_ref()),
         ("run_id", request.run_id.as_ref()),
         ("thread_id", request.thread_id.as_ref()),
         ("idempotency_key", request.idempotency_key.as_ref()),
@@ -550,7 +654,7 @@ fn validate(
             )));
         }
     }
-    let payload = String::from(request.payload.get());
+    let payload = String::from(payload.get());
     let shape = PayloadShape::of(&payload);
     if shape.depth > limits.max_payload_depth {
         return Err(ApiError::bad_request(format!(
@@ -562,11 +666,16 @@ fn validate(
     // user: the frame carrying it, redaction markers included, must fit what a guest may
     // emit and a client takes.
     let framed = FRAME_OVERHEAD
-        + escaped_len(&request.kind)
+        + escaped_len(&kind)
         + request.run_id.as_deref().map_or(0, escaped_len)
         + request.thread_id.as_deref().map_or(0, escaped_len)
         + payload.len()
         + shape.members * REDACTION_GROWTH;
+    // A message's snapshot frame holds all this besides its text: the log bounds the text
+    // so that the whole still fits.
+    if let Some(MessageOp::Create { frame_base, .. }) = &mut message {
+        *frame_base = framed;
+    }
     if framed > limits.max_message_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -586,10 +695,11 @@ fn validate(
             tenant: request.tenant_id,
             user: request.user_id,
         },
-        kind: request.kind,
+        kind,
         payload,
         run_id: request.run_id,
         thread_id: request.thread_id,
+        message,
     };
     Ok((publication, request.idempotency_key))
 }
@@ -630,17 +740,6 @@ impl PayloadShape {
         }
         shape
     }
-}
-
-/// Length of `s` once written as a JSON string literal (without the quotes).
-fn escaped_len(s: &str) -> usize {
-    s.bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' => 2,
-            0..=0x1f => 6,
-            _ => 1,
-        })
-        .sum()
 }
 
 pub async fn healthz() -> Json<Value> {

@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::auth::Identity;
-use crate::config::History;
+use crate::config::{History, Streams};
 use crate::router::Publication;
 use crate::sandbox::Event;
+use crate::streams::{Applied, Fields, Messages, Refusal};
 
 const SHARDS: usize = 64;
 
@@ -31,9 +32,11 @@ const SHARDS: usize = 64;
 pub enum Appended {
     /// A new event with this `seq`, now in the log.
     New(Arc<Event>),
-    /// The idempotency key was seen within the window: the original event's `seq`; nothing
-    /// was appended.
+    /// The idempotency key was seen within the window, or the message op was applied
+    /// before: the original event's `seq`; nothing was appended.
     Duplicate(u64),
+    /// A message op that does not fit its message (or a limit): nothing was appended.
+    Refused(Refusal),
 }
 
 /// What a resume gets.
@@ -92,6 +95,9 @@ pub trait EventLog: Send + Sync + std::fmt::Debug {
 
     /// Events evicted so far: by count, by age, by the byte bound.
     fn evicted(&self) -> [(&'static str, u64); 3];
+
+    /// Messages still streaming `max_open` after their create, to be ended as `failed`.
+    fn overdue_messages(&self, max_open: Duration) -> Vec<(Identity, String)>;
 }
 
 /// One identity's history and keys.
@@ -103,7 +109,14 @@ struct Stream {
     /// bounds since `base`: false for a stream created soon after the log forgot streams to
     /// stay in its byte bound, or soon after the node started (see [`MemoryLog::forgot`]).
     complete: bool,
-    events: VecDeque<(Instant, Arc<Event>)>,
+    /// The latest `seq` evicted from the history (`base - 1` while none was): a resume from
+    /// before it cannot be complete. Entries are not one per `seq` (a message is one entry
+    /// at the `seq` of its latest op), so this, not the oldest entry, says what was lost.
+    evicted_through: u64,
+    /// Oldest first, in `seq` order.
+    events: VecDeque<Held>,
+    /// The messages among `events`.
+    messages: Messages,
     /// Idempotency keys of recent publishes, oldest first for expiry.
     keys: HashMap<String, u64>,
     key_order: VecDeque<(Instant, String)>,
@@ -115,8 +128,35 @@ impl Stream {
     }
 
     fn earliest(&self) -> Option<u64> {
-        self.events.front().map(|(_, e)| e.seq)
+        self.events.front().map(|h| h.seq)
     }
+
+    /// An entry as a resume delivers it: a message as one snapshot of its text so far.
+    fn replayed(&self, held: &Held) -> Arc<Event> {
+        match &held.entry {
+            Entry::Event(event) => event.clone(),
+            Entry::Message(id) => Arc::new(
+                self.messages
+                    .get(id)
+                    .expect("a message entry has its message")
+                    .snapshot(id),
+            ),
+        }
+    }
+}
+
+/// One entry of an identity's history.
+struct Held {
+    /// When it was appended (a message: when it last changed), for `max_age_secs`.
+    at: Instant,
+    seq: u64,
+    entry: Entry,
+}
+
+enum Entry {
+    Event(Arc<Event>),
+    /// A message, at the `seq` of its latest op; its text is in [`Stream::messages`].
+    Message(Arc<str>),
 }
 
 /// Bytes an event costs, with its bookkeeping: in the log, and in a session's queue.
@@ -152,6 +192,9 @@ pub struct MemoryLog {
     shards: Box<[Mutex<HashMap<Identity, Stream>>]>,
     hasher: RandomState,
     limits: History,
+    streams: Streams,
+    /// `limits.max_message_bytes`: a message's snapshot must fit one frame.
+    frame_limit: usize,
     /// Bytes of events and streams.
     bytes: AtomicUsize,
     /// Bytes of idempotency keys.
@@ -194,6 +237,8 @@ impl MemoryLog {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             limits,
+            streams: Streams::default(),
+            frame_limit: 64 << 10,
             bytes: AtomicUsize::new(0),
             key_bytes: AtomicUsize::new(0),
             tenant_bytes: Mutex::default(),
@@ -202,6 +247,14 @@ impl MemoryLog {
             forgot: Mutex::new(Instant::now()),
             evictions: Evictions::default(),
         }
+    }
+
+    /// The bounds on messages, and the largest frame a client takes (a message's snapshot
+    /// must fit one).
+    pub fn with_streams(mut self, streams: Streams, frame_limit: usize) -> Self {
+        self.streams = streams;
+        self.frame_limit = frame_limit;
+        self
     }
 
     fn shard(&self, identity: &Identity) -> &Mutex<HashMap<Identity, Stream>> {
@@ -236,10 +289,14 @@ impl MemoryLog {
 
     /// Drops the stream's oldest event; whether there was one.
     fn pop_event(&self, identity: &Identity, stream: &mut Stream) -> bool {
-        let Some((_, event)) = stream.events.pop_front() else {
+        let Some(held) = stream.events.pop_front() else {
             return false;
         };
-        let bytes = event_bytes(&event);
+        stream.evicted_through = held.seq;
+        let bytes = match &held.entry {
+            Entry::Event(event) => event_bytes(event),
+            Entry::Message(id) => stream.messages.remove(id),
+        };
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
         let mut tenants = lock(&self.tenant_bytes);
         let tenant = tenant_key(identity);
@@ -293,7 +350,7 @@ impl MemoryLog {
         while stream
             .events
             .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) >= max_age)
+            .is_some_and(|h| now.duration_since(h.at) >= max_age)
         {
             self.pop_event(identity, stream);
             self.evictions.age.fetch_add(1, Ordering::Relaxed);
@@ -384,7 +441,9 @@ impl EventLog for MemoryLog {
                         base,
                         next_seq: base,
                         complete,
+                        evicted_through: base - 1,
                         events: VecDeque::new(),
+                        messages: Messages::default(),
                         keys: HashMap::new(),
                         key_order: VecDeque::new(),
                     })
@@ -397,16 +456,65 @@ impl EventLog for MemoryLog {
                 return Appended::Duplicate(seq);
             }
             let seq = stream.next_seq;
+            let event = match &publication.message {
+                None => {
+                    let event = Arc::new(Event {
+                        seq,
+                        kind: publication.kind,
+                        payload: publication.payload,
+                        run_id: publication.run_id,
+                        thread_id: publication.thread_id,
+                    });
+                    self.push_event(&identity, event_bytes(&event));
+                    stream.events.push_back(Held {
+                        at: now,
+                        seq,
+                        entry: Entry::Event(event.clone()),
+                    });
+                    event
+                }
+                Some(op) => {
+                    let mut grew = 0isize;
+                    let fields = Fields {
+                        kind: &publication.kind,
+                        payload: &publication.payload,
+                        run_id: publication.run_id.as_deref(),
+                        thread_id: publication.thread_id.as_deref(),
+                    };
+                    let applied = stream.messages.apply(
+                        fields,
+                        op,
+                        seq,
+                        &self.streams,
+                        self.frame_limit,
+                        &mut grew,
+                    );
+                    let (event, created) = match applied {
+                        Ok(Applied::New { event, created }) => (Arc::new(event), created),
+                        Ok(Applied::Duplicate(seq)) => return Appended::Duplicate(seq),
+                        Err(refusal) => return Appended::Refused(refusal),
+                    };
+                    let id: Arc<str> = op.id().into();
+                    // A message is one entry, at its latest op: moved to the back, from
+                    // near it (a message being written changed recently).
+                    if !created
+                        && let Some(i) = stream
+                            .events
+                            .iter()
+                            .rposition(|h| matches!(&h.entry, Entry::Message(m) if **m == *id))
+                    {
+                        stream.events.remove(i);
+                    }
+                    self.push_event(&identity, grew.max(0) as usize);
+                    stream.events.push_back(Held {
+                        at: now,
+                        seq,
+                        entry: Entry::Message(id),
+                    });
+                    event
+                }
+            };
             stream.next_seq += 1;
-            let event = Arc::new(Event {
-                seq,
-                kind: publication.kind,
-                payload: publication.payload,
-                run_id: publication.run_id,
-                thread_id: publication.thread_id,
-            });
-            self.push_event(&identity, event_bytes(&event));
-            stream.events.push_back((now, event.clone()));
             while stream.events.len() > self.limits.max_events_per_user {
                 self.pop_event(&identity, stream);
                 self.evictions.count.fetch_add(1, Ordering::Relaxed);
@@ -450,14 +558,14 @@ impl EventLog for MemoryLog {
         // `since = 0` asks for everything retained: complete when the stream can vouch for
         // its start and nothing it numbered has been evicted.
         if since == 0 {
-            if !stream.complete || earliest != Some(stream.base) {
+            if !stream.complete || stream.evicted_through >= stream.base {
                 return not(NotRecovered::Evicted);
             }
             if stream.events.len() > self.limits.max_replay_events {
                 return not(NotRecovered::TooMany);
             }
             return Replay {
-                events: stream.events.iter().map(|(_, e)| e.clone()).collect(),
+                events: stream.events.iter().map(|h| stream.replayed(h)).collect(),
                 recovered: true,
                 reason: None,
                 earliest,
@@ -468,23 +576,20 @@ impl EventLog for MemoryLog {
         if since.saturating_add(1) < stream.base || since >= stream.next_seq {
             return not(NotRecovered::UnknownPosition);
         }
-        // Everything after `since` must still be here: the oldest retained event (or, with
-        // none retained, the next to come) must directly follow it.
-        let first_held = earliest.unwrap_or(stream.next_seq);
-        if since.saturating_add(1) < first_held {
+        // Everything after `since` must still be here: nothing after it evicted.
+        if since < stream.evicted_through {
             return not(NotRecovered::Evicted);
         }
-        let count = stream.next_seq - since - 1;
-        if count > self.limits.max_replay_events as u64 {
+        let skip = stream.events.partition_point(|h| h.seq <= since);
+        if stream.events.len() - skip > self.limits.max_replay_events {
             return not(NotRecovered::TooMany);
         }
-        let skip = stream.events.len() - count as usize;
         Replay {
             events: stream
                 .events
                 .iter()
                 .skip(skip)
-                .map(|(_, e)| e.clone())
+                .map(|h| stream.replayed(h))
                 .collect(),
             recovered: true,
             reason: None,
@@ -523,6 +628,22 @@ impl EventLog for MemoryLog {
             ("bytes", e.bytes.load(Ordering::Relaxed)),
         ]
     }
+
+    fn overdue_messages(&self, max_open: Duration) -> Vec<(Identity, String)> {
+        let now = Instant::now();
+        let mut overdue = Vec::new();
+        for shard in &self.shards {
+            for (identity, stream) in lock(shard).iter() {
+                overdue.extend(
+                    stream
+                        .messages
+                        .overdue(now, max_open)
+                        .map(|id| (identity.clone(), id.to_owned())),
+                );
+            }
+        }
+        overdue
+    }
 }
 
 /// Every critical section here leaves the maps consistent, so a poisoned lock is usable.
@@ -555,6 +676,7 @@ mod tests {
             payload: n.to_string(),
             run_id: None,
             thread_id: None,
+            message: None,
         }
     }
 
@@ -572,6 +694,7 @@ mod tests {
         match a {
             Appended::New(e) => e.seq,
             Appended::Duplicate(s) => s,
+            Appended::Refused(r) => panic!("refused: {r:?}"),
         }
     }
 

@@ -13,6 +13,8 @@
 //!   behind the [`sandbox::Handler`] trait; the trial instantiation at start-up.
 //! - [`router`]: identity -> its live sessions; appends to the log and fans out.
 //! - [`event_log`]: recent events per identity and their sequence numbers, for resume.
+//! - [`streams`]: AI output streams: messages that grow by appends, rolled up live, one
+//!   snapshot on resume.
 //! - [`cluster`]: cluster mode, where that log is a NATS JetStream stream shared by nodes,
 //!   and each node subscribes to the identities it holds.
 //! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
@@ -43,6 +45,7 @@ pub mod router;
 pub mod sandbox;
 mod serve;
 pub mod session;
+pub mod streams;
 pub mod tls;
 pub mod web;
 
@@ -152,7 +155,10 @@ impl AppState {
             router: Arc::new(Router::new(
                 metrics.clone(),
                 &config.limits,
-                Arc::new(MemoryLog::new(config.history.clone())),
+                Arc::new(
+                    MemoryLog::new(config.history.clone())
+                        .with_streams(config.streams.clone(), config.limits.max_message_bytes),
+                ),
             )),
             admission: Admission::new(capacity),
             metrics,

@@ -33,6 +33,11 @@ pub struct Metrics {
     /// Sum of ended sessions' lifetimes; divided by `sessions_ended` it is the average.
     pub session_lifetime_seconds: Counter<f64, AtomicU64>,
     pub events_published: Counter,
+    /// Messages still streaming at `streams.max_open_secs`, ended as `failed`.
+    pub messages_expired: Counter,
+    /// Message appends folded into another append by a session's rollup (not handed to
+    /// the guest on their own).
+    pub appends_rolled_up: Counter,
     /// Events handed to a session's queue (one per live connection of the user).
     pub events_routed: Counter,
     /// Events a guest was called with.
@@ -113,6 +118,8 @@ impl Metrics {
             sessions_ended: Counter::default(),
             session_lifetime_seconds: Counter::default(),
             events_published: Counter::default(),
+            messages_expired: Counter::default(),
+            appends_rolled_up: Counter::default(),
             events_routed: Counter::default(),
             events_delivered: Counter::default(),
             frames_sent: Counter::default(),
@@ -189,6 +196,16 @@ impl Metrics {
             "events_published",
             "Events accepted by the publish API",
             m.events_published.clone(),
+        );
+        registry.register(
+            "messages_expired",
+            "Messages still streaming after streams.max_open_secs, ended as failed",
+            m.messages_expired.clone(),
+        );
+        registry.register(
+            "appends_rolled_up",
+            "Message appends joined into another by a session's rollup (streams.rollup_ms)",
+            m.appends_rolled_up.clone(),
         );
         registry.register(
             "events_routed",

@@ -28,6 +28,7 @@ use crate::config::Limits;
 use crate::event_log::{Appended, EventLog, event_bytes};
 use crate::metrics::Metrics;
 use crate::sandbox::Event;
+use crate::streams::{MessageOp, Refusal};
 
 const SHARDS: usize = 64;
 
@@ -41,6 +42,8 @@ pub struct Publication {
     pub payload: String,
     pub run_id: Option<String>,
     pub thread_id: Option<String>,
+    /// An op on one of the identity's messages (AI output streams), when it is one.
+    pub message: Option<MessageOp>,
 }
 
 /// What a publish did.
@@ -418,19 +421,25 @@ impl Router {
     /// Appends the event to the log (which numbers it) and queues it to each of the
     /// identity's sessions. A session whose queue is full is told to close as a slow client;
     /// it never blocks the publisher or the identity's other sessions. A repeated
-    /// idempotency key queues nothing and answers the original `seq`.
-    pub fn publish(&self, publication: Publication, idempotency_key: Option<&str>) -> Receipt {
+    /// idempotency key queues nothing and answers the original `seq`; so does a message op
+    /// applied before. A message op that does not fit its message is refused.
+    pub fn publish(
+        &self,
+        publication: Publication,
+        idempotency_key: Option<&str>,
+    ) -> Result<Receipt, Refusal> {
         let mut shard = lock(self.shard(&publication.identity));
         let routes = shard.get_mut(&publication.identity);
         let event = match self.log.append(publication, idempotency_key) {
             Appended::New(event) => event,
             Appended::Duplicate(seq) => {
-                return Receipt {
+                return Ok(Receipt {
                     seq,
                     sessions: 0,
                     duplicate: true,
-                };
+                });
             }
+            Appended::Refused(refusal) => return Err(refusal),
         };
         let seq = event.seq;
         let queued = match routes {
@@ -439,11 +448,11 @@ impl Router {
         };
         drop(shard);
         self.metrics.events_published.inc();
-        Receipt {
+        Ok(Receipt {
             seq,
             sessions: queued,
             duplicate: false,
-        }
+        })
     }
 
     /// Cluster mode: queues an event from the identity's feed to its sessions here, unless
@@ -578,6 +587,7 @@ mod tests {
             payload: payload.into(),
             run_id: None,
             thread_id: None,
+            message: None,
         }
     }
 
@@ -589,8 +599,8 @@ mod tests {
         let mut a1 = router.register(&alice, "a1".into(), None).unwrap();
         let mut a2 = router.register(&alice, "a2".into(), None).unwrap();
         let mut t = router.register(&acme_alice, "t".into(), None).unwrap();
-        let r1 = router.publish(publication(&alice, "1"), None);
-        let r2 = router.publish(publication(&alice, "2"), None);
+        let r1 = router.publish(publication(&alice, "1"), None).unwrap();
+        let r2 = router.publish(publication(&alice, "2"), None).unwrap();
         assert_eq!((r1.sessions, r2.sessions), (2, 2));
         assert_eq!(r2.seq, r1.seq + 1);
         for mailbox in [&mut a1, &mut a2] {
@@ -634,11 +644,11 @@ mod tests {
         let alice = who(None, "alice");
         let mut slow = router.register(&alice, "slow".into(), None).unwrap();
         let mut quick = router.register(&alice, "quick".into(), None).unwrap();
-        router.publish(publication(&alice, "1"), None);
+        router.publish(publication(&alice, "1"), None).unwrap();
         quick.try_recv().unwrap();
-        router.publish(publication(&alice, "2"), None);
+        router.publish(publication(&alice, "2"), None).unwrap();
         quick.try_recv().unwrap();
-        let third = router.publish(publication(&alice, "3"), None);
+        let third = router.publish(publication(&alice, "3"), None).unwrap();
         assert_eq!(third.sessions, 1, "only the quick one took it");
         assert!(slow.is_ready());
         assert!(
@@ -681,7 +691,7 @@ mod tests {
         let shards: usize = router.shards.iter().map(|s| lock(s).len()).sum();
         assert_eq!(shards, 0);
         // Publishing to it keeps nothing in the router either (the log has the event).
-        router.publish(publication(&alice, "1"), None);
+        router.publish(publication(&alice, "1"), None).unwrap();
         let shards: usize = router.shards.iter().map(|s| lock(s).len()).sum();
         assert_eq!(shards, 0);
     }
@@ -691,8 +701,8 @@ mod tests {
         let router = router(Limits::default());
         let alice = who(None, "alice");
         let mut mailbox = router.register(&alice, "1".into(), None).unwrap();
-        let first = router.publish(publication(&alice, "1"), Some("k"));
-        let again = router.publish(publication(&alice, "1"), Some("k"));
+        let first = router.publish(publication(&alice, "1"), Some("k")).unwrap();
+        let again = router.publish(publication(&alice, "1"), Some("k")).unwrap();
         assert!(again.duplicate && !first.duplicate);
         assert_eq!((again.seq, again.sessions), (first.seq, 0));
         assert!(mailbox.try_recv().is_some());

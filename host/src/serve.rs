@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::reload::watch_reloads;
+use crate::router::Publication;
+use crate::streams::{MESSAGE_KIND, MessageOp, Status};
 use crate::{AppState, admin, api, auth, listener, session, web};
 
 /// What the ops listener serves: health, metrics, and the backend's and operators' API
@@ -64,6 +66,7 @@ async fn expire_history(state: Arc<AppState>) {
         }
         let log = state.router.log();
         log.expire();
+        end_overdue_messages(&state);
         state.metrics.history_bytes.set(log.bytes() as i64);
         for (i, (cause, total)) in log.evicted().into_iter().enumerate() {
             let new = total.saturating_sub(reported[i]);
@@ -74,6 +77,33 @@ async fn expire_history(state: Arc<AppState>) {
                     .get_or_create(&vec![("reason", cause)])
                     .inc_by(new);
                 reported[i] = total;
+            }
+        }
+    }
+}
+
+/// Ends every message still streaming `streams.max_open_secs` after its create as `failed`,
+/// through the router like any publish, so its sessions and later resumes learn it.
+fn end_overdue_messages(state: &AppState) {
+    let max_open = Duration::from_secs(state.config.streams.max_open_secs);
+    for (identity, id) in state.router.log().overdue_messages(max_open) {
+        let end = Publication {
+            identity,
+            kind: MESSAGE_KIND.to_owned(),
+            payload: "null".to_owned(),
+            run_id: None,
+            thread_id: None,
+            message: Some(MessageOp::End {
+                id,
+                status: Status::Failed,
+            }),
+        };
+        match state.router.publish(end, None) {
+            Ok(_) => {
+                state.metrics.messages_expired.inc();
+            }
+            Err(refusal) => {
+                tracing::warn!(reason = %refusal.reason, "an overdue message was not ended");
             }
         }
     }

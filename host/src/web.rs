@@ -234,6 +234,7 @@ async fn dev_run(
                 payload: (*payload).to_owned(),
                 run_id: Some(run.clone()),
                 thread_id: Some("demo".to_owned()),
+                message: None,
             };
             // Into the log every node reads: in cluster mode that is the stream, not this
             // node's (unused) embedded log.
@@ -244,7 +245,9 @@ async fn dev_run(
                     }
                 }
                 None => {
-                    publishing.router.publish(publication, None);
+                    if let Err(refusal) = publishing.router.publish(publication, None) {
+                        tracing::warn!(reason = %refusal.reason, "demo run: an event was refused");
+                    }
                 }
             }
             tokio::select! {

@@ -1293,6 +1293,7 @@ mod tests {
             payload: r#"{"a": [1, 2.50]}"#.into(),
             run_id: Some("r".into()),
             thread_id: None,
+            message: None,
         };
         let body = encode(&publication, 7);
         let (event, at) = decode(42, &body).unwrap();

@@ -4,6 +4,9 @@
 //! `GATEWAY_GUEST`); nested keys use a double underscore (`GATEWAY_LIMITS__EVENT_QUEUE`).
 
 pub mod reference;
+mod streams;
+
+pub use streams::Streams;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -40,6 +43,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: Limits,
     pub history: History,
+    pub streams: Streams,
     pub tls: TlsConfig,
     pub cluster: ClusterConfig,
     /// Development mode (`serve --dev` only, never from a file or the environment): serves
@@ -495,6 +499,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: Limits::default(),
             history: History::default(),
+            streams: Streams::default(),
             tls: TlsConfig::default(),
             cluster: ClusterConfig::default(),
             dev: false,
@@ -575,6 +580,7 @@ impl std::fmt::Debug for Config {
             .field("auth", &self.auth)
             .field("limits", &self.limits)
             .field("history", &self.history)
+            .field("streams", &self.streams)
             .field("tls", &self.tls)
             .field("cluster", &self.cluster)
             .field("dev", &self.dev)
@@ -760,6 +766,7 @@ impl Config {
             ));
         }
         self.tls.validate()?;
+        self.streams.validate()?;
         self.cluster.validate(&self.history)?;
         if l.max_payload_depth > 100 {
             return Err(bad(

@@ -26,6 +26,7 @@ use crate::auth::{Identity, now_secs};
 use crate::metrics::Metrics;
 use crate::router::{Closed, Mailbox};
 use crate::sandbox::{Context, Event, Fault, Frame, Handler, Sandbox};
+use crate::streams::Rollup;
 
 /// Close codes the gateway sends (see the README's table).
 pub mod close_code {
@@ -91,6 +92,9 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         last_active: Instant::now(),
         reads_skipped: 0,
         replayed_up_to: 0,
+        rollup: Rollup::default(),
+        rollup_after: Duration::from_millis(app.config.streams.rollup_ms),
+        rollup_due: None,
         socket,
         guest: Guest::Live(handler),
         sandbox,
@@ -141,6 +145,11 @@ struct Session {
     /// After a resume, the last `seq` replayed: live events up to it were queued while the
     /// replay ran and are already delivered.
     replayed_up_to: u64,
+    /// Message appends held back for up to `rollup_after`, to reach the guest joined.
+    rollup: Rollup,
+    rollup_after: Duration,
+    /// When the appends now held are due: set as the first is held, for `serve`'s timer.
+    rollup_due: Option<Instant>,
 }
 
 /// What woke the session.
@@ -150,6 +159,7 @@ enum Work {
     Ping,
     Client(Option<Result<Message, axum::Error>>),
     Event(Result<Arc<Event>, Closed>),
+    Rollup,
     Hibernate,
 }
 
@@ -217,7 +227,8 @@ impl Session {
         } else {
             FAR_FUTURE
         }));
-        tokio::pin!(expiry, idle_timer, hibernate_timer);
+        let rollup_timer = sleep_until(far_ahead(FAR_FUTURE));
+        tokio::pin!(expiry, idle_timer, hibernate_timer, rollup_timer);
 
         // Cluster mode: the welcome waits until this node receives the identity's events,
         // so every event stored after it reaches the client.
@@ -250,6 +261,7 @@ impl Session {
                 () = &mut expiry => Work::Expired,
                 () = &mut idle_timer => Work::IdleCheck,
                 _ = ping.tick() => Work::Ping,
+                () = &mut rollup_timer, if !self.rollup.is_empty() => Work::Rollup,
                 msg = self.socket.recv(), if read => Work::Client(msg),
                 event = self.mailbox.recv() => Work::Event(event),
                 () = &mut hibernate_timer => Work::Hibernate,
@@ -275,6 +287,7 @@ impl Session {
                     Err(end) => Err(end),
                 },
                 Work::Event(Ok(first)) => self.on_events(first).await,
+                Work::Rollup => self.on_rollup().await,
                 Work::Event(Err(Closed::Overflow)) => Err(End::SlowClient),
                 Work::Event(Err(Closed::Shutdown)) => Err(End::Shutdown),
                 Work::Event(Err(Closed::Disconnected)) => Err(End::Disconnected),
@@ -299,6 +312,9 @@ impl Session {
             };
             if let Err(end) = result {
                 return end;
+            }
+            if let Some(due) = self.rollup_due.take() {
+                rollup_timer.as_mut().reset(due);
             }
             if std::mem::take(&mut self.woke) {
                 hibernate_timer.as_mut().reset(far_ahead(hibernate_after));
@@ -440,33 +456,53 @@ impl Session {
         self.last_active = Instant::now();
         let started = Instant::now();
         let mut frames = Vec::new();
-        let mut delivered: u64 = 0;
-        if first.seq > self.replayed_up_to {
-            frames = self.handler()?.on_event(&first).map_err(End::Fault)?;
-            delivered = 1;
-        }
-        let mut bytes: usize = frames.iter().map(frame_len).sum();
+        let (mut bytes, mut delivered, mut taken) = (0usize, 0u64, 0u64);
         let mut cut = false;
-        while delivered < EVENT_BATCH {
-            if bytes >= self.turn_bytes || started.elapsed() >= self.turn_time {
-                cut = self.mailbox.is_ready();
-                break;
-            }
-            let Some(event) = self.mailbox.try_recv() else {
-                break;
+        let mut next = Some(first);
+        loop {
+            let event = match next.take() {
+                Some(event) => event,
+                None => {
+                    if taken >= EVENT_BATCH
+                        || bytes >= self.turn_bytes
+                        || started.elapsed() >= self.turn_time
+                    {
+                        cut = self.mailbox.is_ready();
+                        break;
+                    }
+                    match self.mailbox.try_recv() {
+                        Some(event) => event,
+                        None => break,
+                    }
+                }
             };
+            taken += 1;
             if event.seq <= self.replayed_up_to {
                 continue; // delivered by the replay
             }
-            match self.handler()?.on_event(&event) {
-                Ok(more) => {
-                    bytes += more.iter().map(frame_len).sum::<usize>();
-                    frames.extend(more);
-                    delivered += 1;
+            if !self.rollup_after.is_zero() {
+                let first_held = self.rollup.is_empty();
+                if self.rollup.hold(&event) {
+                    if first_held {
+                        self.rollup_due = Some(Instant::now() + self.rollup_after);
+                    }
+                    continue;
                 }
-                Err(fault) => {
-                    self.app.metrics.events_delivered.inc_by(delivered);
-                    return Err(End::Fault(fault));
+            }
+            // Anything else goes after the appends held before it, so `seq`s stay in order.
+            let mut due = self.take_rollup();
+            due.push(event);
+            for event in due {
+                match self.handler()?.on_event(&event) {
+                    Ok(more) => {
+                        bytes += more.iter().map(frame_len).sum::<usize>();
+                        frames.extend(more);
+                        delivered += 1;
+                    }
+                    Err(fault) => {
+                        self.app.metrics.events_delivered.inc_by(delivered);
+                        return Err(End::Fault(fault));
+                    }
                 }
             }
         }
@@ -477,6 +513,27 @@ impl Session {
             tokio::task::yield_now().await;
         }
         Ok(())
+    }
+
+    /// The appends held back, rolled up: one per message, in `seq` order.
+    fn take_rollup(&mut self) -> Vec<Arc<Event>> {
+        if self.rollup.is_empty() {
+            return Vec::new();
+        }
+        let (events, folded) = self.rollup.take();
+        self.app.metrics.appends_rolled_up.inc_by(folded as u64);
+        events
+    }
+
+    /// `streams.rollup_ms` after the first append was held: the rolled-up appends go to the
+    /// guest and their frames to the client.
+    async fn on_rollup(&mut self) -> Result<(), End> {
+        let mut frames = Vec::new();
+        for event in self.take_rollup() {
+            frames.extend(self.handler()?.on_event(&event).map_err(End::Fault)?);
+            self.app.metrics.events_delivered.inc();
+        }
+        self.write(frames).await
     }
 
     /// One guest call, then its frames written.
