@@ -292,12 +292,12 @@ impl State {
             self.events_filtered += 1;
             return false;
         }
-        if event.kind == MESSAGE_KIND
-            && let Some(frame) = self.message(&event)
-        {
-            self.events_out += 1;
-            out.push_str(&frame);
-            return true;
+        if event.kind == MESSAGE_KIND {
+            if self.message(&event, out) {
+                self.events_out += 1;
+                return true;
+            }
+            out.clear();
         }
         let phase = event
             .run_id
@@ -383,42 +383,51 @@ impl State {
     /// over as an event of kind `gateway.message` whose payload is
     /// `{"id","op","text","status","kind","payload"?}`. The text goes as published (a secret
     /// split over appends could not be recognised in one of them anyway); the create's
-    /// payload is redacted like any other. `None` when the envelope is not one.
-    fn message(&mut self, event: &EventIn) -> Option<String> {
-        let Ok(Value::Object(mut envelope)) = serde_json::from_str::<Value>(&event.payload) else {
-            return None;
+    /// payload is redacted like any other. False (and `out` left to the caller) when the
+    /// envelope is not one: the event is then forwarded as it came.
+    fn message(&mut self, event: &EventIn, out: &mut String) -> bool {
+        let Ok(Value::Object(envelope)) = serde_json::from_str::<Value>(&event.payload) else {
+            return false;
         };
-        let text = |v: &Value| v.as_str().map(str::to_owned);
-        let (id, op, status, kind) = (
-            text(envelope.get("id")?)?,
-            text(envelope.get("op")?)?,
-            text(envelope.get("status")?)?,
-            text(envelope.get("kind")?)?,
-        );
-        let body = match envelope.remove("text")? {
-            Value::String(body) => body,
-            _ => return None,
+        let field = |name: &str| envelope.get(name).and_then(Value::as_str);
+        let (Some(id), Some(op), Some(status), Some(kind), Some(text)) = (
+            field("id"),
+            field("op"),
+            field("status"),
+            field("kind"),
+            field("text"),
+        ) else {
+            return false;
         };
-        let mut frame = json!({
-            "type": "message",
-            "op": op,
-            "message_id": id,
-            "text": body,
-            "status": status,
-            "seq": event.seq,
-            "kind": kind,
-        });
+        // Built by hand, as event frames are: this runs for every rolled-up append.
+        out.reserve(text.len() + 160);
+        out.push_str(r#"{"type":"message","op":"#);
+        push_json_str(out, op);
+        out.push_str(r#","message_id":"#);
+        push_json_str(out, id);
+        out.push_str(r#","text":"#);
+        push_json_str(out, text);
+        out.push_str(r#","status":"#);
+        push_json_str(out, status);
+        out.push_str(r#","seq":"#);
+        push_u64(out, event.seq);
+        out.push_str(r#","kind":"#);
+        push_json_str(out, kind);
         if let Some(run) = &event.run_id {
-            frame["run_id"] = run.as_str().into();
+            out.push_str(r#","run_id":"#);
+            push_json_str(out, run);
         }
         if let Some(thread) = &event.thread_id {
-            frame["thread_id"] = thread.as_str().into();
+            out.push_str(r#","thread_id":"#);
+            push_json_str(out, thread);
         }
-        if let Some(payload) = envelope.remove("payload").filter(|p| !p.is_null()) {
+        if let Some(payload) = envelope.get("payload").filter(|p| !p.is_null()) {
             let redacted = self.redacted(payload.to_string());
-            frame["payload"] = serde_json::from_str(&redacted).unwrap_or(Value::Null);
+            out.push_str(r#","payload":"#);
+            out.push_str(&redacted);
         }
-        Some(frame.to_string())
+        out.push('}');
+        true
     }
 
     /// The payload with sensitive values replaced, or unchanged (not re-encoded) when nothing

@@ -297,6 +297,12 @@ impl MemoryLog {
             Entry::Event(event) => event_bytes(event),
             Entry::Message(id) => stream.messages.remove(id),
         };
+        self.release_bytes(identity, bytes);
+        true
+    }
+
+    /// Uncounts bytes of the identity's events.
+    fn release_bytes(&self, identity: &Identity, bytes: usize) {
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
         let mut tenants = lock(&self.tenant_bytes);
         let tenant = tenant_key(identity);
@@ -306,7 +312,6 @@ impl MemoryLog {
                 tenants.remove(tenant);
             }
         }
-        true
     }
 
     /// Counts an appended event's bytes.
@@ -505,7 +510,10 @@ impl EventLog for MemoryLog {
                     {
                         stream.events.remove(i);
                     }
-                    self.push_event(&identity, grew.max(0) as usize);
+                    match usize::try_from(grew) {
+                        Ok(grew) => self.push_event(&identity, grew),
+                        Err(_) => self.release_bytes(&identity, grew.unsigned_abs()),
+                    }
                     stream.events.push_back(Held {
                         at: now,
                         seq,
@@ -803,6 +811,68 @@ mod tests {
         let identity = fresh.identity.clone();
         log.append(fresh, None);
         assert_eq!(log.read(&identity, 0).reason, Some(NotRecovered::Evicted));
+    }
+
+    #[test]
+    fn a_message_is_one_entry_and_its_bytes_leave_with_it() {
+        use crate::streams::{MessageOp, Status};
+        let mut l = limits();
+        l.max_events_per_user = 2;
+        l.max_replay_events = 10;
+        let log = settled(l);
+        let op = |message| Publication {
+            message: Some(message),
+            ..publication("alice", 0)
+        };
+        let alice = publication("alice", 0).identity;
+        let empty = log.bytes();
+        let created = seq(log.append(
+            op(MessageOp::Create {
+                id: "m".into(),
+                text: "a".into(),
+                frame_base: 0,
+            }),
+            None,
+        ));
+        for index in 1..=100 {
+            log.append(
+                op(MessageOp::Append {
+                    id: "m".into(),
+                    index,
+                    text: "b".into(),
+                }),
+                None,
+            );
+        }
+        let ended = seq(log.append(
+            op(MessageOp::End {
+                id: "m".into(),
+                status: Status::Complete,
+            }),
+            None,
+        ));
+        let r = log.read(&alice, created - 1);
+        assert!(r.recovered);
+        assert_eq!(r.events.len(), 1, "102 ops, one entry");
+        assert_eq!(r.events[0].seq, ended);
+        assert!(
+            r.events[0]
+                .payload
+                .contains(&format!("\"a{}\"", "b".repeat(100)))
+        );
+        // Two plain events evict it (the limit is 2 entries): whole, bytes and all.
+        let first = seq(log.append(publication("alice", 1), None));
+        log.append(publication("alice", 2), None);
+        let r = log.read(&alice, created - 1);
+        assert_eq!(r.reason, Some(NotRecovered::Evicted));
+        let r = log.read(&alice, first - 1);
+        assert!(r.recovered && r.events.len() == 2);
+        let plain = 2 * event_bytes(&r.events[0]) + stream_bytes(&alice);
+        assert_eq!(
+            log.bytes() - empty,
+            plain,
+            "nothing of the message is still counted"
+        );
     }
 
     #[test]

@@ -172,8 +172,10 @@ pub struct Message {
     /// The rest of the snapshot frame (see [`MessageOp::Create`]).
     frame_base: usize,
     status: Status,
-    /// The `seq` of the create, then of append 1, 2, ...: a repeated index answers its own.
-    seqs: Vec<u64>,
+    created_seq: u64,
+    /// The `seq` of the create, then of append 1, 2, ..., less `created_seq` (4 bytes an
+    /// append, not 8): a repeated index answers its own.
+    seqs: Vec<u32>,
     end_seq: Option<u64>,
     /// The `seq` of its latest op: where it sits in the history.
     pub last_seq: u64,
@@ -188,7 +190,7 @@ impl Message {
             + self.thread_id.as_ref().map_or(0, String::len)
             + self.payload.len()
             + self.text.capacity()
-            + 8 * self.seqs.capacity()
+            + 4 * self.seqs.capacity()
             + 160
     }
 
@@ -202,6 +204,10 @@ impl Message {
 
     fn next_index(&self) -> u64 {
         self.seqs.len() as u64
+    }
+
+    fn seq_of(&self, index: u64) -> u64 {
+        self.created_seq + u64::from(self.seqs[index as usize])
     }
 
     /// The whole message at its latest `seq`, as the event a resume delivers.
@@ -327,7 +333,7 @@ impl Messages {
         } = op
         {
             if let Some(m) = self.by_id.get(id) {
-                return Ok(Applied::Duplicate(m.seqs[0]));
+                return Ok(Applied::Duplicate(m.created_seq));
             }
             let open = self.by_id.values().filter(|m| m.is_open()).count();
             if open >= limits.max_open_messages_per_user {
@@ -353,7 +359,8 @@ impl Messages {
                 escaped,
                 frame_base: *frame_base,
                 status: Status::Streaming,
-                seqs: vec![seq],
+                created_seq: seq,
+                seqs: vec![0],
                 end_seq: None,
                 last_seq: seq,
                 opened: Instant::now(),
@@ -401,7 +408,7 @@ impl Messages {
             MessageOp::Append { index, text, .. } => {
                 let expected = m.next_index();
                 if *index < expected {
-                    return Ok(Applied::Duplicate(m.seqs[*index as usize]));
+                    return Ok(Applied::Duplicate(m.seq_of(*index)));
                 }
                 if !m.is_open() {
                     return Err(refusal(
@@ -422,7 +429,10 @@ impl Messages {
                         Some(expected),
                     ));
                 }
-                if m.seqs.len() > limits.max_appends_per_message {
+                // An offset past 32 bits would take 4 billion of the user's events while one
+                // message streams: refused like too many appends.
+                let offset = u32::try_from(seq - m.created_seq).ok();
+                if m.seqs.len() > limits.max_appends_per_message || offset.is_none() {
                     return Err(refusal(
                         413,
                         "too_many_appends",
@@ -450,7 +460,7 @@ impl Messages {
                 })?;
                 m.text.push_str(text);
                 m.escaped = escaped;
-                m.seqs.push(seq);
+                m.seqs.push(offset.unwrap_or(u32::MAX));
                 m.event(
                     seq,
                     Envelope {
@@ -477,6 +487,9 @@ impl Messages {
                 }
                 m.status = *status;
                 m.end_seq = Some(seq);
+                // It grows no more: give back what doubling reserved.
+                m.text.shrink_to_fit();
+                m.seqs.shrink_to_fit();
                 m.event(
                     seq,
                     Envelope {

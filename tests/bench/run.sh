@@ -21,13 +21,17 @@
 #             one embedded-mode gateway, one cluster-mode gateway, and two cluster-mode
 #             gateways each publishing to the other's users; publish-ack latency from the
 #             gateway's histogram; a resume storm read from the stream
+#   streams   AI output streams: STREAMS_CONNECTIONS connections of STREAMS_USERS users, one
+#             message streaming per user at 50 appends/s, against the same tokens sent as
+#             plain events; frames and bytes per second, CPU per append, publish-to-receipt
+#             p99; a resume that gets a 2,000-token message as one snapshot
 #   multi     100,000 connections across several gateway processes, if time allows; in
 #             cluster mode (one nats-server) when nats-server is installed
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (1500, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
 # numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
-# subset of: density storm delivery native resume tls startup peer hibernate cluster multi).
+# subset of: density storm delivery native resume streams tls startup peer hibernate cluster multi).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -37,7 +41,7 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-1500}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume tls startup peer hibernate cluster multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume streams tls startup peer hibernate cluster multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
@@ -63,6 +67,8 @@ if [[ $QUICK == 1 ]]; then
     MULTI_GATEWAYS=2
     MULTI_PER_GATEWAY=200
     RESUME_CLIENTS=200
+    STREAMS_CONNECTIONS=200
+    STREAMS_USERS=40
     RESUME_USERS=40
     CLUSTER_CONNECTIONS=200
     CLUSTER_USERS=40
@@ -76,6 +82,8 @@ else
     MULTI_GATEWAYS=6
     MULTI_PER_GATEWAY=16667
     RESUME_CLIENTS=10000
+    STREAMS_CONNECTIONS=10000
+    STREAMS_USERS=2000
     RESUME_USERS=2000
     CLUSTER_CONNECTIONS=5000
     CLUSTER_USERS=1000
@@ -293,7 +301,7 @@ if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     cp "$GATEWAY" "$NATIVE"
     $CARGO build --release --locked -p gateway
 fi
-for f in "$GATEWAY" "$NATIVE" "$LOADGEN" "$SANDBOX_CALLS" "$RESUME_STORM" "$ROOT/target/release/benchplot" "$GUEST"; do
+for f in "$GATEWAY" "$NATIVE" "$LOADGEN" "$SANDBOX_CALLS" "$RESUME_STORM" "$ROOT/target/release/streams_bench" "$ROOT/target/release/benchplot" "$GUEST"; do
     [[ -e $f ]] || { log "missing $f (run without BENCH_SKIP_BUILD)"; exit 2; }
 done
 if "$GATEWAY" serve --help | grep -q native-handler-for-benchmark; then
@@ -461,6 +469,21 @@ if has resume; then
         fi
         resume_storm "$label" "$GW_PORT"
         stop_gateway "$GW_PID" "$label"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# AI output streams: messages against plain events, one fresh gateway each (streams_bench
+# starts them itself and checks every token arrived once, in order).
+if has streams; then
+    for run in $(seq 1 "$RUNS"); do
+        label=streams-r$run
+        log "streams: $STREAMS_CONNECTIONS connections, $STREAMS_USERS messages at 50 appends/s, run $run"
+        "$ROOT/target/release/streams_bench" --gateway "$GATEWAY" --guest "$GUEST" \
+            --port "$(free_port)" --connections "$STREAMS_CONNECTIONS" --users "$STREAMS_USERS" \
+            --rate 50 --secs "$PUBLISH_SECS" --report "$OUT/$label.json" \
+            >"$LOGS/$label.out" 2>"$LOGS/$label.err" ||
+            note "streams_bench $label failed (see target/bench/logs/$label.out and .err)"
     done
 fi
 

@@ -793,6 +793,41 @@ def resume_section(out):
     ]) + "\n"
 
 
+def streams_section(out):
+    reports = runs(out, "streams")
+    if not reports:
+        return "## 5b. AI output streams\n\nNot run.\n"
+    first = reports[0]
+    def m(mode, key, digits=0):
+        return num(median([r[mode][key] for r in reports]), digits)
+    rows = [[
+        mode, m(mode, "appends_per_sec"), m(mode, "frames_per_sec"), m(mode, "bytes_per_sec"),
+        m(mode, "frames_per_token", 3), m(mode, "cpu_us_per_append", 1),
+        m(mode, "latency_ms_p50", 1), m(mode, "latency_ms_p99", 1),
+    ] for mode in ("messages", "events")]
+    snap = [r["snapshot"] for r in reports]
+    return "\n".join([
+        "## 5b. AI output streams",
+        "",
+        f"`target/release/streams_bench` (medians of {len(reports)} runs): "
+        f"{first['messages']['connections']:,} connections of {first['messages']['users']:,} "
+        "users, each user streaming one message at 50 appends/s (as fast as accepted when "
+        "that is less), published in one batch per tick; then the same tokens as plain events "
+        "to a fresh gateway. Every token must reach every connection of its user once and in "
+        "order, or the run fails. Latency is from publish to receipt of each token (messages "
+        "include the 40 ms rollup).",
+        "",
+        table(["", "appends/s", "frames/s", "bytes/s", "frames/token", "CPU us/append",
+               "p50 ms", "p99 ms"], rows),
+        "",
+        f"A resume from before a {snap[0]['tokens']:,}-token message gets it as one snapshot of "
+        f"{num(median([s['snapshot_frame_bytes'] for s in snap]))} bytes, "
+        f"{num(median([s['connect_to_snapshot_ms_median'] for s in snap]), 2)} ms from connect; "
+        f"the history holds {num(median([s['history_bytes_for_message'] for s in snap]))} bytes "
+        "for it.",
+    ]) + "\n"
+
+
 def tls_section(out):
     plain = runs(out, "tls-plain")
     wss = runs(out, "tls-wss")
@@ -1261,6 +1296,7 @@ def summarize(out):
         delivery_section(out, meta, findings),
         native_section(out, findings),
         resume_section(out),
+        streams_section(out),
         tls_section(out),
         startup_section(out),
         peer_section(out),
