@@ -3,12 +3,15 @@
 //   import { connect } from "https://gateway.example.com/client.js";
 //   const client = connect({ url: "wss://gateway.example.com/ws", token: fetchToken });
 //   client.on("event", (e) => render(e));
+//   client.on("message", ({ message }) => renderAnswer(message.id, message.text));
 //   client.on("resume", (r) => { if (!r.recovered) reloadState(); });
 //
 // What it guarantees to the application: events in `seq` order, never twice, across any
-// number of reconnects; a reconnect resumes with `since`, and a resume the gateway cannot
-// prove complete is surfaced (`recovered: false`); the token is refreshed in-band before it
-// expires; subscriptions are sent again on every new connection.
+// number of reconnects; messages (a model's answer streamed as appends) kept whole, each
+// change applied once, a resume's snapshot replacing what was there; a reconnect resumes
+// with `since`, and a resume the gateway cannot prove complete is surfaced
+// (`recovered: false`); the token is refreshed in-band before it expires; subscriptions are
+// sent again on every new connection.
 
 /** The version of this client; the gateway serves it with an `X-Gateway-Client-Version` header. */
 export const VERSION = "0.1.0";
@@ -23,6 +26,34 @@ export const VERSION = "0.1.0";
  * @property {string} [run_id]
  * @property {string} [thread_id]
  * @property {"started" | "tools_running" | "completed" | "error"} [run_state]
+ */
+
+/**
+ * A message that grows (AI output streams): a model's answer published as a create, appends
+ * and an end, kept whole by the client. A `create` or `snapshot` frame replaces it (a new
+ * object), an `append` adds to its `text` and an `end` sets its `status` (the same object).
+ * @typedef {object} GatewayMessage
+ * @property {string} id The publisher's message id.
+ * @property {string} text The text so far.
+ * @property {"streaming" | "complete" | "cancelled" | "failed"} status
+ * @property {string} kind The kind its create was published with (default `message`).
+ * @property {string} [run_id]
+ * @property {string} [thread_id]
+ * @property {unknown} [payload] Its create's payload, sensitive values redacted.
+ * @property {number} seq The `seq` of its latest change this client applied.
+ * @property {boolean} partial True when the text may lack a part: the client saw an append
+ *   or end of a message whose create it never got (a connection with `since: null` that
+ *   joined mid-stream), or a resume was `recovered: false` while it streamed. The next
+ *   `snapshot` (a reconnect with `since`) makes it whole again.
+ */
+
+/**
+ * One change to a message, as the `message` notification reports it.
+ * @typedef {object} MessageChange
+ * @property {"create" | "append" | "end" | "snapshot"} op
+ * @property {GatewayMessage} message The message after the change.
+ * @property {string} text What the frame carried: for `append` the text added, for
+ *   `create` and `snapshot` the whole text, for `end` nothing.
  */
 
 /**
@@ -56,18 +87,23 @@ export const VERSION = "0.1.0";
  * @property {() => string | Promise<string>} token Returns a connect token (JWT). Called
  *   before every connection and before every in-band refresh, so it can fetch a fresh one.
  * @property {number | null} [since] Resume position for the first connection: the `seq` of
- *   the last event the application has, `0` for everything the gateway retains, or `null`
+ *   the last event (or message change) the application has, `0` for everything the gateway
+ *   retains (a reloaded page rebuilding what it showed, streaming answers included), or `null`
  *   (the default) for live events only.
  * @property {number} [refreshBeforeSecs] Refresh the token this long before it expires
  *   (default 60; at most half of the token's remaining lifetime).
  * @property {number} [backoffMinMs] First reconnect delay bound (default 500).
  * @property {number} [backoffMaxMs] Largest reconnect delay bound (default 30000).
+ * @property {number} [maxMessages] Ended messages kept in `messages`, the least recently
+ *   changed dropped first (default 100); as many streaming ones again at most.
  * @property {typeof WebSocket} [WebSocket] A WebSocket implementation outside browsers.
  */
 
 /**
  * @typedef {object} ClientEvents
  * @property {GatewayEvent} event Each event, in order, once.
+ * @property {MessageChange} message Each change to a message, in `seq` order with the
+ *   events, once.
  * @property {Resume} resume After every reconnect with `since`.
  * @property {Status} status Connection state changes.
  * @property {{expiresAt: number}} refresh The gateway accepted a refreshed token.
@@ -103,6 +139,9 @@ export class GatewayClient {
   /** @type {WebSocket | null} */ #socket = null;
   /** @type {number | null} */ #lastSeq;
   /** @type {Set<string>} */ #threads = new Set();
+  /** By id, least recently changed first: what the application reads as `messages`.
+   * @type {Map<string, GatewayMessage>} */
+  #messages = new Map();
   /** @type {State} */ #state = "closed";
   #attempt = 0;
   #stopped = true;
@@ -127,11 +166,12 @@ export class GatewayClient {
     if (!options || typeof options.url !== "string" || typeof options.token !== "function") {
       throw new TypeError("GatewayClient needs { url, token }");
     }
-    this.#options = { refreshBeforeSecs: 60, backoffMinMs: 500, backoffMaxMs: 30000, ...options };
+    this.#options = { refreshBeforeSecs: 60, backoffMinMs: 500, backoffMaxMs: 30000, maxMessages: 100, ...options };
     this.#lastSeq = options.since ?? null;
   }
 
-  /** The `seq` of the last event delivered to the application (or the `since` given). */
+  /** The `seq` of the last event or message change delivered to the application (or the
+   * `since` given). */
   get lastSeq() {
     return this.#lastSeq;
   }
@@ -139,6 +179,15 @@ export class GatewayClient {
   /** @returns {State} */
   get state() {
     return this.#state;
+  }
+
+  /**
+   * The messages seen, by id, least recently changed first: every one still streaming and
+   * the `maxMessages` (100) that ended last. The application reads it; the client changes it.
+   * @returns {ReadonlyMap<string, GatewayMessage>}
+   */
+  get messages() {
+    return this.#messages;
   }
 
   /** The thread ids subscribed to; sent again on every new connection. */
@@ -288,6 +337,12 @@ export class GatewayClient {
       case "event":
         if (this.#isNew(frame.seq)) this.#emit("event", frame);
         return;
+      case "message":
+        // One sequence with the events: a resume's snapshot comes at the message's latest
+        // seq, and only changes past it follow, so a text is never applied twice.
+        if (typeof frame.message_id !== "string") break;
+        if (this.#isNew(frame.seq)) this.#applyMessage(frame);
+        return;
       case "gateway.event_too_large":
         // The event's place in the order: it was delivered, as a marker.
         if (this.#isNew(frame.seq)) this.#emit("frame", frame);
@@ -295,7 +350,13 @@ export class GatewayClient {
       case "gateway.resumed":
         // Nothing is replayed and live events follow `head`. They may be numbered below
         // `lastSeq` (another node, another clock), so the position starts over from there.
-        if (!frame.recovered) this.#lastSeq = typeof frame.head === "number" ? frame.head : null;
+        if (!frame.recovered) {
+          this.#lastSeq = typeof frame.head === "number" ? frame.head : null;
+          // Appends may have been missed: what follows is added to a text with a hole.
+          for (const message of this.#messages.values()) {
+            if (message.status === "streaming") message.partial = true;
+          }
+        }
         this.#emit("resume", frame);
         return;
       case "gateway.refreshed":
@@ -307,8 +368,50 @@ export class GatewayClient {
         this.#emit("refresh_failed", { reason: frame.reason });
         this.#scheduleRefresh(5000);
         return;
-      default:
-        this.#emit("frame", frame);
+    }
+    this.#emit("frame", frame);
+  }
+
+  /** Applies one message frame to `messages` and tells the application. */
+  #applyMessage(/** @type {Record<string, any>} */ frame) {
+    const id = frame.message_id;
+    const text = typeof frame.text === "string" ? frame.text : "";
+    let message = this.#messages.get(id);
+    if (frame.op === "create" || frame.op === "snapshot" || !message) {
+      message = {
+        id, text, status: frame.status ?? "streaming", kind: frame.kind, seq: frame.seq,
+        partial: frame.op !== "create" && frame.op !== "snapshot",
+      };
+      for (const key of ["run_id", "thread_id", "payload"]) {
+        if (frame[key] !== undefined) message[key] = frame[key];
+      }
+    } else {
+      if (frame.op === "append") message.text += text;
+      if (typeof frame.status === "string") message.status = frame.status;
+      message.seq = frame.seq;
+    }
+    // Moved to the end: the map stays ordered by last change, the oldest dropped first.
+    this.#messages.delete(id);
+    this.#messages.set(id, message);
+    this.#dropOldMessages();
+    this.#emit("message", { op: frame.op, message, text });
+  }
+
+  /** Keeps at most `maxMessages` ended messages, and as many streaming ones. */
+  #dropOldMessages() {
+    const max = this.#options.maxMessages ?? 100;
+    if (this.#messages.size <= max) return;
+    let streaming = 0;
+    for (const message of this.#messages.values()) if (message.status === "streaming") streaming += 1;
+    let ended = this.#messages.size - streaming;
+    for (const [id, message] of this.#messages) {
+      if (ended <= max && streaming <= max) return;
+      const open = message.status === "streaming";
+      if (open ? streaming > max : ended > max) {
+        this.#messages.delete(id);
+        if (open) streaming -= 1;
+        else ended -= 1;
+      }
     }
   }
 

@@ -286,3 +286,139 @@ test("one listener's exception reaches neither the client nor the other listener
   assert.throws(rethrown[0], /app bug/);
   client.close();
 });
+
+// Messages (AI output streams): a model's answer as frames of one message that grows.
+const message = (seq, op, text, status = "streaming", extra = {}) => ({
+  type: "message", op, message_id: "m1", text, status, seq, kind: "assistant", ...extra,
+});
+
+test("a message grows by appends, a snapshot replaces it, an end sets its status", async (t) => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket });
+  t.after(() => client.close()); // also when an assertion fails: no timer left behind
+  const changes = [];
+  client.on("message", (c) => changes.push([c.op, c.text, c.message.text, c.message.status, c.message.seq]));
+  const frames = [];
+  client.on("frame", (f) => frames.push(f.type));
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].open();
+  sockets[0].receive(message(1, "create", "", "streaming", { run_id: "r1", thread_id: "t1", payload: { model: "m" } }));
+  const created = client.messages.get("m1");
+  assert.deepEqual(created, {
+    id: "m1", text: "", status: "streaming", kind: "assistant", seq: 1, partial: false,
+    run_id: "r1", thread_id: "t1", payload: { model: "m" },
+  });
+  sockets[0].receive(message(3, "append", "Hel"));
+  sockets[0].receive(message(4, "append", "lo"));
+  assert.equal(client.messages.get("m1"), created, "an append changes the same object");
+  assert.equal(created.text, "Hello");
+  // A snapshot is the whole message: it replaces the text, it is not added to it.
+  sockets[0].receive(message(6, "snapshot", "Hello, wor", "streaming", { run_id: "r1", payload: { model: "m" } }));
+  const replaced = client.messages.get("m1");
+  assert.notEqual(replaced, created, "a snapshot is a new object");
+  assert.equal(replaced.text, "Hello, wor");
+  sockets[0].receive(message(7, "append", "ld"));
+  sockets[0].receive(message(8, "end", "", "complete"));
+  assert.deepEqual(changes, [
+    ["create", "", "", "streaming", 1],
+    ["append", "Hel", "Hel", "streaming", 3],
+    ["append", "lo", "Hello", "streaming", 4],
+    ["snapshot", "Hello, wor", "Hello, wor", "streaming", 6],
+    ["append", "ld", "Hello, world", "streaming", 7],
+    ["end", "", "Hello, world", "complete", 8],
+  ]);
+  assert.equal(client.messages.get("m1").partial, false);
+  assert.equal(client.lastSeq, 8, "message frames advance the position");
+  // A frame without a message id is no message: the application sees it as a frame.
+  sockets[0].receive({ type: "message", op: "append", text: "x", seq: 9 });
+  assert.deepEqual(frames, ["message"]);
+  assert.equal(client.lastSeq, 8);
+});
+
+test("message changes are deduplicated with the events, across a reconnect", async (t) => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1 });
+  t.after(() => client.close()); // also when an assertion fails: no timer left behind
+  const seen = [];
+  client.on("event", (e) => seen.push(["event", e.seq]));
+  client.on("message", (c) => seen.push([c.op, c.message.seq]));
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].open();
+  sockets[0].receive({ type: "event", seq: 10 });
+  sockets[0].receive(message(11, "create", "The"));
+  sockets[0].receive(message(13, "append", " answer"));
+  sockets[0].receive(message(13, "append", " answer")); // the same frame again
+  sockets[0].receive({ type: "event", seq: 12 }); // below the message's last change
+  sockets[0].drop(1006);
+  await until("a reconnect", () => sockets.length === 2);
+  assert.equal(sockets[1].url.searchParams.get("since"), "13", "resumes after the message's append");
+  sockets[1].open();
+  sockets[1].receive({ type: "gateway.resumed", recovered: true, since: 13, replayed: 2, head: 16, earliest: 10, reason: null });
+  // A gateway that sent what the client has: nothing of it is applied twice.
+  sockets[1].receive(message(11, "create", "The"));
+  sockets[1].receive(message(13, "append", " answer"));
+  // The message changed during the drop: one snapshot with the text so far, then the rest.
+  sockets[1].receive({ type: "event", seq: 14 });
+  sockets[1].receive(message(16, "snapshot", "The answer is"));
+  sockets[1].receive(message(17, "append", " 42."));
+  sockets[1].receive(message(17, "append", " 42."));
+  sockets[1].receive(message(18, "end", "", "complete"));
+  assert.deepEqual(seen, [
+    ["event", 10], ["create", 11], ["append", 13], ["event", 14], ["snapshot", 16], ["append", 17], ["end", 18],
+  ]);
+  assert.equal(client.messages.get("m1").text, "The answer is 42.");
+  assert.equal(client.messages.get("m1").status, "complete");
+  assert.equal(client.lastSeq, 18);
+});
+
+test("a message whose start was not seen is marked partial until a snapshot", async (t) => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1 });
+  t.after(() => client.close()); // also when an assertion fails: no timer left behind
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].open();
+  // Live only (`since: null`): this connection joined after the create.
+  sockets[0].receive(message(5, "append", "lo"));
+  assert.deepEqual([client.messages.get("m1").text, client.messages.get("m1").partial], ["lo", true]);
+  sockets[0].drop(1006);
+  await until("a reconnect", () => sockets.length === 2);
+  sockets[1].open();
+  sockets[1].receive(message(6, "snapshot", "Hello"));
+  assert.deepEqual([client.messages.get("m1").text, client.messages.get("m1").partial], ["Hello", false]);
+  // A resume that cannot be trusted: appends may be missing from the streaming message.
+  sockets[1].drop(1006);
+  await until("a reconnect", () => sockets.length === 3);
+  sockets[2].open();
+  sockets[2].receive({ type: "gateway.resumed", recovered: false, since: 6, replayed: 0, head: 9, earliest: 8, reason: "evicted" });
+  assert.equal(client.messages.get("m1").partial, true);
+  sockets[2].receive(message(10, "append", "!"));
+  assert.deepEqual([client.messages.get("m1").text, client.messages.get("m1").partial], ["Hello!", true]);
+});
+
+test("messages are bounded: the oldest ended ones are dropped, streaming ones kept", async (t) => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, maxMessages: 3 });
+  t.after(() => client.close()); // also when an assertion fails: no timer left behind
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].open();
+  let seq = 0;
+  const frame = (id, op, status = "streaming") => ({ ...message((seq += 1), op, "", status), message_id: id });
+  sockets[0].receive(frame("open-1", "create"));
+  for (let i = 1; i <= 5; i++) {
+    sockets[0].receive(frame(`done-${i}`, "create"));
+    sockets[0].receive(frame(`done-${i}`, "end", "complete"));
+  }
+  assert.deepEqual([...client.messages.keys()], ["open-1", "done-3", "done-4", "done-5"]);
+  for (let i = 2; i <= 5; i++) sockets[0].receive(frame(`open-${i}`, "create"));
+  assert.deepEqual([...client.messages.keys()], ["done-3", "done-4", "done-5", "open-3", "open-4", "open-5"]);
+  // A change makes a message the most recent again; a fourth streaming one (done-6's
+  // create) drops the oldest streaming one, its end the oldest ended one.
+  sockets[0].receive(frame("done-3", "snapshot", "complete"));
+  sockets[0].receive(frame("done-6", "create"));
+  sockets[0].receive(frame("done-6", "end", "cancelled"));
+  assert.deepEqual([...client.messages.keys()], ["done-5", "open-4", "open-5", "done-3", "done-6"]);
+});
