@@ -602,36 +602,9 @@ pub struct Invalid {
 }
 
 /// The refusal of `value` for `key`, and why.
-fn invalid(key: &'static str, value: &dyn std::fmt::Display, reason: &str) -> Invalid {
-    Invalid {
-        key,
-        value: value.to_string(),
-        reason: reason.to_owned(),
-    }
-}
-
-/// Top-level keys and sections (tables), as environment variables spell them after
-/// `GATEWAY_`: read from the config type itself, so a new key is settable at once.
-fn env_names() -> (Vec<String>, Vec<String>) {
-    let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
-    let mut keys = Vec::new();
-    let mut sections = Vec::new();
-    for (name, value) in defaults.as_object().into_iter().flatten() {
-        match value {
-            serde_json::Value::Object(_) => sections.push(name.clone()),
-            _ => keys.push(name.clone()),
-        }
-    }
-    (keys, sections)
-}
-/// `GATEWAY_*` variables that are read elsewhere, not config keys.
-const ENV_NOT_CONFIG: &[&str] = &["log", "log_json"];
-
-impl Config {
-    /// Refuses values that cannot work or would overflow a computation, with the key named.
-    pub fn validate(&self) -> Result<(), Invalid> {
-        let l = &self.limits;
-        let a = &self.auth;
+impl Limits {
+    fn validate(&self) -> Result<(), Invalid> {
+        let l = self;
         let bad = invalid;
         for (key, value) in [
             ("limits.idle_timeout_secs", l.idle_timeout_secs),
@@ -645,19 +618,6 @@ impl Config {
                 l.header_read_timeout_secs,
             ),
             ("limits.body_read_timeout_secs", l.body_read_timeout_secs),
-            ("auth.jwks_poll_secs", a.jwks_poll_secs),
-            ("auth.leeway_secs", a.leeway_secs),
-            ("guest_poll_secs", self.guest_poll_secs),
-            (
-                "tls.handshake_timeout_secs",
-                self.tls.handshake_timeout_secs,
-            ),
-            ("tls.reload_poll_secs", self.tls.reload_poll_secs),
-            ("history.max_age_secs", self.history.max_age_secs),
-            (
-                "history.idempotency_window_secs",
-                self.history.idempotency_window_secs,
-            ),
         ] {
             if value > MAX_CONFIG_SECS {
                 return Err(bad(key, &value, "at most one year (31536000)"));
@@ -699,32 +659,9 @@ impl Config {
             ("limits.max_revocations", l.max_revocations as u64),
             ("limits.max_queued_bytes", l.max_queued_bytes as u64),
             (
-                "history.max_events_per_user",
-                self.history.max_events_per_user as u64,
-            ),
-            ("history.max_age_secs", self.history.max_age_secs),
-            ("history.max_bytes", self.history.max_bytes as u64),
-            (
-                "history.max_replay_events",
-                self.history.max_replay_events as u64,
-            ),
-            (
-                "history.idempotency_window_secs",
-                self.history.idempotency_window_secs,
-            ),
-            (
-                "history.idempotency_keys_per_user",
-                self.history.idempotency_keys_per_user as u64,
-            ),
-            (
                 "limits.client_message_burst",
                 u64::from(l.client_message_burst),
             ),
-            (
-                "tls.handshake_timeout_secs",
-                self.tls.handshake_timeout_secs,
-            ),
-            ("tls.reload_poll_secs", self.tls.reload_poll_secs),
         ] {
             if value == 0 {
                 return Err(bad(key, &value, "must be at least 1"));
@@ -765,9 +702,6 @@ impl Config {
                 "at most 4 GiB, the size of a 32-bit linear memory",
             ));
         }
-        self.tls.validate()?;
-        self.streams.validate()?;
-        self.cluster.validate(&self.history)?;
         if l.max_payload_depth > 100 {
             return Err(bad(
                 "limits.max_payload_depth",
@@ -776,6 +710,99 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+impl History {
+    fn validate(&self) -> Result<(), Invalid> {
+        let h = self;
+        for (key, value) in [
+            ("history.max_age_secs", h.max_age_secs),
+            ("history.idempotency_window_secs", h.idempotency_window_secs),
+        ] {
+            if value > MAX_CONFIG_SECS {
+                return Err(invalid(key, &value, "at most one year (31536000)"));
+            }
+        }
+        for (key, value) in [
+            ("history.max_events_per_user", h.max_events_per_user as u64),
+            ("history.max_age_secs", h.max_age_secs),
+            ("history.max_bytes", h.max_bytes as u64),
+            ("history.max_replay_events", h.max_replay_events as u64),
+            ("history.idempotency_window_secs", h.idempotency_window_secs),
+            (
+                "history.idempotency_keys_per_user",
+                h.idempotency_keys_per_user as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &value, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &'static str, value: &dyn std::fmt::Display, reason: &str) -> Invalid {
+    Invalid {
+        key,
+        value: value.to_string(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// Top-level keys and sections (tables), as environment variables spell them after
+/// `GATEWAY_`: read from the config type itself, so a new key is settable at once.
+fn env_names() -> (Vec<String>, Vec<String>) {
+    let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+    let mut keys = Vec::new();
+    let mut sections = Vec::new();
+    for (name, value) in defaults.as_object().into_iter().flatten() {
+        match value {
+            serde_json::Value::Object(_) => sections.push(name.clone()),
+            _ => keys.push(name.clone()),
+        }
+    }
+    (keys, sections)
+}
+/// `GATEWAY_*` variables that are read elsewhere, not config keys.
+const ENV_NOT_CONFIG: &[&str] = &["log", "log_json"];
+
+impl Config {
+    /// Refuses values that cannot work or would overflow a computation, with the key named:
+    /// each section checks its own keys, then the sections that depend on another.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let a = &self.auth;
+        for (key, value) in [
+            ("auth.jwks_poll_secs", a.jwks_poll_secs),
+            ("auth.leeway_secs", a.leeway_secs),
+            ("guest_poll_secs", self.guest_poll_secs),
+            (
+                "tls.handshake_timeout_secs",
+                self.tls.handshake_timeout_secs,
+            ),
+            ("tls.reload_poll_secs", self.tls.reload_poll_secs),
+        ] {
+            if value > MAX_CONFIG_SECS {
+                return Err(invalid(key, &value, "at most one year (31536000)"));
+            }
+        }
+        for (key, value) in [
+            (
+                "tls.handshake_timeout_secs",
+                self.tls.handshake_timeout_secs,
+            ),
+            ("tls.reload_poll_secs", self.tls.reload_poll_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &value, "must be at least 1"));
+            }
+        }
+        self.limits.validate()?;
+        self.history.validate()?;
+        self.tls.validate()?;
+        self.streams.validate()?;
+        self.cluster.validate(&self.history)
     }
 
     /// Defaults, then the TOML file (if given), then `GATEWAY_*` environment variables.
