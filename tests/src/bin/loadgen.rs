@@ -19,8 +19,11 @@
 //!    as fast as the server answers) over P seconds through `POST /v1/publish/batch`
 //!    (T publisher tasks, B events a batch, users round robin). The
 //!    `queued` counts in the answers give the receives to expect; every connection checks
-//!    that each event it gets is for its own user (`misdeliveries`, must be 0) and records the
-//!    publish-to-receive latency from the `ts_us` the event carries.
+//!    that each event it gets is for its own user (`misdeliveries`, must be 0), that its
+//!    `seq` is above the previous one (`seq_regressions`) and new to the connection
+//!    (`duplicates`: a seq it already had), and records the publish-to-receive latency from
+//!    the `ts_us` the event carries. `losses` are the receives expected and not had, counted
+//!    by distinct seq per connection (`events_distinct`), so a duplicate never hides a loss.
 //! 3. With `--server-pid`, samples the server's VmRSS before connecting and once all
 //!    connections have been idle for a second (or, with `--wait-metric`, once the server's
 //!    `/metrics` shows that value, e.g. every session hibernated), and reports RSS per
@@ -30,8 +33,9 @@
 //!
 //! Tokens are minted here from `--secret` (or `GATEWAY_JWT_SECRET`) and never printed.
 //! Only loopback targets are accepted. Exit status: 0 on a complete run, 1 if any event was
-//! misdelivered or the run hit `--max-secs`, 2 if it could not start. Lost events (fewer
-//! receives than the server reported queuing) are reported, not treated as a failure.
+//! misdelivered, duplicated or out of order, or the run hit `--max-secs`, 2 if it could not
+//! start. Lost events (fewer distinct receives than the server reported queuing) are
+//! reported, not treated as a failure: an overloaded server may close slow clients.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -370,9 +374,15 @@ struct Stats {
     /// Microseconds from TCP connect to welcome frame.
     connect_us: Mutex<Histogram<u64>>,
 
+    /// Bench events for the connection's own user, duplicates included.
     received: AtomicU64,
+    /// Of those, the first receive of each seq on its connection: what `losses` is counted
+    /// against.
+    distinct: AtomicU64,
+    /// Receives of a seq the connection already had.
+    duplicates: AtomicU64,
     misdeliveries: AtomicU64,
-    /// Bench events without a usable `payload.user` / `payload.ts_us`, or unparsable.
+    /// Bench events without a usable `seq` / `payload.user` / `payload.ts_us`, or unparsable.
     malformed: AtomicU64,
     /// Bench events whose `seq` was not above the previous one on the same connection.
     seq_regressions: AtomicU64,
@@ -473,6 +483,8 @@ impl Stats {
             failure_reasons: Mutex::default(),
             connect_us: Mutex::new(histogram()),
             received: AtomicU64::new(0),
+            distinct: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             misdeliveries: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             seq_regressions: AtomicU64::new(0),
@@ -584,7 +596,11 @@ async fn drive(plan: Arc<Plan>) -> ExitCode {
     if misdelivered {
         eprintln!("loadgen: FAILED: events were delivered to the wrong user's connections");
     }
-    if misdelivered || timed_out || matches!(outcome, Ok(Err(_))) {
+    let disordered = stats.duplicates.load(Relaxed) > 0 || stats.seq_regressions.load(Relaxed) > 0;
+    if disordered {
+        eprintln!("loadgen: FAILED: a connection got an event twice or out of order");
+    }
+    if misdelivered || disordered || timed_out || matches!(outcome, Ok(Err(_))) {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -834,6 +850,7 @@ async fn connection(
         shard: &stats.latency_us[i as usize % SHARDS],
         stats: &stats,
         last_seq: 0,
+        seen: SeqSet::default(),
     };
     let mut ws = match opened {
         Ok(Ok((ws, early))) => {
@@ -998,6 +1015,56 @@ struct Reader<'a> {
     shard: &'a Mutex<Histogram<u64>>,
     stats: &'a Stats,
     last_seq: u64,
+    /// Every seq this connection received, to tell a duplicate from a new event.
+    seen: SeqSet,
+}
+
+/// A set of seqs as sorted, disjoint, non-adjacent inclusive ranges. A user's seqs run on by
+/// one (embedded mode), so a connection's set is one range however many events it gets; in
+/// cluster mode other users' events leave gaps, and it costs 16 bytes an event. Adding at the
+/// end, the order a correct server delivers in, is O(1).
+#[derive(Default)]
+struct SeqSet {
+    ranges: Vec<(u64, u64)>,
+}
+
+impl SeqSet {
+    /// Adds `seq`; false if it was already there.
+    fn insert(&mut self, seq: u64) -> bool {
+        match self.ranges.last_mut() {
+            None => {
+                self.ranges.push((seq, seq));
+                return true;
+            }
+            Some(last) if seq > last.1 => {
+                if seq == last.1 + 1 {
+                    last.1 = seq;
+                } else {
+                    self.ranges.push((seq, seq));
+                }
+                return true;
+            }
+            Some(_) => {}
+        }
+        // Out of order: the first range ending at or after seq exists (the last one does).
+        let i = self.ranges.partition_point(|r| r.1 < seq);
+        if self.ranges[i].0 <= seq {
+            return false;
+        }
+        // seq < ranges[i].0 <= u64::MAX, so seq + 1 does not overflow.
+        let joins_previous = i > 0 && self.ranges[i - 1].1 + 1 == seq;
+        let joins_next = self.ranges[i].0 == seq + 1;
+        match (joins_previous, joins_next) {
+            (true, true) => {
+                self.ranges[i - 1].1 = self.ranges[i].1;
+                self.ranges.remove(i);
+            }
+            (true, false) => self.ranges[i - 1].1 = seq,
+            (false, true) => self.ranges[i].0 = seq,
+            (false, false) => self.ranges.insert(i, (seq, seq)),
+        }
+        true
+    }
 }
 
 impl Reader<'_> {
@@ -1036,13 +1103,20 @@ impl Reader<'_> {
             }
             return;
         }
-        if let Some(seq) = frame.seq {
-            if seq <= self.last_seq {
-                self.stats.seq_regressions.fetch_add(1, Relaxed);
-            }
-            self.last_seq = seq;
+        let Some(seq) = frame.seq else {
+            self.stats.malformed.fetch_add(1, Relaxed);
+            return;
+        };
+        if seq <= self.last_seq {
+            self.stats.seq_regressions.fetch_add(1, Relaxed);
         }
+        self.last_seq = seq;
         self.stats.received.fetch_add(1, Relaxed);
+        if !self.seen.insert(seq) {
+            self.stats.duplicates.fetch_add(1, Relaxed);
+            return;
+        }
+        self.stats.distinct.fetch_add(1, Relaxed);
         self.stats.last_receive_us.fetch_max(now, Relaxed);
         self.shard
             .lock()
@@ -1210,7 +1284,7 @@ fn batch_body(first: u64, count: u64, users: u64, user_offset: u64, ts_us: u64) 
 /// Waits until every expected event has arrived, or `limit` has passed.
 async fn drain(stats: &Stats, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
-    while stats.received.load(Relaxed) < stats.expected.load(Relaxed)
+    while stats.distinct.load(Relaxed) < stats.expected.load(Relaxed)
         && tokio::time::Instant::now() < deadline
     {
         sleep(Duration::from_millis(20)).await;
@@ -1341,6 +1415,7 @@ fn build_report(
     let published = stats.published.load(Relaxed);
     let expected = stats.expected.load(Relaxed);
     let received = stats.received.load(Relaxed);
+    let distinct = stats.distinct.load(Relaxed);
     // Receive rate over the publish phase: from its start to the last event received.
     let last_rx = stats.last_receive_us.load(Relaxed);
     let receive_secs = (phases.publish_start.is_some() && last_rx > phases.publish_start_us)
@@ -1395,10 +1470,12 @@ fn build_report(
         "publish_errors": stats.publish_errors.load(Relaxed),
         "events_expected": expected,
         "events_received": received,
-        "events_per_sec": rate(received, receive_secs),
+        "events_distinct": distinct,
+        "events_per_sec": rate(distinct, receive_secs),
         "latency_ms": quantiles_ms(&latency, &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]),
         "misdeliveries": stats.misdeliveries.load(Relaxed),
-        "losses": expected.saturating_sub(received),
+        "losses": expected.saturating_sub(distinct),
+        "duplicates": stats.duplicates.load(Relaxed),
         "malformed_events": stats.malformed.load(Relaxed),
         "seq_regressions": stats.seq_regressions.load(Relaxed),
         "server_rss_kib_before": rss(phases.rss_before),
@@ -1468,9 +1545,11 @@ fn print_table(report: &Value) {
         ("publish errors", "publish_errors"),
         ("events expected", "events_expected"),
         ("events received", "events_received"),
+        ("distinct received", "events_distinct"),
         ("received /s", "events_per_sec"),
         ("latency ms", "latency_ms"),
         ("losses", "losses"),
+        ("DUPLICATES", "duplicates"),
         ("MISDELIVERIES", "misdeliveries"),
         ("malformed events", "malformed_events"),
         ("seq regressions", "seq_regressions"),
@@ -1533,5 +1612,24 @@ fn print_table(report: &Value) {
         for sample in samples {
             println!("  {}", sample.as_str().unwrap_or_default());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeqSet;
+
+    #[test]
+    fn a_seq_set_tells_new_seqs_from_repeats_in_any_order() {
+        let mut set = SeqSet::default();
+        for seq in [10, 11, 12, 20, 15, 14, 16, 13, 5, 21, 30] {
+            assert!(set.insert(seq), "{seq} is new");
+        }
+        assert_eq!(set.ranges, [(5, 5), (10, 16), (20, 21), (30, 30)]);
+        for seq in [5, 10, 13, 16, 20, 21, 30] {
+            assert!(!set.insert(seq), "{seq} was there");
+        }
+        assert!(set.insert(17) && set.insert(19) && set.insert(18));
+        assert_eq!(set.ranges, [(5, 5), (10, 21), (30, 30)]);
     }
 }
