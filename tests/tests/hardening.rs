@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use gateway::AppState;
+use gateway::admission::Capacity;
 use gateway::auth::{Audience, now_secs};
 use gateway_tests::{TestGateway, WAIT, claims, config, guests, token};
 use serde_json::{Value, json};
@@ -510,6 +511,33 @@ async fn guest_budgets_hold_per_call_and_per_turn() {
     assert!(gw.metric("gateway_turns_cut_total").await >= 1.0);
 }
 
+/// Memory this process may still take, read as the gateway reads it: `MemAvailable`, or less
+/// under a cgroup limit.
+fn available_memory() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+        .expect("MemAvailable in /proc/meminfo");
+    let available = kib * 1024;
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
+    match (
+        read("/sys/fs/cgroup/memory.max"),
+        read("/sys/fs/cgroup/memory.current"),
+    ) {
+        (Some(max), Some(current)) => available.min(max.saturating_sub(current)),
+        _ => available,
+    }
+}
+
 /// Item 10: a guest that cannot run under the configured limits is refused at start-up
 /// (and by `guest check`) naming the limit to raise; the capacity accounts for memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,10 +551,55 @@ async fn guests_that_cannot_run_are_refused_with_the_limit_to_raise() {
     let err = AppState::new(cfg).expect_err("refused").to_string();
     assert!(err.contains("limits.guest_memory_bytes"), "{err}");
 
+    // The node's cap is the least of what descriptors and mappings allow (the same process
+    // asked again, uncapped) and what memory holds; the memory bound is a count of
+    // connections, each costing at least the session's own 16 KiB and not more than 64 MiB
+    // for this guest.
     let gw = TestGateway::start().await;
     let capacity = gw.state.admission.capacity;
     let by_memory = capacity.by_memory.expect("measured");
-    assert!(capacity.effective as u64 <= by_memory, "{capacity:?}");
+    let uncapped = Capacity::of_this_process(0);
+    assert_eq!(
+        capacity.effective as u64,
+        (uncapped.effective as u64).min(by_memory),
+        "{capacity:?} {uncapped:?}"
+    );
+    let available = available_memory();
+    let implied = available as f64 * 0.8 / by_memory as f64;
+    assert!(
+        ((16 << 10) as f64..(64 << 20) as f64).contains(&implied),
+        "{by_memory} connections in {available} bytes: {implied} bytes each"
+    );
+    // The bound at instance sizes chosen here, against the available memory read just before
+    // and after: 80 % of it over (instance + 16 KiB), and the cap lowered to that. Sized for
+    // 3 and 20 connections, so that another share moves the count, and for an instance of
+    // nothing, so that the session's own 16 KiB must be counted.
+    let session = 16 << 10;
+    let sizes: [fn(u64) -> u64; 3] = [
+        |available| (available as f64 * 0.8 / 3.5) as u64 - (16 << 10),
+        |available| (available as f64 * 0.8 / 20.5) as u64 - (16 << 10),
+        |_| 0,
+    ];
+    for instance in sizes {
+        let mut probe = uncapped;
+        let before = available_memory();
+        let instance = instance(before);
+        probe.limit_by_memory(instance);
+        let after = available_memory();
+        let count = |a: u64| (a as f64 * 0.8) as u64 / (instance + session);
+        let expected = count(before.min(after))..=count(before.max(after));
+        let got = probe.by_memory.unwrap();
+        assert!(
+            expected.contains(&got),
+            "{instance}: {got} not in {expected:?}"
+        );
+        assert_eq!(
+            probe.effective as u64,
+            got.min(uncapped.effective as u64),
+            "{probe:?}"
+        );
+    }
+
 
     let exe = std::env::current_exe().unwrap();
     let binary = exe.parent().unwrap().parent().unwrap().join("gateway");
