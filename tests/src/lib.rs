@@ -49,6 +49,37 @@ pub async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// The value of series `name` (labels as rendered) in a `/metrics` text.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name).then(|| value.parse().unwrap())
+    })
+}
+
+/// The family a series belongs to, as the gateway registers it (with its prefix): without
+/// labels, and without the suffix the text format adds to counters and histograms.
+fn metric_family(name: &str) -> &str {
+    let base = name.split_once('{').map_or(name, |(base, _)| base);
+    ["_total", "_count", "_sum", "_bucket"]
+        .iter()
+        .find_map(|suffix| base.strip_suffix(suffix))
+        .unwrap_or(base)
+}
+
+/// "`name` is not in /metrics", with the series that are.
+fn missing_metric(text: &str, name: &str) -> String {
+    let present: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| Some(line.rsplit_once(' ')?.0))
+        .collect();
+    format!(
+        "{name} is not in /metrics; there are: {}",
+        present.join(", ")
+    )
+}
+
 pub struct TestGateway {
     pub addr: SocketAddr,
     /// The ops listener (health and metrics only), when started with one.
@@ -182,23 +213,47 @@ impl TestGateway {
         post(&self.url("/v1/publish/batch"), token, body.to_string()).await
     }
 
-    /// A value from `/metrics`; `name` includes labels as rendered, e.g.
-    /// `gateway_guest_faults_total{kind="trap"}`. Missing means zero.
-    /// Read from the ops listener when there is one (the public one may speak TLS).
-    pub async fn metric(&self, name: &str) -> f64 {
+    /// The `/metrics` text. Read from the ops listener when there is one (the public one may
+    /// speak TLS).
+    pub async fn metrics_text(&self) -> String {
         let at = self.ops_addr.unwrap_or(self.addr);
-        let text = reqwest::get(format!("http://{at}/metrics"))
+        reqwest::get(format!("http://{at}/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        text.lines()
-            .find_map(|line| {
-                let (key, value) = line.rsplit_once(' ')?;
-                (key == name).then(|| value.parse().unwrap())
-            })
-            .unwrap_or(0.0)
+            .unwrap()
+    }
+
+    /// A value from `/metrics`; `name` includes labels as rendered, e.g.
+    /// `gateway_sessions_live` or `gateway_guest_faults_total{kind="trap"}`. A series that is
+    /// not there fails, naming the series that are: a renamed metric must not read as 0.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text().await;
+        match metric_value(&text, name) {
+            Some(value) => value,
+            None => panic!("{}", missing_metric(&text, name)),
+        }
+    }
+
+    /// A labelled series that appears only once it is first counted (a `Family` in the
+    /// gateway: `gateway_guest_faults_total{kind="trap"}` before any trap): missing reads as 0.
+    /// Only for labelled series (the others are always rendered), and only for a family the
+    /// gateway registers (its name is in `host/src/metrics.rs`; an empty family is not
+    /// rendered at all), so a renamed family still fails. A renamed label value cannot be
+    /// told from one never counted: use this where another test counts the same series.
+    pub async fn metric_or_zero(&self, name: &str) -> f64 {
+        const REGISTERED: &str = include_str!("../../host/src/metrics.rs");
+        let family = metric_family(name);
+        let registered = family
+            .strip_prefix("gateway_")
+            .is_some_and(|short| REGISTERED.contains(&format!("\"{short}\"")));
+        assert!(
+            name.contains('{') && registered,
+            "{name}: metric_or_zero is for labelled series of a registered family"
+        );
+        let text = self.metrics_text().await;
+        metric_value(&text, name).unwrap_or(0.0)
     }
 
     /// Waits until a metric reaches `want`, or fails with the last value seen.
@@ -208,19 +263,56 @@ impl TestGateway {
         }
     }
 
-    /// Waits until a metric reaches `want`; past [`WAIT`], says what it is instead. For a
-    /// test that collects failures rather than stopping at the first.
+    /// Waits until a metric reaches `want`; past [`WAIT`], says what it is instead (or that it
+    /// is missing, naming those there are). For a test that collects failures rather than
+    /// stopping at the first. A series still missing is waited for: a labelled one appears
+    /// when first counted. Waiting for 0 on such a series: see [`Self::metric_or_zero`].
     pub async fn try_wait_metric(&self, name: &str, want: f64) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let value = self.metric(name).await;
-            if value == want {
+            let text = self.metrics_text().await;
+            let value = metric_value(&text, name);
+            if value == Some(want) {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!("{name} is {value}, expected {want}"));
+                return Err(match value {
+                    Some(value) => format!("{name} is {value}, expected {want}"),
+                    None => format!("{}, expected {want}", missing_metric(&text, name)),
+                });
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Publishes a `marker` event to `user` (in `tenant`, if any) and returns its `seq`. A
+    /// connection of that identity must then see the marker as its next data frame
+    /// ([`Client::expect_event`]): its queue is in order, so anything that should not have
+    /// reached it (another identity's event, a duplicate) and was queued before would come
+    /// first. A positive proof where a silence window could only say "not yet".
+    pub async fn publish_marker(&self, user: &str, tenant: Option<&str>) -> u64 {
+        let mut body = serde_json::json!({"user_id": user, "kind": "marker", "payload": {}});
+        if let Some(tenant) = tenant {
+            body["tenant_id"] = tenant.into();
+        }
+        let (status, reply) = self.publish(&self.publisher_token(), &body).await;
+        assert_eq!(status, 200, "marker for {user}: {reply}");
+        reply["seq"].as_u64().expect("a published event has a seq")
+    }
+
+    /// The HTTP refusal of a connect with `token`: status and JSON body (`Null` if the body
+    /// is not JSON). Fails if the connection is admitted or fails otherwise.
+    pub async fn refusal(&self, token: &str) -> (u16, Value) {
+        match self.try_connect(token).await {
+            Ok(_) => panic!("the connection should have been refused"),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let body = response.body().clone().unwrap_or_default();
+                (
+                    response.status().as_u16(),
+                    serde_json::from_slice(&body).unwrap_or(Value::Null),
+                )
+            }
+            Err(other) => panic!("expected an HTTP refusal, got {other}"),
         }
     }
 
@@ -324,38 +416,84 @@ impl Client {
         }
     }
 
-    /// Reads until the server closes; returns the close code and reason. Frames before the
-    /// close are skipped.
+    /// Reads until the server closes; returns the close code and reason. Fails on any data
+    /// frame before the close: one the test did not expect reached the client. A test that
+    /// expects frames first reads them, or uses [`Client::frames_until_close`].
     pub async fn closed(&mut self) -> Closed {
+        let (frames, closed) = self.frames_until_close().await;
+        assert!(
+            frames.is_empty(),
+            "frames before the close {closed:?}: {frames:?}"
+        );
+        closed
+    }
+
+    /// Reads until the server closes; returns every data frame before the close (text as
+    /// JSON, or as a JSON string when it is not JSON; binary as a string saying so) and the
+    /// close code and reason, for the caller to assert exactly what arrived.
+    pub async fn frames_until_close(&mut self) -> (Vec<Value>, Closed) {
+        let mut frames = Vec::new();
         loop {
             let msg = tokio::time::timeout(WAIT, self.ws.next())
                 .await
-                .expect("connection should close within the wait");
-            match msg {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return Closed {
-                        code: u16::from(frame.code),
-                        reason: frame.reason.to_string(),
-                    };
+                .unwrap_or_else(|_| {
+                    panic!("connection should close within the wait; frames so far: {frames:?}")
+                });
+            let closed = match msg {
+                Some(Ok(Message::Close(Some(frame)))) => Closed {
+                    code: u16::from(frame.code),
+                    reason: frame.reason.to_string(),
+                },
+                Some(Ok(Message::Close(None))) | None => Closed {
+                    code: u16::from(CloseCode::Status),
+                    reason: String::new(),
+                },
+                Some(Ok(Message::Text(text))) => {
+                    frames.push(
+                        serde_json::from_str(text.as_str())
+                            .unwrap_or_else(|_| Value::String(text.as_str().to_owned())),
+                    );
+                    continue;
                 }
-                Some(Ok(Message::Close(None))) | None => {
-                    return Closed {
-                        code: u16::from(CloseCode::Status),
-                        reason: String::new(),
-                    };
+                Some(Ok(Message::Binary(bytes))) => {
+                    frames.push(Value::String(format!(
+                        "binary frame of {} bytes",
+                        bytes.len()
+                    )));
+                    continue;
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(err)) => panic!("connection failed instead of closing: {err}"),
+            };
+            return (frames, closed);
+        }
+    }
+
+    /// Asserts that for the whole of `quiet` no data frame arrives and the connection stays
+    /// open; pings and pongs are not data. Says only "not within this window": where a
+    /// silence is the proof of isolation, follow it with a marker
+    /// ([`TestGateway::publish_marker`], [`Client::expect_event`]).
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        let deadline = tokio::time::Instant::now() + quiet;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(Message::Text(text)))) => panic!("unexpected frame: {text}"),
+                Ok(other) => panic!("expected silence, got {other:?}"),
             }
         }
     }
 
-    /// Asserts no text frame arrives within `quiet`.
-    pub async fn expect_silence(&mut self, quiet: Duration) {
-        if let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(quiet, self.ws.next()).await
-        {
-            panic!("unexpected frame: {text}");
-        }
+    /// Asserts the next data frame is the event `seq` (e.g. a marker): nothing else came first.
+    pub async fn expect_event(&mut self, seq: u64) -> Value {
+        let frame = self.next_json().await.expect("an event frame");
+        assert_eq!(
+            (frame["type"].as_str(), frame["seq"].as_u64()),
+            (Some("event"), Some(seq)),
+            "expected event {seq} next, got {frame}"
+        );
+        frame
     }
 
     pub async fn close(mut self) {

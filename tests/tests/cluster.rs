@@ -65,13 +65,25 @@ async fn connections_on_two_nodes_each_get_every_event_once_in_order() {
         for (n, seq) in seqs.iter().enumerate() {
             assert_eq!(next_event(client).await, (*seq, n as u64));
         }
-        client.expect_silence(Duration::from_millis(200)).await;
     }
-    bob.expect_silence(Duration::from_millis(50)).await;
-    tricky.expect_silence(Duration::from_millis(50)).await;
+    // None of alice's for bob or "alice.>": their streams may be others than hers, so a
+    // window first; then, in each one's own stream, its marker (or event) is next, so
+    // nothing (a duplicate of alice's included) was queued before it.
+    tokio::join!(
+        bob.expect_silence(Duration::from_millis(300)),
+        tricky.expect_silence(Duration::from_millis(300)),
+    );
+    let marker = b.publish_marker("alice", None).await;
+    for client in [&mut on_a, &mut on_b] {
+        client.expect_event(marker).await;
+    }
+    let marker = a.publish_marker("bob", None).await;
+    bob.expect_event(marker).await;
     let seq = publish_ok(&b, &event("alice.>", 7)).await;
     assert_eq!(next_event(&mut tricky).await, (seq, 7));
-    on_a.expect_silence(Duration::from_millis(100)).await;
+    on_a.expect_silence(Duration::from_millis(300)).await;
+    let marker = b.publish_marker("alice", None).await;
+    on_a.expect_event(marker).await;
 
     // An idempotency key is per identity, and holds whichever node sees the repeat.
     let keyed =
@@ -81,7 +93,8 @@ async fn connections_on_two_nodes_each_get_every_event_once_in_order() {
     assert_eq!(again["seq"], first["seq"], "{again}");
     assert_eq!(again["duplicate"], true, "{again}");
     assert_eq!(next_event(&mut bob).await.1, 1);
-    bob.expect_silence(Duration::from_millis(200)).await;
+    let marker = b.publish_marker("bob", None).await;
+    bob.expect_event(marker).await;
 
     // A node subscribes to the users it holds, and lets go when their last one leaves.
     a.wait_metric("gateway_cluster_feeds", 2.0).await;
@@ -383,7 +396,18 @@ async fn a_killed_nodes_clients_resume_on_another_with_every_event_once() {
     let seqs = publisher.await.unwrap();
     let want: Vec<(u64, u64)> = seqs.into_iter().zip(0..EVENTS).collect();
     assert_eq!(got, want, "every event once, in order, across the failover");
-    client.expect_silence(Duration::from_millis(200)).await;
+    // And nothing after: a marker to erin is the next frame.
+    let marker = json!({"user_id": "erin", "kind": "marker", "payload": {}});
+    let publisher_token = {
+        let mut c = claims("backend");
+        c.scope = Some(gateway::auth::PUBLISH_SCOPE.into());
+        token(c)
+    };
+    let publish_url = format!("http://{}/v1/publish", survivor.addr);
+    let (status, reply) =
+        gateway_tests::post(&publish_url, &publisher_token, marker.to_string()).await;
+    assert_eq!(status, 200, "{reply}");
+    client.expect_event(reply["seq"].as_u64().unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,7 +569,9 @@ async fn a_node_whose_nats_server_dies_catches_up_from_the_stream() {
         got, acked,
         "every event once, in order, across the reconnect"
     );
-    client.expect_silence(Duration::from_millis(200)).await;
+    // And nothing after: a marker to henry is the next frame.
+    let marker = publisher.publish_marker("henry", None).await;
+    client.expect_event(marker).await;
     assert_eq!(receiver.metric("gateway_nats_reconnects_total").await, 1.0);
     println!(
         "events fetched from the stream to fill the gap: {}",
@@ -660,8 +686,26 @@ async fn churn_across_nodes_never_misdelivers_and_loses_nothing() {
         }
         conns = kept;
     }
-    for (_, _, client) in &mut conns {
-        client.expect_silence(Duration::from_millis(20)).await;
+    // Nothing more anywhere: no other user's event (perhaps from another stream) within a
+    // window watched on every connection at once, then in each user's own stream a marker
+    // is the next frame (no duplicate or late event before it).
+    futures_util::future::join_all(
+        conns
+            .iter_mut()
+            .map(|(_, _, client)| client.expect_silence(Duration::from_millis(300))),
+    )
+    .await;
+    let mut markers = BTreeMap::new();
+    for (user, _, _) in &conns {
+        if !markers.contains_key(user) {
+            let marker = nodes[next(2)]
+                .publish_marker(&format!("u{user}"), None)
+                .await;
+            markers.insert(*user, marker);
+        }
+    }
+    for (user, _, client) in &mut conns {
+        client.expect_event(markers[user]).await;
     }
     assert!(checked > 1000, "{checked} deliveries checked");
 }

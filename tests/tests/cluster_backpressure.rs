@@ -121,7 +121,9 @@ async fn a_node_whose_sessions_fall_behind_holds_no_more_than_its_bound() {
             .unwrap_or_else(|_| panic!("event {i} of {total} did not arrive"));
         assert_eq!(got, (*seq, i as u64), "event {i} of {total}");
     }
-    client.expect_silence(Duration::from_millis(300)).await;
+    // And nothing after: a marker to the same identity is the next frame.
+    let marker = a.publish_marker("slow", None).await;
+    client.expect_event(marker).await;
     sampling.store(false, Ordering::Relaxed);
     sampler.await.unwrap();
     let peak = peak.load(Ordering::Relaxed);

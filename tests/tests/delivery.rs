@@ -24,18 +24,21 @@ async fn publish(gw: &TestGateway, body: &Value) -> Value {
     reply
 }
 
-/// Reads events until one with payload `n == last`, returning every payload `n` seen.
-async fn read_until(client: &mut Client, last: u64) -> Vec<u64> {
+/// Reads as many events as `expected` holds and asserts their payload `n`s are exactly
+/// those, in order; then proves nothing follows them: a marker published to `user` now must
+/// be the very next frame, so a trailing duplicate or an extra event (queued before the
+/// marker) fails here instead of going unread.
+async fn read_exactly(gw: &TestGateway, client: &mut Client, user: &str, expected: &[u64]) {
     let mut seen = Vec::new();
-    loop {
+    for _ in expected {
         let frame = client.next_json().await.unwrap();
         assert_eq!(frame["type"], "event", "{frame}");
-        let n = frame["payload"]["n"].as_u64().unwrap();
-        seen.push(n);
-        if n == last {
-            return seen;
-        }
+        assert_eq!(frame["kind"], "agent_thinking", "{frame}");
+        seen.push(frame["payload"]["n"].as_u64().unwrap());
     }
+    assert_eq!(seen, expected, "gap, duplicate or reorder");
+    let marker = gw.publish_marker(user, None).await;
+    client.expect_event(marker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,10 +60,7 @@ async fn a_client_resuming_with_since_gets_exactly_what_it_missed_then_live_even
     assert_eq!(resumed["recovered"], true, "{resumed}");
     assert_eq!(resumed["replayed"], 3, "{resumed}");
     publish(&gw, &event("alice", 5)).await;
-    assert_eq!(read_until(&mut client, 5).await, [2, 3, 4, 5]);
-    client
-        .expect_silence(std::time::Duration::from_millis(200))
-        .await;
+    read_exactly(&gw, &mut client, "alice", &[2, 3, 4, 5]).await;
     assert_eq!(
         gw.metric(r#"gateway_resumes_total{result="recovered"}"#)
             .await,
@@ -95,8 +95,8 @@ async fn a_burst_racing_the_replay_leaves_no_gap_and_no_duplicate() {
     let resumed = client.next_json().await.unwrap();
     assert_eq!(resumed["recovered"], true, "{resumed}");
     burst.await.unwrap();
-    let seen = read_until(&mut client, 400).await;
-    assert_eq!(seen, (1..=400).collect::<Vec<_>>(), "gap or duplicate");
+    let all: Vec<u64> = (1..=400).collect();
+    read_exactly(&gw, &mut client, "alice", &all).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +124,7 @@ async fn positions_the_log_cannot_prove_are_not_recovered() {
     assert_eq!(resumed["replayed"], 0);
     // Live events still flow after a failed resume.
     publish(&gw, &event("alice", 6)).await;
-    assert_eq!(read_until(&mut client, 6).await, [6]);
+    read_exactly(&gw, &mut client, "alice", &[6]).await;
     client.close().await;
 
     // A position from before a restart: a new gateway numbers above it.
@@ -179,7 +179,7 @@ async fn an_idempotent_publish_is_delivered_once_with_one_seq() {
     assert_eq!(status, 200);
     assert_eq!(reply["results"][0]["seq"], first["seq"]);
     assert_eq!(reply["results"][0]["duplicate"], true);
-    assert_eq!(read_until(&mut client, 2).await, [1, 2]);
+    read_exactly(&gw, &mut client, "alice", &[1, 2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,20 +190,33 @@ async fn a_slow_client_closed_for_overflow_resumes_without_loss() {
     let mut client = connect_since(&gw, "alice", None).await;
     let first = publish(&gw, &event("alice", 0)).await;
     let since = first["seq"].as_u64().unwrap();
-    assert_eq!(read_until(&mut client, 0).await, [0]);
+    assert_eq!(client.next_json().await.unwrap()["seq"], first["seq"]);
     // The client stops reading; a burst overflows its queue and the gateway closes it.
     let events: Vec<Value> = (1..=50).map(|n| event("alice", n)).collect();
     let (status, _) = gw.publish_batch(&gw.publisher_token(), &events).await;
     assert_eq!(status, 200);
-    let closed = client.closed().await;
+    // What was written before the close is the burst's start, in order, and no more.
+    let (frames, closed) = client.frames_until_close().await;
     assert_eq!(closed.code, 4000, "{closed:?}");
+    let got: Vec<u64> = frames
+        .iter()
+        .map(|f| f["payload"]["n"].as_u64().unwrap_or_else(|| panic!("{f}")))
+        .collect();
+    assert_eq!(
+        got,
+        (1..=got.len() as u64).collect::<Vec<_>>(),
+        "{frames:?}"
+    );
+    assert!(
+        got.len() < 50,
+        "closed for overflow after all 50 arrived: {got:?}"
+    );
     let mut client = connect_since(&gw, "alice", Some(since)).await;
     let resumed = client.next_json().await.unwrap();
     assert_eq!(resumed["recovered"], true, "{resumed}");
-    assert_eq!(
-        read_until(&mut client, 50).await,
-        (1..=50).collect::<Vec<_>>()
-    );
+    assert_eq!(resumed["replayed"], 50, "{resumed}");
+    let all: Vec<u64> = (1..=50).collect();
+    read_exactly(&gw, &mut client, "alice", &all).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,7 +109,7 @@ async fn an_idle_handler_hibernates_and_wakes_with_its_state_in_order() {
     assert_eq!(pong["frames_in"], 3);
     assert_eq!(pong["runs"]["r1"]["events"], 21);
     assert_eq!(
-        gw.metric("gateway_guest_faults_total{kind=\"restore\"}")
+        gw.metric_or_zero("gateway_guest_faults_total{kind=\"restore\"}")
             .await,
         0.0
     );
@@ -168,7 +168,7 @@ async fn a_handler_woken_after_a_refresh_is_given_the_renewed_expiry() {
     let seen = next_of_type(&mut dana, "expiry").await;
     assert_eq!(seen["expires_at"], renewed.exp, "{seen}");
     assert_eq!(
-        gw.metric("gateway_session_closes_total{reason=\"token_expired\"}")
+        gw.metric_or_zero("gateway_session_closes_total{reason=\"token_expired\"}")
             .await,
         0.0
     );
@@ -222,7 +222,7 @@ async fn a_guest_that_fails_to_save_or_restore_loses_only_its_own_connection() {
     // Refused hibernations are tried again after each idle spell: at least once each.
     for result in ["declined", "too_large"] {
         let name = format!("gateway_hibernations_total{{result=\"{result}\"}}");
-        wait_until(&name, async || gw.metric(&name).await >= 1.0).await;
+        wait_until(&name, async || gw.metric_or_zero(&name).await >= 1.0).await;
     }
     // healthy, refuse and no-ack hibernated; declines and too-big stay live.
     gw.wait_metric("gateway_sessions_hibernated", 3.0).await;
@@ -386,7 +386,7 @@ async fn wake_cycles_deliver_each_users_events_to_its_own_connections_only() {
     }
     assert!(gw.metric("gateway_wakes_total").await >= (USERS * 2 * ROUNDS) as f64);
     assert_eq!(
-        gw.metric("gateway_guest_faults_total{kind=\"restore\"}")
+        gw.metric_or_zero("gateway_guest_faults_total{kind=\"restore\"}")
             .await,
         0.0
     );

@@ -1,8 +1,6 @@
 //! Routing and isolation: each connection gets exactly its own user's events, in order, and
 //! each keeps its own handler state.
 
-use std::time::Duration;
-
 use gateway_tests::{Client, TestGateway};
 use serde_json::{Value, json};
 
@@ -62,11 +60,17 @@ async fn every_connection_gets_exactly_its_users_events_in_order() {
             assert_eq!(frame["kind"], "agent_thinking");
         }
     }
-    // Nothing extra anywhere.
-    for (_, client) in &mut clients {
-        client.expect_silence(Duration::from_millis(100)).await;
+    // Nothing extra anywhere: a marker published to each user now is the next frame of each
+    // of its connections, so no duplicate and no other user's event is queued before it; dave,
+    // who was sent nothing, gets his marker first.
+    let mut markers = std::collections::HashMap::new();
+    for user in users.into_iter().chain(["dave"]) {
+        markers.insert(user, gw.publish_marker(user, None).await);
     }
-    idle.expect_silence(Duration::from_millis(100)).await;
+    for (user, client) in &mut clients {
+        client.expect_event(markers[user]).await;
+    }
+    idle.expect_event(markers["dave"]).await;
     // Per-user sequence numbers run on by one from each user's first.
     for user in users {
         let first = expected_seq[&(user, 0)];

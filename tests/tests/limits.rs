@@ -18,15 +18,7 @@ async fn start(tweak: impl FnOnce(&mut gateway::config::Limits)) -> TestGateway 
 }
 
 async fn http_refusal(gw: &TestGateway, user: &str) -> (u16, Value) {
-    match gw.try_connect(&gw.token(user)).await {
-        Ok(_) => panic!("connection should have been refused"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let status = response.status().as_u16();
-            let body = response.body().clone().unwrap_or_default();
-            (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-        }
-        Err(other) => panic!("expected an HTTP refusal, got {other}"),
-    }
+    gw.refusal(&gw.token(user)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,9 +106,16 @@ async fn a_client_flooding_messages_is_closed_for_rate() {
             break;
         }
     }
-    let closed = flood.closed().await;
+    // Before the close, the pings the rate let through were answered, each once and in
+    // order (the guest counts the frames it was given), and not all 50 were.
+    let (frames, closed) = flood.frames_until_close().await;
     assert_eq!(closed.code, 1008, "{closed:?}");
     assert!(closed.reason.contains("rate"), "{closed:?}");
+    for (n, frame) in frames.iter().enumerate() {
+        assert_eq!(frame["type"], "pong", "{frames:?}");
+        assert_eq!(frame["frames_in"], n + 1, "{frames:?}");
+    }
+    assert!(frames.len() < 50, "{} pongs: not cut", frames.len());
     calm.send_json(&json!({"type": "ping"})).await;
     assert_eq!(calm.next_json().await.unwrap()["type"], "pong");
 }
@@ -157,9 +156,14 @@ async fn a_slow_client_is_closed_and_its_neighbours_lose_nothing() {
             .expect("the reading client keeps up")
             .unwrap();
     }
-    // The slow client never read; it is closed with the slow-client code, not buffered.
-    let closed = slow.closed().await;
+    // The slow client never read; it is closed with the slow-client code, not buffered. What
+    // reached its socket before is the stream's start, in order, and not all of it.
+    let (frames, closed) = slow.frames_until_close().await;
     assert_eq!(closed.code, 4000, "{closed:?}");
+    for (n, frame) in frames.iter().enumerate() {
+        assert_eq!(frame["payload"]["n"], n, "{frame}");
+    }
+    assert!(frames.len() < total, "{} frames: never slow", frames.len());
     reader.await.unwrap();
     assert!(
         gw.metric(r#"gateway_session_closes_total{reason="slow_client"}"#)

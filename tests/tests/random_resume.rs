@@ -38,14 +38,15 @@ async fn connect(gw: &TestGateway, user: &str, since: u64) -> Client {
 }
 
 /// One logical client: reads, drops its connection now and then, resumes from the last
-/// `seq` it saw, until it has seen `last` (sent on `done`).
+/// `seq` it saw, until it has seen `last` (sent on `done`). Returns the seqs it saw and its
+/// last connection, still open, for the caller to prove nothing follows `last`.
 async fn run_client(
     gw: Arc<TestGateway>,
     user: String,
     start: u64,
     seed: u64,
     mut done: tokio::sync::watch::Receiver<Option<Arc<HashMap<String, u64>>>>,
-) -> Vec<u64> {
+) -> (Vec<u64>, Client) {
     let mut rng = Rng(seed);
     let mut seen = Vec::new();
     let mut last = start;
@@ -55,7 +56,7 @@ async fn run_client(
         loop {
             let end = done.borrow().as_ref().map(|ends| ends[&user]);
             if end.is_some_and(|end| last >= end) {
-                return seen;
+                return (seen, client);
             }
             let frame = tokio::select! {
                 frame = client.next_json() => frame.unwrap(),
@@ -137,11 +138,22 @@ async fn clients_resuming_at_random_see_each_event_of_their_user_exactly_once() 
         .map(|(u, seqs)| (u.clone(), seqs.last().copied().unwrap_or(start[u])))
         .collect();
     tx.send(Some(Arc::new(ends))).unwrap();
+    let mut finished = Vec::new();
     for (user, client) in clients {
-        let seen = tokio::time::timeout(WAIT * 3, client)
+        let (seen, connection) = tokio::time::timeout(WAIT * 3, client)
             .await
             .expect("client finished")
             .unwrap();
         assert_eq!(seen, expected[&user], "{user}: every event once, in order");
+        finished.push((user, connection));
+    }
+    // Nothing after the last event either (a duplicate replayed or delivered late): a marker
+    // published to each user now is the next frame of both of its last connections.
+    let mut markers = HashMap::new();
+    for u in 0..USERS {
+        markers.insert(user(u), gw.publish_marker(&user(u), None).await);
+    }
+    for (user, mut connection) in finished {
+        connection.expect_event(markers[&user]).await;
     }
 }
