@@ -37,5 +37,8 @@ fn autobahn_cases_pass_against_the_echo_guest() {
         .find(|l| l.starts_with("autobahn:") && l.contains(" passed, "))
         .expect("a summary line");
     // Every case ran and passed: the suite's 301 outside 12.* and 13.*, none skipped.
-    assert_eq!(summary, "autobahn: 301 passed, 0 failed", "{stdout}{stderr}");
+    assert_eq!(
+        summary, "autobahn: 301 passed, 0 failed",
+        "{stdout}{stderr}"
+    );
 }
