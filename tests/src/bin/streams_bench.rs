@@ -181,10 +181,21 @@ async fn reader(
     seen: Arc<Seen>,
     latency: Arc<Mutex<Histogram<u64>>>,
     ready: Arc<AtomicU64>,
+    handshakes: Arc<tokio::sync::Semaphore>,
 ) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .expect("connect");
+    // Handshakes in flight are bounded: the gateway bounds connections per address before
+    // their upgrade (limits.max_http_connections_per_address).
+    let permit = handshakes.acquire_owned().await.expect("open semaphore");
+    let mut ws = loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((ws, _)) => break ws,
+            Err(e) => {
+                eprintln!("streams_bench: connect failed ({e}); again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    drop(permit);
     let mut local = Histogram::<u64>::new(3).unwrap();
     let mut next_token: HashMap<String, u64> = HashMap::new();
     ready.fetch_add(1, Ordering::Relaxed);
@@ -235,6 +246,7 @@ async fn run(args: &Args, mode: Mode) -> anyhow::Result<RunResult> {
     let seen = Arc::new(Seen::default());
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
     let ready = Arc::new(AtomicU64::new(0));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(128));
     let mut readers = Vec::new();
     for c in 0..args.connections {
         let user = format!("u{}", c % args.users);
@@ -250,6 +262,7 @@ async fn run(args: &Args, mode: Mode) -> anyhow::Result<RunResult> {
             seen.clone(),
             latency.clone(),
             ready.clone(),
+            handshakes.clone(),
         )));
         if c % 64 == 63 {
             tokio::task::yield_now().await;
