@@ -12,7 +12,7 @@ use std::sync::Mutex;
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The numbers of the summary line
-/// `chaos: N deliveries, C connections, K kills, P pauses, 0 misdelivered, 0 lost, 0 duplicated, 0 false recovered`.
+/// `chaos: N deliveries, C connections, K kills, P pauses, L link cuts, R reloads, 0 misdelivered, 0 lost, 0 duplicated, 0 false recovered`.
 fn summary(output: &str) -> Option<Vec<(String, u64)>> {
     let line = output.lines().find(|l| l.contains(" deliveries, "))?;
     line.strip_prefix("chaos: ")?
@@ -54,6 +54,37 @@ fn run_chaos(mode: &str, secs: u64, seed: u64, fault_every_secs: f64, rate: f64)
     assert!(count("deliveries") > 0, "{shown}");
     assert!(count("connections") > 0, "{shown}");
     assert!(count("kills") > 0, "{shown}");
+    // Present in every summary (0 where the schedule drew none).
+    let _ = (count("pauses"), count("link cuts"), count("reloads"));
+    // The nemesis applies every kind of fault once before it draws at random: a run that
+    // applied as many faults as there are kinds met each (node reloads, and in cluster
+    // mode NATS link cuts, included).
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("{report}: {e}")),
+    )
+    .unwrap_or_else(|e| panic!("{report}: {e}"));
+    let faults: Vec<&str> = json["faults"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no faults in {report}"))
+        .iter()
+        .filter_map(|f| f["fault"].as_str())
+        .collect();
+    let kinds: &[&str] = match mode {
+        "embedded" => &["kill_gateway", "drain_gateway", "reload_guest"],
+        _ => &[
+            "kill_gateway",
+            "drain_gateway",
+            "pause_nats",
+            "kill_nats",
+            "cut_nats_link",
+            "reload_guest",
+        ],
+    };
+    if faults.len() >= kinds.len() {
+        for kind in kinds {
+            assert!(faults.contains(kind), "no {kind} among {faults:?}\n{shown}");
+        }
+    }
     for what in ["misdelivered", "lost", "duplicated", "false recovered"] {
         assert_eq!(count(what), 0, "{what}:\n{shown}");
     }

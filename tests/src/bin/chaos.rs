@@ -11,10 +11,11 @@
 //! ```
 //!
 //! Prints one summary line on stdout,
-//! `chaos: N deliveries, C connections, K kills, P pauses, 0 misdelivered, 0 lost, 0 duplicated, 0 false recovered`,
+//! `chaos: N deliveries, C connections, K kills, P pauses, L link cuts, R reloads, 0 misdelivered, 0 lost, 0 duplicated, 0 false recovered`,
 //! and, for a violation, the history that shows it; the JSON report holds everything.
 //! Exit status: 0 clean, 1 a violation, 2 the run itself failed (a node that would not
-//! start or come back). Every child process is killed on the way out.
+//! start or come back). Every child process is killed on the way out, and by a watchdog
+//! if this process is killed with SIGKILL (see `chaos::topology`).
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -2,10 +2,12 @@
 //! (and NATS servers) on loopback, a client.js-like workload, faults on a seeded schedule,
 //! and a checker over the recorded history.
 //!
-//! - [`topology`]: the child processes, killed when dropped.
+//! - [`topology`]: the child processes, killed when dropped (or, if this process is
+//!   killed, by a watchdog), and each node's proxies to NATS.
 //! - [`workload`]: resuming clients, publishers that retry with their idempotency keys,
 //!   misbehaving clients; each records what it saw.
-//! - [`nemesis`]: kill -9, SIGTERM drains, SIGSTOP/SIGCONT and kill -9 of NATS servers.
+//! - [`nemesis`]: kill -9, SIGTERM drains, guest reloads, SIGSTOP/SIGCONT and kill -9 of
+//!   NATS servers, a node's link to NATS cut.
 //! - [`checker`]: misdelivery, order, duplicates, holes, false recoveries, final catch-up.
 //! - [`run`]: puts them together and writes the report.
 

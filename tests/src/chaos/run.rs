@@ -277,9 +277,11 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
         + nemesis_log.count(Fault::DrainGateway)
         + nemesis_log.count(Fault::KillNats);
     let pauses = nemesis_log.count(Fault::PauseNats);
+    let cuts = nemesis_log.count(Fault::CutNatsLink);
+    let reloads = nemesis_log.count(Fault::ReloadGuest);
     let summary = format!(
-        "chaos: {} deliveries, {} connections, {kills} kills, {pauses} pauses, {} misdelivered, \
-         {} lost, {} duplicated, {} false recovered",
+        "chaos: {} deliveries, {} connections, {kills} kills, {pauses} pauses, {cuts} link cuts, \
+         {reloads} reloads, {} misdelivered, {} lost, {} duplicated, {} false recovered",
         verdict.deliveries,
         verdict.connections,
         verdict.count(Kind::Misdelivered),
@@ -339,6 +341,8 @@ pub async fn run(options: Options) -> anyhow::Result<Outcome> {
             "gateway_drains": nemesis_log.count(Fault::DrainGateway),
             "nats_kills": nemesis_log.count(Fault::KillNats),
             "nats_pauses": pauses,
+            "nats_link_cuts": cuts,
+            "guest_reloads": reloads,
             "failed_connects": ctx.failed_connects.load(std::sync::atomic::Ordering::Relaxed),
             "violations": verdict.counts,
         },

@@ -1,11 +1,16 @@
 //! The processes under test, on loopback: gateway nodes (the release `gateway serve`, each on
-//! a port picked once and kept across restarts) and, in cluster mode, three `nats-server`s
-//! routed into one JetStream cluster. Every child is killed when the [`Topology`] is dropped,
-//! also on a panic or an early return, so a run never leaves a process behind.
+//! a port picked once and kept across restarts, each on its own copy of the guest so that a
+//! reload can replace the file) and, in cluster mode, three `nats-server`s routed into one
+//! JetStream cluster, each node reaching each server through its own TCP [`nats::Proxy`] (the
+//! node's link to NATS, which the nemesis cuts). Every child is killed when the [`Topology`]
+//! is dropped, also on a panic or an early return; and every child runs in the process group
+//! of a [`Watchdog`], which kills the group when this process dies without dropping it
+//! (SIGKILL), so a run never leaves a process behind.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -49,7 +54,17 @@ pub struct Topology {
     pub nodes: Arc<Nodes>,
     pub gateways: Vec<GatewayProcess>,
     pub nats: Vec<NatsProcess>,
+    /// Cluster mode: per gateway node, one proxy per NATS server (the node's URL lists
+    /// these only, and the servers advertise no other addresses), cut together.
+    pub links: Vec<Vec<nats::Proxy>>,
+    /// The guest every node's copy is made from.
+    guest_source: PathBuf,
+    /// For `POST /v1/guest/reload` (scope `gateway:reload`).
+    secret: String,
+    http: reqwest::Client,
     logs: PathBuf,
+    /// Dropped last (fields drop in order, after [`Drop::drop`] killed the children).
+    watchdog: Watchdog,
 }
 
 impl std::fmt::Debug for Topology {
@@ -57,6 +72,7 @@ impl std::fmt::Debug for Topology {
         f.debug_struct("Topology")
             .field("mode", &self.mode)
             .field("nodes", &self.nodes.ports)
+            .field("process_group", &self.watchdog.group())
             .finish()
     }
 }
@@ -70,6 +86,8 @@ impl Topology {
         logs: &Path,
     ) -> anyhow::Result<Topology> {
         std::fs::create_dir_all(logs).with_context(|| format!("{}", logs.display()))?;
+        let watchdog = Watchdog::start()?;
+        let group = watchdog.group();
         let mut topology = Topology {
             mode,
             nodes: Arc::new(Nodes {
@@ -78,25 +96,35 @@ impl Topology {
             }),
             gateways: Vec::new(),
             nats: Vec::new(),
+            links: Vec::new(),
+            guest_source: settings.guest.clone(),
+            secret: settings.secret.clone(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
             logs: logs.to_path_buf(),
+            watchdog,
         };
         if mode == Mode::Cluster {
-            topology.nats = NatsProcess::cluster(3, logs)?;
+            topology.nats = NatsProcess::cluster(3, logs, group)?;
             for server in &mut topology.nats {
                 server.wait_listening().await?;
             }
+            for _ in 0..nodes {
+                let mut link = Vec::new();
+                for server in &topology.nats {
+                    link.push(nats::Proxy::start(server.port).await);
+                }
+                topology.links.push(link);
+            }
         }
-        let nats_url = topology
-            .nats
-            .iter()
-            .map(NatsProcess::url)
-            .collect::<Vec<_>>()
-            .join(",");
         for (index, port) in topology.nodes.ports.clone().into_iter().enumerate() {
+            let guest = topology.guest_copy(index)?;
+            copy_guest(&topology.guest_source, &guest)?;
             let mut env = vec![
                 ("GATEWAY_LISTEN".to_string(), format!("127.0.0.1:{port}")),
                 ("GATEWAY_JWT_SECRET".into(), settings.secret.clone()),
-                ("GATEWAY_GUEST".into(), settings.guest.display().to_string()),
+                ("GATEWAY_GUEST".into(), guest.display().to_string()),
                 ("GATEWAY_LOG".into(), "info".into()),
                 // Retention far beyond what a run publishes: nothing is ever evicted, so
                 // every `recovered:false` must have another cause (a restarted embedded log).
@@ -121,8 +149,13 @@ impl Topology {
                 ("GATEWAY_LIMITS__SHUTDOWN_GRACE_SECS".into(), "5".into()),
             ];
             if mode == Mode::Cluster {
+                let nats_url = topology.links[index]
+                    .iter()
+                    .map(nats::Proxy::url)
+                    .collect::<Vec<_>>()
+                    .join(",");
                 env.extend([
-                    ("GATEWAY_CLUSTER__NATS_URL".to_string(), nats_url.clone()),
+                    ("GATEWAY_CLUSTER__NATS_URL".to_string(), nats_url),
                     (
                         "GATEWAY_CLUSTER__STREAMS".into(),
                         settings.streams.to_string(),
@@ -138,6 +171,7 @@ impl Topology {
                 env,
                 log: logs.join(format!("gateway-{index}.log")),
                 child: None,
+                group,
             });
         }
         // One at a time: the first cluster node creates the streams.
@@ -178,6 +212,170 @@ impl Topology {
 
     pub fn logs(&self) -> &Path {
         &self.logs
+    }
+
+    /// Where node `index` loads its guest from: its own copy, with the original's file name
+    /// (the guest version is named after it).
+    fn guest_copy(&self, index: usize) -> anyhow::Result<PathBuf> {
+        let name = self
+            .guest_source
+            .file_name()
+            .context("the guest's file name")?;
+        Ok(self.logs.join(format!("guest-{index}")).join(name))
+    }
+
+    /// Cuts node `index`'s link to NATS: its connections to every server dropped, new ones
+    /// refused, until [`Topology::restore_link`].
+    pub fn cut_link(&mut self, index: usize) -> anyhow::Result<()> {
+        let link = self
+            .links
+            .get(index)
+            .context("no NATS link (cluster mode)")?;
+        for proxy in link {
+            proxy.cut();
+        }
+        Ok(())
+    }
+
+    /// Lets node `index` reach NATS again and waits until it is ready (started again if it
+    /// exited meanwhile); what happened.
+    pub async fn restore_link(&mut self, index: usize) -> anyhow::Result<String> {
+        for proxy in self.links.get(index).into_iter().flatten() {
+            proxy.restore();
+        }
+        let gateway = &mut self.gateways[index];
+        if gateway.pid().is_some()
+            && gateway
+                .wait_ready(Instant::now() + START_WAIT)
+                .await
+                .is_ok()
+        {
+            return Ok("ready again".into());
+        }
+        self.start_gateway(index).await?;
+        Ok("the node exited during the cut: started again".into())
+    }
+
+    /// Reloads node `index`'s guest while its sessions run: copies the same component over
+    /// its file again (a new modification time), then `POST /v1/guest/reload`, or with
+    /// `sighup` SIGHUP and a wait for the reload to be counted. What the node answered.
+    pub async fn reload_guest(&mut self, index: usize, sighup: bool) -> anyhow::Result<String> {
+        let guest = self.guest_copy(index)?;
+        copy_guest(&self.guest_source, &guest)?;
+        let gateway = &self.gateways[index];
+        let base = format!("http://127.0.0.1:{}", gateway.port);
+        if !sighup {
+            let mut claims = crate::claims("chaos-operator");
+            claims.scope = Some(gateway::auth::GUEST_RELOAD_SCOPE.into());
+            let token = gateway::auth::mint_hs256(&self.secret, &claims)?;
+            let response = self
+                .http
+                .post(format!("{base}/v1/guest/reload"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .context("POST /v1/guest/reload")?;
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            if !status.is_success() {
+                bail!("POST /v1/guest/reload answered {status}: {body}");
+            }
+            return Ok(format!(
+                "POST: {} (was {})",
+                body["guest"]["name"].as_str().unwrap_or("?"),
+                body["previous"].as_str().unwrap_or("?")
+            ));
+        }
+        let pid = gateway.pid().context("not running")?;
+        let ok = r#"gateway_guest_reloads_total{result="ok"}"#;
+        let refused = r#"gateway_guest_reloads_total{result="refused"}"#;
+        let before = self.metric(&base, ok).await?;
+        signal(pid, "-HUP")?;
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            if self.metric(&base, refused).await? > 0.0 {
+                bail!(
+                    "SIGHUP: the reload was refused (log {})",
+                    gateway.log.display()
+                );
+            }
+            if self.metric(&base, ok).await? > before {
+                return Ok("SIGHUP: reloaded".into());
+            }
+            if Instant::now() >= deadline {
+                bail!("SIGHUP: no reload counted within {START_WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A counter of a node's `/metrics` (0 while it was never counted).
+    async fn metric(&self, base: &str, name: &str) -> anyhow::Result<f64> {
+        let text = self
+            .http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .find_map(|line| {
+                let (key, value) = line.rsplit_once(' ')?;
+                (key == name).then(|| value.parse().ok())?
+            })
+            .unwrap_or(0.0))
+    }
+}
+
+/// Copies the guest to `to` by a rename over it, so a node never reads half a file.
+fn copy_guest(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let dir = to.parent().context("the guest copy's folder")?;
+    std::fs::create_dir_all(dir)?;
+    let partial = dir.join(".partial");
+    std::fs::copy(from, &partial).with_context(|| format!("copying {}", from.display()))?;
+    std::fs::rename(&partial, to).with_context(|| format!("{}", to.display()))?;
+    Ok(())
+}
+
+/// Kills every child of a run when this process dies without cleaning up (SIGKILL, a
+/// panic while aborting). `prctl(PR_SET_PDEATHSIG)` would need unsafe code (a `pre_exec`
+/// hook), which the workspace denies, and follows the spawning *thread*, not the process.
+/// Instead a tiny `sh` leads a process group that every gateway and NATS server joins
+/// (`process_group`, safe std), and blocks reading a pipe whose only writer is this
+/// process: the kernel closes it when this process dies however it dies, the `read` ends,
+/// and the shell kills its whole group (`kill -KILL 0`), children and itself. On a normal end the
+/// children are already gone and the shell only takes itself down.
+struct Watchdog {
+    child: Child,
+    /// Held, never written: its close is the signal.
+    pipe: Option<ChildStdin>,
+}
+
+impl Watchdog {
+    fn start() -> anyhow::Result<Watchdog> {
+        let mut child = Command::new("sh")
+            .args(["-c", "read _; kill -KILL 0"])
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("the watchdog (sh) starts")?;
+        let pipe = child.stdin.take();
+        Ok(Watchdog { child, pipe })
+    }
+
+    /// The process group every child joins: the watchdog's.
+    fn group(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.pipe.take());
+        let _ = self.child.wait();
     }
 }
 
@@ -231,6 +429,8 @@ pub struct GatewayProcess {
     env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
+    /// The watchdog's process group.
+    group: i32,
 }
 
 impl GatewayProcess {
@@ -247,6 +447,7 @@ impl GatewayProcess {
         }
         let child = command
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .process_group(self.group)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -256,7 +457,7 @@ impl GatewayProcess {
         Ok(())
     }
 
-    async fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<()> {
+    pub(crate) async fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{}/readyz", self.port);
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
@@ -334,10 +535,12 @@ pub struct NatsProcess {
     child: Option<Child>,
     /// Stopped with SIGSTOP and not yet continued.
     pub paused: bool,
+    /// The watchdog's process group.
+    group: i32,
 }
 
 impl NatsProcess {
-    fn cluster(n: usize, logs: &Path) -> anyhow::Result<Vec<NatsProcess>> {
+    fn cluster(n: usize, logs: &Path, group: i32) -> anyhow::Result<Vec<NatsProcess>> {
         let ports: Vec<(u16, u16)> = (0..n)
             .map(|_| (nats::free_port(), nats::free_port()))
             .collect();
@@ -371,11 +574,15 @@ impl NatsProcess {
                     routes.clone(),
                     "-sd".into(),
                     store.display().to_string(),
+                    // Clients learn no server addresses but the ones they were given: a
+                    // node reaches NATS only through its proxies, which a cut closes.
+                    "--no_advertise=true".into(),
                 ],
                 store,
                 log: logs.join(format!("nats-{index}.log")),
                 child: None,
                 paused: false,
+                group,
             };
             server.spawn()?;
             servers.push(server);
@@ -392,6 +599,7 @@ impl NatsProcess {
         let log = log_file(&self.log, "start")?;
         let child = Command::new(nats::binary())
             .args(&self.args)
+            .process_group(self.group)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
