@@ -280,9 +280,12 @@ impl Topology {
             if !status.is_success() {
                 bail!("POST /v1/guest/reload answered {status}: {body}");
             }
+            let sha = body["guest"]["sha256"].as_str().unwrap_or("?");
             return Ok(format!(
-                "POST: {} (was {})",
+                "POST: {}@{} loaded at {} (was {})",
                 body["guest"]["name"].as_str().unwrap_or("?"),
+                sha.get(..12).unwrap_or(sha),
+                body["guest"]["loaded_at"],
                 body["previous"].as_str().unwrap_or("?")
             ));
         }
