@@ -94,6 +94,10 @@ export const VERSION = "0.1.0";
  *   (default 60; at most half of the token's remaining lifetime).
  * @property {number} [backoffMinMs] First reconnect delay bound (default 500).
  * @property {number} [backoffMaxMs] Largest reconnect delay bound (default 30000).
+ * @property {Iterable<GatewayMessage>} [messages] The messages the application kept with
+ *   `since` (what `client.messages` held, e.g. stored across a page reload): a message that
+ *   did not change after `since` gets no snapshot on the resume, and its later appends
+ *   continue the text given here.
  * @property {number} [maxMessages] Ended messages kept in `messages`, the least recently
  *   changed dropped first (default 100); as many streaming ones again at most.
  * @property {typeof WebSocket} [WebSocket] A WebSocket implementation outside browsers.
@@ -168,6 +172,7 @@ export class GatewayClient {
     }
     this.#options = { refreshBeforeSecs: 60, backoffMinMs: 500, backoffMaxMs: 30000, maxMessages: 100, ...options };
     this.#lastSeq = options.since ?? null;
+    for (const message of options.messages ?? []) this.#messages.set(message.id, { ...message });
   }
 
   /** The `seq` of the last event or message change delivered to the application (or the

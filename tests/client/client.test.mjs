@@ -422,3 +422,19 @@ test("messages are bounded: the oldest ended ones are dropped, streaming ones ke
   sockets[0].receive(frame("done-6", "end", "cancelled"));
   assert.deepEqual([...client.messages.keys()], ["done-5", "open-4", "open-5", "done-3", "done-6"]);
 });
+
+test("messages kept with since continue where they were", async (t) => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const kept = { id: "m1", text: "Hel", status: "streaming", kind: "assistant", seq: 7, partial: false };
+  const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, since: 7, messages: [kept] });
+  t.after(() => client.close());
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  assert.equal(sockets[0].url.searchParams.get("since"), "7");
+  sockets[0].open();
+  sockets[0].receive({ type: "gateway.resumed", recovered: true, since: 7, replayed: 0, head: 7, earliest: 1, reason: null });
+  // Nothing changed after 7, so no snapshot: the next append continues the kept text.
+  sockets[0].receive(message(8, "append", "lo"));
+  assert.deepEqual(client.messages.get("m1"), { ...kept, text: "Hello", seq: 8 });
+  assert.equal(kept.text, "Hel", "the application's object is copied, not changed");
+});
