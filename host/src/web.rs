@@ -15,11 +15,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
+use tracing::Instrument as _;
 
 use crate::AppState;
 use crate::api::{ApiError, refuse};
-use crate::auth::{Audience, AuthError, Claims, bearer, mint_hs256, now_secs};
+use crate::auth::{Audience, AuthError, Claims, Identity, bearer, mint_hs256, now_secs};
 use crate::router::Publication;
+use crate::streams::{MESSAGE_FRAME_OVERHEAD, MessageOp, Status};
 
 /// The client library, kept in this repository and compiled into the binary.
 pub const CLIENT_JS: &str = include_str!("../web/client.js");
@@ -186,34 +188,64 @@ async fn dev_token(
     Ok(response)
 }
 
+/// One step of the demo run.
+enum Step {
+    /// An event: its kind and payload (JSON).
+    Event(&'static str, &'static str),
+    /// The agent's answer, [`DEMO_ANSWER`]: streamed token by token as a message on one node;
+    /// in cluster mode, which does not take message ops yet, one `agent_message` event.
+    Answer,
+}
+
 /// A scripted agent run: what the demo page shows, redactions included.
-const DEMO_RUN: &[(&str, &str)] = &[
-    (
+const DEMO_RUN: &[Step] = &[
+    Step::Event(
         "agent_started",
         r#"{"goal":"Summarise the open incidents","model":"demo-1"}"#,
     ),
-    (
+    Step::Event(
         "tool_executing",
         r#"{"tool":"search_tickets","args":{"query":"status:open","api_key":"sk-demo-0123456789"}}"#,
     ),
-    ("tool_completed", r#"{"tool":"search_tickets","results":3}"#),
-    (
+    Step::Event("tool_completed", r#"{"tool":"search_tickets","results":3}"#),
+    Step::Event(
         "tool_executing",
         r#"{"tool":"http_get","args":{"url":"https://status.example.com","headers":{"Authorization":"Bearer demo"}}}"#,
     ),
-    ("tool_completed", r#"{"tool":"http_get","status":200}"#),
-    (
-        "agent_message",
-        r#"{"text":"Three incidents are open; the oldest is two days old."}"#,
-    ),
-    ("agent_completed", r#"{"tokens":1834,"duration_ms":2100}"#),
+    Step::Event("tool_completed", r#"{"tool":"http_get","status":200}"#),
+    Step::Answer,
+    Step::Event("agent_completed", r#"{"tokens":1834,"duration_ms":2100}"#),
 ];
+
+/// The demo agent's answer, streamed one [`demo_tokens`] item per append.
+pub const DEMO_ANSWER: &str = "Three incidents are open. The oldest, INC-2041, has been open \
+     for two days: the search cluster in eu-west rejects writes since a disk filled up. \
+     INC-2057 is a burst of 502s behind the status page, and INC-2060 tracks slow logins for \
+     single sign-on accounts. Start with INC-2041; the other two can wait for the morning.";
+
+/// [`DEMO_ANSWER`] cut as a model streams it: each word with the space before it.
+pub fn demo_tokens() -> impl Iterator<Item = &'static str> {
+    let spaces = || DEMO_ANSWER.match_indices(' ').map(|(at, _)| at);
+    let starts = std::iter::once(0).chain(spaces());
+    let ends = spaces().chain(std::iter::once(DEMO_ANSWER.len()));
+    starts
+        .zip(ends)
+        .map(|(start, end)| &DEMO_ANSWER[start..end])
+}
+
+/// The kind of the demo's streamed answer.
+const DEMO_ANSWER_KIND: &str = "assistant";
+/// The payload of the answer's create: shown with the message.
+const DEMO_ANSWER_PAYLOAD: &str = r#"{"model":"demo-1","role":"assistant"}"#;
 
 /// Time between the demo run's events: slow enough to watch.
 const DEMO_STEP: Duration = Duration::from_millis(350);
+/// Time between the answer's tokens: a model's pace.
+const DEMO_TOKEN_STEP: Duration = Duration::from_millis(70);
 
 /// `POST /dev/run` with the page's connect token: publishes [`DEMO_RUN`] to that token's
-/// identity, one event every [`DEMO_STEP`]. Development mode only.
+/// identity, one step every [`DEMO_STEP`], the answer one token every [`DEMO_TOKEN_STEP`].
+/// Development mode only.
 async fn dev_run(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -222,45 +254,140 @@ async fn dev_run(
         .ok_or(AuthError::Missing)
         .and_then(|t| app.verifier.verify(t))
         .map_err(|err| refuse(&app, err.label(), None, ApiError::unauthorized(err)))?;
-    let identity = claims.identity();
-    let run_id = format!("run-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let publishing = app.clone();
-    let run = run_id.clone();
-    tokio::spawn(async move {
-        for (kind, payload) in DEMO_RUN {
-            let publication = Publication {
-                identity: identity.clone(),
-                kind: (*kind).to_owned(),
-                payload: (*payload).to_owned(),
-                run_id: Some(run.clone()),
-                thread_id: Some("demo".to_owned()),
-                message: None,
+    let run = DemoRun {
+        app: app.clone(),
+        identity: claims.identity(),
+        run_id: format!("run-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+    };
+    let streamed = app.router.cluster().is_none();
+    let answer = json!({
+        "run_id": run.run_id,
+        "events": DEMO_RUN.len() - usize::from(streamed),
+        "message_id": streamed.then(|| run.message_id()),
+        "appends": if streamed { demo_tokens().count() } else { 0 },
+    });
+    let span = tracing::info_span!("demo_run", run_id = %run.run_id);
+    let steps = async move {
+        for step in DEMO_RUN {
+            let done = match step {
+                Step::Event(kind, payload) => run
+                    .publish(kind, (*payload).to_owned(), None)
+                    .await
+                    .map(drop),
+                Step::Answer if streamed => run.stream_answer().await,
+                Step::Answer => {
+                    let payload = json!({ "text": DEMO_ANSWER }).to_string();
+                    run.publish("agent_message", payload, None).await.map(drop)
+                }
             };
-            // Into the log every node reads: in cluster mode that is the stream, not this
-            // node's (unused) embedded log.
-            match publishing.router.cluster() {
-                Some(cluster) => {
-                    if let Err(err) = cluster.publish(&publication, None).await {
-                        tracing::warn!(error = %err, "demo run: an event was not stored");
-                    }
-                }
-                None => {
-                    if let Err(refusal) = publishing.router.publish(publication, None) {
-                        tracing::warn!(reason = %refusal.reason, "demo run: an event was refused");
-                    }
-                }
-            }
-            tokio::select! {
-                () = publishing.shutdown.cancelled() => return,
-                () = tokio::time::sleep(DEMO_STEP) => {}
+            if done.is_err() || run.pause(DEMO_STEP).await.is_err() {
+                return;
             }
         }
-    });
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "run_id": run_id, "events": DEMO_RUN.len() })),
-    )
-        .into_response())
+    };
+    tokio::spawn(steps.instrument(span));
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// One demo run in progress.
+struct DemoRun {
+    app: Arc<AppState>,
+    identity: Identity,
+    run_id: String,
+}
+
+/// The gateway is shutting down: the run stops.
+struct Stopped;
+
+impl DemoRun {
+    fn message_id(&self) -> String {
+        format!("answer-{}", self.run_id)
+    }
+
+    /// Publishes one event, or one op of the answer; whether it was stored (a refusal is
+    /// logged).
+    async fn publish(
+        &self,
+        kind: &str,
+        payload: String,
+        message: Option<MessageOp>,
+    ) -> Result<bool, Stopped> {
+        let publication = Publication {
+            identity: self.identity.clone(),
+            kind: kind.to_owned(),
+            payload,
+            run_id: Some(self.run_id.clone()),
+            thread_id: Some("demo".to_owned()),
+            message,
+        };
+        // Into the log every node reads: in cluster mode that is the stream, not this node's
+        // (unused) embedded log.
+        let stored =
+            match self.app.router.cluster() {
+                Some(cluster) => cluster.publish(&publication, None).await.map(drop).map_err(
+                    |err| tracing::warn!(error = %err, "demo run: an event was not stored"),
+                ),
+                None => self
+                    .app
+                    .router
+                    .publish(publication, None)
+                    .map(drop)
+                    .map_err(|refusal| {
+                        tracing::warn!(reason = %refusal.reason, "demo run: an event was refused");
+                    }),
+            };
+        if self.app.shutdown.is_cancelled() {
+            return Err(Stopped);
+        }
+        Ok(stored.is_ok())
+    }
+
+    /// The answer as one message: a create, one append per token, an end.
+    async fn stream_answer(&self) -> Result<(), Stopped> {
+        let id = self.message_id();
+        let create = MessageOp::Create {
+            id: id.clone(),
+            text: String::new(),
+            // The snapshot frame besides its text: these ids, kind and payload, with room to
+            // spare (the publish API computes it exactly; the demo's is small and fixed).
+            frame_base: MESSAGE_FRAME_OVERHEAD
+                + 2 * (self.run_id.len() + DEMO_ANSWER_KIND.len() + DEMO_ANSWER_PAYLOAD.len())
+                + 64,
+        };
+        let op = |message| self.publish(DEMO_ANSWER_KIND, "null".to_owned(), Some(message));
+        let created = self
+            .publish(
+                DEMO_ANSWER_KIND,
+                DEMO_ANSWER_PAYLOAD.to_owned(),
+                Some(create),
+            )
+            .await?;
+        if !created {
+            return Ok(());
+        }
+        let mut status = Status::Complete;
+        for (index, token) in (1..).zip(demo_tokens()) {
+            self.pause(DEMO_TOKEN_STEP).await?;
+            let append = MessageOp::Append {
+                id: id.clone(),
+                index,
+                text: token.to_owned(),
+            };
+            if !op(append).await? {
+                // The next appends would be out of order: the answer ends here.
+                status = Status::Failed;
+                break;
+            }
+        }
+        op(MessageOp::End { id, status }).await.map(drop)
+    }
+
+    async fn pause(&self, step: Duration) -> Result<(), Stopped> {
+        tokio::select! {
+            () = self.app.shutdown.cancelled() => Err(Stopped),
+            () = tokio::time::sleep(step) => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -275,9 +402,21 @@ mod tests {
 
     #[test]
     fn every_demo_payload_is_json() {
-        for (kind, payload) in DEMO_RUN {
-            serde_json::from_str::<serde_json::Value>(payload)
-                .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        for step in DEMO_RUN {
+            if let Step::Event(kind, payload) = step {
+                serde_json::from_str::<serde_json::Value>(payload)
+                    .unwrap_or_else(|e| panic!("{kind}: {e}"));
+            }
         }
+        serde_json::from_str::<serde_json::Value>(DEMO_ANSWER_PAYLOAD).unwrap();
+    }
+
+    #[test]
+    fn the_demo_answer_streams_as_words_that_join_to_it() {
+        let tokens: Vec<_> = demo_tokens().collect();
+        assert!((30..=60).contains(&tokens.len()), "{}", tokens.len());
+        assert_eq!(tokens.concat(), DEMO_ANSWER);
+        assert_eq!(tokens[..3], ["Three", " incidents", " are"]);
+        assert!(tokens.iter().all(|t| !t.ends_with(' ')), "{tokens:?}");
     }
 }

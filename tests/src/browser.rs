@@ -33,6 +33,8 @@ pub struct Browser {
     next_id: u64,
     /// Uncaught exceptions and console errors of the page, for failure messages.
     pub page_errors: Vec<String>,
+    /// `load` events of the page so far: a reload is over when this grows.
+    loads: u64,
 }
 
 impl Browser {
@@ -105,6 +107,7 @@ impl Browser {
             session: String::new(),
             next_id: 0,
             page_errors: Vec::new(),
+            loads: 0,
         };
         let target = browser
             .command(None, "Target.createTarget", json!({ "url": "about:blank" }))
@@ -141,6 +144,27 @@ impl Browser {
         }
         self.wait_for("the page to load", "document.readyState === 'complete'")
             .await?;
+        Ok(())
+    }
+
+    /// Reloads the page as its user would (the document's navigation type is `reload`) and
+    /// waits for the new document's `load` event.
+    pub async fn reload(&mut self) -> anyhow::Result<()> {
+        let loads = self.loads;
+        self.page("Page.reload", json!({ "ignoreCache": true }))
+            .await?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.loads == loads {
+            let next = tokio::time::timeout_at(deadline, self.devtools.next())
+                .await
+                .context("the reloaded page did not load")?;
+            let Some(frame) = next else {
+                bail!("chromium closed the DevTools connection during a reload");
+            };
+            if let Message::Text(text) = frame? {
+                self.note_event(&serde_json::from_str(&text)?);
+            }
+        }
         Ok(())
     }
 
@@ -251,6 +275,7 @@ impl Browser {
 
     fn note_event(&mut self, event: &Value) {
         match event["method"].as_str() {
+            Some("Page.loadEventFired") => self.loads += 1,
             Some("Runtime.exceptionThrown") => self.page_errors.push(
                 event["params"]["exceptionDetails"]["exception"]["description"]
                     .as_str()

@@ -1,11 +1,13 @@
 //! The browser client and the demo page in a real headless Chromium: events in order and
-//! only the user's own, a dropped connection resumed with every event once, a restarted
-//! gateway reported as a resume that cannot be trusted, in-band token refresh, and the close
-//! codes after which the client must not reconnect.
+//! only the user's own, a dropped connection resumed with every event once, a streamed answer
+//! shown whole and once through a reload and a drop mid-stream, a restarted gateway reported
+//! as a resume that cannot be trusted, in-band token refresh, and the close codes after which
+//! the client must not reconnect.
 
 use std::path::PathBuf;
 
 use gateway::config::Config;
+use gateway::web::{DEMO_ANSWER, demo_tokens};
 use gateway_tests::browser::{Browser, ONE_AT_A_TIME, Proxy};
 use gateway_tests::{TestGateway, config, guests};
 use serde_json::{Value, json};
@@ -36,6 +38,65 @@ async fn shown_seqs(page: &mut Browser) -> Vec<u64> {
         .await
         .unwrap();
     serde_json::from_str(seqs.as_str().unwrap()).unwrap()
+}
+
+/// Publishes one op of a message (`message` as the publish API takes it) for `user`, with the
+/// create's `kind`, run and payload; returns its `seq`.
+async fn publish_op(gw: &TestGateway, user: &str, message: Value) -> u64 {
+    let mut body = json!({ "user_id": user, "message": message });
+    if message["op"] == "create" {
+        body["kind"] = json!("assistant");
+        body["run_id"] = json!("r1");
+        body["payload"] = json!({ "model": "m", "api_key": "sk-live-2" });
+    }
+    let (status, receipt) = gw.publish(&gw.publisher_token(), &body).await;
+    assert_eq!(status, 200, "{receipt}");
+    receipt["seq"].as_u64().unwrap()
+}
+
+/// Appends `tokens[from..to]` to message `id` (indexes count from 1).
+async fn append(gw: &TestGateway, user: &str, id: &str, tokens: &[String], from: usize, to: usize) {
+    for (i, token) in tokens.iter().enumerate().take(to).skip(from) {
+        publish_op(
+            gw,
+            user,
+            json!({ "id": id, "op": "append", "index": i + 1, "text": token }),
+        )
+        .await;
+    }
+}
+
+/// A JS expression: the text the page shows for message `id`.
+fn shown_text(id: &str) -> String {
+    format!(
+        "document.querySelector('#messages [data-message-id={}] .text')?.textContent",
+        json!(id)
+    )
+}
+
+/// Waits until the page shows `text` for message `id`, the client holds the same, and the
+/// message has `status`.
+async fn wait_for_message(page: &mut Browser, what: &str, id: &str, text: &str, status: &str) {
+    let (id_js, text_js, status_js) = (json!(id), json!(text), json!(status));
+    page.wait_for(
+        what,
+        &format!(
+            "{shown} === {text_js} && window.client.messages.get({id_js})?.text === {text_js} \
+             && window.client.messages.get({id_js})?.status === {status_js}",
+            shown = shown_text(id)
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+/// Each change to a message the page got, as `(op, text)`, in order.
+async fn message_ops(page: &mut Browser) -> Vec<(String, String)> {
+    let ops = page
+        .eval("JSON.stringify(window.demo.messageOps.map(m => [m.op, m.text]))")
+        .await
+        .unwrap();
+    serde_json::from_str(ops.as_str().unwrap()).unwrap()
 }
 
 fn artifact(name: &str) -> PathBuf {
@@ -91,13 +152,14 @@ async fn the_demo_page_shows_its_users_events_in_order_and_no_one_elses() {
         .unwrap();
     assert_eq!(marked, json!(3), "each event's api_key shown as redacted");
 
-    // The demo's own run, started from the page: seven events, ending completed.
+    // The demo's own run, started from the page: six events, ending completed, and between
+    // them the agent's answer streamed token by token as one message.
     page.eval("document.getElementById('run').click()")
         .await
         .unwrap();
     page.wait_for(
         "the demo run to complete",
-        "window.demo.events.length === 10 && Object.values(window.demo.runs).includes('completed')",
+        "window.demo.events.length === 9 && Object.values(window.demo.runs).includes('completed')",
     )
     .await
     .unwrap();
@@ -105,6 +167,23 @@ async fn the_demo_page_shows_its_users_events_in_order_and_no_one_elses() {
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
         "in order, once: {seqs:?}"
+    );
+    let id = page
+        .eval("[...window.client.messages.keys()].join()")
+        .await
+        .unwrap();
+    let id = id.as_str().unwrap();
+    assert!(id.starts_with("answer-run-"), "one message: {id}");
+    wait_for_message(&mut page, "the answer", id, DEMO_ANSWER, "complete").await;
+    let ops = message_ops(&mut page).await;
+    assert_eq!(ops.first().unwrap().0, "create", "{ops:?}");
+    assert_eq!(ops.last().unwrap().0, "end", "{ops:?}");
+    // Streamed, not sent whole: appends rolled up within streams.rollup_ms come joined, so
+    // there are at most as many as tokens.
+    let appends = ops.iter().filter(|(op, _)| op == "append").count();
+    assert!(
+        (2..=demo_tokens().count()).contains(&appends),
+        "{appends} appends: {ops:?}"
     );
     page.screenshot(&artifact("demo-page.png")).await.unwrap();
     assert!(page.page_errors.is_empty(), "{:?}", page.page_errors);
@@ -168,6 +247,205 @@ async fn a_dropped_connection_resumes_with_every_event_once() {
         .await
         .unwrap();
     assert_eq!(shown_seqs(&mut page).await, published);
+    assert!(page.page_errors.is_empty(), "{:?}", page.page_errors);
+}
+
+#[tokio::test]
+async fn an_answer_streamed_through_a_reload_and_a_drop_appears_whole_and_once() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let gw = TestGateway::start_with(dev_config()).await;
+    let proxy = Proxy::start(gw.addr).await;
+    let mut page = Browser::launch().await.unwrap();
+    page.goto(&proxy.url("/?user=heidi")).await.unwrap();
+    page.wait_for("the welcome", "window.demo?.welcome")
+        .await
+        .unwrap();
+    let tokens: Vec<String> = (0..32).map(|i| format!("tok{i} ")).collect();
+    let so_far = |n: usize| tokens[..n].concat();
+
+    publish_op(&gw, "heidi", json!({ "id": "m1", "op": "create" })).await;
+    append(&gw, "heidi", "m1", &tokens, 0, 4).await;
+    let event = publish(&gw, "heidi", "tool_executing", json!({ "step": 1 })).await;
+    append(&gw, "heidi", "m1", &tokens, 4, 8).await;
+    wait_for_message(&mut page, "the first tokens", "m1", &so_far(8), "streaming").await;
+
+    // A reload mid-stream: the page shows what it kept and resumes after it. Nothing changed
+    // meanwhile, so no snapshot: the next appends continue the kept text.
+    page.reload().await.unwrap();
+    let resume = page
+        .wait_for("the reloaded page's resume", "window.demo?.resumes?.[0]")
+        .await
+        .unwrap();
+    assert_eq!(
+        (&resume["recovered"], &resume["replayed"]),
+        (&json!(true), &json!(0)),
+        "{resume}"
+    );
+    assert_eq!(message_ops(&mut page).await, []);
+    assert_eq!(shown_seqs(&mut page).await, [event], "the event once");
+    append(&gw, "heidi", "m1", &tokens, 8, 12).await;
+    wait_for_message(
+        &mut page,
+        "the tokens after a reload",
+        "m1",
+        &so_far(12),
+        "streaming",
+    )
+    .await;
+
+    // The answer goes on while the page has no connection, then the page is reloaded: it
+    // gets the answer as one snapshot of its text so far, then only what comes after it.
+    page.eval("window.client.close()").await.unwrap();
+    append(&gw, "heidi", "m1", &tokens, 12, 16).await;
+    page.reload().await.unwrap();
+    let resume = page
+        .wait_for("the second reload's resume", "window.demo?.resumes?.[0]")
+        .await
+        .unwrap();
+    assert_eq!(
+        (&resume["recovered"], &resume["replayed"]),
+        (&json!(true), &json!(1)),
+        "one entry for the message, however many appends: {resume}"
+    );
+    wait_for_message(&mut page, "the snapshot", "m1", &so_far(16), "streaming").await;
+    assert_eq!(
+        message_ops(&mut page).await,
+        [("snapshot".to_owned(), so_far(16))],
+        "the text so far in one frame"
+    );
+    append(&gw, "heidi", "m1", &tokens, 16, 20).await;
+    wait_for_message(&mut page, "the next tokens", "m1", &so_far(20), "streaming").await;
+
+    // The network drops mid-stream and the answer goes on: on the reconnect the page gets one
+    // snapshot with what it missed, then the rest live.
+    proxy.cut();
+    page.wait_for(
+        "the client to notice the drop",
+        "window.demo.closes.some(c => c.code === 1006)",
+    )
+    .await
+    .unwrap();
+    append(&gw, "heidi", "m1", &tokens, 20, 24).await;
+    proxy.restore(gw.addr);
+    let resume = page
+        .wait_for("the resume", "window.demo.resumes[1]")
+        .await
+        .unwrap();
+    assert_eq!(resume["recovered"], json!(true), "{resume}");
+    wait_for_message(
+        &mut page,
+        "the snapshot after the drop",
+        "m1",
+        &so_far(24),
+        "streaming",
+    )
+    .await;
+    append(&gw, "heidi", "m1", &tokens, 24, 32).await;
+    publish_op(&gw, "heidi", json!({ "id": "m1", "op": "end" })).await;
+    wait_for_message(&mut page, "the whole answer", "m1", &so_far(32), "complete").await;
+
+    let ops = message_ops(&mut page).await;
+    let snapshots: Vec<_> = ops.iter().filter(|(op, _)| op == "snapshot").collect();
+    assert_eq!(
+        snapshots,
+        [
+            &("snapshot".to_owned(), so_far(16)),
+            &("snapshot".to_owned(), so_far(24))
+        ],
+        "{ops:?}"
+    );
+    assert_eq!(ops.last().unwrap().0, "end", "{ops:?}");
+    let shown = page
+        .eval("JSON.stringify([...document.querySelectorAll('#messages [data-message-id]')].map(a => a.querySelector('.text').textContent))")
+        .await
+        .unwrap();
+    assert_eq!(
+        shown,
+        json!(json!([so_far(32)]).to_string()),
+        "one answer, every token once"
+    );
+    let message = page.eval("window.client.messages.get('m1')").await.unwrap();
+    assert_eq!(
+        (&message["partial"], &message["payload"]),
+        (
+            &json!(false),
+            &json!({ "model": "m", "api_key": "[redacted]" })
+        ),
+        "{message}"
+    );
+    assert_eq!(shown_seqs(&mut page).await, [event]);
+    page.screenshot(&artifact("demo-answer.png")).await.unwrap();
+    assert!(page.page_errors.is_empty(), "{:?}", page.page_errors);
+}
+
+#[tokio::test]
+async fn the_demo_runs_answer_survives_a_drop_and_a_reload_mid_stream() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let gw = TestGateway::start_with(dev_config()).await;
+    let mut page = Browser::launch().await.unwrap();
+    page.goto(&gw.url("/?user=ivan")).await.unwrap();
+    page.wait_for("the welcome", "window.demo?.welcome")
+        .await
+        .unwrap();
+    page.eval("document.getElementById('run').click()")
+        .await
+        .unwrap();
+    let tokens: Vec<&str> = demo_tokens().collect();
+    let streaming = |n: usize| {
+        format!(
+            "[...window.client.messages.values()].some(m => m.status === 'streaming' && m.text.startsWith({}))",
+            json!(tokens[..n].concat())
+        )
+    };
+    page.wait_for("the answer's first tokens", &streaming(3))
+        .await
+        .unwrap();
+
+    // The page's "Drop connection": the client reconnects and resumes where it was.
+    page.eval("document.getElementById('drop').click()")
+        .await
+        .unwrap();
+    let resume = page
+        .wait_for("the resume", "window.demo.resumes[0]")
+        .await
+        .unwrap();
+    assert_eq!(resume["recovered"], json!(true), "{resume}");
+    page.wait_for("more tokens after the drop", &streaming(6))
+        .await
+        .unwrap();
+
+    page.reload().await.unwrap();
+    page.wait_for(
+        "the run to complete after the reload",
+        "window.demo?.events?.length === 6 && Object.values(window.demo.runs).includes('completed')",
+    )
+    .await
+    .unwrap();
+    let id = page
+        .eval("[...window.client.messages.keys()].join()")
+        .await
+        .unwrap();
+    let id = id.as_str().unwrap();
+    wait_for_message(&mut page, "the whole answer", id, DEMO_ANSWER, "complete").await;
+    // Since the reload: a snapshot if the answer changed while the page loaded, then appends
+    // and the end; never its create again.
+    let ops = message_ops(&mut page).await;
+    assert!(ops.iter().all(|(op, _)| op != "create"), "{ops:?}");
+    let partial = page
+        .eval(&format!(
+            "window.client.messages.get({}).partial",
+            json!(id)
+        ))
+        .await
+        .unwrap();
+    assert_eq!(partial, json!(false));
+    let count = page
+        .eval("document.querySelectorAll('#messages [data-message-id]').length")
+        .await
+        .unwrap();
+    assert_eq!(count, json!(1));
+    let seqs = shown_seqs(&mut page).await;
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert!(page.page_errors.is_empty(), "{:?}", page.page_errors);
 }
 
