@@ -11,6 +11,8 @@ const MAX_SUBSCRIPTIONS = 64;
 const MAX_THREAD_ID_BYTES = 256;
 const MAX_TRACKED_RUNS = 256;
 const WITHHELD = "[redacted: payload could not be inspected]";
+// The kind of the events that carry message ops (AI output streams) from the gateway.
+const MESSAGE_KIND = "gateway.message";
 
 // A key is sensitive when, lower-cased with `-` and `_` dropped, it ends with one of these:
 // the Rust handler's list (guest/src/handler.rs), checked by tests/fixtures/redaction-corpus.json.
@@ -101,6 +103,12 @@ export function onEvent(event) {
     counters.events_filtered += 1;
     return;
   }
+  const message = event.kind === MESSAGE_KIND ? messageFrame(event) : null;
+  if (message !== null) {
+    counters.events_out += 1;
+    emit({ tag: "text", val: message });
+    return;
+  }
   const state = event.runId == null ? null : track(event.runId, event.kind);
   // Built as text so that the payload goes out as it came but for what was redacted: no
   // number is re-printed (digits beyond 2^53 included).
@@ -110,6 +118,30 @@ export function onEvent(event) {
   if (state !== null) frame += `,"run_state":"${state}"`;
   counters.events_out += 1;
   emit({ tag: "text", val: `${frame}}` });
+}
+
+// A message op (AI output streams) as a `type:"message"` frame: the gateway hands it over as
+// an event of kind `gateway.message` whose payload is `{"id","op","text","status","kind",
+// "payload"?}`. The text goes as published (a secret split over appends could not be
+// recognised in one of them anyway); the create's payload is redacted like an event's. Null
+// when the envelope is not one (the event is then forwarded as it is).
+function messageFrame(event) {
+  let envelope;
+  try {
+    envelope = decode(event.payload);
+  } catch {
+    return null;
+  }
+  if (envelope === null || typeof envelope !== "object" || Array.isArray(envelope)) return null;
+  const fields = ["id", "op", "status", "kind", "text"].map((name) => envelope[name]);
+  if (!fields.every((value) => typeof value === "string")) return null;
+  const [id, op, status, kind, text] = fields.map((value) => JSON.stringify(value));
+  let frame = `{"type":"message","op":${op},"message_id":${id},"text":${text},"status":${status},"seq":${event.seq},"kind":${kind}`;
+  if (event.runId != null) frame += `,"run_id":${JSON.stringify(event.runId)}`;
+  if (event.threadId != null) frame += `,"thread_id":${JSON.stringify(event.threadId)}`;
+  const payload = envelope.payload;
+  if (payload !== undefined && payload !== null) frame += `,"payload":${redacted(encode(payload, event.payload))}`;
+  return `${frame}}`;
 }
 
 export function onClose(_reason) {}

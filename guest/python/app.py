@@ -16,6 +16,8 @@ MAX_SUBSCRIPTIONS = 64
 MAX_THREAD_ID_BYTES = 256
 MAX_TRACKED_RUNS = 256
 WITHHELD = "[redacted: payload could not be inspected]"
+# The kind of the events that carry message ops (AI output streams) from the gateway.
+MESSAGE_KIND = "gateway.message"
 
 # A key is sensitive when, lower-cased with `-` and `_` dropped, it ends with one of these:
 # the Rust handler's list (guest/src/handler.rs), checked by tests/fixtures/redaction-corpus.json.
@@ -99,6 +101,11 @@ class WitWorld(wit_world.WitWorld):
         if subscriptions and thread not in subscriptions:
             counters["events_filtered"] += 1
             return
+        message = message_frame(event) if event.kind == MESSAGE_KIND else None
+        if message is not None:
+            counters["events_out"] += 1
+            connection.emit(connection.Frame_Text(message))
+            return
         state = None if event.run_id is None else track(event.run_id, event.kind)
         # Built as text so that a payload with nothing to redact goes out as it came.
         frame = '{"type":"event","seq":%d,"kind":%s,"payload":%s' % (
@@ -138,6 +145,33 @@ class WitWorld(wit_world.WitWorld):
 def pong():
     send({"type": "pong", "connection_id": connection_id, "user_id": user_id, **counters,
           "subscriptions": sorted(subscriptions), "runs": runs})
+
+
+def message_frame(event):
+    """A message op (AI output streams) as a `type:"message"` frame: the gateway hands it over
+    as an event of kind `gateway.message` whose payload is `{"id","op","text","status","kind",
+    "payload"?}`. The text goes as published (a secret split over appends could not be
+    recognised in one of them anyway); the create's payload is redacted like an event's. None
+    when the envelope is not one (the event is then forwarded as it is)."""
+    try:
+        envelope = loads(event.payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(envelope, dict):
+        return None
+    fields = [envelope.get(name) for name in ("id", "op", "status", "kind", "text")]
+    if not all(isinstance(value, str) for value in fields):
+        return None
+    message_id, op, status, kind, text = (dumps(value) for value in fields)
+    frame = '{"type":"message","op":%s,"message_id":%s,"text":%s,"status":%s,"seq":%d,"kind":%s' % (
+        op, message_id, text, status, event.seq, kind)
+    if event.run_id is not None:
+        frame += ',"run_id":' + json.dumps(event.run_id)
+    if event.thread_id is not None:
+        frame += ',"thread_id":' + json.dumps(event.thread_id)
+    if envelope.get("payload") is not None:
+        frame += ',"payload":' + redacted(dumps(envelope["payload"]))
+    return frame + "}"
 
 
 def finished(state):
