@@ -319,17 +319,17 @@ pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let ops = match ops_listen {
         Some(ops) => {
-            let ops = bind(ops).with_context(|| format!("cannot listen on {ops} (ops_listen)"))?;
-            tracing::info!(addr = %ops.local_addr()?, "ops endpoints listening");
-            Some(ops)
+            Some(bind(ops).with_context(|| format!("cannot listen on {ops} (ops_listen)"))?)
         }
         None => None,
     };
-    tracing::info!(%addr, "gateway listening");
     if args.config.dev {
         print_dev_help(addr);
     }
-    serve_with_ops(listener, ops, state, shutdown_signal()).await?;
+    // Registered now, not when first polled: a SIGTERM that arrives as soon as the gateway
+    // says it is listening must drain it, not kill it with the default action.
+    let shutdown = shutdown_signal();
+    serve_with_ops(listener, ops, state, shutdown).await?;
     tracing::info!("gateway stopped");
     Ok(())
 }
@@ -363,26 +363,29 @@ fn print_dev_help(addr: std::net::SocketAddr) {
     ));
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Registers the shutdown signals at once and returns the future that completes on the
+/// first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        match term {
+            Some(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            }
+            None => {
+                let _ = ctrl_c.await;
+            }
         }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested: draining sessions");
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown requested: draining sessions");
 }
 
 pub fn run_token(args: TokenArgs) -> anyhow::Result<String> {

@@ -111,9 +111,15 @@ pub(crate) fn file_stamp(path: &std::path::Path) -> FileStamp {
         .map(|meta| (meta.modified().ok(), meta.len()))
 }
 
+/// SIGHUP's stream, registered by the caller before the gateway announces itself.
+#[cfg(unix)]
+pub(crate) type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+pub(crate) type Hangup = std::convert::Infallible;
+
 /// Re-reads the JWKS file and the TLS certificate when they change, and on SIGHUP those and
 /// the guest component, until shutdown.
-pub(crate) async fn watch_reloads(state: Arc<AppState>) {
+pub(crate) async fn watch_reloads(state: Arc<AppState>, mut hangup: Option<Hangup>) {
     let path = state.verifier.jwks_path().map(|p| p.display().to_string());
     let polls = [
         path.as_ref().map(|_| state.config.auth.jwks_poll_secs),
@@ -125,8 +131,6 @@ pub(crate) async fn watch_reloads(state: Arc<AppState>) {
     ];
     let poll = polls.into_iter().flatten().min();
     let poll = Duration::from_secs(poll.unwrap_or(u64::MAX).clamp(1, config::MAX_CONFIG_SECS));
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
         #[cfg(unix)]
         let sighup = async {

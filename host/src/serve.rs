@@ -128,6 +128,12 @@ pub async fn serve_with_ops(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Before anything is announced: a SIGHUP sent once the gateway says it is listening
+    // must reload, not end the process with the default action.
+    #[cfg(unix)]
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let hangup = None;
     state
         .join_cluster()
         .await
@@ -159,6 +165,8 @@ pub async fn serve_with_ops(
         connections: TaskTracker::new(),
         metrics: state.metrics.clone(),
     };
+    let addr = listener.local_addr()?;
+    let ops_addr = ops.as_ref().map(TcpListener::local_addr).transpose()?;
     let mut accepting = vec![tokio::spawn(listener::accept(
         listener::Listener {
             socket: listener,
@@ -183,7 +191,13 @@ pub async fn serve_with_ops(
             serving.clone(),
         )));
     }
-    let jwks = tokio::spawn(watch_reloads(state.clone()));
+    let jwks = tokio::spawn(watch_reloads(state.clone(), hangup));
+    if let Some(ops) = ops_addr {
+        tracing::info!(addr = %ops, "ops endpoints listening");
+    }
+    // Said once revocations are loaded and every listener and signal handler is in place:
+    // scripts and tests take it as "ready".
+    tracing::info!(%addr, "gateway listening");
 
     let history = tokio::spawn(expire_history(state.clone()));
 
