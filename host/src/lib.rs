@@ -19,6 +19,7 @@
 //!   and each node subscribes to the identities it holds.
 //! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
 //! - [`admin`]: `POST /v1/disconnect`, closing and revoking a user's sessions.
+//! - [`rpc`]: a client's calls to the backend (`{"type":"rpc"}` frames), taken by the host.
 //! - [`metrics`]: Prometheus counters.
 //! - [`cli`]: `gateway serve`, `gateway token`, `gateway guest wrap|check|replay`.
 //! - [`replay`]: a guest run offline over client frames and events, for plugin authors.
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod reload;
 pub mod replay;
 pub mod router;
+pub mod rpc;
 pub mod sandbox;
 mod serve;
 pub mod session;
@@ -88,6 +90,8 @@ pub struct AppState {
     pub sessions: TaskTracker,
     /// The public listener's TLS, when `[tls]` is configured.
     pub tls: Option<Arc<tls::Tls>>,
+    /// Where clients' RPC calls go, when `[rpc] url` is set.
+    pub rpc: Option<Arc<rpc::Backend>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +127,7 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let verifier = Verifier::from_config(&config)?;
         let tls = tls::Tls::load(&config.tls)?;
+        let rpc = rpc::Backend::new(&config.rpc, metrics.clone())?.map(Arc::new);
         let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
         let mut capacity = Capacity::of_this_process(config.limits.max_connections);
         let mut sandbox = Sandbox::load(guest, &config, capacity.effective, metrics.clone())?;
@@ -165,6 +170,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             tls,
+            rpc,
             config,
         }))
     }

@@ -96,6 +96,12 @@ pub struct Metrics {
     tls_reloads: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     closes: Family<Labels, Counter>,
+    /// Client RPC calls, by outcome (`ok`, a backend failure, or a refusal's code).
+    rpc_calls: Family<Labels, Counter>,
+    /// Client RPC calls in flight to the backend (`rpc.max_in_flight` bounds them).
+    pub rpc_in_flight: Gauge,
+    /// Client RPC calls sent to the backend: from sending to the answer (or giving up).
+    pub rpc_call_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -155,6 +161,9 @@ impl Metrics {
             guest_faults: Family::default(),
             refusals: Family::default(),
             closes: Family::default(),
+            rpc_calls: Family::default(),
+            rpc_in_flight: Gauge::default(),
+            rpc_call_seconds: Histogram::new(exponential_buckets(100e-6, 1.5, 32)),
             registry: Registry::default(),
         };
         registry.register(
@@ -377,6 +386,21 @@ impl Metrics {
             "Sessions ended, by reason",
             m.closes.clone(),
         );
+        registry.register(
+            "rpc_calls",
+            "Client RPC calls, by outcome (ok, backend_error, bad_answer, answer_too_large, timeout, unavailable, or the refusal's code)",
+            m.rpc_calls.clone(),
+        );
+        registry.register(
+            "rpc_calls_in_flight",
+            "Client RPC calls waiting for the backend's answer",
+            m.rpc_in_flight.clone(),
+        );
+        registry.register(
+            "rpc_call_seconds",
+            "Client RPC calls sent to the backend: time to its answer, or to giving up",
+            m.rpc_call_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -435,6 +459,19 @@ impl Metrics {
 
     pub fn session_closed(&self, reason: &'static str) {
         self.closes.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    /// A call the backend was asked, and how long it took.
+    pub fn rpc_call(&self, outcome: &'static str, seconds: f64) {
+        self.rpc_calls
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+        self.rpc_call_seconds.observe(seconds);
+    }
+
+    /// A call refused before it reached the backend.
+    pub fn rpc_refused(&self, code: &'static str) {
+        self.rpc_calls.get_or_create(&vec![("outcome", code)]).inc();
     }
 
     pub fn refusals_for(&self, reason: &'static str) -> u64 {

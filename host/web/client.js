@@ -5,6 +5,7 @@
 //   client.on("event", (e) => render(e));
 //   client.on("message", ({ message }) => renderAnswer(message.id, message.text));
 //   client.on("resume", (r) => { if (!r.recovered) reloadState(); });
+//   await client.rpc("cancel_run", { run_id });   // to the backend, answered to this tab only
 //
 // What it guarantees to the application: events in `seq` order, never twice, across any
 // number of reconnects; messages (a model's answer streamed as appends) kept whole, each
@@ -68,6 +69,27 @@ export const VERSION = "0.1.0";
  * @property {number | null} earliest
  * @property {null | "evicted" | "unknown_position" | "too_many"} reason
  */
+
+/**
+ * Why a call (`client.rpc`) failed. `code` is the gateway's (`backend_error`, `timeout`,
+ * `unavailable`, `bad_answer`, `answer_too_large`, `rpc_disabled`, `invalid_rpc`,
+ * `too_large`, `rate_limited`, `too_many_calls`, `busy`) or the client's own:
+ * `not_connected` (nothing was sent), `disconnected` (the connection ended before the
+ * answer: the backend may or may not have run the call) and `no_answer` (none within the
+ * call's `timeoutMs`).
+ */
+export class RpcError extends Error {
+  /** @param {{code: string, reason?: string, status?: number, data?: unknown}} frame */
+  constructor(frame) {
+    super(frame.reason ?? frame.code);
+    this.name = "RpcError";
+    /** @type {string} */ this.code = frame.code;
+    /** The backend's HTTP status, for `backend_error`. @type {number | undefined} */
+    this.status = frame.status;
+    /** The backend's JSON answer, for `backend_error` when it sent one. @type {unknown} */
+    this.data = frame.data;
+  }
+}
 
 /**
  * @typedef {"connecting" | "open" | "reconnecting" | "closed"} State
@@ -161,6 +183,10 @@ export class GatewayClient {
   #expiresAt = 0;
   /** Whether any connection opened: from then on a reconnect always resumes. */
   #everOpen = false;
+  /** Calls waiting for their answer, by id; they belong to the connection that sent them.
+   * @type {Map<string, {resolve: (data: unknown) => void, reject: (err: RpcError) => void, timer: ReturnType<typeof setTimeout>}>} */
+  #calls = new Map();
+  #callCount = 0;
   #onOnline = () => {
     if (this.#waiting) this.#retrySoon(0);
   };
@@ -256,6 +282,31 @@ export class GatewayClient {
     if (this.#socket?.readyState !== 1) return false;
     this.#socket.send(JSON.stringify(frame));
     return true;
+  }
+
+  /**
+   * Calls `method` on the application's backend through the gateway (`[rpc] url`), which
+   * adds the verified identity and signs the request. Resolves with the backend's JSON
+   * answer; rejects with an {@link RpcError}. A call is not retried or resent after a
+   * reconnect: whether to call again is the application's choice.
+   * @param {string} method Letters, digits and `_ . : / -`, e.g. `cancel_run`.
+   * @param {unknown} [data]
+   * @param {{timeoutMs?: number}} [options] Give up (`no_answer`) after this long
+   *   (default 30000); the gateway's own `rpc.timeout_ms` usually answers first.
+   * @returns {Promise<unknown>}
+   */
+  rpc(method, data = null, { timeoutMs = 30000 } = {}) {
+    const id = `c${++this.#callCount}`;
+    if (!this.send({ type: "rpc", id, method, data })) {
+      return Promise.reject(new RpcError({ code: "not_connected", reason: "not connected" }));
+    }
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#calls.delete(id);
+        reject(new RpcError({ code: "no_answer", reason: `no answer within ${timeoutMs} ms` }));
+      }, timeoutMs);
+      this.#calls.set(id, { resolve, reject, timer });
+    });
   }
 
   /** Subscribes to one thread's events, now and on every later connection. */
@@ -373,6 +424,16 @@ export class GatewayClient {
         this.#emit("refresh_failed", { reason: frame.reason });
         this.#scheduleRefresh(5000);
         return;
+      case "rpc_result":
+      case "rpc_error": {
+        const call = this.#calls.get(frame.id);
+        if (!call) return; // given up on (no_answer): the answer is late, not lost
+        this.#calls.delete(frame.id);
+        clearTimeout(call.timer);
+        if (frame.type === "rpc_result") call.resolve(frame.data);
+        else call.reject(new RpcError(frame));
+        return;
+      }
     }
     this.#emit("frame", frame);
   }
@@ -483,6 +544,12 @@ export class GatewayClient {
     const socket = this.#socket;
     this.#socket = null;
     clearTimeout(this.#refreshTimer);
+    // Answers come on the connection that asked; a new one will never bring them.
+    for (const call of this.#calls.values()) {
+      clearTimeout(call.timer);
+      call.reject(new RpcError({ code: "disconnected", reason: "the connection ended before the answer" }));
+    }
+    this.#calls.clear();
     if (socket) socket.onopen = socket.onmessage = socket.onclose = null;
     return socket;
   }

@@ -4,8 +4,10 @@
 //! `GATEWAY_GUEST`); nested keys use a double underscore (`GATEWAY_LIMITS__EVENT_QUEUE`).
 
 pub mod reference;
+mod rpc;
 mod streams;
 
+pub use rpc::{ANSWER_FRAME_OVERHEAD, Rpc};
 pub use streams::Streams;
 
 use std::net::SocketAddr;
@@ -44,6 +46,7 @@ pub struct Config {
     pub limits: Limits,
     pub history: History,
     pub streams: Streams,
+    pub rpc: Rpc,
     pub tls: TlsConfig,
     pub cluster: ClusterConfig,
     /// Development mode (`serve --dev` only, never from a file or the environment): serves
@@ -500,6 +503,7 @@ impl Default for Config {
             limits: Limits::default(),
             history: History::default(),
             streams: Streams::default(),
+            rpc: Rpc::default(),
             tls: TlsConfig::default(),
             cluster: ClusterConfig::default(),
             dev: false,
@@ -581,6 +585,7 @@ impl std::fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("history", &self.history)
             .field("streams", &self.streams)
+            .field("rpc", &self.rpc)
             .field("tls", &self.tls)
             .field("cluster", &self.cluster)
             .field("dev", &self.dev)
@@ -802,6 +807,7 @@ impl Config {
         self.history.validate()?;
         self.tls.validate()?;
         self.streams.validate()?;
+        self.rpc.validate(self.limits.max_message_bytes)?;
         self.cluster.validate(&self.history)
     }
 

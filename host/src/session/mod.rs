@@ -11,8 +11,8 @@
 //! 3. `Session::close`: `on-close`, a close frame with a documented code (`end.rs`), and the
 //!    instance is dropped with its memory. The router registration goes with it.
 //!
-//! Beside them: the in-band token refresh (`refresh.rs`) and the client rate limit
-//! (`rate.rs`).
+//! Beside them: the in-band token refresh (`refresh.rs`), the client's calls to the backend
+//! (`rpc.rs`) and the client rate limit (`rate.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,12 +52,14 @@ mod admit;
 mod end;
 mod rate;
 mod refresh;
+mod rpc;
 
 use admit::Admitted;
 pub use admit::connect;
 use end::{End, classify};
 use rate::RateLimit;
 use refresh::{Refresh, Refreshed};
+use rpc::Calls;
 
 /// Most events handed to the guest before the frames they produced are written; batching
 /// them saves a flush (a syscall) per event under load.
@@ -95,6 +97,7 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         rollup: Rollup::default(),
         rollup_after: Duration::from_millis(app.config.streams.rollup_ms),
         rollup_due: None,
+        rpc: None,
         socket,
         guest: Guest::Live(handler),
         sandbox,
@@ -150,6 +153,8 @@ struct Session {
     rollup_after: Duration,
     /// When the appends now held are due: set as the first is held, for `serve`'s timer.
     rollup_due: Option<Instant>,
+    /// The client's calls to the backend, once it made one.
+    rpc: Option<Box<Calls>>,
 }
 
 /// What woke the session.
@@ -161,6 +166,7 @@ enum Work {
     Event(Result<Arc<Event>, Closed>),
     Rollup,
     Hibernate,
+    Answer(Result<String, tokio::task::JoinError>),
 }
 
 /// The connection's handler: a live instance, or hibernated to the bytes its `save` returned
@@ -264,6 +270,9 @@ impl Session {
                 () = &mut rollup_timer, if !self.rollup.is_empty() => Work::Rollup,
                 msg = self.socket.recv(), if read => Work::Client(msg),
                 event = self.mailbox.recv() => Work::Event(event),
+                answer = Calls::answered(&mut self.rpc), if Calls::waiting(&self.rpc) => {
+                    Work::Answer(answer)
+                }
                 () = &mut hibernate_timer => Work::Hibernate,
             };
             let result = match work {
@@ -288,6 +297,7 @@ impl Session {
                 },
                 Work::Event(Ok(first)) => self.on_events(first).await,
                 Work::Rollup => self.on_rollup().await,
+                Work::Answer(answer) => self.on_rpc_answer(answer).await,
                 Work::Event(Err(Closed::Overflow)) => Err(End::SlowClient),
                 Work::Event(Err(Closed::Shutdown)) => Err(End::Shutdown),
                 Work::Event(Err(Closed::Disconnected)) => Err(End::Disconnected),
@@ -394,7 +404,7 @@ impl Session {
     }
 
     /// A message from the client: an in-band refresh (handled here; returns the new
-    /// expiry), a control frame, or a frame for the guest.
+    /// expiry), a call to the backend (`rpc.rs`), a control frame, or a frame for the guest.
     async fn on_client(
         &mut self,
         msg: Option<Result<Message, axum::Error>>,
@@ -431,7 +441,17 @@ impl Session {
                     self.write(vec![reply]).await?;
                     return Ok(renewed);
                 }
-                None => Frame::Text(text.as_str().to_owned()),
+                None => match crate::rpc::Request::parse(text.as_str()) {
+                    Some(request) => {
+                        if !self.rate.allow() {
+                            return Err(End::RateLimited);
+                        }
+                        self.count_received();
+                        self.on_rpc(request, text.len()).await?;
+                        return Ok(None);
+                    }
+                    None => Frame::Text(text.as_str().to_owned()),
+                },
             },
             Some(Ok(Message::Binary(bytes))) => Frame::Binary(bytes.to_vec()),
         };

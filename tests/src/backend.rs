@@ -1,0 +1,148 @@
+//! A real HTTP backend on port 0 for the gateway's outgoing calls (client RPC): it checks
+//! every request's signature on its own (HMAC-SHA256 from the `hmac` crate, not the
+//! gateway's code), records what it received, and answers by the call's `method`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hmac::Mac as _;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The secret the backend checks signatures with.
+pub const BACKEND_SECRET: &str = "backend-tests-secret-0123456789abcdef";
+
+/// One request as the backend received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub body: Value,
+    pub signature: Option<String>,
+    /// Whether `signature` is `sha256=<hex HMAC-SHA256(BACKEND_SECRET, body)>`.
+    pub signed: bool,
+}
+
+#[derive(Clone)]
+struct Shared {
+    received: Arc<Mutex<Vec<Received>>>,
+    gate: watch::Receiver<bool>,
+    answer_bytes: usize,
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    gate: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Methods the backend knows:
+/// - `echo`: 200 with the whole request body as the answer;
+/// - `fail`: 409 `{"reason":"run already finished","run_id":<data.run_id>}`;
+/// - `html`: 200 with a body that is not JSON;
+/// - `big`: 200 with a JSON string of `answer_bytes` bytes;
+/// - `hold`: answers like `echo` once [`Backend::open_gate`] is called, never before;
+/// - `delay`: answers like `echo` after `data.ms` milliseconds (to interleave answers).
+impl Backend {
+    pub async fn start(answer_bytes: usize) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (gate, gate_rx) = watch::channel(false);
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let shared = Shared {
+            received: received.clone(),
+            gate: gate_rx,
+            answer_bytes,
+        };
+        let app = axum::Router::new()
+            .route("/rpc", axum::routing::post(answer))
+            .with_state(shared);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Backend {
+            addr,
+            received,
+            gate,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/rpc", self.addr)
+    }
+
+    /// Everything received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Lets every `hold` call (waiting or to come) answer.
+    pub fn open_gate(&self) {
+        let _ = self.gate.send(true);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let signature = headers
+        .get("x-gateway-signature")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(BACKEND_SECRET.as_bytes()).unwrap();
+    mac.update(&body);
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let signed = signature.as_deref() == Some(&format!("sha256={expected}"));
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    shared.received.lock().unwrap().push(Received {
+        body: request.clone(),
+        signature,
+        signed,
+    });
+    if !signed {
+        return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
+    }
+    let echo = || axum::Json(request.clone()).into_response();
+    match request["method"].as_str().unwrap_or_default() {
+        "echo" => echo(),
+        "fail" => (
+            StatusCode::CONFLICT,
+            axum::Json(
+                json!({"reason": "run already finished", "run_id": request["data"]["run_id"]}),
+            ),
+        )
+            .into_response(),
+        "html" => "<html>not json</html>".into_response(),
+        "big" => axum::Json(Value::String("x".repeat(shared.answer_bytes))).into_response(),
+        "hold" => {
+            let mut gate = shared.gate.clone();
+            let _ = gate.wait_for(|open| *open).await;
+            echo()
+        }
+        "delay" => {
+            let ms = request["data"]["ms"].as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            echo()
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": "no such method"})),
+        )
+            .into_response(),
+    }
+}
