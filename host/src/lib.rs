@@ -90,8 +90,9 @@ pub struct AppState {
     pub sessions: TaskTracker,
     /// The public listener's TLS, when `[tls]` is configured.
     pub tls: Option<Arc<tls::Tls>>,
-    /// Where clients' RPC calls go, when `[rpc] url` is set.
-    pub rpc: Option<Arc<rpc::Backend>>,
+    /// Where clients' RPC calls go: `[rpc] url`, or in development mode without one the
+    /// demo's own backend (set once the listener's address is known).
+    pub rpc: std::sync::OnceLock<Arc<rpc::Backend>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +128,10 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let verifier = Verifier::from_config(&config)?;
         let tls = tls::Tls::load(&config.tls)?;
-        let rpc = rpc::Backend::new(&config.rpc, metrics.clone())?.map(Arc::new);
+        let rpc = std::sync::OnceLock::new();
+        if let Some(backend) = rpc::Backend::new(&config.rpc, metrics.clone())? {
+            let _ = rpc.set(Arc::new(backend));
+        }
         let guest = config.guest.as_deref().ok_or(StartError::NoGuest)?;
         let mut capacity = Capacity::of_this_process(config.limits.max_connections);
         let mut sandbox = Sandbox::load(guest, &config, capacity.effective, metrics.clone())?;

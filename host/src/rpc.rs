@@ -224,6 +224,16 @@ pub fn signature(key: &[u8], body: &[u8]) -> String {
     out
 }
 
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// The configured backend: one HTTP client (pooled connections) for the whole node.
 pub struct Backend {
     client: reqwest::Client,
@@ -299,6 +309,20 @@ impl Backend {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             metrics,
         }))
+    }
+
+    /// Whether `header` is this backend's signature of `body` (compared in constant time):
+    /// for a backend served by this process, the demo's.
+    pub fn signed(&self, body: &[u8], header: Option<&str>) -> bool {
+        let Some(hex) = header.and_then(|h| h.strip_prefix("sha256=")) else {
+            return false;
+        };
+        let Some(tag) = decode_hex(hex) else {
+            return false;
+        };
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(body);
+        mac.verify_slice(&tag).is_ok()
     }
 
     /// A slot in the node's bound on calls in flight, if one is free.
@@ -513,6 +537,26 @@ mod tests {
             serde_json::from_str(&answer_frame(&id, 502, b"Bad Gateway").1).unwrap();
         assert_eq!(frame["reason"], "the backend answered 502");
         assert!(frame.get("data").is_none());
+    }
+
+    #[test]
+    fn a_backend_checks_its_own_signature_and_nothing_else() {
+        let config = config::Rpc {
+            url: Some("http://127.0.0.1:9/rpc".into()),
+            secret: Some("k".repeat(32)),
+            ..config::Rpc::default()
+        };
+        let backend = Backend::new(&config, Arc::new(Metrics::new()))
+            .unwrap()
+            .unwrap();
+        let body = br#"{"method":"cancel_run"}"#;
+        let good = signature("k".repeat(32).as_bytes(), body);
+        assert!(backend.signed(body, Some(&good)));
+        assert!(!backend.signed(br#"{"method":"cancel_rum"}"#, Some(&good)));
+        assert!(!backend.signed(body, Some(&signature(b"another key", body))));
+        assert!(!backend.signed(body, Some(good.trim_start_matches("sha256="))));
+        assert!(!backend.signed(body, Some(&good[..good.len() - 1])));
+        assert!(!backend.signed(body, None));
     }
 
     #[test]

@@ -166,6 +166,9 @@ pub async fn serve_with_ops(
         metrics: state.metrics.clone(),
     };
     let addr = listener.local_addr()?;
+    if state.config.dev {
+        crate::web::attach_demo_backend(&state, addr);
+    }
     let ops_addr = ops.as_ref().map(TcpListener::local_addr).transpose()?;
     let mut accepting = vec![tokio::spawn(listener::accept(
         listener::Listener {

@@ -3,18 +3,23 @@
 //!
 //! The dev endpoints mint tokens and publish events for anyone who can reach the port, so
 //! they exist only when the process was started with `--dev`; a configuration file or the
-//! environment cannot turn them on.
+//! environment cannot turn them on. Without an `[rpc] url`, dev mode is also its own backend
+//! for client calls (`POST /dev/rpc`, reached over HTTP and signed like any backend), so the
+//! page's Stop button cancels a demo run the way an application's would.
 
-use std::sync::{Arc, LazyLock};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::AppState;
@@ -62,6 +67,78 @@ pub fn routes(dev: bool) -> axum::Router<Arc<AppState>> {
         .route("/", get(demo_page))
         .route("/dev/token", get(dev_token))
         .route("/dev/run", post(dev_run))
+        .route("/dev/rpc", post(dev_rpc))
+}
+
+/// Development mode without `[rpc] url` (and without TLS, which the call back to this
+/// listener would need): client calls go to this process's `POST /dev/rpc`, signed with a
+/// secret generated now.
+pub(crate) fn attach_demo_backend(app: &AppState, addr: std::net::SocketAddr) {
+    if app.rpc.get().is_some() || app.tls.is_some() {
+        return;
+    }
+    let ip = if addr.ip().is_unspecified() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        addr.ip()
+    };
+    let mut config = app.config.rpc.clone();
+    config.url = Some(format!(
+        "http://{}/dev/rpc",
+        std::net::SocketAddr::new(ip, addr.port())
+    ));
+    config.secret = Some(format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    match crate::rpc::Backend::new(&config, app.metrics.clone()) {
+        Ok(Some(backend)) => {
+            let _ = app.rpc.set(Arc::new(backend));
+        }
+        Ok(None) => {}
+        Err(err) => tracing::warn!(error = %err, "demo: no backend for client calls"),
+    }
+}
+
+/// Demo runs in progress, by run id: what `cancel_run` stops.
+static DEMO_RUNS: LazyLock<Mutex<HashMap<String, (Identity, CancellationToken)>>> =
+    LazyLock::new(Default::default);
+
+/// `POST /dev/rpc`: the demo's backend for client calls. It checks the signature as any
+/// backend must, then serves one method, `cancel_run` `{"run_id"}`, for the caller's own
+/// runs. Development mode only.
+async fn dev_rpc(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let signature = headers
+        .get(crate::rpc::SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if !app.rpc.get().is_some_and(|b| b.signed(&body, signature)) {
+        let reason = json!({"reason": "bad signature"});
+        return (StatusCode::UNAUTHORIZED, Json(reason)).into_response();
+    }
+    let call: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if call["method"] != "cancel_run" {
+        let reason = json!({"reason": "the demo backend knows one method: cancel_run"});
+        return (StatusCode::NOT_FOUND, Json(reason)).into_response();
+    }
+    let caller = Identity {
+        tenant: call["tenant_id"].as_str().map(str::to_owned),
+        user: call["user_id"].as_str().unwrap_or_default().to_owned(),
+    };
+    let run_id = call["data"]["run_id"].as_str().unwrap_or_default();
+    let mut runs = DEMO_RUNS.lock().unwrap_or_else(|p| p.into_inner());
+    match runs.get(run_id) {
+        // Another user's run is as unknown as one that never was; a cancelled one is gone.
+        Some((owner, cancel)) if *owner == caller => {
+            cancel.cancel();
+            runs.remove(run_id);
+            Json(json!({"cancelled": true, "run_id": run_id})).into_response()
+        }
+        _ => {
+            let reason = json!({"reason": format!("no run {run_id:?} in progress for you")});
+            (StatusCode::NOT_FOUND, Json(reason)).into_response()
+        }
+    }
 }
 
 /// `GET /client.js`: cacheable, revalidated by its content hash, importable from any origin
@@ -258,6 +335,7 @@ async fn dev_run(
         app: app.clone(),
         identity: claims.identity(),
         run_id: format!("run-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        cancel: CancellationToken::new(),
     };
     let streamed = app.router.cluster().is_none();
     let answer = json!({
@@ -267,7 +345,12 @@ async fn dev_run(
         "appends": if streamed { demo_tokens().count() } else { 0 },
     });
     let span = tracing::info_span!("demo_run", run_id = %run.run_id);
+    DEMO_RUNS.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        run.run_id.clone(),
+        (run.identity.clone(), run.cancel.clone()),
+    );
     let steps = async move {
+        let _listed = Listed(run.run_id.clone());
         for step in DEMO_RUN {
             let done = match step {
                 Step::Event(kind, payload) => run
@@ -280,8 +363,18 @@ async fn dev_run(
                     run.publish("agent_message", payload, None).await.map(drop)
                 }
             };
-            if done.is_err() || run.pause(DEMO_STEP).await.is_err() {
-                return;
+            let done = match done {
+                Ok(()) => run.pause(DEMO_STEP).await,
+                stopped => stopped,
+            };
+            match done {
+                Ok(()) => {}
+                Err(Stopped::Shutdown) => return,
+                Err(Stopped::Cancelled) => {
+                    let payload = r#"{"error":"cancelled by the user"}"#.to_owned();
+                    let _ = run.publish("agent_error", payload, None).await;
+                    return;
+                }
             }
         }
     };
@@ -294,10 +387,29 @@ struct DemoRun {
     app: Arc<AppState>,
     identity: Identity,
     run_id: String,
+    /// Cancelled by the page's Stop button (`cancel_run` through `/dev/rpc`).
+    cancel: CancellationToken,
 }
 
-/// The gateway is shutting down: the run stops.
-struct Stopped;
+/// Why a run stops before its end.
+enum Stopped {
+    /// The gateway is shutting down.
+    Shutdown,
+    /// Its user cancelled it.
+    Cancelled,
+}
+
+/// Keeps a run in [`DEMO_RUNS`] while it runs.
+struct Listed(String);
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        DEMO_RUNS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
+}
 
 impl DemoRun {
     fn message_id(&self) -> String {
@@ -337,7 +449,7 @@ impl DemoRun {
                     }),
             };
         if self.app.shutdown.is_cancelled() {
-            return Err(Stopped);
+            return Err(Stopped::Shutdown);
         }
         Ok(stored.is_ok())
     }
@@ -366,8 +478,17 @@ impl DemoRun {
             return Ok(());
         }
         let mut status = Status::Complete;
+        let mut stopped = None;
         for (index, token) in (1..).zip(demo_tokens()) {
-            self.pause(DEMO_TOKEN_STEP).await?;
+            match self.pause(DEMO_TOKEN_STEP).await {
+                Ok(()) => {}
+                Err(Stopped::Cancelled) => {
+                    status = Status::Cancelled;
+                    stopped = Some(Stopped::Cancelled);
+                    break;
+                }
+                Err(shutdown) => return Err(shutdown),
+            }
             let append = MessageOp::Append {
                 id: id.clone(),
                 index,
@@ -379,12 +500,14 @@ impl DemoRun {
                 break;
             }
         }
-        op(MessageOp::End { id, status }).await.map(drop)
+        op(MessageOp::End { id, status }).await?;
+        stopped.map_or(Ok(()), Err)
     }
 
     async fn pause(&self, step: Duration) -> Result<(), Stopped> {
         tokio::select! {
-            () = self.app.shutdown.cancelled() => Err(Stopped),
+            () = self.app.shutdown.cancelled() => Err(Stopped::Shutdown),
+            () = self.cancel.cancelled() => Err(Stopped::Cancelled),
             () = tokio::time::sleep(step) => Ok(()),
         }
     }

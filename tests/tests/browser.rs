@@ -449,6 +449,95 @@ async fn the_demo_runs_answer_survives_a_drop_and_a_reload_mid_stream() {
     assert!(page.page_errors.is_empty(), "{:?}", page.page_errors);
 }
 
+/// The control path end to end: the page's Stop button is `client.rpc("cancel_run")`; the
+/// gateway signs the call and posts it to the demo's backend over HTTP, which cancels the
+/// run; the answer comes back to the page, and the streamed answer ends as `cancelled`.
+#[tokio::test]
+async fn the_demo_pages_stop_button_cancels_the_run_through_a_backend_call() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let gw = TestGateway::start_with(dev_config()).await;
+    let mut page = Browser::launch().await.unwrap();
+    page.goto(&gw.url("/?user=judy")).await.unwrap();
+    page.wait_for("the welcome", "window.demo?.welcome")
+        .await
+        .unwrap();
+    page.eval("document.getElementById('run').click()")
+        .await
+        .unwrap();
+    let tokens: Vec<&str> = demo_tokens().collect();
+    page.wait_for(
+        "the answer's first tokens",
+        &format!(
+            "[...window.client.messages.values()].some(m => m.status === 'streaming' && m.text.startsWith({}))",
+            json!(tokens[..3].concat())
+        ),
+    )
+    .await
+    .unwrap();
+    page.eval("document.getElementById('stop').click()")
+        .await
+        .unwrap();
+    let stop = page
+        .wait_for("the stop's answer", "window.demo.stops[0]")
+        .await
+        .unwrap();
+    assert_eq!(
+        (&stop["ok"], &stop["answer"]["cancelled"]),
+        (&json!(true), &json!(true)),
+        "{stop}"
+    );
+    page.wait_for(
+        "the answer ended as cancelled, and the run as an error",
+        "[...window.client.messages.values()].some(m => m.status === 'cancelled') \
+         && Object.values(window.demo.runs).includes('error')",
+    )
+    .await
+    .unwrap();
+    let text = page
+        .eval("[...window.client.messages.values()][0].text")
+        .await
+        .unwrap();
+    let text = text.as_str().unwrap();
+    assert!(
+        text.len() < DEMO_ANSWER.len() && DEMO_ANSWER.starts_with(text),
+        "the answer stops where it was cancelled: {text:?}"
+    );
+    // The run is over: a second Stop is the backend's 404, surfaced as an RpcError.
+    page.eval("document.getElementById('stop').click()")
+        .await
+        .unwrap();
+    let again = page
+        .wait_for("the second stop's answer", "window.demo.stops[1]")
+        .await
+        .unwrap();
+    assert_eq!(
+        (&again["ok"], &again["code"]),
+        (&json!(false), &json!("backend_error")),
+        "{again}"
+    );
+    let kinds = page
+        .eval("JSON.stringify(window.demo.events.map(e => e.kind))")
+        .await
+        .unwrap();
+    let kinds: Vec<String> = serde_json::from_str(kinds.as_str().unwrap()).unwrap();
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("agent_error"),
+        "{kinds:?}"
+    );
+    assert!(!kinds.iter().any(|k| k == "agent_completed"), "{kinds:?}");
+    assert_eq!(
+        gw.metric("gateway_rpc_calls_total{outcome=\"ok\"}").await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("gateway_rpc_calls_total{outcome=\"backend_error\"}")
+            .await,
+        1.0
+    );
+    assert!(page.page_errors.is_empty(), "{:?}", page.page_errors);
+}
+
 #[tokio::test]
 async fn a_restarted_gateway_is_a_resume_the_page_cannot_trust() {
     let _one = ONE_AT_A_TIME.lock().await;

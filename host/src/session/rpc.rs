@@ -71,7 +71,7 @@ impl Session {
                 format!("a call may be at most {} bytes", config.max_request_bytes),
             ));
         }
-        let Some(backend) = self.app.rpc.clone() else {
+        let Some(backend) = self.app.rpc.get().cloned() else {
             return Err((
                 Refusal::Disabled,
                 "this gateway has no backend for calls ([rpc] url)".to_owned(),
