@@ -20,6 +20,8 @@
 //! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
 //! - [`admin`]: `POST /v1/disconnect`, closing and revoking a user's sessions.
 //! - [`rpc`]: a client's calls to the backend (`{"type":"rpc"}` frames), taken by the host.
+//! - [`presence`]: who is online (`GET /v1/presence`) and the `user.online`/`user.offline`
+//!   webhooks.
 //! - [`metrics`]: Prometheus counters.
 //! - [`cli`]: `gateway serve`, `gateway token`, `gateway guest wrap|check|replay`.
 //! - [`replay`]: a guest run offline over client frames and events, for plugin authors.
@@ -40,6 +42,7 @@ pub mod config;
 pub mod event_log;
 pub mod listener;
 pub mod metrics;
+pub mod presence;
 pub mod reload;
 pub mod replay;
 pub mod router;
@@ -156,19 +159,23 @@ impl AppState {
             );
         }
         let guest_versions = Mutex::new(vec![reload::GuestInUse::of(&sandbox)]);
+        let router = Arc::new(Router::new(
+            metrics.clone(),
+            &config.limits,
+            Arc::new(
+                MemoryLog::new(config.history.clone())
+                    .with_streams(config.streams.clone(), config.limits.max_message_bytes),
+            ),
+        ));
+        if let Some(webhooks) = presence::Webhooks::new(&config.webhooks, metrics.clone())? {
+            router.watch_presence(Arc::new(webhooks));
+        }
         Ok(Arc::new(AppState {
             guest_versions,
             guest_stamp: Mutex::new(reload::file_stamp(guest)),
             verifier,
             sandbox: RwLock::new(Arc::new(sandbox)),
-            router: Arc::new(Router::new(
-                metrics.clone(),
-                &config.limits,
-                Arc::new(
-                    MemoryLog::new(config.history.clone())
-                        .with_streams(config.streams.clone(), config.limits.max_message_bytes),
-                ),
-            )),
+            router,
             admission: Admission::new(capacity),
             metrics,
             shutdown: CancellationToken::new(),

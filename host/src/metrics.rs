@@ -98,6 +98,15 @@ pub struct Metrics {
     closes: Family<Labels, Counter>,
     /// Client RPC calls, by outcome (`ok`, a backend failure, or a refusal's code).
     rpc_calls: Family<Labels, Counter>,
+    /// Presence webhooks waiting to be posted.
+    pub webhooks_pending: Gauge,
+    /// From a presence transition (for `user.offline`, the last close) to its webhook
+    /// being accepted by the receiver, debounce and retries included.
+    pub webhook_delay_seconds: Histogram,
+    /// Webhook attempts that failed and were tried again.
+    pub webhook_retries: Counter,
+    webhooks_delivered: Family<Labels, Counter>,
+    webhooks_given_up: Family<Labels, Counter>,
     /// Client RPC calls in flight to the backend (`rpc.max_in_flight` bounds them).
     pub rpc_in_flight: Gauge,
     /// Client RPC calls sent to the backend: from sending to the answer (or giving up).
@@ -163,6 +172,11 @@ impl Metrics {
             closes: Family::default(),
             rpc_calls: Family::default(),
             rpc_in_flight: Gauge::default(),
+            webhooks_pending: Gauge::default(),
+            webhook_delay_seconds: Histogram::new(exponential_buckets(1e-3, 1.5, 32)),
+            webhook_retries: Counter::default(),
+            webhooks_delivered: Family::default(),
+            webhooks_given_up: Family::default(),
             rpc_call_seconds: Histogram::new(exponential_buckets(100e-6, 1.5, 32)),
             registry: Registry::default(),
         };
@@ -392,6 +406,31 @@ impl Metrics {
             m.rpc_calls.clone(),
         );
         registry.register(
+            "webhooks_pending",
+            "Presence webhooks waiting to be posted",
+            m.webhooks_pending.clone(),
+        );
+        registry.register(
+            "webhook_delay_seconds",
+            "From a presence transition (for user.offline, the last close) to its webhook accepted by the receiver",
+            m.webhook_delay_seconds.clone(),
+        );
+        registry.register(
+            "webhook_retries",
+            "Webhook attempts that failed and were tried again",
+            m.webhook_retries.clone(),
+        );
+        registry.register(
+            "webhooks_delivered",
+            "Presence webhooks the receiver accepted, by type",
+            m.webhooks_delivered.clone(),
+        );
+        registry.register(
+            "webhooks_given_up",
+            "Presence webhooks not delivered, by why (refused: a 4xx other than 429; attempts: webhooks.max_attempts failed; overflow: webhooks.max_pending)",
+            m.webhooks_given_up.clone(),
+        );
+        registry.register(
             "rpc_calls_in_flight",
             "Client RPC calls waiting for the backend's answer",
             m.rpc_in_flight.clone(),
@@ -467,6 +506,18 @@ impl Metrics {
             .get_or_create(&vec![("outcome", outcome)])
             .inc();
         self.rpc_call_seconds.observe(seconds);
+    }
+
+    pub fn webhook_delivered(&self, kind: &'static str) {
+        self.webhooks_delivered
+            .get_or_create(&vec![("type", kind)])
+            .inc();
+    }
+
+    pub fn webhook_given_up(&self, why: &'static str) {
+        self.webhooks_given_up
+            .get_or_create(&vec![("why", why)])
+            .inc();
     }
 
     /// A call refused before it reached the backend.

@@ -162,6 +162,8 @@ pub struct Router {
     /// Numbers feeds, so a feed that outlived its identity's routes cannot deliver to
     /// sessions registered after it.
     feeds_opened: AtomicU64,
+    /// Told when an identity's first session opens and its last one closes (`[webhooks]`).
+    presence: OnceLock<Arc<crate::presence::Webhooks>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -250,6 +252,7 @@ impl Router {
             room: Notify::new(),
             cluster: OnceLock::new(),
             feeds_opened: AtomicU64::new(0),
+            presence: OnceLock::new(),
         }
     }
 
@@ -335,6 +338,11 @@ impl Router {
         let routes = shard.entry(identity.clone()).or_default();
         if routes.sessions.len() >= self.per_user {
             return Err(Refused::UserLimit(routes.sessions.len()));
+        }
+        if routes.sessions.is_empty()
+            && let Some(presence) = self.presence.get()
+        {
+            presence.first_opened(identity);
         }
         if let Some(cluster) = self.cluster.get()
             && routes.feed.is_none()
@@ -530,6 +538,23 @@ impl Router {
         (with_sessions, users)
     }
 
+    /// Reports presence transitions to `webhooks` from now on.
+    pub fn watch_presence(&self, webhooks: Arc<crate::presence::Webhooks>) {
+        let _ = self.presence.set(webhooks);
+    }
+
+    /// The presence reporter, when `[webhooks]` is on.
+    pub fn presence(&self) -> Option<&Arc<crate::presence::Webhooks>> {
+        self.presence.get()
+    }
+
+    /// Live sessions of `identity` on this node.
+    pub fn connections_of(&self, identity: &Identity) -> usize {
+        lock(self.shard(identity))
+            .get(identity)
+            .map_or(0, |routes| routes.sessions.len())
+    }
+
     fn unregister(&self, identity: &Identity, connection_id: &str) {
         let mut shard = lock(self.shard(identity));
         if let Some(routes) = shard.get_mut(identity) {
@@ -539,6 +564,9 @@ impl Router {
             // An identity without sessions holds nothing here.
             if routes.sessions.is_empty() {
                 shard.remove(identity);
+                if let Some(presence) = self.presence.get() {
+                    presence.last_closed(identity);
+                }
             }
         }
     }

@@ -32,6 +32,7 @@ fn api_routes(router: axum::Router<Arc<AppState>>) -> axum::Router<Arc<AppState>
         .route("/v1/disconnect", post(admin::disconnect))
         .route("/v1/guest/reload", post(admin::reload_guest))
         .route("/v1/stats", get(api::stats))
+        .route("/v1/presence", get(crate::presence::presence))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
 }
@@ -203,6 +204,9 @@ pub async fn serve_with_ops(
     tracing::info!(%addr, "gateway listening");
 
     let history = tokio::spawn(expire_history(state.clone()));
+    if let Some(webhooks) = state.router.presence() {
+        tokio::spawn(webhooks.clone().run(state.shutdown.clone()));
+    }
 
     tokio::select! {
         () = shutdown => {}

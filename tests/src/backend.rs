@@ -1,8 +1,10 @@
-//! A real HTTP backend on port 0 for the gateway's outgoing calls (client RPC): it checks
-//! every request's signature on its own (HMAC-SHA256 from the `hmac` crate, not the
-//! gateway's code), records what it received, and answers by the call's `method`.
+//! A real HTTP backend on port 0 for the gateway's outgoing requests (client RPC at `/rpc`,
+//! presence webhooks at `/hooks`): it checks every request's signature on its own
+//! (HMAC-SHA256 from the `hmac` crate, not the gateway's code), records what it received,
+//! and answers calls by their `method`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +27,8 @@ pub struct Received {
     pub signature: Option<String>,
     /// Whether `signature` is `sha256=<hex HMAC-SHA256(BACKEND_SECRET, body)>`.
     pub signed: bool,
+    /// The `X-Gateway-Webhook-Id` header, on webhooks.
+    pub webhook_id: Option<String>,
 }
 
 #[derive(Clone)]
@@ -32,11 +36,17 @@ struct Shared {
     received: Arc<Mutex<Vec<Received>>>,
     gate: watch::Receiver<bool>,
     answer_bytes: usize,
+    hooks: Arc<Mutex<Vec<Received>>>,
+    failing: Arc<AtomicUsize>,
+    fail_status: Arc<AtomicU16>,
 }
 
 pub struct Backend {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    hooks: Arc<Mutex<Vec<Received>>>,
+    failing: Arc<AtomicUsize>,
+    fail_status: Arc<AtomicU16>,
     gate: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -54,13 +64,20 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let (gate, gate_rx) = watch::channel(false);
         let received = Arc::new(Mutex::new(Vec::new()));
+        let hooks = Arc::new(Mutex::new(Vec::new()));
+        let failing = Arc::new(AtomicUsize::new(0));
+        let fail_status = Arc::new(AtomicU16::new(503));
         let shared = Shared {
             received: received.clone(),
             gate: gate_rx,
             answer_bytes,
+            hooks: hooks.clone(),
+            failing: failing.clone(),
+            fail_status: fail_status.clone(),
         };
         let app = axum::Router::new()
             .route("/rpc", axum::routing::post(answer))
+            .route("/hooks", axum::routing::post(hook))
             .with_state(shared);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -68,6 +85,9 @@ impl Backend {
         Backend {
             addr,
             received,
+            hooks,
+            failing,
+            fail_status,
             gate,
             task,
         }
@@ -75,6 +95,21 @@ impl Backend {
 
     pub fn url(&self) -> String {
         format!("http://{}/rpc", self.addr)
+    }
+
+    pub fn hooks_url(&self) -> String {
+        format!("http://{}/hooks", self.addr)
+    }
+
+    /// Every webhook attempt received so far, failed ones included.
+    pub fn hooks(&self) -> Vec<Received> {
+        self.hooks.lock().unwrap().clone()
+    }
+
+    /// The next `n` webhook attempts are answered with `status` (and recorded).
+    pub fn fail_hooks(&self, n: usize, status: u16) {
+        self.fail_status.store(status, Ordering::SeqCst);
+        self.failing.store(n, Ordering::SeqCst);
     }
 
     /// Everything received so far.
@@ -94,26 +129,53 @@ impl Drop for Backend {
     }
 }
 
-async fn answer(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let signature = headers
-        .get("x-gateway-signature")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+/// What arrived, its signature checked independently of the gateway's code.
+fn receive(headers: &HeaderMap, body: &[u8]) -> Received {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let signature = header("x-gateway-signature");
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(BACKEND_SECRET.as_bytes()).unwrap();
-    mac.update(&body);
+    mac.update(body);
     let expected: String = mac
         .finalize()
         .into_bytes()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let signed = signature.as_deref() == Some(&format!("sha256={expected}"));
-    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    shared.received.lock().unwrap().push(Received {
-        body: request.clone(),
+    Received {
+        body: serde_json::from_slice(body).unwrap_or(Value::Null),
+        signed: signature.as_deref() == Some(&format!("sha256={expected}")),
         signature,
-        signed,
-    });
+        webhook_id: header("x-gateway-webhook-id"),
+    }
+}
+
+async fn hook(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let received = receive(&headers, &body);
+    let signed = received.signed;
+    shared.hooks.lock().unwrap().push(received);
+    let failing = shared
+        .failing
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if failing {
+        return StatusCode::from_u16(shared.fail_status.load(Ordering::SeqCst)).unwrap();
+    }
+    if signed {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::UNAUTHORIZED
+    }
+}
+
+async fn answer(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let received = receive(&headers, &body);
+    let (request, signed) = (received.body.clone(), received.signed);
+    shared.received.lock().unwrap().push(received);
     if !signed {
         return (StatusCode::UNAUTHORIZED, "bad signature").into_response();
     }

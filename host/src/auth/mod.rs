@@ -26,6 +26,8 @@ pub const PUBLISH_SCOPE: &str = "events:publish";
 pub const STATS_SCOPE: &str = "gateway:stats";
 /// The scope that lets a backend close and revoke a user's sessions (`POST /v1/disconnect`).
 pub const DISCONNECT_SCOPE: &str = "sessions:disconnect";
+/// The scope that lets a backend ask whether a user is online (`GET /v1/presence`).
+pub const PRESENCE_SCOPE: &str = "presence:read";
 /// The scope that lets an operator reload the guest (`POST /v1/guest/reload`).
 pub const GUEST_RELOAD_SCOPE: &str = "gateway:reload";
 

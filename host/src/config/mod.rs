@@ -6,9 +6,11 @@
 pub mod reference;
 mod rpc;
 mod streams;
+mod webhooks;
 
 pub use rpc::{ANSWER_FRAME_OVERHEAD, Rpc};
 pub use streams::Streams;
+pub use webhooks::Webhooks;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +49,7 @@ pub struct Config {
     pub history: History,
     pub streams: Streams,
     pub rpc: Rpc,
+    pub webhooks: Webhooks,
     pub tls: TlsConfig,
     pub cluster: ClusterConfig,
     /// Development mode (`serve --dev` only, never from a file or the environment): serves
@@ -504,6 +507,7 @@ impl Default for Config {
             history: History::default(),
             streams: Streams::default(),
             rpc: Rpc::default(),
+            webhooks: Webhooks::default(),
             tls: TlsConfig::default(),
             cluster: ClusterConfig::default(),
             dev: false,
@@ -586,6 +590,7 @@ impl std::fmt::Debug for Config {
             .field("history", &self.history)
             .field("streams", &self.streams)
             .field("rpc", &self.rpc)
+            .field("webhooks", &self.webhooks)
             .field("tls", &self.tls)
             .field("cluster", &self.cluster)
             .field("dev", &self.dev)
@@ -808,6 +813,7 @@ impl Config {
         self.tls.validate()?;
         self.streams.validate()?;
         self.rpc.validate(self.limits.max_message_bytes)?;
+        self.webhooks.validate(self.cluster.nats_url().is_some())?;
         self.cluster.validate(&self.history)
     }
 
