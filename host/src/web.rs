@@ -83,6 +83,13 @@ pub(crate) fn attach_demo_backend(app: &AppState, addr: std::net::SocketAddr) {
         addr.ip()
     };
     let mut config = app.config.rpc.clone();
+    config.max_answer_bytes = config.max_answer_bytes.min(
+        app.config
+            .limits
+            .max_message_bytes
+            .saturating_sub(crate::config::ANSWER_FRAME_OVERHEAD)
+            .max(1),
+    );
     config.url = Some(format!(
         "http://{}/dev/rpc",
         std::net::SocketAddr::new(ip, addr.port())
