@@ -25,13 +25,16 @@
 #             message streaming per user at 50 appends/s, against the same tokens sent as
 #             plain events; frames and bytes per second, CPU per append, publish-to-receipt
 #             p99; a resume that gets a 2,000-token message as one snapshot
+#   control   client calls (rpc) through the gateway against the same calls straight to the
+#             backend, one at a time and from 50 connections at once; the delay from a close
+#             to its user.offline webhook (control_bench)
 #   multi     100,000 connections across several gateway processes, if time allows; in
 #             cluster mode (one nats-server) when nats-server is installed
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (1500, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
 # numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
-# subset of: density storm delivery native resume streams tls startup peer hibernate cluster multi).
+# subset of: density storm delivery native resume streams control tls startup peer hibernate cluster multi).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -41,7 +44,7 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-1500}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume streams tls startup peer hibernate cluster multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume streams control tls startup peer hibernate cluster multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
@@ -301,7 +304,7 @@ if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     cp "$GATEWAY" "$NATIVE"
     $CARGO build --release --locked -p gateway
 fi
-for f in "$GATEWAY" "$NATIVE" "$LOADGEN" "$SANDBOX_CALLS" "$RESUME_STORM" "$ROOT/target/release/streams_bench" "$ROOT/target/release/benchplot" "$GUEST"; do
+for f in "$GATEWAY" "$NATIVE" "$LOADGEN" "$SANDBOX_CALLS" "$RESUME_STORM" "$ROOT/target/release/streams_bench" "$ROOT/target/release/control_bench" "$ROOT/target/release/benchplot" "$GUEST"; do
     [[ -e $f ]] || { log "missing $f (run without BENCH_SKIP_BUILD)"; exit 2; }
 done
 if "$GATEWAY" serve --help | grep -q native-handler-for-benchmark; then
@@ -484,6 +487,21 @@ if has streams; then
             --rate 50 --secs "$PUBLISH_SECS" --report "$OUT/$label.json" \
             >"$LOGS/$label.out" 2>"$LOGS/$label.err" ||
             note "streams_bench $label failed (see target/bench/logs/$label.out and .err)"
+    done
+fi
+
+# ---------------------------------------------------------------------------------------
+# Control path and presence: rpc round trips through the gateway and direct, and close to
+# user.offline (control_bench starts the gateway and the backend itself, and checks every
+# answer).
+if has control; then
+    for run in $(seq 1 "$RUNS"); do
+        label=control-r$run
+        log "control: rpc through the gateway and direct, close to user.offline, run $run"
+        "$ROOT/target/release/control_bench" --gateway "$GATEWAY" --guest "$GUEST" \
+            --port "$(free_port)" --report "$OUT/$label.json" \
+            >"$LOGS/$label.out" 2>"$LOGS/$label.err" ||
+            note "control_bench $label failed (see target/bench/logs/$label.out and .err)"
     done
 fi
 

@@ -828,6 +828,36 @@ def streams_section(out):
     ]) + "\n"
 
 
+def control_section(out):
+    reports = runs(out, "control")
+    if not reports:
+        return "## 5c. Calls to the backend and presence webhooks\n\nNot run.\n"
+    def m(*keys, digits=0):
+        return num(med(reports, *keys), digits)
+    rows = [
+        ["through the gateway, one at a time", m("rpc_through_gateway", "p50_us"),
+         m("rpc_through_gateway", "p99_us"), "-"],
+        ["straight to the backend, one at a time", m("rpc_direct", "p50_us"),
+         m("rpc_direct", "p99_us"), "-"],
+        [f"through the gateway, {reports[0]['rpc_concurrent']['connections']} connections at once",
+         m("rpc_concurrent", "latency", "p50_us"), m("rpc_concurrent", "latency", "p99_us"),
+         m("rpc_concurrent", "calls_per_sec")],
+        ["close to `user.offline` (debounce 0)", m("webhook_close_to_offline", "p50_us"),
+         m("webhook_close_to_offline", "p99_us"), "-"],
+    ]
+    return "\n".join([
+        "## 5c. Calls to the backend and presence webhooks",
+        "",
+        f"`target/release/control_bench` (medians of {len(reports)} runs): the real binary "
+        "and a real HTTP backend (axum) on loopback. A call is an `echo` `{\"type\":\"rpc\"}` "
+        "frame answered by `rpc_result`; direct is the same signed POST from the bench. The "
+        "webhook delay is from a client's close to the receiver getting `user.offline` with "
+        "`offline_after_secs = 0`; the configured debounce (5 s by default) adds to it.",
+        "",
+        table(["", "p50 us", "p99 us", "calls/s"], rows),
+    ]) + "\n"
+
+
 def tls_section(out):
     plain = runs(out, "tls-plain")
     wss = runs(out, "tls-wss")
@@ -1297,6 +1327,7 @@ def summarize(out):
         native_section(out, findings),
         resume_section(out),
         streams_section(out),
+        control_section(out),
         tls_section(out),
         startup_section(out),
         peer_section(out),

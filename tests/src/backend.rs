@@ -29,6 +29,8 @@ pub struct Received {
     pub signed: bool,
     /// The `X-Gateway-Webhook-Id` header, on webhooks.
     pub webhook_id: Option<String>,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Clone)]
@@ -151,6 +153,7 @@ fn receive(headers: &HeaderMap, body: &[u8]) -> Received {
         signed: signature.as_deref() == Some(&format!("sha256={expected}")),
         signature,
         webhook_id: header("x-gateway-webhook-id"),
+        at: std::time::Instant::now(),
     }
 }
 
