@@ -240,3 +240,25 @@ async fn a_receiver_that_is_down_gets_the_webhook_when_back_and_a_refusal_is_giv
     );
     drop((bob, carol));
 }
+
+/// Cluster mode does not combine the nodes' presence yet: the endpoint says so, and a
+/// webhook receiver is refused at start rather than told once per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_refuses_presence_it_cannot_answer_whole() {
+    let nats = gateway_tests::nats::NatsServer::start();
+    let mut cfg = config(guests::REFERENCE);
+    cfg.cluster.nats_url = Some(nats.url());
+    let gw = TestGateway::start_with(cfg.clone()).await;
+    let _alice = connect(&gw, "alice").await;
+    let (status, body) = ask(&gw, Some(&presence_token(None)), "user_id=alice").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (501, &json!("presence_unsupported")),
+        "{body}"
+    );
+    let receiver = Backend::start(0).await;
+    cfg.webhooks.url = Some(receiver.hooks_url());
+    cfg.webhooks.secret = Some(BACKEND_SECRET.into());
+    let refused = gateway::AppState::new(cfg).unwrap_err().to_string();
+    assert!(refused.contains("webhooks.url"), "{refused}");
+}

@@ -346,3 +346,29 @@ async fn an_answer_reaches_only_the_connection_that_asked() {
         nothing_else_before_pong(client).await;
     }
 }
+
+/// Cluster mode: a call leaves from the node holding the connection and comes back to it;
+/// two nodes, one user on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_cluster_mode_answer_the_connection_on_its_own_node() {
+    let nats = gateway_tests::nats::NatsServer::start();
+    let backend = Backend::start(0).await;
+    let mut cfg = rpc_config(&backend);
+    cfg.cluster.nats_url = Some(nats.url());
+    let a = TestGateway::start_with(cfg.clone()).await;
+    let b = TestGateway::start_with(cfg).await;
+    let (mut on_a, id_a) = connect(&a, "alice").await;
+    let (mut on_b, id_b) = connect(&b, "alice").await;
+    on_a.send_json(&call("1", "echo", json!({"node": "a"})))
+        .await;
+    on_b.send_json(&call("1", "echo", json!({"node": "b"})))
+        .await;
+    for (client, id, node) in [(&mut on_a, &id_a, "a"), (&mut on_b, &id_b, "b")] {
+        let answer = next_answer(client).await;
+        assert_eq!(answer["type"], "rpc_result", "{answer}");
+        assert_eq!(answer["data"]["connection_id"], id.as_str());
+        assert_eq!(answer["data"]["data"]["node"], node);
+        nothing_else_before_pong(client).await;
+    }
+    assert_eq!(backend.received().len(), 2);
+}
