@@ -130,8 +130,10 @@ struct Online {
     /// Set while the identity has no connection: when it is reported offline, unless one
     /// opens first.
     offline_due: Option<Instant>,
-    /// When its last connection closed (what `user.offline` says).
+    /// When its last connection closed (what `user.offline` says), and the same on the
+    /// monotonic clock for the delay metric.
     closed_at: f64,
+    closed: Instant,
 }
 
 struct Hook {
@@ -190,6 +192,9 @@ impl Webhooks {
     /// The identity's first connection on this node opened.
     pub fn first_opened(&self, identity: &Identity) {
         let mut tracker = self.tracker();
+        // An offline already due goes first, even if the task has not got to it yet (it may
+        // be busy retrying a webhook): this return is a new `user.online`.
+        self.promote_due(&mut tracker);
         match tracker.online.get_mut(identity) {
             // Back within the debounce: it never went offline.
             Some(online) => {
@@ -203,9 +208,11 @@ impl Webhooks {
                         connected: true,
                         offline_due: None,
                         closed_at: 0.0,
+                        closed: Instant::now(),
                     },
                 );
-                self.queue(&mut tracker, "user.online", identity.clone(), unix_now());
+                let now = (unix_now(), Instant::now());
+                self.queue(&mut tracker, "user.online", identity.clone(), now);
             }
         }
     }
@@ -213,6 +220,8 @@ impl Webhooks {
     /// The identity's last connection on this node closed.
     pub fn last_closed(&self, identity: &Identity) {
         let mut tracker = self.tracker();
+        // Keeps `due` to the closes of one debounce window, whatever the task is doing.
+        self.promote_due(&mut tracker);
         let due = Instant::now() + self.offline_after;
         let Some(online) = tracker.online.get_mut(identity) else {
             return;
@@ -220,12 +229,19 @@ impl Webhooks {
         online.connected = false;
         online.offline_due = Some(due);
         online.closed_at = unix_now();
+        online.closed = Instant::now();
         tracker.due.push_back((due, identity.clone()));
         drop(tracker);
         self.wake.notify_one();
     }
 
-    fn queue(&self, tracker: &mut Tracker, kind: &'static str, identity: Identity, at: f64) {
+    fn queue(
+        &self,
+        tracker: &mut Tracker,
+        kind: &'static str,
+        identity: Identity,
+        (at, since): (f64, Instant),
+    ) {
         if tracker.pending.len() >= self.max_pending {
             // A receiver down for long: the oldest is given up, counted and logged, rather
             // than the gateway's memory growing without bound.
@@ -238,7 +254,7 @@ impl Webhooks {
             kind,
             identity,
             at,
-            since: Instant::now() - Duration::from_secs_f64((unix_now() - at).max(0.0)),
+            since,
         });
         self.metrics
             .webhooks_pending
@@ -261,7 +277,7 @@ impl Webhooks {
             if online.connected || online.offline_due != Some(due) {
                 continue;
             }
-            let at = online.closed_at;
+            let at = (online.closed_at, online.closed);
             tracker.online.remove(&identity);
             self.queue(tracker, "user.offline", identity, at);
         }

@@ -402,6 +402,7 @@ impl Router {
         let closed = before - routes.sessions.len();
         if routes.sessions.is_empty() {
             shard.remove(identity);
+            self.last_closed(identity);
         }
         closed
     }
@@ -423,6 +424,7 @@ impl Router {
         let closed = routes.sessions.len();
         // Dropping the senders wakes the sessions; dropping the feed ends it.
         shard.remove(identity);
+        self.last_closed(identity);
         closed
     }
 
@@ -548,6 +550,14 @@ impl Router {
         self.presence.get()
     }
 
+    /// The identity's routes were removed, its last session with them: told under the shard
+    /// lock, so transitions reach the presence reporter in the order they happened.
+    fn last_closed(&self, identity: &Identity) {
+        if let Some(presence) = self.presence.get() {
+            presence.last_closed(identity);
+        }
+    }
+
     /// Live sessions of `identity` on this node.
     pub fn connections_of(&self, identity: &Identity) -> usize {
         lock(self.shard(identity))
@@ -564,9 +574,7 @@ impl Router {
             // An identity without sessions holds nothing here.
             if routes.sessions.is_empty() {
                 shard.remove(identity);
-                if let Some(presence) = self.presence.get() {
-                    presence.last_closed(identity);
-                }
+                self.last_closed(identity);
             }
         }
     }

@@ -74,7 +74,14 @@ impl Request {
         if !text.contains("\"rpc\"") {
             return None;
         }
-        let probe: Probe = serde_json::from_str(text).ok()?;
+        let Ok(probe) = serde_json::from_str::<Probe>(text) else {
+            // Meant as a call but unreadable (a repeated key, nesting past serde's limit,
+            // broken JSON): answered, not passed to the guest.
+            return text.contains("\"type\"").then_some(Request::Invalid {
+                id: None,
+                reason: "a call must be one JSON object with type, id, method and data",
+            });
+        };
         if probe.kind.map(RawValue::get) != Some("\"rpc\"") {
             return None;
         }
@@ -106,6 +113,10 @@ impl Request {
 }
 
 fn valid_id(id: &RawValue) -> bool {
+    // The raw text is echoed in the answer: escapes count too.
+    if id.get().len() > MAX_ID_BYTES + 2 {
+        return false;
+    }
     match serde_json::from_str::<serde_json::Value>(id.get()) {
         Ok(serde_json::Value::String(s)) => !s.is_empty() && s.len() <= MAX_ID_BYTES,
         Ok(serde_json::Value::Number(n)) => n.is_i64() || n.is_u64(),
@@ -492,12 +503,22 @@ mod tests {
         for guest in [
             r#"{"type":"subscribe","thread_id":"rpc"}"#,
             r#"{"type":"chat","text":"\"rpc\""}"#,
-            r#"not json "rpc""#,
             "hello",
         ] {
             assert!(Request::parse(guest).is_none(), "{guest}");
         }
         assert_eq!(invalid(r#"{"type":"rpc","method":"m"}"#).0, None);
+        // Unreadable as a call, yet meant as one: answered, not the guest's.
+        assert_eq!(
+            invalid(r#"{"type":"rpc","type":"rpc","id":"1","method":"m"}"#).0,
+            None
+        );
+        assert_eq!(invalid(r#"{"type":"rpc", broken"#).0, None);
+        let escaped = format!(
+            r#"{{"type":"rpc","id":"{}","method":"m"}}"#,
+            "\\u0041".repeat(40)
+        );
+        assert_eq!(invalid(&escaped).0, None);
         assert_eq!(invalid(r#"{"type":"rpc","id":{},"method":"m"}"#).0, None);
         assert_eq!(invalid(r#"{"type":"rpc","id":1.5,"method":"m"}"#).0, None);
         let long = format!(

@@ -77,10 +77,10 @@ pub(crate) fn attach_demo_backend(app: &AppState, addr: std::net::SocketAddr) {
     if app.rpc.get().is_some() || app.tls.is_some() {
         return;
     }
-    let ip = if addr.ip().is_unspecified() {
-        std::net::Ipv4Addr::LOCALHOST.into()
-    } else {
-        addr.ip()
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
     };
     let mut config = app.config.rpc.clone();
     config.max_answer_bytes = config.max_answer_bytes.min(
@@ -356,8 +356,10 @@ async fn dev_run(
         run.run_id.clone(),
         (run.identity.clone(), run.cancel.clone()),
     );
+    // Made before the task, so the entry goes even if the task never runs.
+    let listed = Listed(run.run_id.clone());
     let steps = async move {
-        let _listed = Listed(run.run_id.clone());
+        let _listed = listed;
         for step in DEMO_RUN {
             let done = match step {
                 Step::Event(kind, payload) => run

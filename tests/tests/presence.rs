@@ -262,3 +262,28 @@ async fn cluster_mode_refuses_presence_it_cannot_answer_whole() {
     let refused = gateway::AppState::new(cfg).unwrap_err().to_string();
     assert!(refused.contains("webhooks.url"), "{refused}");
 }
+
+/// An operator's disconnect ends the identity's last connections too: its `user.offline`
+/// follows like any other close.
+#[tokio::test]
+async fn a_disconnected_user_goes_offline() {
+    let receiver = Backend::start(0).await;
+    let gw = TestGateway::start_with(hooks_config(&receiver, 0)).await;
+    let mut alice = connect(&gw, "alice").await;
+    wait_for_hooks(&receiver, 1).await;
+    let mut operator = claims("ops");
+    operator.scope = Some(gateway::auth::DISCONNECT_SCOPE.into());
+    let (status, body) = gateway_tests::post(
+        &gw.url("/v1/disconnect"),
+        &token(operator),
+        json!({"user_id": "alice", "reason": "suspended"}).to_string(),
+    )
+    .await;
+    assert_eq!((status, &body["disconnected"]), (200, &json!(1)), "{body}");
+    assert_eq!(alice.closed().await.code, 4001);
+    let hooks = wait_for_hooks(&receiver, 2).await;
+    assert_eq!(
+        kinds(&hooks),
+        [("user.online", "alice"), ("user.offline", "alice")].map(|(k, u)| (k.into(), u.into()))
+    );
+}

@@ -51,8 +51,10 @@ impl Default for Rpc {
     }
 }
 
-/// Bytes an answer frame adds around the backend's body (type, id, code, reason).
-pub const ANSWER_FRAME_OVERHEAD: usize = 1 << 10;
+/// Bytes an answer frame adds around the backend's body: type, code, an id of at most 130
+/// bytes as sent, and a reason of at most 256 bytes that JSON escaping can make six times
+/// longer.
+pub const ANSWER_FRAME_OVERHEAD: usize = 2 << 10;
 
 impl Rpc {
     /// The configured url, unless blank.

@@ -82,6 +82,13 @@ impl Webhooks {
                 return Err(invalid(key, &value, &format!("{min} to {max}")));
             }
         }
+        if self.retry_min_ms > self.retry_max_ms {
+            return Err(invalid(
+                "webhooks.retry_min_ms",
+                &self.retry_min_ms,
+                &format!("at most webhooks.retry_max_ms ({})", self.retry_max_ms),
+            ));
+        }
         let Some(url) = self.url() else {
             return Ok(());
         };

@@ -268,11 +268,13 @@ impl Session {
                 () = &mut idle_timer => Work::IdleCheck,
                 _ = ping.tick() => Work::Ping,
                 () = &mut rollup_timer, if !self.rollup.is_empty() => Work::Rollup,
-                msg = self.socket.recv(), if read => Work::Client(msg),
-                event = self.mailbox.recv() => Work::Event(event),
+                // Before events: a call's answer ("stopped") must not wait behind the
+                // stream it is about.
                 answer = Calls::answered(&mut self.rpc), if Calls::waiting(&self.rpc) => {
                     Work::Answer(answer)
                 }
+                msg = self.socket.recv(), if read => Work::Client(msg),
+                event = self.mailbox.recv() => Work::Event(event),
                 () = &mut hibernate_timer => Work::Hibernate,
             };
             let result = match work {
