@@ -5,8 +5,8 @@
 //! new connections wait in the kernel's backlog instead of costing a file descriptor and a
 //! task each. Its request headers must arrive within `header_read_timeout_secs` (the same
 //! bound applies to a keep-alive connection sitting idle between requests). The permit goes
-//! back when the connection closes or upgrades: an upgraded socket belongs to its session,
-//! which `limits.max_connections` bounds.
+//! back when the connection closes or upgrades, or when it starts an SSE stream ([`HttpSlot`]):
+//! from then on it belongs to its session, which `limits.max_connections` bounds.
 //!
 //! One client address holds at most `limits.max_http_connections_per_address` of those
 //! permits: past it, its new connections are answered 429 and closed at once, so a crowd of
@@ -116,24 +116,53 @@ pub async fn accept(listener: Listener, serving: Serving) {
         let serving_conn = serving.clone();
         let app = app.clone();
         let tls = tls.clone();
+        serving.metrics.http_connections.inc();
+        let slot = HttpSlot(Arc::new(Mutex::new(Some(Held {
+            _permit: permit,
+            _address: address_slot,
+            metrics: serving.metrics.clone(),
+        }))));
         serving.connections.spawn(
             async move {
-                serving_conn.metrics.http_connections.inc();
                 match tls {
-                    None => serve_connection(stream, app, &serving_conn).await,
+                    None => serve_connection(stream, app, &serving_conn, slot.clone()).await,
                     Some(tls) => {
                         if let Some(stream) = handshake(stream, &tls, &serving_conn).await {
-                            serve_connection(stream, app, &serving_conn).await;
+                            serve_connection(stream, app, &serving_conn, slot.clone()).await;
                         }
                     }
                 }
-                serving_conn.metrics.http_connections.dec();
                 // Closed or upgraded: another client (of this address) may be accepted.
-                drop(address_slot);
-                drop(permit);
+                slot.release();
             }
             .instrument(span),
         );
+    }
+}
+
+/// What a connection holds while it speaks HTTP: a listener permit and its address's slot.
+/// Every request carries it (as an extension), so that a response that turns the connection
+/// into a session (an SSE stream) gives it back as an upgrade does.
+#[derive(Clone)]
+pub struct HttpSlot(Arc<Mutex<Option<Held>>>);
+
+struct Held {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _address: AddressSlot,
+    metrics: Arc<Metrics>,
+}
+
+impl HttpSlot {
+    /// Gives the permit and the address slot back (once; later calls do nothing).
+    pub fn release(&self) {
+        let held = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(held);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.metrics.http_connections.dec();
     }
 }
 
@@ -313,10 +342,17 @@ async fn handshake(
     }
 }
 
-async fn serve_connection<S>(stream: S, app: axum::Router, serving: &Serving)
+async fn serve_connection<S>(stream: S, app: axum::Router, serving: &Serving, slot: HttpSlot)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    use tower::ServiceExt;
+    let app = app.map_request(
+        move |mut request: axum::http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(slot.clone());
+            request
+        },
+    );
     let service = TowerToHyperService::new(app);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())

@@ -19,6 +19,7 @@ type OwnedLabels = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Registry,
     pub sessions_live: Gauge,
+    pub sse_sessions_live: Gauge,
     /// Connections still speaking HTTP (not upgraded), on all listeners.
     pub http_connections: Gauge,
     pub instances_live: Gauge,
@@ -124,6 +125,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("gateway");
         let m = Metrics {
             sessions_live: Gauge::default(),
+            sse_sessions_live: Gauge::default(),
             http_connections: Gauge::default(),
             instances_live: Gauge::default(),
             guest_instances: Family::default(),
@@ -182,12 +184,17 @@ impl Metrics {
         };
         registry.register(
             "sessions_live",
-            "WebSocket sessions open",
+            "Sessions open (WebSocket and SSE)",
             m.sessions_live.clone(),
         );
         registry.register(
+            "sse_sessions_live",
+            "SSE sessions open (also counted in sessions_live)",
+            m.sse_sessions_live.clone(),
+        );
+        registry.register(
             "http_connections",
-            "Connections not upgraded to WebSocket (handshakes, publishers, probes)",
+            "Connections still speaking HTTP (handshakes, publishers, probes; not SSE streams)",
             m.http_connections.clone(),
         );
         registry.register(

@@ -44,7 +44,11 @@ const OPS_HTTP_CONNECTIONS: usize = 256;
 /// `/metrics` is here only when there is no ops listener (`ops_apart`): it tells anyone who
 /// can reach it how many users are connected and what the node refuses.
 pub fn app(state: Arc<AppState>, ops_apart: bool) -> axum::Router {
-    let routes = api_routes(web::routes(state.config.dev).route("/ws", get(session::connect)));
+    let routes = api_routes(
+        web::routes(state.config.dev)
+            .route("/ws", get(session::connect))
+            .route("/sse", get(session::connect_sse)),
+    );
     let routes = match ops_apart {
         true => routes,
         false => routes.route("/metrics", get(api::metrics)),

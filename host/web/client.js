@@ -12,7 +12,8 @@
 // change applied once, a resume's snapshot replacing what was there; a reconnect resumes
 // with `since`, and a resume the gateway cannot prove complete is surfaced
 // (`recovered: false`); the token is refreshed in-band before it expires; subscriptions are
-// sent again on every new connection.
+// sent again on every new connection. Where a network refuses WebSocket upgrades, it falls
+// back to the gateway's server-sent event stream (`/sse`) with the same guarantees.
 
 /** The version of this client; the gateway serves it with an `X-Gateway-Client-Version` header. */
 export const VERSION = "0.1.0";
@@ -74,7 +75,8 @@ export const VERSION = "0.1.0";
  * Why a call (`client.rpc`) failed. `code` is the gateway's (`backend_error`, `timeout`,
  * `unavailable`, `bad_answer`, `answer_too_large`, `rpc_disabled`, `invalid_rpc`,
  * `too_large`, `rate_limited`, `too_many_calls`, `busy`) or the client's own:
- * `not_connected` (nothing was sent), `disconnected` (the connection ended before the
+ * `not_connected` (nothing was sent), `not_supported` (the connection is an SSE stream,
+ * which cannot send: nothing was sent), `disconnected` (the connection ended before the
  * answer: the backend may or may not have run the call) and `no_answer` (none within the
  * call's `timeoutMs`).
  */
@@ -122,7 +124,15 @@ export class RpcError extends Error {
  *   continue the text given here.
  * @property {number} [maxMessages] Ended messages kept in `messages`, the least recently
  *   changed dropped first (default 100); as many streaming ones again at most.
+ * @property {"auto" | "websocket" | "sse"} [transport] `auto` (the default) uses a
+ *   WebSocket and, when one cannot open (a proxy that refuses upgrades), the gateway's SSE
+ *   stream, staying with whichever opened. Over SSE the client cannot send: subscriptions
+ *   travel in the stream's query (a change reconnects, resuming with `since`), a token is
+ *   refreshed by reconnecting with it, and `rpc()` rejects with `not_supported`.
+ * @property {string} [sseUrl] The SSE endpoint; by default `url` with `ws(s):` made
+ *   `http(s):` and a trailing `/ws` made `/sse`.
  * @property {typeof WebSocket} [WebSocket] A WebSocket implementation outside browsers.
+ * @property {typeof EventSource} [EventSource] An EventSource implementation outside browsers.
  */
 
 /**
@@ -160,6 +170,10 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export class GatewayClient {
   /** @type {ClientOptions} */ #options;
+  /** The transport the next connection uses (or the current one uses).
+   * @type {"websocket" | "sse"} */
+  #transport;
+  /** @type {string | null} */ #sseUrl;
   /** @type {{[K in keyof ClientEvents]?: Set<(value: ClientEvents[K]) => void>}} */
   #listeners = {};
   /** @type {WebSocket | null} */ #socket = null;
@@ -183,6 +197,13 @@ export class GatewayClient {
   #expiresAt = 0;
   /** Whether any connection opened: from then on a reconnect always resumes. */
   #everOpen = false;
+  /** Whether `auto` fell back to SSE once already (later switches wait the backoff). */
+  #triedSse = false;
+  /** Which transports have opened: one that has is kept through a few failed opens (an
+   * outage fails both), one that never has is left at its first. */
+  #worked = { websocket: false, sse: false };
+  /** Opens failed in a row. */
+  #failedOpens = 0;
   /** Calls waiting for their answer, by id; they belong to the connection that sent them.
    * @type {Map<string, {resolve: (data: unknown) => void, reject: (err: RpcError) => void, timer: ReturnType<typeof setTimeout>}>} */
   #calls = new Map();
@@ -196,7 +217,19 @@ export class GatewayClient {
     if (!options || typeof options.url !== "string" || typeof options.token !== "function") {
       throw new TypeError("GatewayClient needs { url, token }");
     }
-    this.#options = { refreshBeforeSecs: 60, backoffMinMs: 500, backoffMaxMs: 30000, maxMessages: 100, ...options };
+    this.#options = {
+      refreshBeforeSecs: 60, backoffMinMs: 500, backoffMaxMs: 30000, maxMessages: 100, transport: "auto", ...options,
+    };
+    const transport = this.#options.transport;
+    if (!["auto", "websocket", "sse"].includes(transport ?? "")) {
+      throw new TypeError(`transport must be "auto", "websocket" or "sse", not ${transport}`);
+    }
+    this.#sseUrl = options.sseUrl ?? sseUrlOf(options.url);
+    if (transport === "sse" && !this.#sseUrl) {
+      throw new TypeError("transport \"sse\" needs sseUrl when url does not end in /ws");
+    }
+    // Without an SSE endpoint to fall back to, `auto` is WebSocket only.
+    this.#transport = transport === "sse" ? "sse" : "websocket";
     this.#lastSeq = options.since ?? null;
     for (const message of options.messages ?? []) this.#messages.set(message.id, { ...message });
   }
@@ -210,6 +243,12 @@ export class GatewayClient {
   /** @returns {State} */
   get state() {
     return this.#state;
+  }
+
+  /** The transport in use, or the one the next connection tries.
+   * @returns {"websocket" | "sse"} */
+  get transport() {
+    return this.#transport;
   }
 
   /**
@@ -279,7 +318,7 @@ export class GatewayClient {
    * @param {Record<string, unknown>} frame
    */
   send(frame) {
-    if (this.#socket?.readyState !== 1) return false;
+    if (this.#socket?.readyState !== 1 || this.#socket instanceof SseSocket) return false;
     this.#socket.send(JSON.stringify(frame));
     return true;
   }
@@ -297,6 +336,11 @@ export class GatewayClient {
    */
   rpc(method, data = null, { timeoutMs = 30000 } = {}) {
     const id = `c${++this.#callCount}`;
+    if (this.#socket instanceof SseSocket) {
+      return Promise.reject(new RpcError({
+        code: "not_supported", reason: "calls need a WebSocket; this connection is an SSE stream",
+      }));
+    }
     if (!this.send({ type: "rpc", id, method, data })) {
       return Promise.reject(new RpcError({ code: "not_connected", reason: "not connected" }));
     }
@@ -311,13 +355,20 @@ export class GatewayClient {
 
   /** Subscribes to one thread's events, now and on every later connection. */
   subscribe(/** @type {string} */ threadId) {
+    if (this.#threads.has(threadId)) return;
     this.#threads.add(threadId);
-    this.send({ type: "subscribe", thread_id: threadId });
+    this.#sendOrReconnect({ type: "subscribe", thread_id: threadId });
   }
 
   unsubscribe(/** @type {string} */ threadId) {
-    this.#threads.delete(threadId);
-    this.send({ type: "unsubscribe", thread_id: threadId });
+    if (!this.#threads.delete(threadId)) return;
+    this.#sendOrReconnect({ type: "unsubscribe", thread_id: threadId });
+  }
+
+  /** An SSE stream takes its subscriptions from its query: a new one carries the change. */
+  #sendOrReconnect(/** @type {Record<string, unknown>} */ frame) {
+    if (this.#socket instanceof SseSocket) this.reconnect();
+    else this.send(frame);
   }
 
   async #open() {
@@ -335,30 +386,44 @@ export class GatewayClient {
     }
     if (!current()) return;
     this.#detach()?.close(RECONNECT_CODE, "client reconnect");
+    const sse = this.#transport === "sse";
+    /** @type {WebSocket | SseSocket} */
     let socket;
     try {
-      const url = new URL(this.#options.url);
+      const url = new URL(sse ? String(this.#sseUrl) : this.#options.url);
       url.searchParams.set("access_token", token);
       // Until an event has arrived there is no position to resume from; `since=0` then
       // asks for everything retained, so that nothing published during a drop is lost.
       const since = this.#lastSeq ?? (this.#everOpen ? 0 : null);
       if (since !== null) url.searchParams.set("since", String(since));
-      const Socket = this.#options.WebSocket ?? globalThis.WebSocket;
-      socket = new Socket(url.toString());
+      if (sse) {
+        // What a WebSocket client sends once open, a stream gets in its query.
+        for (const threadId of this.#threads) {
+          url.searchParams.append("frame", JSON.stringify({ type: "subscribe", thread_id: threadId }));
+        }
+        socket = new SseSocket(url.toString(), this.#options.EventSource ?? globalThis.EventSource);
+      } else {
+        const Socket = this.#options.WebSocket ?? globalThis.WebSocket;
+        socket = new Socket(url.toString());
+      }
     } catch (err) {
       // A malformed url: retrying cannot help.
-      this.#emit("error", { message: `cannot open a WebSocket: ${err}` });
+      this.#emit("error", { message: `cannot open ${sse ? "an SSE stream" : "a WebSocket"}: ${err}` });
       this.#stopped = true;
       this.#setStatus({ state: "closed" });
       return;
     }
     this.#socket = socket;
     this.#expiresAt = tokenExpiry(token);
+    let opened = false;
     socket.onopen = () => {
+      opened = true;
+      this.#worked[sse ? "sse" : "websocket"] = true;
+      this.#failedOpens = 0;
       this.#everOpen = true;
       this.#openedAt = Date.now();
       this.#setStatus({ state: "open", attempt: this.#attempt });
-      for (const threadId of this.#threads) this.send({ type: "subscribe", thread_id: threadId });
+      if (!sse) for (const threadId of this.#threads) this.send({ type: "subscribe", thread_id: threadId });
       this.#scheduleRefresh();
     };
     socket.onmessage = (message) => this.#receive(message.data);
@@ -370,6 +435,20 @@ export class GatewayClient {
       // a connection that lasted resets it.
       if (this.#openedAt && Date.now() - this.#openedAt >= STABLE_MS) this.#attempt = 0;
       this.#openedAt = 0;
+      // `auto`: a transport that could not even open (a proxy refusing upgrades, or one
+      // that cuts streams) gives way to the other; the first switch to SSE is tried at once.
+      if (!opened && this.#options.transport === "auto" && this.#sseUrl) {
+        this.#failedOpens += 1;
+        if (!this.#worked[sse ? "sse" : "websocket"] || this.#failedOpens >= 3) {
+          this.#failedOpens = 0;
+          this.#transport = sse ? "websocket" : "sse";
+          if (!sse && !this.#triedSse) {
+            this.#triedSse = true;
+            this.#retrySoon(0, close.code, close.reason);
+            return;
+          }
+        }
+      }
       if (FINAL_CLOSE_CODES.has(close.code)) {
         this.#stopped = true;
         globalThis.removeEventListener?.("online", this.#onOnline);
@@ -501,6 +580,11 @@ export class GatewayClient {
 
   async #refresh() {
     const socket = this.#socket;
+    // A stream cannot be told a new token: a new stream is opened with one (and resumes).
+    if (socket instanceof SseSocket) {
+      this.reconnect();
+      return;
+    }
     let token;
     try {
       token = await this.#options.token();
@@ -576,6 +660,67 @@ export class GatewayClient {
         });
       }
     }
+  }
+}
+
+/**
+ * An SSE stream with the part of the WebSocket interface the client uses: `readyState`,
+ * `onopen`, `onmessage`, `onclose` (with the gateway's close code, from its `close` event)
+ * and `close()`. The EventSource's own reconnecting is turned off: the client reconnects
+ * with its backoff, a fresh token and `since`, as it does for a WebSocket.
+ */
+class SseSocket {
+  /** @type {EventSource} */ #source;
+  readyState = 0;
+  /** @type {(() => void) | null} */ onopen = null;
+  /** @type {((message: {data: string}) => void) | null} */ onmessage = null;
+  /** @type {((close: {code: number, reason: string}) => void) | null} */ onclose = null;
+
+  /** @param {string} url @param {typeof EventSource} Source */
+  constructor(url, Source) {
+    if (typeof Source !== "function") throw new TypeError("no EventSource implementation");
+    const source = (this.#source = new Source(url));
+    source.onopen = () => {
+      this.readyState = 1;
+      this.onopen?.();
+    };
+    source.onmessage = (message) => this.onmessage?.({ data: message.data });
+    // Not JSON, so the client reports it instead of dropping it silently.
+    source.addEventListener("binary", (message) => this.onmessage?.({ data: `binary:${message.data}` }));
+    source.addEventListener("close", (message) => {
+      let close = {};
+      try {
+        close = JSON.parse(message.data);
+      } catch {}
+      this.#end(close.code ?? 1006, close.reason ?? "");
+    });
+    // A stream that fails or ends without a `close` event: as a WebSocket's 1006.
+    source.onerror = () => this.#end(1006, "event stream failed");
+  }
+
+  #end(/** @type {number} */ code, /** @type {string} */ reason) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.#source.close();
+    this.onclose?.({ code, reason });
+  }
+
+  close() {
+    this.readyState = 3;
+    this.#source.close();
+  }
+}
+
+/** The SSE endpoint beside a WebSocket one (`.../ws` to `.../sse`), or null. */
+function sseUrlOf(/** @type {string} */ wsUrl) {
+  try {
+    const url = new URL(wsUrl);
+    if (!url.pathname.endsWith("/ws")) return null;
+    url.protocol = url.protocol === "wss:" ? "https:" : url.protocol === "ws:" ? "http:" : url.protocol;
+    url.pathname = url.pathname.replace(/\/ws$/, "/sse");
+    return url.toString();
+  } catch {
+    return null;
   }
 }
 

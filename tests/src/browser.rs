@@ -310,12 +310,13 @@ fn uuid_like() -> String {
 pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A TCP proxy in front of a gateway, so a test can drop a browser's connections the way a
-/// network does (no close frame: 1006 on the page), refuse new ones for a while, and point
-/// at another gateway.
+/// network does (no close frame: 1006 on the page), refuse new ones for a while, point at
+/// another gateway, and refuse WebSocket upgrades as some corporate proxies do.
 pub struct Proxy {
     pub addr: SocketAddr,
     target: Arc<Mutex<SocketAddr>>,
     refusing: Arc<AtomicBool>,
+    refusing_upgrades: Arc<AtomicBool>,
     links: Arc<Mutex<HashMap<u64, AbortHandle>>>,
     accept: AbortHandle,
 }
@@ -326,9 +327,11 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let target = Arc::new(Mutex::new(target));
         let refusing = Arc::new(AtomicBool::new(false));
+        let refusing_upgrades = Arc::new(AtomicBool::new(false));
         let links: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
         let accept = tokio::spawn({
             let (target, refusing, links) = (target.clone(), refusing.clone(), links.clone());
+            let refusing_upgrades = refusing_upgrades.clone();
             async move {
                 let mut next = 0u64;
                 while let Ok((mut inbound, _)) = listener.accept().await {
@@ -340,8 +343,22 @@ impl Proxy {
                     let id = next;
                     let to = *target.lock().unwrap();
                     let forget = links.clone();
+                    let check = refusing_upgrades.load(Ordering::SeqCst);
                     let link = tokio::spawn(async move {
+                        // A browser opens each WebSocket on a connection of its own, so the
+                        // first request tells.
+                        let head = match check {
+                            true => match refuse_upgrade(&mut inbound).await {
+                                Some(head) => head,
+                                None => return,
+                            },
+                            false => Vec::new(),
+                        };
                         if let Ok(mut outbound) = TcpStream::connect(to).await {
+                            use tokio::io::AsyncWriteExt as _;
+                            if outbound.write_all(&head).await.is_err() {
+                                return;
+                            }
                             let _ =
                                 tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                         }
@@ -356,6 +373,7 @@ impl Proxy {
             addr,
             target,
             refusing,
+            refusing_upgrades,
             links,
             accept,
         }
@@ -373,11 +391,40 @@ impl Proxy {
         }
     }
 
+    /// Answers every WebSocket handshake from now on with 403, as a proxy that allows only
+    /// plain HTTP does; other requests pass.
+    pub fn refuse_upgrades(&self) {
+        self.refusing_upgrades.store(true, Ordering::SeqCst);
+    }
+
     /// Accepts connections again, forwarding them to `target` from now on.
     pub fn restore(&self, target: SocketAddr) {
         *self.target.lock().unwrap() = target;
         self.refusing.store(false, Ordering::SeqCst);
     }
+}
+
+/// Reads a connection's first request head: a WebSocket handshake is answered 403 and
+/// closed (`None`); anything else comes back, to be forwarded.
+async fn refuse_upgrade(inbound: &mut TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = inbound.read(&mut buf).await.ok()?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return None;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    if text.contains("\r\nupgrade: websocket") {
+        let _ = inbound
+            .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
+        return None;
+    }
+    Some(head)
 }
 
 impl Drop for Proxy {

@@ -90,6 +90,52 @@ async fn wait_for_message(page: &mut Browser, what: &str, id: &str, text: &str, 
     .unwrap();
 }
 
+/// The network goes away under the page (no close frame, no new connection gets through)
+/// until the test restores it; returns once the client noticed.
+async fn cut(proxy: &Proxy, page: &mut Browser) {
+    proxy.cut();
+    page.wait_for(
+        "the client to notice the drop",
+        "window.demo.closes.some(c => c.code === 1006)",
+    )
+    .await
+    .unwrap();
+}
+
+/// Three events shown, then the network goes away (no close frame, and no new connection
+/// gets through), four are published, and the network comes back: the page resumes, told
+/// `recovered`, and shows all seven in order, once. Returns their seqs.
+async fn events_survive_a_drop(
+    gw: &TestGateway,
+    proxy: &Proxy,
+    page: &mut Browser,
+    user: &str,
+) -> Vec<u64> {
+    let mut published = Vec::new();
+    for i in 0..3 {
+        published.push(publish(gw, user, "tool_executing", json!({ "i": i })).await);
+    }
+    page.wait_for("the first events", "window.demo.events.length === 3")
+        .await
+        .unwrap();
+    cut(proxy, page).await;
+    for i in 3..7 {
+        published.push(publish(gw, user, "tool_executing", json!({ "i": i })).await);
+    }
+    proxy.restore(gw.addr);
+    let resume = page
+        .wait_for("the resume", "window.demo.resumes[0]")
+        .await
+        .unwrap();
+    assert_eq!(resume["recovered"], json!(true), "{resume}");
+    assert_eq!(resume["replayed"], json!(4), "{resume}");
+    page.wait_for("the missed events", "window.demo.events.length === 7")
+        .await
+        .unwrap();
+    assert_eq!(shown_seqs(page).await, published);
+    published
+}
+
 /// Each change to a message the page got, as `(op, text)`, in order.
 async fn message_ops(page: &mut Browser) -> Vec<(String, String)> {
     let ops = page
@@ -200,36 +246,7 @@ async fn a_dropped_connection_resumes_with_every_event_once() {
         .await
         .unwrap();
 
-    let mut published = Vec::new();
-    for i in 0..3 {
-        published.push(publish(&gw, "carol", "tool_executing", json!({ "i": i })).await);
-    }
-    page.wait_for("the first events", "window.demo.events.length === 3")
-        .await
-        .unwrap();
-
-    // The network goes away: no close frame, and no new connection gets through.
-    proxy.cut();
-    page.wait_for(
-        "the client to notice the drop",
-        "window.demo.closes.some(c => c.code === 1006)",
-    )
-    .await
-    .unwrap();
-    for i in 3..7 {
-        published.push(publish(&gw, "carol", "tool_executing", json!({ "i": i })).await);
-    }
-    proxy.restore(gw.addr);
-    let resume = page
-        .wait_for("the resume", "window.demo.resumes[0]")
-        .await
-        .unwrap();
-    assert_eq!(resume["recovered"], json!(true), "{resume}");
-    assert_eq!(resume["replayed"], json!(4), "{resume}");
-    page.wait_for("the missed events", "window.demo.events.length === 7")
-        .await
-        .unwrap();
-    assert_eq!(shown_seqs(&mut page).await, published);
+    let mut published = events_survive_a_drop(&gw, &proxy, &mut page, "carol").await;
 
     // The client's own reconnect (the page's "Drop connection") resumes too, with nothing
     // missed and nothing repeated.
@@ -318,13 +335,7 @@ async fn an_answer_streamed_through_a_reload_and_a_drop_appears_whole_and_once()
 
     // The network drops mid-stream and the answer goes on: on the reconnect the page gets one
     // snapshot with what it missed, then the rest live.
-    proxy.cut();
-    page.wait_for(
-        "the client to notice the drop",
-        "window.demo.closes.some(c => c.code === 1006)",
-    )
-    .await
-    .unwrap();
+    cut(&proxy, &mut page).await;
     append(&gw, "heidi", "m1", &tokens, 20, 24).await;
     proxy.restore(gw.addr);
     let resume = page
@@ -723,4 +734,52 @@ fn the_client_passes_its_state_machine_tests_in_node() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A network that refuses WebSocket upgrades: the page's client falls back to the gateway's
+/// SSE stream and still gets every event once, through a drop and a resume, and the demo's
+/// streamed answer whole.
+#[tokio::test]
+async fn behind_a_proxy_that_refuses_upgrades_the_page_gets_every_event_over_sse() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let gw = TestGateway::start_with(dev_config()).await;
+    let proxy = Proxy::start(gw.addr).await;
+    proxy.refuse_upgrades();
+    let mut page = Browser::launch().await.unwrap();
+    page.goto(&proxy.url("/?user=olga")).await.unwrap();
+    page.wait_for("the welcome", "window.demo?.welcome")
+        .await
+        .unwrap();
+    assert_eq!(page.eval("window.demo.transport").await.unwrap(), "sse");
+    assert_eq!(gw.metric("gateway_sse_sessions_live").await, 1.0);
+
+    // The network drops the stream; what is published meanwhile comes with the resume.
+    events_survive_a_drop(&gw, &proxy, &mut page, "olga").await;
+    assert_eq!(page.eval("window.demo.transport").await.unwrap(), "sse");
+
+    // The demo run's answer, token by token over the stream, arrives whole.
+    page.eval("document.getElementById('run').click()")
+        .await
+        .unwrap();
+    page.wait_for(
+        "the run to complete",
+        "Object.values(window.demo.runs).includes('completed')",
+    )
+    .await
+    .unwrap();
+    let id = page
+        .eval("[...window.client.messages.keys()].join()")
+        .await
+        .unwrap();
+    wait_for_message(
+        &mut page,
+        "the whole answer",
+        id.as_str().unwrap(),
+        DEMO_ANSWER,
+        "complete",
+    )
+    .await;
+    let seqs = shown_seqs(&mut page).await;
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(page.page_errors.is_empty(), "{:?}", page.page_errors);
 }

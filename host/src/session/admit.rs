@@ -1,4 +1,5 @@
-//! The HTTP phase of a connection: every check before the upgrade, then the upgrade.
+//! The HTTP phase of a connection: every check before the upgrade, then the upgrade (or, on
+//! `/sse`, the event stream's response).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,10 +12,12 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
+use super::link::{Link, SSE_QUEUE};
 use super::run;
 use crate::AppState;
 use crate::api::{ApiError, refuse};
 use crate::auth::{AuthError, Claims, Identity, bearer};
+use crate::listener::HttpSlot;
 use crate::router::{Mailbox, Refused};
 use crate::sandbox::{Context, Handler, Sandbox};
 
@@ -26,7 +29,8 @@ pub async fn connect(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    match admit(&app, &headers, query) {
+    let query = query.map(|Query(q)| q).unwrap_or_default();
+    match admit(&app, &headers, &query, Vec::new()) {
         Ok(admitted) => {
             let limits = &app.config.limits;
             let span = tracing::info_span!(
@@ -42,11 +46,73 @@ pub async fn connect(
                 .max_message_size(limits.max_message_bytes)
                 .max_frame_size(limits.max_message_bytes)
                 .on_upgrade(move |socket| {
-                    tracker.track_future(run(socket, app, admitted).instrument(span))
+                    tracker
+                        .track_future(run(Link::WebSocket(socket), app, admitted).instrument(span))
                 })
         }
         Err(refusal) => refusal.into_response(),
     }
+}
+
+/// `GET /sse`: the same admission as `/ws`, answered with a server-sent event stream instead
+/// of an upgrade. `Last-Event-ID` (sent by a reconnecting `EventSource`) resumes like
+/// `?since=` and wins over it; each `?frame=<JSON>` is handed to the handler, in order, as
+/// if the client had sent it (a client cannot send on the stream itself).
+pub async fn connect_sse(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    slot: Option<axum::Extension<HttpSlot>>,
+) -> Response {
+    let pairs = query.map(|Query(q)| q).unwrap_or_default();
+    let (frames, mut query): (Vec<_>, HashMap<_, _>) = {
+        let (frames, rest): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(k, _)| k == "frame");
+        (
+            frames.into_iter().map(|(_, v)| v).collect(),
+            rest.into_iter().collect(),
+        )
+    };
+    if let Some(id) = headers.get("last-event-id").and_then(|v| v.to_str().ok())
+        && !id.is_empty()
+    {
+        query.insert("since".into(), id.to_owned());
+    }
+    let admitted = match admit(&app, &headers, &query, frames) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let span = tracing::info_span!(
+        "session",
+        conn = %admitted.ctx.connection_id,
+        user = %admitted.ctx.user_id,
+        transport = "sse"
+    );
+    // From here on the connection is a session's, bounded by `limits.max_connections`, as an
+    // upgraded one is; and it closes when the stream ends (no request follows a stream).
+    if let Some(axum::Extension(slot)) = slot {
+        slot.release();
+    }
+    let (stream, body) = tokio::sync::mpsc::channel::<axum::body::Bytes>(SSE_QUEUE);
+    let tracker = app.sessions.clone();
+    tokio::spawn(tracker.track_future(run(Link::Sse(stream), app, admitted).instrument(span)));
+    let body = futures_util::stream::unfold(body, |mut body| async move {
+        let chunk = body.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), body))
+    });
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/event-stream"),
+            (axum::http::header::CACHE_CONTROL, "no-cache, no-transform"),
+            (axum::http::header::CONNECTION, "close"),
+            // Proxies that buffer responses (nginx) would hold events back.
+            (
+                axum::http::HeaderName::from_static("x-accel-buffering"),
+                "no",
+            ),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// What a connection holds from admission until it ends.
@@ -57,6 +123,8 @@ pub(super) struct Admitted {
     pub(super) token_exp: u64,
     /// `?since=<seq>`: resume after this position before going live.
     pub(super) since: Option<u64>,
+    /// An SSE client's frames for the handler, from its query (`?frame=`).
+    pub(super) frames: Vec<String>,
     pub(super) handler: Box<dyn Handler>,
     /// The guest version that made `handler`: a hibernated handler is restored by the same
     /// one, even after a reload.
@@ -69,7 +137,8 @@ pub(super) struct Admitted {
 fn admit(
     app: &Arc<AppState>,
     headers: &HeaderMap,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: &HashMap<String, String>,
+    frames: Vec<String>,
 ) -> Result<Admitted, ApiError> {
     let refuse =
         |reason: &'static str, user: Option<&str>, err: ApiError| refuse(app, reason, user, err);
@@ -88,18 +157,13 @@ fn admit(
             ));
         }
     }
-    let token = bearer(headers).or_else(|| {
-        query
-            .as_ref()
-            .ok()
-            .and_then(|Query(q)| q.get("access_token").map(String::as_str))
-    });
+    let token = bearer(headers).or_else(|| query.get("access_token").map(String::as_str));
     let claims = token
         .ok_or(AuthError::Missing)
         .and_then(|t| app.verifier.verify(t))
         .map_err(|err| refuse(err.label(), None, ApiError::unauthorized(err)))?;
     let user = Some(claims.sub.as_str());
-    let since = match query.as_ref().ok().and_then(|Query(q)| q.get("since")) {
+    let since = match query.get("since") {
         None => None,
         Some(since) => Some(since.parse::<u64>().map_err(|_| {
             refuse(
@@ -108,11 +172,31 @@ fn admit(
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "bad_request",
-                    "since must be the seq of the last event received (an unsigned integer)",
+                    "since (or Last-Event-ID) must be the seq of the last event received \
+                     (an unsigned integer)",
                 ),
             )
         })?),
     };
+    // Each one is a frame the guest takes in turn: bounded like a client's burst of frames.
+    let limits = &app.config.limits;
+    if frames.len() > limits.client_message_burst as usize
+        || frames.iter().any(|f| f.len() > limits.max_message_bytes)
+    {
+        return Err(refuse(
+            "bad_frames",
+            user,
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!(
+                    "at most {} frame parameters of at most {} bytes each \
+                     (limits.client_message_burst, limits.max_message_bytes)",
+                    limits.client_message_burst, limits.max_message_bytes
+                ),
+            ),
+        ));
+    }
 
     if let Some(trouble) = app.router.cluster().and_then(|c| c.trouble()) {
         return Err(refuse(
@@ -169,6 +253,7 @@ fn admit(
     Ok(Admitted {
         token_exp: claims.exp,
         since,
+        frames,
         identity,
         ctx,
         handler,

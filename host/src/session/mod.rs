@@ -3,7 +3,8 @@
 //! 1. [`connect`] (HTTP phase, `admit.rs`): check the origin, verify the token, take a node slot,
 //!    register with the router (events queue from here on), instantiate the connection's own
 //!    guest, then upgrade. Any refusal is an HTTP answer.
-//! 2. `run` (socket phase): a `Session` owns the socket, the handler and the event queue.
+//! 2. `run` (socket phase): a `Session` owns the socket (a WebSocket, or an SSE stream on
+//!    `/sse`: `link.rs`), the handler and the event queue.
 //!    `Session::serve` calls `init`, replays what a resuming client missed
 //!    (`Session::resume`), then serves one source of work at a time: the client
 //!    (`Session::on_client`), events (`Session::on_events`, in bounded turns), pings
@@ -17,8 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::SinkExt;
+use axum::extract::ws::Message;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::AppState;
@@ -50,13 +50,15 @@ pub mod close_code {
 
 mod admit;
 mod end;
+mod link;
 mod rate;
 mod refresh;
 mod rpc;
 
 use admit::Admitted;
-pub use admit::connect;
+pub use admit::{connect, connect_sse};
 use end::{End, classify};
+use link::Link;
 use rate::RateLimit;
 use refresh::{Refresh, Refreshed};
 use rpc::Calls;
@@ -69,19 +71,20 @@ const EVENT_BATCH: u64 = 64;
 const READS_SKIPPED_MAX: u32 = 8;
 /// The socket phase of one connection: the session owns the socket, the handler and the
 /// event queue until the connection ends.
-async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
+async fn run(link: Link, app: Arc<AppState>, admitted: Admitted) {
     let Admitted {
         ctx,
         identity,
         token_exp,
         since,
+        frames,
         handler,
         sandbox,
         mailbox,
         _permit,
     } = admitted;
     let metrics = app.metrics.clone();
-    let _live = LiveSession::open(&metrics);
+    let _live = LiveSession::open(&metrics, link.is_sse());
     let opened = std::time::Instant::now();
     tracing::debug!("session open");
     let limits = &app.config.limits;
@@ -98,7 +101,7 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         rollup_after: Duration::from_millis(app.config.streams.rollup_ms),
         rollup_due: None,
         rpc: None,
-        socket,
+        link,
         guest: Guest::Live(handler),
         sandbox,
         woke: false,
@@ -107,7 +110,7 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
         identity,
         app: app.clone(),
     };
-    let end = session.serve(token_exp, since).await;
+    let end = session.serve(token_exp, since, frames).await;
     // Boxed: the way out is the largest state this task has (its writes under timeouts),
     // and an unboxed one would size every connection's task for it, hibernated or not.
     Box::pin(session.close(end)).await;
@@ -122,7 +125,7 @@ async fn run(socket: WebSocket, app: Arc<AppState>, admitted: Admitted) {
 /// One live connection: its socket, its own handler, its event queue.
 struct Session {
     app: Arc<AppState>,
-    socket: WebSocket,
+    link: Link,
     guest: Guest,
     /// What restores the handler after hibernation (see [`Admitted::sandbox`]).
     sandbox: Arc<Sandbox>,
@@ -209,9 +212,9 @@ impl Drop for Hibernated {
 }
 
 impl Session {
-    /// Runs `init`, replays what a resuming client missed, then serves the connection until
-    /// it ends; returns why.
-    async fn serve(&mut self, token_exp: u64, since: Option<u64>) -> End {
+    /// Runs `init`, hands the guest the frames an SSE client sent in its query, replays what
+    /// a resuming client missed, then serves the connection until it ends; returns why.
+    async fn serve(&mut self, token_exp: u64, since: Option<u64>, frames: Vec<String>) -> End {
         let limits = &self.app.config.limits;
         let leeway = self.app.verifier.leeway_secs();
         let idle = Duration::from_secs(limits.idle_timeout_secs);
@@ -248,6 +251,13 @@ impl Session {
         if let Err(end) = self.call(|h| h.init(&ctx)).await {
             return end;
         }
+        // Before the replay, as a WebSocket client's first frames would be if it could send
+        // them before resuming: a subscription then applies to the replayed events too.
+        for frame in frames {
+            if let Err(end) = self.on_client(Some(Ok(Message::Text(frame.into())))).await {
+                return end;
+            }
+        }
         // Boxed, as `close` is: a resume runs once, and should not size the task for its
         // whole life.
         if let Some(since) = since
@@ -273,7 +283,7 @@ impl Session {
                 answer = Calls::answered(&mut self.rpc), if Calls::waiting(&self.rpc) => {
                     Work::Answer(answer)
                 }
-                msg = self.socket.recv(), if read => Work::Client(msg),
+                msg = self.link.recv(), if read => Work::Client(msg),
                 event = self.mailbox.recv() => Work::Event(event),
                 () = &mut hibernate_timer => Work::Hibernate,
             };
@@ -388,18 +398,20 @@ impl Session {
         Ok(())
     }
 
-    /// A ping to the client, unless it has been silent too long already.
+    /// A ping to the client, unless it has been silent too long already. An SSE client
+    /// never answers: a vanished one shows as a write error or as a stream nobody reads (a
+    /// slow client), so the heartbeat written is all it can be heard by.
     async fn ping(&mut self, dead_peer: Duration) -> Result<(), End> {
         if self.last_heard.elapsed() > dead_peer {
             return Err(End::DeadPeer);
         }
-        match timeout(
-            self.write_timeout,
-            self.socket.send(Message::Ping(Default::default())),
-        )
-        .await
-        {
-            Ok(Ok(())) => Ok(()),
+        match timeout(self.write_timeout, self.link.ping()).await {
+            Ok(Ok(())) => {
+                if self.link.is_sse() {
+                    self.last_heard = Instant::now();
+                }
+                Ok(())
+            }
             Ok(Err(_)) => Err(End::Transport),
             Err(_) => Err(End::SlowClient),
         }
@@ -614,7 +626,7 @@ impl Session {
 
     async fn write(&mut self, frames: Vec<Frame>) -> Result<(), End> {
         write(
-            &mut self.socket,
+            &mut self.link,
             frames,
             self.write_timeout,
             &self.app.metrics,
@@ -627,7 +639,7 @@ impl Session {
     async fn close(self, end: End) {
         let Session {
             app,
-            mut socket,
+            mut link,
             mut guest,
             mailbox,
             ctx,
@@ -658,7 +670,7 @@ impl Session {
                 && end.close_frame().is_some()
                 && end != End::SlowClient
             {
-                let _ = write(&mut socket, frames, write_timeout, &app.metrics).await;
+                let _ = write(&mut link, frames, write_timeout, &app.metrics).await;
             }
         }
         drop(guest); // frees the connection's linear memory now, not at socket close
@@ -669,15 +681,11 @@ impl Session {
                     End::Disconnected => disconnect_reason.unwrap_or(reason),
                     _ => reason,
                 };
-                let close = Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                }));
-                let _ = timeout(write_timeout, socket.send(close)).await;
+                let _ = timeout(write_timeout, link.close(code, reason)).await;
             }
             // Flushes the reply to a client's Close, if tungstenite queued one.
             None => {
-                let _ = timeout(write_timeout, socket.flush()).await;
+                let _ = timeout(write_timeout, link.flush()).await;
             }
         }
     }
@@ -685,7 +693,7 @@ impl Session {
 /// Writes frames with one flush. A client that does not take them within the write timeout
 /// is a slow client.
 async fn write(
-    socket: &mut WebSocket,
+    link: &mut Link,
     frames: Vec<Frame>,
     limit: Duration,
     metrics: &crate::metrics::Metrics,
@@ -694,17 +702,7 @@ async fn write(
         return Ok(());
     }
     let count = frames.len() as u64;
-    let send = async {
-        for frame in frames {
-            let msg = match frame {
-                Frame::Text(text) => Message::Text(text.into()),
-                Frame::Binary(bytes) => Message::Binary(bytes.into()),
-            };
-            socket.feed(msg).await?;
-        }
-        socket.flush().await
-    };
-    match timeout(limit, send).await {
+    match timeout(limit, link.send(frames)).await {
         Ok(Ok(())) => {
             metrics.frames_sent.inc_by(count);
             Ok(())
@@ -723,18 +721,24 @@ fn frame_len(frame: &Frame) -> usize {
 
 /// Counts a session as live for exactly as long as it exists: decremented on drop, so even
 /// a session task that ends abnormally leaves the gauge right.
-struct LiveSession<'a>(&'a crate::metrics::Metrics);
+struct LiveSession<'a>(&'a crate::metrics::Metrics, bool);
 
 impl<'a> LiveSession<'a> {
-    fn open(metrics: &'a crate::metrics::Metrics) -> Self {
+    fn open(metrics: &'a crate::metrics::Metrics, sse: bool) -> Self {
         metrics.sessions_live.inc();
-        LiveSession(metrics)
+        if sse {
+            metrics.sse_sessions_live.inc();
+        }
+        LiveSession(metrics, sse)
     }
 }
 
 impl Drop for LiveSession<'_> {
     fn drop(&mut self) {
         self.0.sessions_live.dec();
+        if self.1 {
+            self.0.sse_sessions_live.dec();
+        }
     }
 }
 
