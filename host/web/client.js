@@ -224,11 +224,14 @@ export class GatewayClient {
     if (!["auto", "websocket", "sse"].includes(transport ?? "")) {
       throw new TypeError(`transport must be "auto", "websocket" or "sse", not ${transport}`);
     }
-    this.#sseUrl = options.sseUrl ?? sseUrlOf(options.url);
+    const hasEventSource = typeof (options.EventSource ?? globalThis.EventSource) === "function";
+    this.#sseUrl = hasEventSource ? (options.sseUrl ?? sseUrlOf(options.url)) : null;
     if (transport === "sse" && !this.#sseUrl) {
-      throw new TypeError("transport \"sse\" needs sseUrl when url does not end in /ws");
+      throw new TypeError(hasEventSource
+        ? "transport \"sse\" needs sseUrl when url does not end in /ws"
+        : "transport \"sse\" needs an EventSource implementation (the EventSource option)");
     }
-    // Without an SSE endpoint to fall back to, `auto` is WebSocket only.
+    // Without an SSE endpoint (or an EventSource) to fall back to, `auto` is WebSocket only.
     this.#transport = transport === "sse" ? "sse" : "websocket";
     this.#lastSeq = options.since ?? null;
     for (const message of options.messages ?? []) this.#messages.set(message.id, { ...message });

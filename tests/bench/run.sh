@@ -28,13 +28,17 @@
 #   control   client calls (rpc) through the gateway against the same calls straight to the
 #             backend, one at a time and from 50 connections at once; the delay from a close
 #             to its user.offline webhook (control_bench)
+#   sse       the same 10,000 connections of 2,000 users over WebSocket and over server-sent
+#             events (GET /sse), alternating, with a light publish: memory per connection,
+#             connect times and delivery; and, when density measured the capacity, the most
+#             SSE connections one process admits
 #   multi     100,000 connections across several gateway processes, if time allows; in
 #             cluster mode (one nats-server) when nats-server is installed
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (1500, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
 # numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
-# subset of: density storm delivery native resume streams control tls startup peer hibernate cluster multi).
+# subset of: density storm delivery native resume streams control sse tls startup peer hibernate cluster multi).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -44,7 +48,7 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-1500}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume streams control tls startup peer hibernate cluster multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume streams control sse tls startup peer hibernate cluster multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
@@ -503,6 +507,34 @@ if has control; then
             >"$LOGS/$label.out" 2>"$LOGS/$label.err" ||
             note "control_bench $label failed (see target/bench/logs/$label.out and .err)"
     done
+fi
+
+# ---------------------------------------------------------------------------------------
+# SSE against WebSocket: the same connections and publish, alternating transports; then, if
+# density found the capacity, the most SSE connections one process admits.
+if has sse; then
+    sse_n=10000
+    [[ $QUICK == 1 ]] && sse_n=300
+    for run in $(seq 1 "$RUNS"); do
+        for transport in ws sse; do
+            flag=()
+            [[ $transport == sse ]] && flag=(--sse)
+            log "sse: $sse_n connections over $transport, run $run"
+            one_run "sse-$transport-r$run" "$GATEWAY" "" "${flag[@]}" \
+                --connections "$sse_n" --users $(((sse_n + 4) / 5)) --max-inflight 128 \
+                --connect-timeout-secs 20 --publish-rate 2000 --publish-secs 5 --max-secs 120
+        done
+    done
+    if [[ -n $CAPACITY ]]; then
+        max_n=$((CAPACITY + OVER_CAPACITY))
+        lg_room=$((FD_HARD - 64 - 8 - 8))
+        ((max_n > lg_room)) && max_n=$lg_room
+        [[ $QUICK == 1 ]] && max_n=300
+        log "sse: the most SSE connections one process admits ($max_n asked)"
+        one_run "sse-max-r1" "$GATEWAY" "" --sse \
+            --connections "$max_n" --users $(((max_n + 4) / 5)) --max-inflight 128 \
+            --connect-timeout-secs 20 --max-secs 120
+    fi
 fi
 
 # ---------------------------------------------------------------------------------------

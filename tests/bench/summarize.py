@@ -858,6 +858,53 @@ def control_section(out):
     ]) + "\n"
 
 
+def sse_section(out):
+    ws, sse, most = runs(out, "sse-ws"), runs(out, "sse-sse"), runs(out, "sse-max")
+    if not ws and not sse:
+        return "## 5d. Server-sent events against WebSocket\n\nNot run.\n"
+    rows = []
+    for name, reports in (("WebSocket (`/ws`)", ws), ("SSE (`/sse`)", sse)):
+        rows.append([
+            name,
+            med_runs(reports, "connections_established"),
+            med_runs(reports, "connect_failures"),
+            med_runs(reports, ("connect_ms", "p50"), 2),
+            med_runs(reports, ("connect_ms", "p99"), 2),
+            med_runs(reports, "rss_kib_per_connection", 1),
+            med_runs(reports, ("latency_ms", "p99"), 2),
+            med_runs(reports, "losses"),
+            med_runs(reports, "misdeliveries"),
+        ])
+    # Ratios within one run (the same machine state for both), then their median.
+    ratios = [
+        get(s_, "rss_kib_per_connection") / get(w, "rss_kib_per_connection")
+        for w, s_ in zip(ws, sse)
+        if get(w, "rss_kib_per_connection") and get(s_, "rss_kib_per_connection")
+    ]
+    lines = [
+        "## 5d. Server-sent events against WebSocket",
+        "",
+        "The same connections (5 per user) and a light publish (2,000 events/s for 5 s) over "
+        "each transport, alternating, a fresh gateway each run; loadgen reads `/sse` as plain "
+        "HTTP/1.1 (de-chunked by hand). RSS per connection is the idle server's growth over "
+        "start-up divided by the connections.",
+        "",
+        table(["transport", "connected", "failed", "connect p50 ms", "connect p99 ms",
+               "RSS KiB/conn", "delivery p99 ms", "losses", "misdelivered"], rows),
+    ]
+    if ratios:
+        lines += ["", f"SSE memory per connection against WebSocket, in the same run: "
+                      f"{num(median(ratios), 2)}x (median of {len(ratios)})."]
+    if most:
+        r = most[0]
+        lines += ["", f"Most SSE connections one process admitted: "
+                      f"{num(get(r, 'connections_established'))} of "
+                      f"{num(get(r, 'connections_requested'))} asked "
+                      f"(RSS {num(get(r, 'rss_kib_per_connection'), 1)} KiB/conn); the "
+                      "refusals are the node's capacity bound, the same as for WebSocket."]
+    return "\n".join(lines) + "\n"
+
+
 def tls_section(out):
     plain = runs(out, "tls-plain")
     wss = runs(out, "tls-wss")
@@ -1328,6 +1375,7 @@ def summarize(out):
         resume_section(out),
         streams_section(out),
         control_section(out),
+        sse_section(out),
         tls_section(out),
         startup_section(out),
         peer_section(out),

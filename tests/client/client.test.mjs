@@ -1,4 +1,5 @@
-// The browser client's state machine under `node --test`, with a scripted WebSocket: the
+// The browser client's state machine under `node --test`, with a scripted WebSocket (and a
+// scripted EventSource for the SSE transport): the
 // races and edge cases a real browser test cannot time (run by tests/tests/browser.rs).
 // The happy paths run against the real gateway in Chromium.
 
@@ -12,7 +13,7 @@ import { pathToFileURL } from "node:url";
 // The module as served, under a name Node loads as an ES module.
 const copy = join(await mkdtemp(join(tmpdir(), "gateway-client-")), "client.mjs");
 await copyFile(new URL("../../host/web/client.js", import.meta.url), copy);
-const { GatewayClient } = await import(pathToFileURL(copy).href);
+const { GatewayClient, RpcError } = await import(pathToFileURL(copy).href);
 
 // The `online` event of a browser window.
 const windowEvents = new EventTarget();
@@ -57,6 +58,49 @@ function scriptedSockets() {
     }
   }
   return { sockets, ScriptedSocket };
+}
+
+/** An EventSource the test drives; every instance is kept in `sources`. */
+function scriptedSources() {
+  const sources = [];
+  class ScriptedEventSource {
+    constructor(url) {
+      this.url = new URL(url);
+      this.readyState = 0;
+      this.onopen = null;
+      this.onmessage = null;
+      this.onerror = null;
+      this.listeners = {};
+      this.closed = false;
+      sources.push(this);
+    }
+    addEventListener(type, fn) {
+      (this.listeners[type] ??= []).push(fn);
+    }
+    close() {
+      this.closed = true;
+      this.readyState = 2;
+    }
+    open() {
+      this.readyState = 1;
+      this.onopen?.({ type: "open" });
+    }
+    message(frame) {
+      this.onmessage?.({ type: "message", data: JSON.stringify(frame) });
+    }
+    named(type, data) {
+      for (const fn of this.listeners[type] ?? []) fn({ type, data });
+    }
+    /** A stream that failed (a refused request, a cut connection). */
+    error() {
+      this.onerror?.({ type: "error" });
+    }
+    /** The frames the stream's query carries for the handler. */
+    get frames() {
+      return this.url.searchParams.getAll("frame").map((frame) => JSON.parse(frame));
+    }
+  }
+  return { sources, ScriptedEventSource };
 }
 
 async function until(what, condition, ms = 3000) {
@@ -437,4 +481,321 @@ test("messages kept with since continue where they were", async (t) => {
   sockets[0].receive(message(8, "append", "lo"));
   assert.deepEqual(client.messages.get("m1"), { ...kept, text: "Hello", seq: 8 });
   assert.equal(kept.text, "Hel", "the application's object is copied, not changed");
+});
+
+// The SSE transport: a stream the client cannot send on, opened where a WebSocket cannot.
+
+/** Runs `body` with no EventSource on globalThis, whatever this Node version has. */
+async function withoutGlobalEventSource(body) {
+  const had = Object.getOwnPropertyDescriptor(globalThis, "EventSource");
+  Object.defineProperty(globalThis, "EventSource", { value: undefined, writable: true, configurable: true });
+  try {
+    return await body();
+  } finally {
+    if (had) Object.defineProperty(globalThis, "EventSource", had);
+    else delete globalThis.EventSource;
+  }
+}
+
+test("auto: a WebSocket that cannot open gives way at once to SSE, which keeps the order and resumes", async (t) => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const { sources, ScriptedEventSource } = scriptedSources();
+  const token = jwt(inSecs(3600));
+  const client = new GatewayClient({
+    url: "ws://gw/ws", token: () => token, WebSocket: ScriptedSocket, EventSource: ScriptedEventSource, backoffMinMs: 1,
+  });
+  t.after(() => client.close());
+  const seen = [];
+  const statuses = [];
+  client.on("event", (e) => seen.push(e.seq));
+  client.on("status", (s) => statuses.push(s));
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  assert.equal(client.transport, "websocket", "auto starts with a WebSocket");
+  sockets[0].drop(1006); // a proxy that refuses upgrades: it never opened
+  await until("an event stream", () => sources.length === 1);
+  assert.equal(sockets.length, 1, "the WebSocket is not tried again");
+  assert.equal(client.transport, "sse");
+  const url = sources[0].url;
+  assert.equal(`${url.origin}${url.pathname}`, "http://gw/sse", "derived from ws://gw/ws");
+  assert.equal(url.searchParams.get("access_token"), token);
+  assert.equal(url.searchParams.get("since"), null, "no event seen yet: live only");
+  // At once: no backoff, and the attempt counter did not grow.
+  assert.deepEqual(statuses.filter((s) => s.state === "reconnecting"), [
+    { state: "reconnecting", attempt: 0, delayMs: 0, code: 1006, reason: "" },
+  ]);
+  sources[0].open();
+  assert.equal(client.state, "open");
+  for (const seq of [1, 2, 2, 3]) sources[0].message({ type: "event", seq });
+  sources[0].error();
+  assert.equal(sources[0].closed, true, "the EventSource's own reconnecting is stopped");
+  await until("a new stream", () => sources.length === 2);
+  assert.equal(sockets.length, 1, "still SSE: it worked");
+  assert.equal(client.transport, "sse");
+  assert.equal(sources[1].url.searchParams.get("since"), "3");
+  assert.equal(sources[1].url.searchParams.get("access_token"), token);
+  sources[0].message({ type: "event", seq: 99 }); // the old stream is let go
+  sources[1].open();
+  sources[1].message({ type: "gateway.resumed", recovered: true, since: 3, replayed: 1, head: 4, earliest: 1, reason: null });
+  for (const seq of [3, 4]) sources[1].message({ type: "event", seq });
+  assert.deepEqual(seen, [1, 2, 3, 4]);
+  assert.equal(client.lastSeq, 4);
+});
+
+test("auto: a transport that worked is kept through two failed opens; one that never did is left at once", async (t) => {
+  {
+    const { sockets, ScriptedSocket } = scriptedSockets();
+    const { sources, ScriptedEventSource } = scriptedSources();
+    const client = new GatewayClient({
+      url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, EventSource: ScriptedEventSource, backoffMinMs: 1,
+    });
+    t.after(() => client.close());
+    client.connect();
+    // A WebSocket that opened, then an outage: three failed opens before the switch.
+    await until("a socket", () => sockets.length === 1);
+    sockets[0].open();
+    sockets[0].receive({ type: "event", seq: 5 });
+    sockets[0].drop(1006);
+    for (let i = 1; i <= 3; i++) {
+      await until(`socket ${i + 1}`, () => sockets.length === i + 1, 5000);
+      assert.equal(sources.length, 0, `after ${i - 1} failed opens the WebSocket is kept`);
+      sockets[i].drop(1006);
+    }
+    await until("an event stream", () => sources.length === 1, 5000);
+    assert.equal(sockets.length, 4);
+    assert.equal(client.transport, "sse");
+    assert.equal(sources[0].url.searchParams.get("since"), "5", "the switch resumes");
+    // SSE opened once: kept through two failed opens, left on the third.
+    sources[0].open();
+    sources[0].error();
+    for (let i = 1; i <= 3; i++) {
+      await until(`stream ${i + 1}`, () => sources.length === i + 1, 5000);
+      assert.equal(sockets.length, 4, `after ${i - 1} failed SSE opens SSE is kept`);
+      assert.equal(client.transport, "sse");
+      sources[i].error(); // before it opened
+    }
+    await until("a WebSocket again", () => sockets.length === 5, 5000);
+    assert.equal(sources.length, 4);
+    assert.equal(client.transport, "websocket");
+    assert.equal(sockets[4].url.searchParams.get("since"), "5");
+    client.close();
+  }
+  {
+    // Neither ever opened: each failure switches to the other.
+    const { sockets, ScriptedSocket } = scriptedSockets();
+    const { sources, ScriptedEventSource } = scriptedSources();
+    const client = new GatewayClient({
+      url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, EventSource: ScriptedEventSource, backoffMinMs: 1,
+    });
+    t.after(() => client.close());
+    const retries = [];
+    client.on("status", (s) => s.delayMs !== undefined && retries.push(s.attempt));
+    client.connect();
+    await until("a socket", () => sockets.length === 1);
+    sockets[0].drop(1006);
+    await until("a stream", () => sources.length === 1);
+    sources[0].error();
+    await until("a WebSocket", () => sockets.length === 2, 5000);
+    assert.equal(client.transport, "websocket");
+    sockets[1].drop(1006);
+    await until("a stream", () => sources.length === 2, 5000);
+    assert.equal(client.transport, "sse");
+    assert.equal(sockets.length, 2);
+    // Only the first switch to SSE is at once (attempt 0); the later ones wait the backoff.
+    assert.deepEqual(retries, [0, 1, 2]);
+    client.close();
+  }
+});
+
+test("SSE: subscriptions travel in the stream's query, a change reconnects with since, nothing is sent", async (t) => {
+  const { sources, ScriptedEventSource } = scriptedSources();
+  const client = new GatewayClient({
+    url: "ws://gw/ws", token: () => jwt(inSecs(3600)), EventSource: ScriptedEventSource, transport: "sse", backoffMinMs: 1,
+  });
+  t.after(() => client.close());
+  assert.equal(client.transport, "sse");
+  client.subscribe("t1");
+  client.connect();
+  await until("a stream", () => sources.length === 1);
+  assert.deepEqual(sources[0].frames, [{ type: "subscribe", thread_id: "t1" }]);
+  sources[0].open();
+  assert.equal(client.send({ type: "ping" }), false, "a stream cannot send");
+  client.subscribe("t1"); // already subscribed: nothing changes
+  sources[0].message({ type: "event", seq: 7 });
+  await sleep(20);
+  assert.equal(sources.length, 1);
+  client.subscribe("t2");
+  assert.equal(sources[0].closed, true);
+  await until("a new stream", () => sources.length === 2);
+  assert.deepEqual(sources[1].frames, [{ type: "subscribe", thread_id: "t1" }, { type: "subscribe", thread_id: "t2" }]);
+  assert.equal(sources[1].url.searchParams.get("since"), "7");
+  // A change while the stream is still connecting also reconnects with it.
+  client.unsubscribe("t1");
+  await until("a new stream", () => sources.length === 3);
+  assert.equal(sources[1].closed, true);
+  assert.deepEqual(sources[2].frames, [{ type: "subscribe", thread_id: "t2" }]);
+  assert.equal(sources[2].url.searchParams.get("since"), "7");
+  sources[2].open();
+  assert.equal(client.send({ type: "subscribe", thread_id: "t3" }), false);
+  assert.deepEqual(client.threads, ["t2"]);
+});
+
+test("SSE: the close event carries the gateway's code: 4001 is final, 1001 reconnects", async (t) => {
+  {
+    const { sources, ScriptedEventSource } = scriptedSources();
+    const client = new GatewayClient({
+      url: "ws://gw/ws", token: () => jwt(inSecs(3600)), EventSource: ScriptedEventSource, transport: "sse", backoffMinMs: 1,
+    });
+    t.after(() => client.close());
+    const statuses = [];
+    client.on("status", (s) => statuses.push(s));
+    client.connect();
+    await until("a stream", () => sources.length === 1);
+    sources[0].open();
+    sources[0].named("close", JSON.stringify({ code: 4001, reason: "disconnected: x" }));
+    assert.equal(sources[0].closed, true);
+    sources[0].error(); // the stream ending after its close event is no second close
+    await sleep(20);
+    assert.equal(sources.length, 1, "no reconnect");
+    assert.equal(client.state, "closed");
+    assert.deepEqual(statuses.at(-1), { state: "closed", code: 4001, reason: "disconnected: x" });
+  }
+  {
+    const { sources, ScriptedEventSource } = scriptedSources();
+    const client = new GatewayClient({
+      url: "ws://gw/ws", token: () => jwt(inSecs(3600)), EventSource: ScriptedEventSource, transport: "sse", backoffMinMs: 1,
+    });
+    t.after(() => client.close());
+    const statuses = [];
+    client.on("status", (s) => statuses.push(s));
+    const errors = [];
+    client.on("error", (e) => errors.push(e.message));
+    client.connect();
+    await until("a stream", () => sources.length === 1);
+    sources[0].open();
+    sources[0].message({ type: "event", seq: 3 });
+    // A binary frame is not JSON: reported, not dropped silently.
+    sources[0].named("binary", "AP8B");
+    assert.deepEqual(errors, ["a frame that is not JSON"]);
+    sources[0].named("close", JSON.stringify({ code: 1001, reason: "draining" }));
+    await until("a reconnect", () => sources.length === 2);
+    assert.ok(statuses.some((s) => s.state === "reconnecting" && s.code === 1001 && s.reason === "draining"));
+    assert.equal(sources[1].url.searchParams.get("since"), "3");
+    client.close();
+  }
+});
+
+test("SSE: rpc() rejects with not_supported and sends nothing", async (t) => {
+  const { sockets, ScriptedSocket } = scriptedSockets();
+  const { sources, ScriptedEventSource } = scriptedSources();
+  const client = new GatewayClient({
+    url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, EventSource: ScriptedEventSource, backoffMinMs: 1,
+  });
+  t.after(() => client.close());
+  client.connect();
+  await until("a socket", () => sockets.length === 1);
+  sockets[0].drop(1006);
+  await until("a stream", () => sources.length === 1);
+  const notSupported = (err) => err instanceof RpcError && err.code === "not_supported";
+  await assert.rejects(client.rpc("cancel_run", { run_id: "r1" }), notSupported, "while the stream connects");
+  sources[0].open();
+  await assert.rejects(client.rpc("cancel_run", { run_id: "r1" }), notSupported);
+  await sleep(20);
+  assert.equal(sources.length, 1, "the stream is kept");
+  assert.equal(client.state, "open");
+  assert.equal(sockets[0].sent.length, 0);
+});
+
+test("SSE: a token is refreshed by a new stream with it, not in-band", async (t) => {
+  const { sources, ScriptedEventSource } = scriptedSources();
+  let calls = 0;
+  const first = jwt(inSecs(2)); // refreshed about a second after the stream opens
+  const fresh = jwt(inSecs(3600));
+  const token = () => {
+    calls += 1;
+    return calls === 1 ? first : fresh;
+  };
+  const client = new GatewayClient({ url: "ws://gw/ws", token, EventSource: ScriptedEventSource, transport: "sse" });
+  t.after(() => client.close());
+  const statuses = [];
+  client.on("status", (s) => statuses.push(s));
+  const failures = [];
+  client.on("refresh_failed", (f) => failures.push(f.reason));
+  client.connect();
+  await until("a stream", () => sources.length === 1);
+  assert.equal(sources[0].url.searchParams.get("access_token"), first);
+  sources[0].open();
+  sources[0].message({ type: "event", seq: 9 });
+  await until("a stream with the fresh token", () => sources.length === 2, 5000);
+  assert.equal(sources[0].closed, true);
+  assert.equal(sources[1].url.searchParams.get("access_token"), fresh);
+  assert.equal(sources[1].url.searchParams.get("since"), "9", "the new stream resumes");
+  assert.ok(statuses.some((s) => s.state === "reconnecting" && s.code === 4100), "a reconnect");
+  sources[1].open();
+  await sleep(100);
+  assert.equal(sources.length, 2, "a token valid for an hour is not refreshed at once");
+  assert.deepEqual(failures, []);
+});
+
+test("transport websocket never falls back; sse needs an EventSource; auto without one stays a WebSocket", async (t) => {
+  {
+    const { sockets, ScriptedSocket } = scriptedSockets();
+    const { sources, ScriptedEventSource } = scriptedSources();
+    const client = new GatewayClient({
+      url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, EventSource: ScriptedEventSource,
+      transport: "websocket", backoffMinMs: 1,
+    });
+    t.after(() => client.close());
+    client.connect();
+    for (let i = 1; i <= 4; i++) {
+      await until(`socket ${i}`, () => sockets.length === i, 5000);
+      sockets[i - 1].drop(1006); // never opened
+    }
+    await until("socket 5", () => sockets.length === 5, 5000);
+    assert.equal(sources.length, 0);
+    assert.equal(client.transport, "websocket");
+    client.close();
+  }
+  await withoutGlobalEventSource(async () => {
+    assert.throws(
+      () => new GatewayClient({ url: "ws://gw/ws", token: () => "x", transport: "sse" }),
+      (err) => err instanceof TypeError && /EventSource/.test(err.message),
+    );
+    const { sockets, ScriptedSocket } = scriptedSockets();
+    const client = new GatewayClient({ url: "ws://gw/ws", token: () => jwt(inSecs(3600)), WebSocket: ScriptedSocket, backoffMinMs: 1 });
+    t.after(() => client.close());
+    const errors = [];
+    client.on("error", (e) => errors.push(e.message));
+    assert.equal(client.transport, "websocket");
+    client.connect();
+    for (let i = 1; i <= 3; i++) {
+      await until(`socket ${i}`, () => sockets.length === i, 5000);
+      sockets[i - 1].drop(1006); // never opened
+    }
+    await until("socket 4", () => sockets.length === 4, 5000);
+    assert.deepEqual(errors, []);
+    assert.notEqual(client.state, "closed");
+    assert.equal(client.transport, "websocket");
+    sockets[3].open();
+    assert.equal(client.state, "open");
+    client.close();
+  });
+});
+
+test("the SSE endpoint: derived from url, or sseUrl; sse without one is refused", async (t) => {
+  const { ScriptedEventSource, sources } = scriptedSources();
+  const options = { token: () => jwt(inSecs(3600)), EventSource: ScriptedEventSource, transport: "sse" };
+  const urls = [];
+  for (const [url, sseUrl] of [["wss://gw.example/base/ws?x=1", undefined], ["ws://gw/socket", "https://gw/stream"]]) {
+    const client = new GatewayClient({ ...options, url, sseUrl });
+    t.after(() => client.close());
+    client.connect();
+    await until("a stream", () => sources.length === urls.length + 1);
+    const { origin, pathname, searchParams } = sources.at(-1).url;
+    urls.push([`${origin}${pathname}`, searchParams.get("x")]);
+    client.close();
+  }
+  assert.deepEqual(urls, [["https://gw.example/base/sse", "1"], ["https://gw/stream", null]]);
+  assert.throws(() => new GatewayClient({ ...options, url: "ws://gw/socket" }), TypeError);
+  assert.throws(() => new GatewayClient({ ...options, url: "ws://gw/ws", transport: "polling" }), TypeError);
 });

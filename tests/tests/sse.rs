@@ -238,3 +238,72 @@ async fn streams_hold_no_http_slot_and_get_heartbeats() {
     gw.wait_metric("gateway_sessions_live", 0.0).await;
     assert_eq!(gw.state.metrics.closes_for("client"), 4);
 }
+
+/// Cluster mode: events published on one node reach a stream on the other, and a stream
+/// resumed with `Last-Event-ID` on the first node replays from the shared log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_a_stream_gets_events_from_any_node_and_resumes_on_another() {
+    let nats = gateway_tests::nats::NatsServer::start();
+    let mut cfg = config(guests::REFERENCE);
+    cfg.cluster.nats_url = Some(nats.url());
+    let a = TestGateway::start_with(cfg.clone()).await;
+    let b = TestGateway::start_with(cfg).await;
+    let alice = a.token("alice");
+    let mut on_b = open(&b, Open::bearer(&alice)).await;
+    let mut seqs = Vec::new();
+    for kind in ["agent_started", "tool_executing"] {
+        publish(&a, "bob", kind).await;
+        let seq = publish(&a, "alice", kind).await;
+        expect_event(&mut on_b, seq).await;
+        seqs.push(seq);
+    }
+    drop(on_b);
+    let missed = publish(&b, "alice", "agent_completed").await;
+    let id = seqs[0].to_string();
+    let mut on_a = open(
+        &a,
+        Open {
+            last_event_id: Some(&id),
+            ..Open::bearer(&alice)
+        },
+    )
+    .await;
+    let resumed = on_a.next_json().await.unwrap();
+    assert_eq!(
+        (
+            &resumed["type"],
+            &resumed["recovered"],
+            &resumed["replayed"]
+        ),
+        (&json!("gateway.resumed"), &json!(true), &json!(2)),
+        "{resumed}"
+    );
+    expect_event(&mut on_a, seqs[1]).await;
+    expect_event(&mut on_a, missed).await;
+    let marker = b.publish_marker("alice", None).await;
+    expect_event(&mut on_a, marker).await;
+}
+
+/// A drain tells a stream what it tells a WebSocket: 1001, resume with since.
+#[tokio::test]
+async fn a_drain_ends_the_stream_with_a_close_event_that_says_to_resume() {
+    let gw = TestGateway::start().await;
+    let mut stream = open(&gw, Open::bearer(&gw.token("alice"))).await;
+    let url = sse_url(&gw);
+    let reader = tokio::spawn(async move { stream.until_end().await });
+    gw.stop().await;
+    let events = reader.await.unwrap();
+    assert_eq!(events.len(), 1, "only the close event: {events:?}");
+    assert_eq!(
+        (events[0].event.as_str(), events[0].json()),
+        (
+            "close",
+            json!({"code": 1001, "reason": "gateway shutting down; resume with since"})
+        )
+    );
+    // And the node takes no new stream.
+    assert!(
+        reqwest::Client::new().get(url).send().await.is_err(),
+        "a stopped node is not listening"
+    );
+}

@@ -15,6 +15,8 @@
 //!    connection counts as established when the server's `welcome` frame arrives; the connect
 //!    time runs from the TCP connect to that frame. Several loadgen processes cooperate
 //!    without overlapping by giving each its own `--user-offset` and `--source-ip-offset`.
+//!    With `--sse`, each connection is a server-sent event stream (`GET /sse`, HTTP/1.1,
+//!    read and de-chunked here) instead of a WebSocket.
 //! 2. Optionally publishes `kind: "bench"` events for E events/s (or, with `--publish-max`,
 //!    as fast as the server answers) over P seconds through `POST /v1/publish/batch`
 //!    (T publisher tasks, B events a batch, users round robin). The
@@ -136,6 +138,10 @@ struct Args {
     /// at or above this value (`NAME=VALUE`, e.g. `gateway_sessions_hibernated=10000`).
     #[arg(long, value_parser = parse_wait_metric)]
     wait_metric: Option<(String, f64)>,
+    /// Connect over server-sent events (`GET /sse` at the URL's host; `/ws` in its path
+    /// becomes `/sse`) instead of WebSocket.
+    #[arg(long)]
+    sse: bool,
     /// Publish to the first K users only (0: all): the others stay idle, e.g. for a run
     /// where 10 % of the connections are active.
     #[arg(long, default_value_t = 0)]
@@ -789,6 +795,149 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 type Ws = WebSocketStream<Box<dyn Io>>;
 
+/// One client connection: a WebSocket or an SSE stream.
+enum Conn {
+    Ws(Ws),
+    Sse(SseStream),
+}
+
+/// The request for `/sse`, then the welcome, as [`open`] does for a WebSocket.
+async fn open_sse(
+    plan: &Plan,
+    i: u64,
+    user: u64,
+    mut stream: Box<dyn Io>,
+) -> Result<(Conn, Vec<String>), ConnectError> {
+    use tokio::io::AsyncWriteExt as _;
+    let url = reqwest::Url::parse(&plan.ws_url).expect("checked by parse_url");
+    let path = match url.path().strip_suffix("/ws") {
+        Some(base) => format!("{base}/sse"),
+        None => url.path().to_owned(),
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: {}\r\nauthorization: {}\r\naccept: text/event-stream\r\n\r\n",
+        plan.target, plan.user_auth[user as usize]
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| ConnectError::io("request", &e))?;
+    let mut sse = SseStream {
+        io: tokio::io::BufReader::with_capacity(8 << 10, stream),
+        body: Vec::new(),
+        ended: false,
+    };
+    let status = sse
+        .head()
+        .await
+        .map_err(|e| ConnectError::io("response", &e))?;
+    if status != 200 {
+        return Err(ConnectError::other(
+            &format!("handshake: HTTP {status}"),
+            format!("connection {i}: /sse answered {status}"),
+        ));
+    }
+    let mut early = Vec::new();
+    loop {
+        match sse.next_event().await {
+            Ok(Some((kind, data))) if kind.is_empty() => {
+                let frame = serde_json::from_str::<FrameType>(&data).map(|f| f.kind);
+                if frame.as_deref().is_ok_and(|k| k == "welcome") {
+                    return Ok((Conn::Sse(sse), early));
+                }
+                early.push(data);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(ConnectError::other(
+                    "closed before welcome",
+                    format!("connection {i}: stream ended before welcome"),
+                ));
+            }
+            Err(err) => return Err(ConnectError::io("before welcome", &err)),
+        }
+    }
+}
+
+/// A server-sent event stream over HTTP/1.1 with chunked transfer encoding (what the gateway
+/// sends), read without an HTTP client so that each connection costs little here.
+struct SseStream {
+    io: tokio::io::BufReader<Box<dyn Io>>,
+    /// De-chunked body bytes not yet parsed into events.
+    body: Vec<u8>,
+    ended: bool,
+}
+
+impl SseStream {
+    /// Reads the status line and headers; returns the status.
+    async fn head(&mut self) -> std::io::Result<u16> {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut line = String::new();
+        self.io.read_line(&mut line).await?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        loop {
+            line.clear();
+            if self.io.read_line(&mut line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if line == "\r\n" {
+                return Ok(status);
+            }
+        }
+    }
+
+    /// The next event as (event name, empty for plain messages; data); `None` at the end.
+    async fn next_event(&mut self) -> std::io::Result<Option<(String, String)>> {
+        loop {
+            if let Some(end) = self.body.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.body.drain(..end + 2).collect();
+                let block = String::from_utf8_lossy(&block);
+                let (mut kind, mut data) = (String::new(), Vec::new());
+                for line in block.lines() {
+                    if let Some(value) = line.strip_prefix("data: ") {
+                        data.push(value);
+                    } else if let Some(value) = line.strip_prefix("event: ") {
+                        kind = value.to_owned();
+                    }
+                }
+                if data.is_empty() && kind.is_empty() {
+                    continue; // a comment (heartbeat) or an id alone
+                }
+                return Ok(Some((kind, data.join("\n"))));
+            }
+            if self.ended || !self.chunk().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// One chunk of the body onto `body`; false at the last chunk.
+    async fn chunk(&mut self) -> std::io::Result<bool> {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+        let mut line = String::new();
+        if self.io.read_line(&mut line).await? == 0 {
+            self.ended = true;
+            return Ok(false);
+        }
+        let size = line.trim_end().split(';').next().unwrap_or("");
+        let size = usize::from_str_radix(size, 16)
+            .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
+        if size == 0 {
+            self.ended = true;
+            return Ok(false);
+        }
+        let start = self.body.len();
+        self.body.resize(start + size + 2, 0);
+        self.io.read_exact(&mut self.body[start..]).await?;
+        self.body.truncate(start + size); // the chunk's CRLF
+        Ok(true)
+    }
+}
+
 /// The client TLS of a `wss://` run: trusting exactly `--ca`.
 fn tls_for(
     args: &Args,
@@ -852,8 +1001,8 @@ async fn connection(
         last_seq: 0,
         seen: SeqSet::default(),
     };
-    let mut ws = match opened {
-        Ok(Ok((ws, early))) => {
+    let conn = match opened {
+        Ok(Ok((conn, early))) => {
             let us = started.elapsed().as_micros() as u64;
             stats.connect_us.lock().unwrap().saturating_record(us);
             stats.established.fetch_add(1, Relaxed);
@@ -862,7 +1011,7 @@ async fn connection(
             for text in early {
                 reader.on_text(&text);
             }
-            ws
+            conn
         }
         Ok(Err(err)) => return stats.connect_failed(err),
         Err(_) => {
@@ -880,6 +1029,23 @@ async fn connection(
     // list for every frame, which is loadgen CPU taken from the server it measures.
     let stop = shutdown.changed();
     tokio::pin!(stop);
+    let mut ws = match conn {
+        Conn::Ws(ws) => ws,
+        Conn::Sse(mut sse) => loop {
+            tokio::select! {
+                event = sse.next_event() => match event {
+                    Ok(Some((kind, data))) if kind.is_empty() => reader.on_text(&data),
+                    Ok(Some((kind, data))) if kind == "close" => {
+                        return stats.closed_early(format!("close {data}"));
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return stats.closed_early("stream ended".to_owned()),
+                    Err(err) => return stats.closed_early(format!("read error: {err}")),
+                },
+                _ = &mut stop => return,
+            }
+        },
+    };
     loop {
         tokio::select! {
             msg = ws.next() => match msg {
@@ -908,9 +1074,9 @@ async fn connection(
     .await;
 }
 
-/// TCP connect from this connection's source address, WebSocket handshake, welcome frame.
-/// Returns the socket and any text frames that came before the welcome.
-async fn open(plan: &Plan, i: u64, user: u64) -> Result<(Ws, Vec<String>), ConnectError> {
+/// TCP connect from this connection's source address, WebSocket handshake (or SSE request),
+/// welcome frame. Returns the connection and any text frames that came before the welcome.
+async fn open(plan: &Plan, i: u64, user: u64) -> Result<(Conn, Vec<String>), ConnectError> {
     let source = plan.sources[i as usize % plan.sources.len()];
     let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4(),
@@ -935,6 +1101,9 @@ async fn open(plan: &Plan, i: u64, user: u64) -> Result<(Ws, Vec<String>), Conne
         ),
     };
 
+    if plan.args.sse {
+        return open_sse(plan, i, user, stream).await;
+    }
     let mut request = plan
         .ws_url
         .as_str()
@@ -958,7 +1127,7 @@ async fn open(plan: &Plan, i: u64, user: u64) -> Result<(Ws, Vec<String>), Conne
             Some(Ok(Message::Text(text))) => {
                 let kind = serde_json::from_str::<FrameType>(&text).map(|f| f.kind);
                 if kind.as_deref().is_ok_and(|k| k == "welcome") {
-                    return Ok((ws, early));
+                    return Ok((Conn::Ws(ws), early));
                 }
                 early.push(text.as_str().to_owned());
             }
