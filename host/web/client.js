@@ -204,6 +204,8 @@ export class GatewayClient {
   #worked = { websocket: false, sse: false };
   /** Opens failed in a row. */
   #failedOpens = 0;
+  /** A token a refresh fetched for the SSE stream it reopens. @type {string | null} */
+  #freshToken = null;
   /** Calls waiting for their answer, by id; they belong to the connection that sent them.
    * @type {Map<string, {resolve: (data: unknown) => void, reject: (err: RpcError) => void, timer: ReturnType<typeof setTimeout>}>} */
   #calls = new Map();
@@ -378,9 +380,10 @@ export class GatewayClient {
     const generation = ++this.#generation;
     const current = () => !this.#stopped && generation === this.#generation;
     this.#setStatus({ state: this.#attempt === 0 ? "connecting" : "reconnecting", attempt: this.#attempt });
-    let token;
+    let token = this.#freshToken;
+    this.#freshToken = null;
     try {
-      token = await this.#options.token();
+      token ??= await this.#options.token();
     } catch (err) {
       if (!current()) return;
       this.#emit("error", { message: `token callback failed: ${err}` });
@@ -583,11 +586,6 @@ export class GatewayClient {
 
   async #refresh() {
     const socket = this.#socket;
-    // A stream cannot be told a new token: a new stream is opened with one (and resumes).
-    if (socket instanceof SseSocket) {
-      this.reconnect();
-      return;
-    }
     let token;
     try {
       token = await this.#options.token();
@@ -601,6 +599,12 @@ export class GatewayClient {
     if (tokenExpiry(token) <= this.#expiresAt) {
       // Sending the same token again would only repeat; the connection ends at its expiry.
       this.#emit("refresh_failed", { reason: "the token callback returned no newer token" });
+      return;
+    }
+    // A stream cannot be told a new token: a new stream is opened with it (and resumes).
+    if (socket instanceof SseSocket) {
+      this.#freshToken = token;
+      this.reconnect();
       return;
     }
     this.send({ type: "gateway.refresh", access_token: token });
@@ -695,7 +699,7 @@ class SseSocket {
       try {
         close = JSON.parse(message.data);
       } catch {}
-      this.#end(close.code ?? 1006, close.reason ?? "");
+      this.#end(close?.code ?? 1006, close?.reason ?? "");
     });
     // A stream that fails or ends without a `close` event: as a WebSocket's 1006.
     source.onerror = () => this.#end(1006, "event stream failed");

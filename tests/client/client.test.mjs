@@ -737,6 +737,30 @@ test("SSE: a token is refreshed by a new stream with it, not in-band", async (t)
   assert.deepEqual(failures, []);
 });
 
+test("SSE: a refresh whose token callback fails or gives no newer token keeps the stream", async (t) => {
+  const { sources, ScriptedEventSource } = scriptedSources();
+  const same = jwt(inSecs(2)); // due for a refresh about a second after the stream opens
+  let calls = 0;
+  const token = () => {
+    calls += 1;
+    if (calls === 2) throw new Error("token service down");
+    return same; // a token cached until it expires: never newer
+  };
+  const client = new GatewayClient({ url: "ws://gw/ws", token, EventSource: ScriptedEventSource, transport: "sse" });
+  t.after(() => client.close());
+  const failures = [];
+  client.on("refresh_failed", (f) => failures.push(f.reason));
+  client.connect();
+  await until("a stream", () => sources.length === 1);
+  sources[0].open();
+  await until("the failed callback reported", () => failures.length === 1, 5000);
+  assert.match(failures[0], /token service down/);
+  await until("the same token reported as no newer", () => failures.length === 2, 8000);
+  assert.match(failures[1], /no newer token/);
+  assert.equal(sources.length, 1, "the stream was kept: no reconnect with an old token");
+  assert.equal(sources[0].closed, false);
+});
+
 test("transport websocket never falls back; sse needs an EventSource; auto without one stays a WebSocket", async (t) => {
   {
     const { sockets, ScriptedSocket } = scriptedSockets();
