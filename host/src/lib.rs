@@ -203,6 +203,11 @@ impl AppState {
             self.metrics.clone(),
         )
         .await?;
+        let mut presence = cluster.presence();
+        if let Some(webhooks) = self.router.presence() {
+            presence = presence.with_webhooks(webhooks.clone());
+        }
+        self.router.share_presence(Arc::new(presence));
         self.router.join(cluster);
         Ok(())
     }

@@ -78,6 +78,7 @@ pub struct Metrics {
     pub nats_reconnects: Counter,
     /// Cluster mode: identities this node holds a live subscription for.
     pub cluster_feeds: Gauge,
+    pub cluster_nodes: Gauge,
     /// Cluster mode: events fetched from the stream because live delivery skipped them
     /// (a NATS reconnect, a slow subscription, a subscription still propagating).
     pub cluster_gap_events: Counter,
@@ -153,6 +154,7 @@ impl Metrics {
             nats_connected: Gauge::default(),
             nats_reconnects: Counter::default(),
             cluster_feeds: Gauge::default(),
+            cluster_nodes: Gauge::default(),
             cluster_gap_events: Counter::default(),
             cluster_lag_seconds: Histogram::new(exponential_buckets(50e-6, 1.5, 30)),
             disconnect_watch_restarts: Counter::default(),
@@ -371,6 +373,11 @@ impl Metrics {
             "cluster_feeds",
             "Cluster mode: identities this node subscribes to",
             m.cluster_feeds.clone(),
+        );
+        registry.register(
+            "cluster_nodes",
+            "Cluster mode: gateway processes heartbeating at this node's last look (itself included)",
+            m.cluster_nodes.clone(),
         );
         registry.register(
             "queued_bytes",

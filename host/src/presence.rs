@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -68,19 +68,17 @@ pub async fn presence(
         (Some(bound), _) => Some(bound.clone()),
         (None, asked) => asked,
     };
-    if app.router.cluster().is_some() {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "presence_unsupported",
-            "presence is answered by a single node; in cluster mode each node sees only its \
-             own connections, and this gateway does not combine them yet",
-        ));
-    }
     let identity = Identity {
         tenant,
         user: query.user_id,
     };
-    let connections = app.router.connections_of(&identity);
+    let connections = match app.router.cluster_presence() {
+        // Cluster mode: every node's connections, from the shared record.
+        Some(shared) => shared.connections(&identity).await.map_err(|e| {
+            ApiError::unavailable(format!("presence is unavailable ({e}); retry shortly"))
+        })? as usize,
+        None => app.router.connections_of(&identity),
+    };
     Ok(Json(
         json!({"online": connections > 0, "connections": connections}),
     ))
@@ -183,6 +181,19 @@ impl Webhooks {
             max_pending: config.max_pending,
             metrics,
         }))
+    }
+
+    /// How long an identity stays away before `user.offline` (`offline_after_secs`).
+    pub fn offline_after(&self) -> Duration {
+        self.offline_after
+    }
+
+    /// Queues a webhook for a transition decided elsewhere (cluster mode decides them for
+    /// the whole cluster): `at` is when it happened (Unix seconds), `since` the same on the
+    /// monotonic clock.
+    pub fn post(&self, kind: &'static str, identity: Identity, at: f64, since: Instant) {
+        let mut tracker = self.tracker();
+        self.queue(&mut tracker, kind, identity, (at, since));
     }
 
     fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
@@ -381,7 +392,7 @@ impl Webhooks {
     }
 }
 
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(now_secs() as f64, |d| d.as_secs_f64())

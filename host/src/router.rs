@@ -164,6 +164,9 @@ pub struct Router {
     feeds_opened: AtomicU64,
     /// Told when an identity's first session opens and its last one closes (`[webhooks]`).
     presence: OnceLock<Arc<crate::presence::Webhooks>>,
+    /// Cluster mode: told every change of an identity's sessions here, for presence across
+    /// the cluster (which then decides the webhooks itself).
+    cluster_presence: OnceLock<Arc<crate::cluster::presence::ClusterPresence>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -253,6 +256,7 @@ impl Router {
             cluster: OnceLock::new(),
             feeds_opened: AtomicU64::new(0),
             presence: OnceLock::new(),
+            cluster_presence: OnceLock::new(),
         }
     }
 
@@ -340,6 +344,7 @@ impl Router {
             return Err(Refused::UserLimit(routes.sessions.len()));
         }
         if routes.sessions.is_empty()
+            && self.cluster_presence.get().is_none()
             && let Some(presence) = self.presence.get()
         {
             presence.first_opened(identity);
@@ -357,6 +362,9 @@ impl Router {
             events: tx,
             queue: queue.clone(),
         });
+        if let Some(presence) = self.cluster_presence.get() {
+            presence.changed(identity, routes.sessions.len());
+        }
         drop(shard);
         Ok(Mailbox {
             router: self.clone(),
@@ -400,9 +408,12 @@ impl Router {
             !chosen
         });
         let closed = before - routes.sessions.len();
-        if routes.sessions.is_empty() {
+        let left = routes.sessions.len();
+        if left == 0 {
             shard.remove(identity);
             self.last_closed(identity);
+        } else if let Some(presence) = self.cluster_presence.get() {
+            presence.changed(identity, left);
         }
         closed
     }
@@ -550,10 +561,22 @@ impl Router {
         self.presence.get()
     }
 
+    /// Cluster mode: reports every change of an identity's sessions to `presence` from now on.
+    pub fn share_presence(&self, presence: Arc<crate::cluster::presence::ClusterPresence>) {
+        let _ = self.cluster_presence.set(presence);
+    }
+
+    /// Cluster mode: presence across the cluster.
+    pub fn cluster_presence(&self) -> Option<&Arc<crate::cluster::presence::ClusterPresence>> {
+        self.cluster_presence.get()
+    }
+
     /// The identity's routes were removed, its last session with them: told under the shard
     /// lock, so transitions reach the presence reporter in the order they happened.
     fn last_closed(&self, identity: &Identity) {
-        if let Some(presence) = self.presence.get() {
+        if let Some(presence) = self.cluster_presence.get() {
+            presence.changed(identity, 0);
+        } else if let Some(presence) = self.presence.get() {
             presence.last_closed(identity);
         }
     }
@@ -575,6 +598,8 @@ impl Router {
             if routes.sessions.is_empty() {
                 shard.remove(identity);
                 self.last_closed(identity);
+            } else if let Some(presence) = self.cluster_presence.get() {
+                presence.changed(identity, routes.sessions.len());
             }
         }
     }

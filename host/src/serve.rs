@@ -203,6 +203,11 @@ pub async fn serve_with_ops(
     if let Some(ops) = ops_addr {
         tracing::info!(addr = %ops, "ops endpoints listening");
     }
+    // Cluster mode: this node's heartbeat and presence writes, from before its first
+    // connection (the other nodes sweep only nodes they saw alive).
+    if let Some(presence) = state.router.cluster_presence() {
+        tokio::spawn(presence.clone().run(state.shutdown.clone()));
+    }
     // Said once revocations are loaded and every listener and signal handler is in place:
     // scripts and tests take it as "ready".
     tracing::info!(%addr, "gateway listening");

@@ -23,6 +23,7 @@ pub mod backend;
 pub mod browser;
 pub mod chaos;
 pub mod nats;
+pub mod node;
 pub mod sse;
 
 /// Paths of the guest components `build.rs` built.

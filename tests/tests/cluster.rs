@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use gateway::auth::Claims;
 use gateway::config::{ClusterStorage, Config};
 use gateway_tests::nats::NatsServer;
+use gateway_tests::node::Node;
 use gateway_tests::{Client, TestGateway, WAIT, claims, config, guests, token, wait_until};
 use serde_json::{Value, json};
 
@@ -245,80 +246,6 @@ async fn a_node_authenticates_to_nats_and_a_wrong_token_stops_start_up() {
     let mut client = gw.connect("jack").await;
     let seq = publish_ok(&gw, &event("jack", 1)).await;
     assert_eq!(next_event(&mut client).await, (seq, 1));
-}
-
-/// A gateway node as its own process, so it can be killed with SIGKILL.
-struct Node {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Node {
-    fn spawn(nats_url: &str) -> Node {
-        let exe = std::env::current_exe().unwrap();
-        let binary = exe.parent().unwrap().parent().unwrap().join("gateway");
-        let mut child = std::process::Command::new(&binary)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("GATEWAY_JWT_SECRET", gateway_tests::SECRET)
-            .env("GATEWAY_GUEST", guests::REFERENCE)
-            .env("GATEWAY_CLUSTER__NATS_URL", nats_url)
-            .env("GATEWAY_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let rx = gateway_tests::log_lines(child.stderr.take().unwrap());
-        let deadline = Instant::now() + WAIT * 3;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).expect("the node starts listening");
-            let line = strip_ansi(&line);
-            if line.contains("gateway listening") {
-                let at = line.split("addr=").nth(1).expect("an address");
-                break at
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .expect("a socket address");
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        Node { child, addr }
-    }
-
-    fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A log line without its colour codes.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 async fn ws_connect(url: &str, user: &str) -> Client {

@@ -7,6 +7,7 @@ use gateway::auth::PRESENCE_SCOPE;
 use gateway_tests::backend::{BACKEND_SECRET, Backend, Received};
 use gateway_tests::{Client, TestGateway, claims, config, guests, token, wait_until};
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 fn presence_token(tenant: Option<&str>) -> String {
     let mut c = claims("backend");
@@ -241,26 +242,130 @@ async fn a_receiver_that_is_down_gets_the_webhook_when_back_and_a_refusal_is_giv
     drop((bob, carol));
 }
 
-/// Cluster mode does not combine the nodes' presence yet: the endpoint says so, and a
-/// webhook receiver is refused at start rather than told once per node.
+/// Cluster mode: presence is the cluster's, and each transition is posted once for the
+/// whole cluster. Two nodes; an identity online on one, then both, then neither; a reconnect
+/// on the other node within the debounce does not flap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_mode_refuses_presence_it_cannot_answer_whole() {
+async fn in_cluster_mode_presence_and_webhooks_are_the_clusters() {
     let nats = gateway_tests::nats::NatsServer::start();
-    let mut cfg = config(guests::REFERENCE);
-    cfg.cluster.nats_url = Some(nats.url());
-    let gw = TestGateway::start_with(cfg.clone()).await;
-    let _alice = connect(&gw, "alice").await;
-    let (status, body) = ask(&gw, Some(&presence_token(None)), "user_id=alice").await;
-    assert_eq!(
-        (status, &body["error"]),
-        (501, &json!("presence_unsupported")),
-        "{body}"
-    );
     let receiver = Backend::start(0).await;
-    cfg.webhooks.url = Some(receiver.hooks_url());
-    cfg.webhooks.secret = Some(BACKEND_SECRET.into());
-    let refused = gateway::AppState::new(cfg).unwrap_err().to_string();
-    assert!(refused.contains("webhooks.url"), "{refused}");
+    let mut cfg = hooks_config(&receiver, 2);
+    cfg.cluster.nats_url = Some(nats.url());
+    let a = TestGateway::start_with(cfg.clone()).await;
+    let b = TestGateway::start_with(cfg).await;
+    let asker = presence_token(None);
+    let presence_is = async |gw: &TestGateway, want: Value| {
+        wait_until(&format!("presence {want}"), async || {
+            ask(gw, Some(&asker), "user_id=alice").await == (200, want.clone())
+        })
+        .await;
+    };
+
+    let on_a = connect(&a, "alice").await;
+    let hooks = wait_for_hooks(&receiver, 1).await;
+    assert_eq!(kinds(&hooks), [("user.online".into(), "alice".into())]);
+    assert!(hooks[0].signed);
+    presence_is(&b, json!({"online": true, "connections": 1})).await;
+    let on_b = connect(&b, "alice").await;
+    presence_is(&a, json!({"online": true, "connections": 2})).await;
+    on_a.close().await;
+    presence_is(&b, json!({"online": true, "connections": 1})).await;
+    on_b.close().await;
+    let hooks = wait_for_hooks(&receiver, 2).await;
+    assert_eq!(
+        kinds(&hooks),
+        [
+            ("user.online".into(), "alice".into()),
+            ("user.offline".into(), "alice".into())
+        ]
+    );
+    presence_is(&a, json!({"online": false, "connections": 0})).await;
+
+    // Away from A and back on B within the debounce: no webhook. The window is the debounce
+    // and a second more; B's own close is then the marker that ends it.
+    let on_a = connect(&a, "alice").await;
+    wait_for_hooks(&receiver, 3).await;
+    on_a.close().await;
+    let on_b = connect(&b, "alice").await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(receiver.hooks().len(), 3, "{:?}", kinds(&receiver.hooks()));
+    on_b.close().await;
+    let hooks = wait_for_hooks(&receiver, 4).await;
+    assert_eq!(
+        kinds(&hooks)[2..],
+        [
+            ("user.online".into(), "alice".into()),
+            ("user.offline".into(), "alice".into())
+        ]
+    );
+    assert!(hooks.iter().all(|h| h.signed));
+}
+
+/// A node killed with SIGKILL closes nothing: the other node notices its heartbeat gone,
+/// counts its connections out, and the identities it held go offline once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_identities_go_offline_once() {
+    use gateway_tests::node::Node;
+    let nats = gateway_tests::nats::NatsServer::start();
+    let receiver = Backend::start(0).await;
+    let url = receiver.hooks_url();
+    let env = [
+        ("GATEWAY_WEBHOOKS__URL", url.as_str()),
+        ("GATEWAY_WEBHOOKS__SECRET", BACKEND_SECRET),
+        ("GATEWAY_WEBHOOKS__OFFLINE_AFTER_SECS", "1"),
+    ];
+    let mut doomed = Node::spawn_with(&nats.url(), &env);
+    let survivor = Node::spawn_with(&nats.url(), &env);
+    let metrics = format!("http://{}/metrics", survivor.addr);
+    // The survivor has seen the doomed node heartbeat (it sweeps only nodes it saw alive).
+    wait_until("the survivor to see two nodes", async || {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        text.lines().any(|l| l == "gateway_cluster_nodes 2")
+    })
+    .await;
+    let mut request = doomed.ws_url().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", token(claims("alice")))
+            .parse()
+            .unwrap(),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut alice = Client { ws };
+    assert_eq!(alice.next_json().await.unwrap()["type"], "welcome");
+    wait_for_hooks(&receiver, 1).await;
+
+    doomed.kill();
+    // Its heartbeat expires (6 s), the survivor's next look sees it gone (2 s), then the
+    // debounce (1 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while receiver.hooks().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no user.offline after the node was killed: {:?}",
+            kinds(&receiver.hooks())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let hooks = receiver.hooks();
+    assert_eq!(
+        kinds(&hooks),
+        [
+            ("user.online".into(), "alice".into()),
+            ("user.offline".into(), "alice".into())
+        ]
+    );
+    let survivor_url = format!("http://{}/v1/presence?user_id=alice", survivor.addr);
+    let answer: Value = reqwest::Client::new()
+        .get(survivor_url)
+        .bearer_auth(presence_token(None))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer, json!({"online": false, "connections": 0}));
 }
 
 /// An operator's disconnect ends the identity's last connections too: its `user.offline`

@@ -19,6 +19,7 @@
 //!   per identity, within the stream's duplicate window.
 
 pub mod feed;
+pub mod presence;
 
 use async_nats::jetstream::kv;
 
@@ -241,6 +242,9 @@ pub struct Cluster {
     barriers: Vec<tokio::sync::Mutex<Option<(Instant, u64)>>>,
     /// Operators' disconnects and revocations, so that every node applies them.
     disconnects: kv::Store,
+    /// Presence across the cluster (see `presence.rs`).
+    presence_records: kv::Store,
+    presence_nodes: kv::Store,
     pub node: String,
     /// This process among the nodes: unique even where two nodes share a name.
     pub instance: String,
@@ -374,13 +378,14 @@ impl Cluster {
                     .map_err(|e| stream_err(e.to_string()))?,
             );
         }
-        let bucket = format!("{}_DISCONNECTS", config.stream);
-        let disconnects = js
-            .create_key_value(kv::Config {
+        // One value per key; each bucket named after the stream.
+        let bucket = async |suffix: &str, description: &str, max_age: Duration| {
+            let bucket = format!("{}_{suffix}", config.stream);
+            js.create_key_value(kv::Config {
                 bucket: bucket.clone(),
-                description: "gateway: operators' disconnects and revocations".into(),
+                description: description.into(),
                 history: 1,
-                max_age: Duration::from_secs(crate::auth::MAX_REVOCATION_SECS),
+                max_age,
                 storage: match config.storage {
                     ClusterStorage::File => stream::StorageType::File,
                     ClusterStorage::Memory => stream::StorageType::Memory,
@@ -392,7 +397,22 @@ impl Cluster {
             .map_err(|e| JoinError::Stream {
                 stream: bucket,
                 reason: e.to_string(),
-            })?;
+            })
+        };
+        let disconnects = bucket(
+            "DISCONNECTS",
+            "gateway: operators' disconnects and revocations",
+            Duration::from_secs(crate::auth::MAX_REVOCATION_SECS),
+        )
+        .await?;
+        let presence_records = bucket(
+            "PRESENCE",
+            "gateway: connections per identity and node",
+            Duration::ZERO,
+        )
+        .await?;
+        let presence_nodes =
+            bucket("NODES", "gateway: node heartbeats", presence::NODE_TTL).await?;
         tracing::info!(
             %url,
             stream = %config.stream,
@@ -416,9 +436,22 @@ impl Cluster {
             reads: Semaphore::new(MAX_READS),
             barriers: (0..shards).map(|_| tokio::sync::Mutex::new(None)).collect(),
             disconnects,
+            presence_records,
+            presence_nodes,
             node,
             instance: uuid::Uuid::new_v4().simple().to_string(),
         }))
+    }
+
+    /// This node's part in the cluster's presence.
+    pub fn presence(&self) -> presence::ClusterPresence {
+        presence::ClusterPresence::new(
+            self.presence_records.clone(),
+            self.presence_nodes.clone(),
+            self.instance.clone(),
+            self.request_timeout,
+            self.metrics.clone(),
+        )
     }
 
     /// Whether the NATS connection is up; why not, when it is not.

@@ -813,7 +813,7 @@ impl Config {
         self.tls.validate()?;
         self.streams.validate()?;
         self.rpc.validate(self.limits.max_message_bytes)?;
-        self.webhooks.validate(self.cluster.nats_url().is_some())?;
+        self.webhooks.validate()?;
         self.cluster.validate(&self.history)
     }
 

@@ -54,7 +54,7 @@ impl Webhooks {
         self.url.as_deref().map(str::trim).filter(|u| !u.is_empty())
     }
 
-    pub fn validate(&self, cluster: bool) -> Result<(), Invalid> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         for (key, value, min, max) in [
             (
                 "webhooks.offline_after_secs",
@@ -92,14 +92,6 @@ impl Webhooks {
         let Some(url) = self.url() else {
             return Ok(());
         };
-        if cluster {
-            return Err(invalid(
-                "webhooks.url",
-                &url,
-                "not yet in cluster mode: each node sees only its own connections, and a \
-                 transition must be posted once for the whole cluster",
-            ));
-        }
         if !url.starts_with("http://") || url.len() <= "http://".len() {
             return Err(invalid(
                 "webhooks.url",
@@ -141,24 +133,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_receiver_needs_a_long_secret_plain_http_and_one_node() {
+    fn a_receiver_needs_a_long_secret_and_plain_http() {
         let mut hooks = Webhooks {
             url: Some("http://127.0.0.1:9000/hooks".into()),
             ..Webhooks::default()
         };
-        assert_eq!(hooks.validate(false).unwrap_err().key, "webhooks.secret");
+        assert_eq!(hooks.validate().unwrap_err().key, "webhooks.secret");
         hooks.secret = Some("s".repeat(32));
-        hooks.validate(false).unwrap();
-        assert_eq!(hooks.validate(true).unwrap_err().key, "webhooks.url");
+        hooks.validate().unwrap();
         hooks.url = Some("https://receiver/hooks".into());
-        assert_eq!(hooks.validate(false).unwrap_err().key, "webhooks.url");
+        assert_eq!(hooks.validate().unwrap_err().key, "webhooks.url");
         hooks.url = None;
-        hooks.validate(true).unwrap();
+        hooks.validate().unwrap();
         hooks.max_attempts = 0;
-        assert_eq!(
-            hooks.validate(false).unwrap_err().key,
-            "webhooks.max_attempts"
-        );
+        assert_eq!(hooks.validate().unwrap_err().key, "webhooks.max_attempts");
         assert!(!format!("{hooks:?}").contains(&"s".repeat(32)));
     }
 }
