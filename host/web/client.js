@@ -297,6 +297,7 @@ export class GatewayClient {
   close() {
     this.#stopped = true;
     this.#generation += 1;
+    this.#freshToken = null;
     this.#waiting = false;
     globalThis.removeEventListener?.("online", this.#onOnline);
     clearTimeout(this.#retryTimer);

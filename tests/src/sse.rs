@@ -31,6 +31,8 @@ pub struct SseClient {
     ready: VecDeque<SseEvent>,
     /// Comment lines seen (the gateway's heartbeats).
     pub comments: usize,
+    /// The response's `Access-Control-Allow-Origin`.
+    pub allow_origin: Option<String>,
     ended: bool,
 }
 
@@ -95,7 +97,13 @@ impl SseClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         assert_eq!(content_type, "text/event-stream");
+        let allow_origin = response
+            .headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         Ok(SseClient {
+            allow_origin,
             response,
             buffer: String::new(),
             ready: VecDeque::new(),

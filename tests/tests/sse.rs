@@ -57,6 +57,8 @@ async fn events_arrive_as_sse_events_and_last_event_id_resumes_after_the_last_on
     let gw = TestGateway::start().await;
     let alice = gw.token("alice");
     let mut stream = open(&gw, Open::bearer(&alice)).await;
+    // Readable by an EventSource on another origin (no allowed_origins list here).
+    assert_eq!(stream.allow_origin.as_deref(), Some("*"));
     let mut seqs = Vec::new();
     for kind in ["agent_started", "tool_executing", "agent_completed"] {
         // Another identity's events in between: none may reach alice's stream.

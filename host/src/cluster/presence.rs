@@ -12,9 +12,12 @@
 //! identity online without a webhook.
 //!
 //! A node killed without closing its connections stops heartbeating in `<stream>_NODES`
-//! (a key per process that expires after [`NODE_TTL`]); the nodes that saw it alive then
-//! count it out and sweep its entries from every record, so its identities go offline once.
-//! A drained node deletes its heartbeat as it leaves.
+//! (a key per process that expires after [`NODE_TTL`]); the other nodes then count it out
+//! and sweep its entries from every record, so its identities go offline once. A drained
+//! node deletes its heartbeat as it leaves. Every node also scans all records now and then
+//! ([`SCAN_EVERY`]): entries of processes not heartbeating (also ones no living node ever
+//! saw, after a whole cluster restarted) are swept, and an offline whose checking node went
+//! away before its debounce ended is posted by whichever node gets there first.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -34,8 +37,11 @@ use crate::presence::{Webhooks, unix_now};
 
 /// How often a node renews its heartbeat and lists the others'.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// A heartbeat not renewed for this long is gone: its node counts as dead.
-pub const NODE_TTL: Duration = Duration::from_secs(6);
+/// A heartbeat not renewed for this long is gone: its node counts as dead. Several beats
+/// and request timeouts long, so a node that is only slow is not counted out.
+pub const NODE_TTL: Duration = Duration::from_secs(15);
+/// How often every record is looked at (see the module's comment).
+const SCAN_EVERY: Duration = Duration::from_secs(60);
 /// Compare-and-set attempts before a write is left for the next round.
 const WRITE_TRIES: usize = 16;
 /// A write or check NATS did not take is tried again after this.
@@ -104,8 +110,16 @@ pub struct ClusterPresence {
     wake: Notify,
     /// Node processes seen heartbeating at the last listing.
     seen: Mutex<HashSet<String>>,
-    /// Node processes seen alive once and gone since: their counts no longer count.
+    /// Node processes found in records but not heartbeating at the last listing, with when
+    /// they were first found so: dead if still absent from a listing made after that.
+    suspects: Mutex<HashMap<String, Instant>>,
+    /// Node processes gone: their counts no longer count (until one heartbeats again).
     dead: Mutex<HashSet<String>>,
+    /// This node's own counts, to write again after its heartbeat lapsed (the others may
+    /// have counted it out meanwhile).
+    local: Mutex<HashMap<Identity, u32>>,
+    /// Nodes to sweep now, from the heartbeat task.
+    gone: Mutex<Vec<String>>,
     webhooks: Option<Arc<Webhooks>>,
     offline_after: Duration,
     request_timeout: Duration,
@@ -135,7 +149,10 @@ impl ClusterPresence {
             dirty: Mutex::default(),
             wake: Notify::new(),
             seen: Mutex::default(),
+            suspects: Mutex::default(),
             dead: Mutex::default(),
+            local: Mutex::default(),
+            gone: Mutex::default(),
             webhooks: None,
             offline_after: Duration::ZERO,
             request_timeout,
@@ -154,6 +171,10 @@ impl ClusterPresence {
     /// its shard lock, so counts arrive in order; the write happens in [`Self::run`].
     pub fn changed(&self, identity: &Identity, count: usize) {
         let count = u32::try_from(count).unwrap_or(u32::MAX);
+        match count {
+            0 => lock(&self.local).remove(identity),
+            n => lock(&self.local).insert(identity.clone(), n),
+        };
         lock(&self.dirty).insert(identity.clone(), count);
         self.wake.notify_one();
     }
@@ -165,25 +186,28 @@ impl ClusterPresence {
         Ok(entry.map_or(0, |(record, _)| record.total(&dead)))
     }
 
-    /// Renews this node's heartbeat, writes the counts that changed, sweeps dead nodes and
-    /// posts offlines as they fall due, until shutdown; then leaves (the heartbeat goes, so
-    /// the others sweep what this node's connections left).
+    /// Renews this node's heartbeat (its own task: nothing here may delay it), writes the
+    /// counts that changed, sweeps dead nodes and posts offlines as they fall due, until
+    /// shutdown; then leaves (the heartbeat goes, so the others sweep what this node's
+    /// connections left).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        // Before the first write: no record names this node before its heartbeat exists.
+        self.beat().await;
+        tokio::spawn(self.clone().heartbeat(shutdown.clone()));
+        tokio::spawn(self.clone().scan_now_and_then(shutdown.clone()));
         let mut due: VecDeque<(Instant, Identity)> = VecDeque::new();
         let mut retry: Option<Instant> = None;
         loop {
             let next_due = due.iter().map(|(at, _)| *at).min();
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                _ = heartbeat.tick() => {
-                    for gone in self.beat().await {
-                        self.sweep(&gone, &mut due).await;
-                    }
-                }
                 () = self.wake.notified() => {}
                 () = sleep_until(next_due), if next_due.is_some() => {}
                 () = sleep_until(retry), if retry.is_some() => retry = None,
+            }
+            let gone = std::mem::take(&mut *lock(&self.gone));
+            if !gone.is_empty() {
+                self.scan(&mut due).await;
             }
             if !self.write_dirty(&mut due).await {
                 retry = Some(Instant::now() + RETRY_AFTER);
@@ -192,6 +216,9 @@ impl ClusterPresence {
             let (ready, waiting): (Vec<_>, Vec<_>) = due.drain(..).partition(|(at, _)| *at <= now);
             due.extend(waiting);
             for (_, identity) in ready {
+                if due.iter().any(|(_, waiting)| *waiting == identity) {
+                    continue; // a later check of the same identity is queued
+                }
                 match self.check_offline(&identity).await {
                     Ok(None) => {}
                     Ok(Some(later)) => due.push_back((later, identity)),
@@ -203,6 +230,50 @@ impl ClusterPresence {
             }
         }
         let _ = tokio::time::timeout(self.request_timeout, self.nodes.delete(&self.instance)).await;
+    }
+
+    /// Beats every [`HEARTBEAT`]; after a lapse long enough for the others to have counted
+    /// this node out, writes all its counts again.
+    async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if !self.beat().await {
+                continue;
+            }
+            if last.elapsed() >= NODE_TTL.saturating_sub(HEARTBEAT) {
+                tracing::warn!("presence: this node's heartbeat lapsed; writing its counts again");
+                let local = lock(&self.local).clone();
+                lock(&self.dirty).extend(local);
+            }
+            last = Instant::now();
+            self.wake.notify_one();
+        }
+    }
+
+    /// Looks at every record every [`SCAN_EVERY`].
+    async fn scan_now_and_then(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(SCAN_EVERY);
+        tick.tick().await; // the first look is a period after start
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let mut due = VecDeque::new();
+            self.scan(&mut due).await;
+            // Offlines found due, or falling due soon, are checked here.
+            while let Some((at, identity)) = due.pop_front() {
+                tokio::time::sleep_until(at).await;
+                if let Ok(Some(later)) = self.check_offline(&identity).await {
+                    due.push_back((later, identity));
+                }
+            }
+        }
     }
 
     /// Writes every count that changed; false if some must be tried again.
@@ -284,6 +355,7 @@ impl ClusterPresence {
                 ),
                 (None, None) => return Ok(Written::default()),
             };
+            self.suspect_strangers(&record);
             let dead = lock(&self.dead).clone();
             let before = record.total(&dead);
             change(&mut record, &self.instance);
@@ -354,16 +426,18 @@ impl ClusterPresence {
         Err(Unavailable("the presence record kept changing".into()))
     }
 
-    /// Renews this node's heartbeat and lists the others'; returns the nodes that were
-    /// alive at the last listing and are gone now.
-    async fn beat(&self) -> Vec<String> {
+    /// Renews this node's heartbeat and lists the others'. Nodes seen before (or found in
+    /// records since an earlier listing) and absent now are dead, and queued to be swept;
+    /// a node heartbeating again is alive again. False if NATS did not answer.
+    async fn beat(&self) -> bool {
+        let started = Instant::now();
         let now = unix_now().to_string();
         let put = self.nodes.put(&self.instance, now.into_bytes().into());
-        if tokio::time::timeout(self.request_timeout, put)
-            .await
-            .is_err()
-        {
-            return Vec::new();
+        if !matches!(
+            tokio::time::timeout(self.request_timeout, put).await,
+            Ok(Ok(_))
+        ) {
+            return false;
         }
         let listing = async {
             let mut keys = self.nodes.keys().await.ok()?;
@@ -374,44 +448,87 @@ impl ClusterPresence {
             Some(alive)
         };
         let Ok(Some(alive)) = tokio::time::timeout(self.request_timeout, listing).await else {
-            return Vec::new();
+            return false;
         };
         self.metrics.cluster_nodes.set(alive.len() as i64);
-        let mut seen = lock(&self.seen);
-        let gone: Vec<String> = seen
-            .iter()
-            .filter(|node| !alive.contains(*node) && **node != self.instance)
-            .cloned()
-            .collect();
-        *seen = alive;
-        drop(seen);
+        let mut gone: Vec<String> = {
+            let seen = lock(&self.seen);
+            seen.iter()
+                .filter(|node| !alive.contains(*node) && **node != self.instance)
+                .cloned()
+                .collect()
+        };
+        {
+            let mut suspects = lock(&self.suspects);
+            suspects.retain(|node, found| {
+                if alive.contains(node) {
+                    return false;
+                }
+                if *found < started {
+                    gone.push(node.clone());
+                    return false;
+                }
+                true
+            });
+        }
+        let mut dead = lock(&self.dead);
+        dead.retain(|node| !alive.contains(node));
+        gone.retain(|node| dead.insert(node.clone()));
+        drop(dead);
+        *lock(&self.seen) = alive;
         if !gone.is_empty() {
             tracing::info!(nodes = ?gone, "presence: nodes stopped heartbeating; their connections are counted out");
-            lock(&self.dead).extend(gone.iter().cloned());
+            lock(&self.gone).extend(gone);
+            self.wake.notify_one();
         }
-        gone
+        true
     }
 
-    /// Removes a dead node's counts from every record that has them.
-    async fn sweep(&self, gone: &str, due: &mut VecDeque<(Instant, Identity)>) {
-        let Ok(mut keys) = self.records.keys().await else {
-            return; // the next write of each record drops the dead node's count anyway
-        };
-        let mut keys_held = Vec::new();
-        while let Some(Ok(key)) = keys.next().await {
-            keys_held.push(key);
+    /// Notes the node processes a record names that were not heartbeating at the last
+    /// listing (a node that started since, or one that died before this node saw it).
+    fn suspect_strangers(&self, record: &Record) {
+        let seen = lock(&self.seen);
+        if seen.is_empty() {
+            return; // no listing yet
         }
-        for key in keys_held {
+        let dead = lock(&self.dead);
+        let mut suspects = lock(&self.suspects);
+        for node in record.nodes.keys() {
+            if !seen.contains(node) && !dead.contains(node) && *node != self.instance {
+                suspects.entry(node.clone()).or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// Looks at every record: counts of dead nodes are swept (and strangers noted), and an
+    /// identity left at 0 and still announced gets its offline check queued.
+    async fn scan(&self, due: &mut VecDeque<(Instant, Identity)>) {
+        let listing = async {
+            let mut keys = self.records.keys().await.ok()?;
+            let mut all = Vec::new();
+            while let Some(key) = keys.next().await {
+                all.push(key.ok()?);
+            }
+            Some(all)
+        };
+        let Ok(Some(keys)) = tokio::time::timeout(self.request_timeout * 4, listing).await else {
+            tracing::debug!("presence: cannot list the records; the next scan tries again");
+            return;
+        };
+        for key in keys {
             let Ok(Some((record, _))) = self.entry(&key).await else {
                 continue;
             };
-            if !record.nodes.contains_key(gone) {
-                continue;
-            }
+            self.suspect_strangers(&record);
+            let dead = lock(&self.dead).clone();
             let identity = record.identity();
-            match self.update(&key, None, |_, _| {}).await {
-                Ok(written) => self.after_write(identity, written, due),
-                Err(err) => tracing::debug!(error = %err, "presence: sweep write failed"),
+            if record.nodes.keys().any(|node| dead.contains(node)) {
+                match self.update(&key, None, |_, _| {}).await {
+                    Ok(written) => self.after_write(identity, written, due),
+                    Err(err) => tracing::debug!(error = %err, "presence: sweep write failed"),
+                }
+            } else if record.online && record.total(&dead) == 0 {
+                due.push_back((Instant::now(), identity));
             }
         }
     }

@@ -77,9 +77,22 @@ pub async fn connect_sse(
     {
         query.insert("since".into(), id.to_owned());
     }
+    // An EventSource on another origin reads the stream only with CORS: the origin, already
+    // checked against `auth.allowed_origins` (or any, when that list is empty, as for /ws).
+    let allow_origin = headers
+        .get(axum::http::header::ORIGIN)
+        .cloned()
+        .unwrap_or(axum::http::HeaderValue::from_static("*"));
     let admitted = match admit(&app, &headers, &query, frames) {
         Ok(admitted) => admitted,
-        Err(refusal) => return refusal.into_response(),
+        Err(refusal) => {
+            let mut response = refusal.into_response();
+            response.headers_mut().insert(
+                axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                allow_origin,
+            );
+            return response;
+        }
     };
     let span = tracing::info_span!(
         "session",
@@ -100,6 +113,10 @@ pub async fn connect_sse(
         Some((Ok::<_, std::convert::Infallible>(chunk), body))
     });
     (
+        [(
+            axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            allow_origin,
+        )],
         [
             (axum::http::header::CONTENT_TYPE, "text/event-stream"),
             (axum::http::header::CACHE_CONTROL, "no-cache, no-transform"),
