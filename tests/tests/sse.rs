@@ -238,7 +238,13 @@ async fn streams_hold_no_http_slot_and_get_heartbeats() {
     drop(streams);
     gw.wait_metric("gateway_sse_sessions_live", 0.0).await;
     gw.wait_metric("gateway_sessions_live", 0.0).await;
-    assert_eq!(gw.state.metrics.closes_for("client"), 4);
+    // A stream's end is seen by the session as the client going away, or as a failed write
+    // when a heartbeat got there first.
+    let metrics = &gw.state.metrics;
+    assert_eq!(
+        metrics.closes_for("client") + metrics.closes_for("transport"),
+        4
+    );
 }
 
 /// Cluster mode: events published on one node reach a stream on the other, and a stream

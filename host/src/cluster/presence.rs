@@ -61,6 +61,10 @@ struct Record {
     /// When the total last went to 0 (Unix seconds): the debounce runs from here.
     #[serde(default)]
     closed_at: f64,
+    /// Names the write that last changed `online`: a node whose write NATS applied without
+    /// acknowledging it in time finds its own mark and posts the webhook after all.
+    #[serde(default)]
+    mark: Option<String>,
 }
 
 impl Record {
@@ -120,6 +124,9 @@ pub struct ClusterPresence {
     local: Mutex<HashMap<Identity, u32>>,
     /// Nodes to sweep now, from the heartbeat task.
     gone: Mutex<Vec<String>>,
+    /// Per identity, the mark of this node's last write that changed `online` and that NATS
+    /// did not acknowledge in time.
+    uncertain: Mutex<HashMap<Identity, String>>,
     webhooks: Option<Arc<Webhooks>>,
     offline_after: Duration,
     request_timeout: Duration,
@@ -153,6 +160,7 @@ impl ClusterPresence {
             dead: Mutex::default(),
             local: Mutex::default(),
             gone: Mutex::default(),
+            uncertain: Mutex::default(),
             webhooks: None,
             offline_after: Duration::ZERO,
             request_timeout,
@@ -350,12 +358,20 @@ impl ClusterPresence {
                         nodes: BTreeMap::new(),
                         online: false,
                         closed_at: 0.0,
+                        mark: None,
                     },
                     None,
                 ),
                 (None, None) => return Ok(Written::default()),
             };
             self.suspect_strangers(&record);
+            // An earlier write of ours that NATS took without acknowledging it: its webhook
+            // is still to post.
+            let landed = identity.is_some_and(|identity| self.uncertain_landed(identity, &record));
+            if landed && !record.online {
+                self.post_offline(&record);
+            }
+            let landed = landed && record.online;
             let dead = lock(&self.dead).clone();
             let before = record.total(&dead);
             change(&mut record, &self.instance);
@@ -363,10 +379,16 @@ impl ClusterPresence {
                 .nodes
                 .retain(|node, n| *n > 0 && !dead.contains(node));
             let after = record.total(&dead);
-            let mut written = Written::default();
+            let mut written = Written {
+                announce: landed,
+                check_at: None,
+            };
+            let mut mark = None;
             if after > 0 && !record.online {
                 record.online = true;
                 written.announce = true;
+                mark = Some(uuid::Uuid::new_v4().simple().to_string());
+                record.mark = mark.clone();
             }
             if after == 0 && before > 0 {
                 record.closed_at = unix_now();
@@ -386,12 +408,24 @@ impl ClusterPresence {
             match result {
                 Ok(true) => return Ok(written),
                 Ok(false) => continue, // another node wrote in between
-                Err(err) => return Err(err),
+                Err(err) => {
+                    if let (Some(mark), Some(identity)) = (mark, identity) {
+                        lock(&self.uncertain).insert(identity.clone(), mark);
+                    }
+                    return Err(err);
+                }
             }
         }
         Err(Unavailable(
             "the presence record kept changing under concurrent writes".into(),
         ))
+    }
+
+    /// Whether this node's unacknowledged write for `identity` is the one `record` shows
+    /// (forgotten either way: a record without its mark never got it, or it was replaced).
+    fn uncertain_landed(&self, identity: &Identity, record: &Record) -> bool {
+        let mark = lock(&self.uncertain).remove(identity);
+        mark.is_some() && mark == record.mark
     }
 
     /// `offline_after` past the last close: `user.offline` if the identity is still away
@@ -400,9 +434,14 @@ impl ClusterPresence {
     async fn check_offline(&self, identity: &Identity) -> Result<Option<Instant>, Unavailable> {
         let key = key_of(identity);
         for _ in 0..WRITE_TRIES {
-            let Some((record, revision)) = self.entry(&key).await? else {
+            let Some((mut record, revision)) = self.entry(&key).await? else {
+                lock(&self.uncertain).remove(identity);
                 return Ok(None); // another node finished it
             };
+            if self.uncertain_landed(identity, &record) && !record.online {
+                self.post_offline(&record); // our earlier write took after all
+                return Ok(None);
+            }
             let dead = lock(&self.dead).clone();
             if record.total(&dead) > 0 || !record.online {
                 return Ok(None);
@@ -411,19 +450,33 @@ impl ClusterPresence {
             if left > 0.0 {
                 return Ok(Some(Instant::now() + Duration::from_secs_f64(left)));
             }
-            match self.delete(&key, revision).await? {
-                true => {
-                    if let Some(webhooks) = &self.webhooks {
-                        let ago = Duration::from_secs_f64((unix_now() - record.closed_at).max(0.0));
-                        let since = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
-                        webhooks.post("user.offline", record.identity(), record.closed_at, since);
-                    }
+            // Marked offline, not deleted, so that a write NATS takes without acknowledging
+            // it can be recognised; the record goes at its next write or the next scan.
+            let mark = uuid::Uuid::new_v4().simple().to_string();
+            record.online = false;
+            record.mark = Some(mark.clone());
+            record.nodes.clear();
+            match self.put(&key, &record, Some(revision)).await {
+                Ok(true) => {
+                    self.post_offline(&record);
                     return Ok(None);
                 }
-                false => continue,
+                Ok(false) => continue,
+                Err(err) => {
+                    lock(&self.uncertain).insert(identity.clone(), mark);
+                    return Err(err);
+                }
             }
         }
         Err(Unavailable("the presence record kept changing".into()))
+    }
+
+    fn post_offline(&self, record: &Record) {
+        if let Some(webhooks) = &self.webhooks {
+            let ago = Duration::from_secs_f64((unix_now() - record.closed_at).max(0.0));
+            let since = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+            webhooks.post("user.offline", record.identity(), record.closed_at, since);
+        }
     }
 
     /// Renews this node's heartbeat and lists the others'. Nodes seen before (or found in
@@ -527,8 +580,14 @@ impl ClusterPresence {
                     Ok(written) => self.after_write(identity, written, due),
                     Err(err) => tracing::debug!(error = %err, "presence: sweep write failed"),
                 }
-            } else if record.online && record.total(&dead) == 0 {
-                due.push_back((Instant::now(), identity));
+            } else if record.total(&dead) == 0 {
+                match record.online {
+                    true => due.push_back((Instant::now(), identity)),
+                    // Announced offline: the record goes (unless written meanwhile).
+                    false => {
+                        let _ = self.update(&key, None, |_, _| {}).await;
+                    }
+                }
             }
         }
     }

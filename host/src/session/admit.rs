@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
-use super::link::{Link, SSE_QUEUE};
+use super::link::{Link, sse_stream};
 use super::run;
 use crate::AppState;
 use crate::api::{ApiError, refuse};
@@ -105,13 +105,11 @@ pub async fn connect_sse(
     if let Some(axum::Extension(slot)) = slot {
         slot.release();
     }
-    let (stream, body) = tokio::sync::mpsc::channel::<axum::body::Bytes>(SSE_QUEUE);
+    // What a WebSocket's write buffer may hold (`max_write_buffer_size` on /ws).
+    let limits = &app.config.limits;
+    let (stream, body) = sse_stream(limits.write_buffer_bytes + limits.max_message_bytes * 2);
     let tracker = app.sessions.clone();
     tokio::spawn(tracker.track_future(run(Link::Sse(stream), app, admitted).instrument(span)));
-    let body = futures_util::stream::unfold(body, |mut body| async move {
-        let chunk = body.recv().await?;
-        Some((Ok::<_, std::convert::Infallible>(chunk), body))
-    });
     (
         [(
             axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN,

@@ -9,17 +9,69 @@
 //! from with `Last-Event-ID`); a binary frame is `event: binary` with base64 data. The close
 //! a WebSocket would get is an `event: close` with `{"code","reason"}`, then the stream ends.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use base64::Engine;
-use futures_util::SinkExt;
-use tokio::sync::mpsc;
+use futures_util::{SinkExt, Stream};
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::sandbox::Frame;
 
-/// Writes an SSE stream has queued but the client has not read yet, each one write's frames.
-/// With the write timeout, this is what bounds a slow SSE reader's memory.
-pub(super) const SSE_QUEUE: usize = 8;
+/// The session's end of an SSE response body. A write waits while the bytes the HTTP layer
+/// has not taken yet reach the budget, as a WebSocket write waits on its full write buffer;
+/// with the write timeout, this is what bounds a slow SSE reader's memory.
+pub(super) struct SseSender {
+    chunks: mpsc::UnboundedSender<Bytes>,
+    room: Arc<Semaphore>,
+    budget: usize,
+}
+
+impl SseSender {
+    async fn send(&self, chunk: Bytes) -> Result<(), Broken> {
+        let permits = permits(chunk.len(), self.budget);
+        self.room
+            .acquire_many(permits)
+            .await
+            .map_err(|_| Broken)?
+            .forget();
+        self.chunks.send(chunk).map_err(|_| Broken)
+    }
+}
+
+/// A chunk's share of the budget: its length, at most the whole budget (a frame larger than
+/// the budget waits for an empty queue instead of forever).
+fn permits(len: usize, budget: usize) -> u32 {
+    u32::try_from(len.clamp(1, budget.max(1))).unwrap_or(u32::MAX)
+}
+
+/// An SSE stream: the sender the session writes to, and the body the response reads from
+/// (`budget` bytes at most queued between them).
+pub(super) fn sse_stream(
+    budget: usize,
+) -> (
+    SseSender,
+    impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+) {
+    let budget = budget.clamp(1, u32::MAX as usize);
+    let (chunks, taken) = mpsc::unbounded_channel::<Bytes>();
+    let room = Arc::new(Semaphore::new(budget));
+    let body =
+        futures_util::stream::unfold((taken, room.clone()), move |(mut taken, room)| async move {
+            let chunk = taken.recv().await?;
+            room.add_permits(permits(chunk.len(), budget) as usize);
+            Some((Ok(chunk), (taken, room)))
+        });
+    (
+        SseSender {
+            chunks,
+            room,
+            budget,
+        },
+        body,
+    )
+}
 
 // Unboxed: the WebSocket is the common case, and boxing it would cost every connection an
 // allocation to save an SSE session a few hundred bytes.
@@ -27,7 +79,7 @@ pub(super) const SSE_QUEUE: usize = 8;
 pub(super) enum Link {
     WebSocket(WebSocket),
     /// The response body reads from the other end; it is dropped when the client goes.
-    Sse(mpsc::Sender<Bytes>),
+    Sse(SseSender),
 }
 
 /// The transport failed; the session ends as `End::Transport`.
@@ -39,7 +91,7 @@ impl Link {
         match self {
             Link::WebSocket(socket) => socket.recv().await,
             Link::Sse(stream) => {
-                stream.closed().await;
+                stream.chunks.closed().await;
                 None
             }
         }
@@ -190,6 +242,32 @@ mod tests {
             1,
             "one event, ended once: {out}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_waits_while_the_unread_bytes_fill_the_budget() {
+        use futures_util::StreamExt;
+        let (sender, body) = sse_stream(10);
+        let mut body = Box::pin(body);
+        sender
+            .send(Bytes::from_static(b"123456"))
+            .await
+            .ok()
+            .unwrap();
+        // 6 + 6 > 10: the second write waits for the first to be taken.
+        let second = sender.send(Bytes::from_static(b"abcdef"));
+        tokio::pin!(second);
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), &mut second).await;
+        assert!(waited.is_err(), "the second write went past the budget");
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], b"123456");
+        second.await.ok().unwrap();
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], b"abcdef");
+        // Larger than the whole budget: it waits for an empty queue, not forever.
+        sender.send(Bytes::from(vec![b'x'; 64])).await.ok().unwrap();
+        assert_eq!(body.next().await.unwrap().unwrap().len(), 64);
+        // The body gone (the client went): writes fail.
+        drop(body);
+        assert!(sender.send(Bytes::from_static(b"z")).await.is_err());
     }
 
     #[test]
