@@ -247,6 +247,8 @@ pub enum TrialError {
 
 /// Instances the trial keeps alive at once to measure what one costs.
 const TRIAL_INSTANCES: usize = 16;
+/// Wall-clock bound on a trial call (see `Sandbox::trial`).
+const TRIAL_WALL: Duration = Duration::from_secs(30);
 
 /// The compiled guest, shared by every connection.
 #[derive(Clone)]
@@ -571,6 +573,11 @@ impl Sandbox {
         // Counted apart: the trial's instances are not connections.
         let mut sandbox = self.clone();
         sandbox.metrics = Arc::new(Metrics::new());
+        // The CPU budget holds as for any call; the wall-clock bound, which protects the
+        // workers of a running node, does not: at start-up the machine may be busy with
+        // anything (other processes compiling guests), and a trial preempted for a second
+        // says nothing about the guest.
+        sandbox.limits.wall = sandbox.limits.wall.max(TRIAL_WALL);
         let resident_before = resident_bytes();
         let mut live = Vec::with_capacity(TRIAL_INSTANCES);
         let mut times = Vec::with_capacity(TRIAL_INSTANCES);
