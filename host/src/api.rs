@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::{AuthError, Identity, PUBLISH_SCOPE, STATS_SCOPE, bearer};
-use crate::cluster::{Cluster, Stored, Unavailable};
+use crate::cluster::{Cluster, PendingAck, Stored, Unavailable};
 use crate::router::{Publication, Receipt};
 use crate::streams::{MESSAGE_KIND, MessageOp, MessageRequest, Refusal, escaped_len};
 
@@ -247,7 +247,15 @@ pub async fn publish(
     check_backlog(&app)?;
     let identity = publication.identity.clone();
     let receipt = match app.router.cluster() {
-        Some(_) if publication.message.is_some() => return Err(no_messages_in_cluster()),
+        Some(cluster) if publication.message.is_some() => {
+            let stored = cluster
+                .publish_message(&publication, key.as_deref())
+                .await
+                .map_err(|e| log_unavailable(&app, e))?
+                .map_err(ApiError::message)?;
+            app.metrics.events_published.inc();
+            PublishReceipt::stored(&identity, stored)
+        }
         Some(cluster) => {
             let stored = cluster
                 .publish(&publication, key.as_deref())
@@ -294,9 +302,6 @@ pub async fn publish_batch(
         .collect::<Result<Vec<_>, ApiError>>()?;
     check_backlog(&app)?;
     if let Some(cluster) = app.router.cluster() {
-        if publications.iter().any(|(p, _)| p.message.is_some()) {
-            return Err(no_messages_in_cluster());
-        }
         return publish_to_cluster(&app, cluster, publications).await;
     }
     let receipts: Vec<(Identity, Result<Receipt, Refusal>)> = publications
@@ -314,9 +319,6 @@ pub async fn publish_batch(
             .collect();
         return Ok(Json(BatchReceipt { results }).into_response());
     }
-    // Message ops are checked against their message as they are applied, so some of a
-    // batch may be refused after others were published: every event's own result says
-    // which (the published ones are not undone; retrying them answers `duplicate`).
     let results: Vec<Value> = receipts
         .into_iter()
         .map(|(identity, r)| match r {
@@ -324,27 +326,23 @@ pub async fn publish_batch(
             Err(refusal) => ApiError::message(refusal).body(),
         })
         .collect();
-    let status = StatusCode::CONFLICT;
+    Ok(refused_in_batch(refused, Value::Array(results)))
+}
+
+/// Message ops are checked against their message as they are applied, so some of a batch
+/// may be refused after others were published: every event's own result says which (the
+/// published ones are not undone; retrying them answers `duplicate`).
+fn refused_in_batch(refused: usize, results: Value) -> Response {
+    let events = results.as_array().map_or(0, Vec::len);
     let body = json!({
         "error": "message_refused",
         "reason": format!(
-            "{refused} of {} events were refused (message ops that do not fit their message);              `results` says which and why, the others were published",
-            results.len()
+            "{refused} of {events} events were refused (message ops that do not fit their \
+             message); `results` says which and why, the others were published"
         ),
         "results": results,
     });
-    Ok((status, Json(body)).into_response())
-}
-
-/// Message ops need the embedded log for now; a cluster refuses them instead of storing
-/// appends no node could fold.
-fn no_messages_in_cluster() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "messages_unsupported",
-        "message ops (AI output streams) are served by the embedded log; this node runs in \
-         cluster mode, which does not take them yet: publish the text as plain events",
-    )
+    (StatusCode::CONFLICT, Json(body)).into_response()
 }
 
 /// One event's outcome in a cluster batch.
@@ -352,29 +350,49 @@ fn no_messages_in_cluster() -> ApiError {
 #[serde(untagged)]
 enum BatchResult<'a> {
     Stored(PublishReceipt<'a>),
-    Failed { error: &'static str, reason: String },
+    Failed {
+        error: &'static str,
+        reason: String,
+    },
+    /// A message op that does not fit its message.
+    Refused(Value),
 }
 
 /// A batch in cluster mode: every event is sent, then the stream's answers are awaited in
-/// order, so the batch costs about one round trip. When some event is not acknowledged, the
-/// answer is 503 with every event's own result, so that a publisher retries those that
-/// failed and never stores the others twice (a retry with idempotency keys is safe either
-/// way).
+/// order, so the batch costs about one round trip. A message op is stored in its turn (it
+/// is checked against everything of its identity stored before it). When some event is not
+/// acknowledged, the answer is 503 with every event's own result, so that a publisher
+/// retries those that failed and never stores the others twice (a retry with idempotency
+/// keys is safe either way); when every event was acknowledged or refused but some message
+/// op was refused, 409 with every event's result, as on one node.
 async fn publish_to_cluster(
     app: &AppState,
     cluster: &Cluster,
     publications: Vec<(Publication, Option<String>)>,
 ) -> Result<Response, ApiError> {
+    enum Sent {
+        Event(Result<PendingAck, Unavailable>),
+        Message(Result<Result<Stored, Refusal>, Unavailable>),
+    }
     let mut sent = Vec::with_capacity(publications.len());
     for (publication, key) in &publications {
-        sent.push(cluster.send(publication, key.as_deref()).await);
+        sent.push(match publication.message {
+            Some(_) => Sent::Message(cluster.publish_message(publication, key.as_deref()).await),
+            None => Sent::Event(cluster.send(publication, key.as_deref()).await),
+        });
     }
     let mut results = Vec::with_capacity(sent.len());
-    let mut failed = 0;
-    for ((publication, _), ack) in publications.iter().zip(sent) {
-        let stored = match ack {
-            Ok(ack) => cluster.acked(ack).await,
-            Err(err) => Err(err),
+    let (mut failed, mut refused) = (0, 0);
+    for ((publication, _), sent) in publications.iter().zip(sent) {
+        let stored = match sent {
+            Sent::Event(Ok(ack)) => cluster.acked(ack).await,
+            Sent::Event(Err(err)) | Sent::Message(Err(err)) => Err(err),
+            Sent::Message(Ok(Ok(stored))) => Ok(stored),
+            Sent::Message(Ok(Err(refusal))) => {
+                refused += 1;
+                results.push(BatchResult::Refused(ApiError::message(refusal).body()));
+                continue;
+            }
         };
         results.push(match stored {
             Ok(stored) => {
@@ -390,8 +408,11 @@ async fn publish_to_cluster(
             }
         });
     }
-    if failed == 0 {
+    if failed == 0 && refused == 0 {
         return Ok(Json(json!({ "results": results })).into_response());
+    }
+    if failed == 0 {
+        return Ok(refused_in_batch(refused, json!(results)));
     }
     app.metrics.refusal("event_log_unavailable");
     tracing::warn!(

@@ -23,7 +23,7 @@ use crate::auth::Identity;
 use crate::config::{History, Streams};
 use crate::router::Publication;
 use crate::sandbox::Event;
-use crate::streams::{Applied, Fields, Messages, Refusal};
+use crate::streams::{Applied, Bounds, Fields, Messages, Refusal};
 
 const SHARDS: usize = 64;
 
@@ -192,9 +192,9 @@ pub struct MemoryLog {
     shards: Box<[Mutex<HashMap<Identity, Stream>>]>,
     hasher: RandomState,
     limits: History,
-    streams: Streams,
-    /// `limits.max_message_bytes`: a message's snapshot must fit one frame.
-    frame_limit: usize,
+    /// The bounds on messages (`[streams]`, and `limits.max_message_bytes`: a message's
+    /// snapshot must fit one frame).
+    bounds: Bounds,
     /// Bytes of events and streams.
     bytes: AtomicUsize,
     /// Bytes of idempotency keys.
@@ -237,8 +237,7 @@ impl MemoryLog {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             limits,
-            streams: Streams::default(),
-            frame_limit: 64 << 10,
+            bounds: Bounds::default(),
             bytes: AtomicUsize::new(0),
             key_bytes: AtomicUsize::new(0),
             tenant_bytes: Mutex::default(),
@@ -252,8 +251,10 @@ impl MemoryLog {
     /// The bounds on messages, and the largest frame a client takes (a message's snapshot
     /// must fit one).
     pub fn with_streams(mut self, streams: Streams, frame_limit: usize) -> Self {
-        self.streams = streams;
-        self.frame_limit = frame_limit;
+        self.bounds = Bounds {
+            limits: streams,
+            frame_limit,
+        };
         self
     }
 
@@ -486,14 +487,10 @@ impl EventLog for MemoryLog {
                         run_id: publication.run_id.as_deref(),
                         thread_id: publication.thread_id.as_deref(),
                     };
-                    let applied = stream.messages.apply(
-                        fields,
-                        op,
-                        seq,
-                        &self.streams,
-                        self.frame_limit,
-                        &mut grew,
-                    );
+                    let applied =
+                        stream
+                            .messages
+                            .apply(fields, op, seq, now, &self.bounds, &mut grew);
                     let (event, created) = match applied {
                         Ok(Applied::New { event, created }) => (Arc::new(event), created),
                         Ok(Applied::Duplicate(seq)) => return Appended::Duplicate(seq),

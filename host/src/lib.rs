@@ -199,7 +199,10 @@ impl AppState {
         let cluster = cluster::Cluster::join(
             &self.config.cluster,
             &self.config.history,
-            self.config.limits.max_message_bytes,
+            &crate::streams::Bounds {
+                limits: self.config.streams.clone(),
+                frame_limit: self.config.limits.max_message_bytes,
+            },
             self.metrics.clone(),
         )
         .await?;

@@ -72,6 +72,9 @@ async fn expire_history(state: Arc<AppState>) {
         let log = state.router.log();
         log.expire();
         end_overdue_messages(&state);
+        if let Some(cluster) = state.router.cluster() {
+            end_overdue_cluster_messages(&state, cluster).await;
+        }
         state.metrics.history_bytes.set(log.bytes() as i64);
         for (i, (cause, total)) in log.evicted().into_iter().enumerate() {
             let new = total.saturating_sub(reported[i]);
@@ -92,18 +95,7 @@ async fn expire_history(state: Arc<AppState>) {
 fn end_overdue_messages(state: &AppState) {
     let max_open = Duration::from_secs(state.config.streams.max_open_secs);
     for (identity, id) in state.router.log().overdue_messages(max_open) {
-        let end = Publication {
-            identity,
-            kind: MESSAGE_KIND.to_owned(),
-            payload: "null".to_owned(),
-            run_id: None,
-            thread_id: None,
-            message: Some(MessageOp::End {
-                id,
-                status: Status::Failed,
-            }),
-        };
-        match state.router.publish(end, None) {
+        match state.router.publish(overdue_end(identity, id), None) {
             Ok(_) => {
                 state.metrics.messages_expired.inc();
             }
@@ -111,6 +103,41 @@ fn end_overdue_messages(state: &AppState) {
                 tracing::warn!(reason = %refusal.reason, "an overdue message was not ended");
             }
         }
+    }
+}
+
+/// In cluster mode, the overdue messages this node took ops for: ended through the stream.
+/// Several nodes may end the same one; the stream takes the first end, the others answer
+/// it as a duplicate.
+async fn end_overdue_cluster_messages(state: &AppState, cluster: &crate::cluster::Cluster) {
+    let max_open = Duration::from_secs(state.config.streams.max_open_secs);
+    for (identity, id) in cluster.overdue_messages(max_open) {
+        let end = overdue_end(identity, id);
+        match cluster.publish_message(&end, None).await {
+            Ok(Ok(stored)) if !stored.duplicate => {
+                state.metrics.messages_expired.inc();
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(refusal)) => {
+                tracing::warn!(reason = %refusal.reason, "an overdue message was not ended");
+            }
+            Err(e) => tracing::warn!(error = %e, "an overdue message was not ended; retried"),
+        }
+    }
+}
+
+/// The `end` of an overdue message, as `failed`.
+fn overdue_end(identity: crate::auth::Identity, id: String) -> Publication {
+    Publication {
+        identity,
+        kind: MESSAGE_KIND.to_owned(),
+        payload: "null".to_owned(),
+        run_id: None,
+        thread_id: None,
+        message: Some(MessageOp::End {
+            id,
+            status: Status::Failed,
+        }),
     }
 }
 

@@ -13,6 +13,7 @@
 //! - A session coalesces the appends that reach it within `streams.rollup_ms` ([`Rollup`]):
 //!   the guest and the client see one append with the texts joined and the last `seq`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -198,6 +199,11 @@ impl Message {
         self.status == Status::Streaming
     }
 
+    /// The `seq` of its create.
+    pub fn created_seq(&self) -> u64 {
+        self.created_seq
+    }
+
     pub fn is_overdue(&self, now: Instant, max_open: Duration) -> bool {
         self.is_open() && now.duration_since(self.opened) >= max_open
     }
@@ -215,11 +221,11 @@ impl Message {
         self.event(
             self.last_seq,
             Envelope {
-                id,
-                op: "snapshot",
-                text: &self.text,
+                id: id.into(),
+                op: "snapshot".into(),
+                text: self.text.as_str().into(),
                 status: self.status,
-                kind: &self.kind,
+                kind: self.kind.as_str().into(),
                 payload: Some(raw(&self.payload)),
             },
         )
@@ -242,16 +248,21 @@ fn raw(json: &str) -> &RawValue {
         .unwrap_or_else(|_| serde_json::from_str("null").expect("null is JSON"))
 }
 
-/// The payload of a [`MESSAGE_KIND`] event: what a guest reads to build its frame.
+/// The payload of a [`MESSAGE_KIND`] event: what a guest reads to build its frame. Read
+/// back without copying unless a string has escapes (model output is full of `\n`).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Envelope<'a> {
-    pub id: &'a str,
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
     /// `create`, `append`, `end` live; `snapshot` on resume.
-    pub op: &'a str,
-    pub text: &'a str,
+    #[serde(borrow)]
+    pub op: Cow<'a, str>,
+    #[serde(borrow)]
+    pub text: Cow<'a, str>,
     pub status: Status,
     /// The `kind` the publisher gave the message's create.
-    pub kind: &'a str,
+    #[serde(borrow)]
+    pub kind: Cow<'a, str>,
     /// The create's payload: with `create` and `snapshot` only.
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<&'a RawValue>,
@@ -278,6 +289,15 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// What an op would do to its message, decided before the op has a `seq`: cluster mode
+/// checks an op, stores it, and only then applies it (see `cluster::messages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    New,
+    /// The same op again: its original `seq`.
+    Duplicate(u64),
+}
+
 /// What applying an op did.
 #[derive(Debug)]
 pub enum Applied {
@@ -286,6 +306,37 @@ pub enum Applied {
     /// The same op again (a retried create or end, an append index seen before): its
     /// original `seq`; nothing changed.
     Duplicate(u64),
+}
+
+/// The bounds ops are checked against: `[streams]`, and the largest frame a client takes (a
+/// message's snapshot must fit one).
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    pub limits: Streams,
+    pub frame_limit: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            limits: Streams::default(),
+            frame_limit: 64 << 10,
+        }
+    }
+}
+
+fn too_many_appends(id: &str, m: &Message, limits: &Streams, expected: u64) -> Refusal {
+    refusal(
+        413,
+        "too_many_appends",
+        format!(
+            "message {id:?} has had {} appends (limit {}, streams.max_appends_per_message): \
+             end it",
+            m.seqs.len() - 1,
+            limits.max_appends_per_message
+        ),
+        Some(expected),
+    )
 }
 
 /// One identity's messages still in its history.
@@ -308,6 +359,11 @@ impl Messages {
         self.by_id.is_empty()
     }
 
+    /// Whether a message is still streaming.
+    pub fn has_open(&self) -> bool {
+        self.by_id.values().any(Message::is_open)
+    }
+
     /// Open messages past `max_open`: the sweeper ends them as `failed`.
     pub fn overdue(&self, now: Instant, max_open: Duration) -> impl Iterator<Item = &str> {
         self.by_id
@@ -316,24 +372,22 @@ impl Messages {
             .map(|(id, _)| &**id)
     }
 
-    /// Applies `op` as event `seq` of the publication's identity. `bytes` changes by what the
-    /// message's memory grew (or shrank) by; the caller counts it in the log's bounds.
-    pub fn apply(
-        &mut self,
+    /// Whether `op` fits its message: a new op, the same op again, or why not. Changes
+    /// nothing.
+    pub fn verdict(
+        &self,
         publication: Fields<'_>,
         op: &MessageOp,
-        seq: u64,
-        limits: &Streams,
-        frame_limit: usize,
-        bytes: &mut isize,
-    ) -> Result<Applied, Refusal> {
+        bounds: &Bounds,
+    ) -> Result<Verdict, Refusal> {
+        let (limits, frame_limit) = (&bounds.limits, bounds.frame_limit);
         let id = op.id();
         if let MessageOp::Create {
             text, frame_base, ..
         } = op
         {
             if let Some(m) = self.by_id.get(id) {
-                return Ok(Applied::Duplicate(m.created_seq));
+                return Ok(Verdict::Duplicate(m.created_seq));
             }
             let open = self.by_id.values().filter(|m| m.is_open()).count();
             if open >= limits.max_open_messages_per_user {
@@ -348,42 +402,17 @@ impl Messages {
                     None,
                 ));
             }
-            let escaped = escaped_len(text);
-            check_size(id, text.len(), escaped, *frame_base, limits, frame_limit)?;
-            let message = Message {
-                kind: publication.kind.to_owned(),
-                run_id: publication.run_id.map(str::to_owned),
-                thread_id: publication.thread_id.map(str::to_owned),
-                payload: publication.payload.to_owned(),
-                text: text.clone(),
-                escaped,
-                frame_base: *frame_base,
-                status: Status::Streaming,
-                created_seq: seq,
-                seqs: vec![0],
-                end_seq: None,
-                last_seq: seq,
-                opened: Instant::now(),
-            };
-            let event = message.event(
-                seq,
-                Envelope {
-                    id,
-                    op: "create",
-                    text,
-                    status: Status::Streaming,
-                    kind: &message.kind,
-                    payload: Some(raw(&message.payload)),
-                },
-            );
-            *bytes += message.bytes() as isize;
-            self.by_id.insert(id.into(), message);
-            return Ok(Applied::New {
-                event,
-                created: true,
-            });
+            check_size(
+                id,
+                text.len(),
+                escaped_len(text),
+                *frame_base,
+                limits,
+                frame_limit,
+            )?;
+            return Ok(Verdict::New);
         }
-        let Some(m) = self.by_id.get_mut(id) else {
+        let Some(m) = self.by_id.get(id) else {
             return Err(refusal(
                 409,
                 "message_not_found",
@@ -402,13 +431,12 @@ impl Messages {
                 None,
             ));
         }
-        let before = m.bytes();
-        let event = match op {
+        match op {
             MessageOp::Create { .. } => unreachable!("handled above"),
             MessageOp::Append { index, text, .. } => {
                 let expected = m.next_index();
                 if *index < expected {
-                    return Ok(Applied::Duplicate(m.seq_of(*index)));
+                    return Ok(Verdict::Duplicate(m.seq_of(*index)));
                 }
                 if !m.is_open() {
                     return Err(refusal(
@@ -429,27 +457,13 @@ impl Messages {
                         Some(expected),
                     ));
                 }
-                // An offset past 32 bits would take 4 billion of the user's events while one
-                // message streams: refused like too many appends.
-                let offset = u32::try_from(seq - m.created_seq).ok();
-                if m.seqs.len() > limits.max_appends_per_message || offset.is_none() {
-                    return Err(refusal(
-                        413,
-                        "too_many_appends",
-                        format!(
-                            "message {id:?} has had {} appends (limit {}, \
-                             streams.max_appends_per_message): end it",
-                            m.seqs.len() - 1,
-                            limits.max_appends_per_message
-                        ),
-                        Some(expected),
-                    ));
+                if m.seqs.len() > limits.max_appends_per_message {
+                    return Err(too_many_appends(id, m, limits, expected));
                 }
-                let escaped = m.escaped + escaped_len(text);
                 check_size(
                     id,
                     m.text.len() + text.len(),
-                    escaped,
+                    m.escaped + escaped_len(text),
                     m.frame_base,
                     limits,
                     frame_limit,
@@ -458,51 +472,125 @@ impl Messages {
                     r.expected_index = Some(expected);
                     r
                 })?;
-                m.text.push_str(text);
-                m.escaped = escaped;
-                m.seqs.push(offset.unwrap_or(u32::MAX));
-                m.event(
+                Ok(Verdict::New)
+            }
+            MessageOp::End { status, .. } => match m.end_seq {
+                Some(end_seq) if m.status == *status => Ok(Verdict::Duplicate(end_seq)),
+                Some(_) => Err(refusal(
+                    409,
+                    "message_ended",
+                    format!("message {id:?} has already ended as {:?}", m.status),
+                    None,
+                )),
+                None => Ok(Verdict::New),
+            },
+        }
+    }
+
+    /// The event that carries `op` live, for an op [`Messages::verdict`] found new: an
+    /// append's or end's with its message's kind and ids.
+    pub fn live_event(&self, publication: Fields<'_>, op: &MessageOp, seq: u64) -> Event {
+        let (id, op_name, text, status) = match op {
+            MessageOp::Create { id, text, .. } => {
+                let envelope = Envelope {
+                    id: id.into(),
+                    op: "create".into(),
+                    text: text.into(),
+                    status: Status::Streaming,
+                    kind: publication.kind.into(),
+                    payload: Some(raw(publication.payload)),
+                };
+                return Event {
                     seq,
-                    Envelope {
-                        id,
-                        op: "append",
-                        text,
-                        status: Status::Streaming,
-                        kind: &m.kind,
-                        payload: None,
-                    },
-                )
+                    kind: MESSAGE_KIND.to_owned(),
+                    payload: serde_json::to_string(&envelope).expect("an envelope serializes"),
+                    run_id: publication.run_id.map(str::to_owned),
+                    thread_id: publication.thread_id.map(str::to_owned),
+                };
+            }
+            MessageOp::Append { id, text, .. } => (id, "append", text.as_str(), Status::Streaming),
+            MessageOp::End { id, status } => (id, "end", "", *status),
+        };
+        let m = &self.by_id[id.as_str()];
+        m.event(
+            seq,
+            Envelope {
+                id: id.into(),
+                op: op_name.into(),
+                text: text.into(),
+                status,
+                kind: m.kind.as_str().into(),
+                payload: None,
+            },
+        )
+    }
+
+    /// Applies `op` as event `seq` of the publication's identity; a create's message counts
+    /// as opened at `opened`. `bytes` changes by what the message's memory grew (or shrank)
+    /// by; the caller counts it in the log's bounds.
+    pub fn apply(
+        &mut self,
+        publication: Fields<'_>,
+        op: &MessageOp,
+        seq: u64,
+        opened: Instant,
+        bounds: &Bounds,
+        bytes: &mut isize,
+    ) -> Result<Applied, Refusal> {
+        if let Verdict::Duplicate(original) = self.verdict(publication, op, bounds)? {
+            return Ok(Applied::Duplicate(original));
+        }
+        let event = self.live_event(publication, op, seq);
+        let id = op.id();
+        if let MessageOp::Create {
+            text, frame_base, ..
+        } = op
+        {
+            let message = Message {
+                kind: publication.kind.to_owned(),
+                run_id: publication.run_id.map(str::to_owned),
+                thread_id: publication.thread_id.map(str::to_owned),
+                payload: publication.payload.to_owned(),
+                text: text.clone(),
+                escaped: escaped_len(text),
+                frame_base: *frame_base,
+                status: Status::Streaming,
+                created_seq: seq,
+                seqs: vec![0],
+                end_seq: None,
+                last_seq: seq,
+                opened,
+            };
+            *bytes += message.bytes() as isize;
+            self.by_id.insert(id.into(), message);
+            return Ok(Applied::New {
+                event,
+                created: true,
+            });
+        }
+        let m = self.by_id.get_mut(id).expect("the verdict found it");
+        let before = m.bytes();
+        match op {
+            MessageOp::Create { .. } => unreachable!("handled above"),
+            MessageOp::Append { text, .. } => {
+                // An offset past 32 bits would take 4 billion of the user's events while one
+                // message streams: refused like too many appends.
+                let Ok(offset) = u32::try_from(seq - m.created_seq) else {
+                    let expected = m.next_index();
+                    return Err(too_many_appends(id, m, &bounds.limits, expected));
+                };
+                m.text.push_str(text);
+                m.escaped += escaped_len(text);
+                m.seqs.push(offset);
             }
             MessageOp::End { status, .. } => {
-                if let Some(end_seq) = m.end_seq {
-                    if m.status == *status {
-                        return Ok(Applied::Duplicate(end_seq));
-                    }
-                    return Err(refusal(
-                        409,
-                        "message_ended",
-                        format!("message {id:?} has already ended as {:?}", m.status),
-                        None,
-                    ));
-                }
                 m.status = *status;
                 m.end_seq = Some(seq);
                 // It grows no more: give back what doubling reserved.
                 m.text.shrink_to_fit();
                 m.seqs.shrink_to_fit();
-                m.event(
-                    seq,
-                    Envelope {
-                        id,
-                        op: "end",
-                        text: "",
-                        status: *status,
-                        kind: &m.kind,
-                        payload: None,
-                    },
-                )
             }
-        };
+        }
         m.last_seq = seq;
         *bytes += m.bytes() as isize - before as isize;
         Ok(Applied::New {
@@ -619,14 +707,14 @@ impl Rollup {
         match self.pending.iter_mut().find(|p| p.id == append.id) {
             Some(p) => {
                 if p.parts == 1 {
-                    p.text = append_of(&p.last).map_or_else(String::new, |e| e.text.to_owned());
+                    p.text = append_of(&p.last).map_or_else(String::new, |e| e.text.into_owned());
                 }
-                p.text.push_str(append.text);
+                p.text.push_str(&append.text);
                 p.parts += 1;
                 p.last = event.clone();
             }
             None => self.pending.push(Pending {
-                id: append.id.to_owned(),
+                id: append.id.into_owned(),
                 last: event.clone(),
                 text: String::new(),
                 parts: 1,
@@ -650,7 +738,7 @@ impl Rollup {
                 }
                 let last = append_of(&p.last).expect("held events are appends");
                 let payload = serde_json::to_string(&Envelope {
-                    text: &p.text,
+                    text: p.text.as_str().into(),
                     ..last
                 })
                 .expect("an envelope serializes");
@@ -694,12 +782,16 @@ mod tests {
 
     fn apply(ms: &mut Messages, op: MessageOp, seq: u64) -> Result<Applied, Refusal> {
         let mut bytes = 0;
+        let bounds = Bounds {
+            limits: limits(),
+            frame_limit: 64 << 10,
+        };
         ms.apply(
             Fields::of(&publication()),
             &op,
             seq,
-            &limits(),
-            64 << 10,
+            Instant::now(),
+            &bounds,
             &mut bytes,
         )
     }
@@ -739,7 +831,7 @@ mod tests {
         let snap = ms.get("m").unwrap().snapshot("m");
         let env: Envelope<'_> = serde_json::from_str(&snap.payload).unwrap();
         assert_eq!(
-            (snap.seq, env.op, env.text),
+            (snap.seq, &*env.op, &*env.text),
             (12, "snapshot", "Hello, world")
         );
         assert_eq!(env.payload.unwrap().get(), "{\"model\":\"m\"}");

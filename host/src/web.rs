@@ -276,8 +276,7 @@ async fn dev_token(
 enum Step {
     /// An event: its kind and payload (JSON).
     Event(&'static str, &'static str),
-    /// The agent's answer, [`DEMO_ANSWER`]: streamed token by token as a message on one node;
-    /// in cluster mode, which does not take message ops yet, one `agent_message` event.
+    /// The agent's answer, [`DEMO_ANSWER`]: streamed token by token as a message.
     Answer,
 }
 
@@ -344,12 +343,11 @@ async fn dev_run(
         run_id: format!("run-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
         cancel: CancellationToken::new(),
     };
-    let streamed = app.router.cluster().is_none();
     let answer = json!({
         "run_id": run.run_id,
-        "events": DEMO_RUN.len() - usize::from(streamed),
-        "message_id": streamed.then(|| run.message_id()),
-        "appends": if streamed { demo_tokens().count() } else { 0 },
+        "events": DEMO_RUN.len() - 1,
+        "message_id": run.message_id(),
+        "appends": demo_tokens().count(),
     });
     let span = tracing::info_span!("demo_run", run_id = %run.run_id);
     DEMO_RUNS.lock().unwrap_or_else(|p| p.into_inner()).insert(
@@ -366,11 +364,7 @@ async fn dev_run(
                     .publish(kind, (*payload).to_owned(), None)
                     .await
                     .map(drop),
-                Step::Answer if streamed => run.stream_answer().await,
-                Step::Answer => {
-                    let payload = json!({ "text": DEMO_ANSWER }).to_string();
-                    run.publish("agent_message", payload, None).await.map(drop)
-                }
+                Step::Answer => run.stream_answer().await,
             };
             let done = match done {
                 Ok(()) => run.pause(DEMO_STEP).await,
@@ -445,6 +439,19 @@ impl DemoRun {
         // (unused) embedded log.
         let stored =
             match self.app.router.cluster() {
+                Some(cluster) if publication.message.is_some() => {
+                    match cluster.publish_message(&publication, None).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(refusal)) => {
+                            tracing::warn!(reason = %refusal.reason, "demo run: an op was refused");
+                            Err(())
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "demo run: an op was not stored");
+                            Err(())
+                        }
+                    }
+                }
                 Some(cluster) => cluster.publish(&publication, None).await.map(drop).map_err(
                     |err| tracing::warn!(error = %err, "demo run: an event was not stored"),
                 ),

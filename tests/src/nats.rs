@@ -238,10 +238,34 @@ impl Drop for NatsServer {
 }
 
 fn store_dir(name: &str) -> PathBuf {
+    sweep_stale_stores("gateway-nats-");
     let dir = std::env::temp_dir().join(format!("gateway-nats-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Removes the store directories (`<temp>/<prefix><pid>-...`) of runs whose process is gone:
+/// a run killed with SIGKILL cannot remove its own, and JetStream stores add up.
+pub fn sweep_stale_stores(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A reused pid keeps its directory until a later sweep: never one of a live run.
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A TCP proxy in front of a NATS server, so that a test can cut one gateway node from NATS
@@ -303,5 +327,30 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_of_dead_runs_are_swept_and_live_ones_kept() {
+        // A pid that just exited, and this live one.
+        let mut gone = Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        let prefix = "gateway-sweep-test-";
+        let dir = |pid: u32| std::env::temp_dir().join(format!("{prefix}{pid}-nats-0"));
+        for pid in [dead, std::process::id()] {
+            std::fs::create_dir_all(dir(pid).join("jetstream")).unwrap();
+        }
+        sweep_stale_stores(prefix);
+        assert!(!dir(dead).exists(), "a dead run's store is removed");
+        assert!(
+            dir(std::process::id()).exists(),
+            "a live run's store is kept"
+        );
+        std::fs::remove_dir_all(dir(std::process::id())).unwrap();
     }
 }

@@ -322,6 +322,9 @@ async fn events_evicted_while_a_feed_was_away_close_its_sessions_instead_of_vani
     let proxy = gateway_tests::nats::Proxy::start(nats.port).await;
     let mut cfg = cluster_config(&nats.url());
     cfg.history.max_events_per_user = LIMIT;
+    // The stream keeps LIMIT + max_appends_per_message + 3 records per user (room for one
+    // message's ops): 9 here, fewer than the 15 missed below.
+    cfg.streams.max_appends_per_message = 1;
     let publisher = TestGateway::start_with(cfg.clone()).await;
     cfg.cluster.nats_url = Some(proxy.url());
     let node = TestGateway::start_with(cfg).await;
@@ -341,7 +344,7 @@ async fn events_evicted_while_a_feed_was_away_close_its_sessions_instead_of_vani
 
     proxy.cut();
     node.wait_metric("gateway_nats_connected", 0.0).await;
-    // More than the limit: the oldest of them are gone before the node is back.
+    // More than the stream keeps: the oldest of them are gone before the node is back.
     let missed = publish_all(&publisher, "alice", 2..2 + 3 * LIMIT as u64).await;
     publish_all(&publisher, "bob", 0..3 * LIMIT as u64).await;
     let carol_missed = publish_all(&publisher, "carol", 1..3).await;

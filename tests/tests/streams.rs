@@ -1,18 +1,86 @@
 //! AI output streams: a message published as `create`, `append`s and `end`, rolled up live,
 //! one `snapshot` on resume, one history entry; every refusal with its reason. The real
-//! gateway on port 0, the reference guest built from source, real sockets.
+//! gateway on port 0, the reference guest built from source, real sockets. Each test runs
+//! twice: on one node, and on two cluster nodes sharing a real `nats-server`, with every op
+//! published to one node and every client on the other.
 
+use gateway::config::{ClusterStorage, Config};
+use gateway_tests::nats::NatsServer;
 use gateway_tests::{Client, TestGateway, claims, config, guests, token};
 use serde_json::{Value, json};
 
-fn gateway_config() -> gateway::config::Config {
+fn gateway_config() -> Config {
     let mut config = config(guests::REFERENCE);
     // Wide enough that a batch of appends lands in one window however loaded the machine.
     config.streams.rollup_ms = 300;
     config
 }
 
-async fn connect(gw: &TestGateway, user: &str, since: Option<u64>) -> Client {
+/// Where a test publishes and where its clients connect.
+struct Stage {
+    /// Takes every publish.
+    publish: TestGateway,
+    /// Serves every client: in cluster mode another node than `publish`.
+    read: Option<TestGateway>,
+    _nats: Option<NatsServer>,
+}
+
+impl Stage {
+    async fn embedded(config: Config) -> Stage {
+        Stage {
+            publish: TestGateway::start_with(config).await,
+            read: None,
+            _nats: None,
+        }
+    }
+
+    async fn cluster(mut config: Config) -> Stage {
+        let nats = NatsServer::start();
+        config.cluster.nats_url = Some(nats.url());
+        config.cluster.storage = ClusterStorage::File;
+        Stage {
+            publish: TestGateway::start_with(config.clone()).await,
+            read: Some(TestGateway::start_with(config).await),
+            _nats: Some(nats),
+        }
+    }
+
+    fn reader(&self) -> &TestGateway {
+        self.read.as_ref().unwrap_or(&self.publish)
+    }
+
+    fn is_cluster(&self) -> bool {
+        self.read.is_some()
+    }
+
+    /// A position from before the identity's first event `first`: the one before it on one
+    /// node (a new node vouches for no `since=0`), 0 in a cluster (whose positions are the
+    /// stream's, shared by every identity).
+    fn before(&self, first: u64) -> u64 {
+        if self.is_cluster() { 0 } else { first - 1 }
+    }
+}
+
+/// Runs `$test(stage)` on one node (`embedded`) and on two cluster nodes (`cluster`), with
+/// the config `$config` makes.
+macro_rules! in_both_modes {
+    ($test:ident, $config:expr) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$test(super::Stage::embedded($config).await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() {
+                super::$test(super::Stage::cluster($config).await).await;
+            }
+        }
+    };
+}
+
+async fn connect(stage: &Stage, user: &str, since: Option<u64>) -> Client {
+    let gw = stage.reader();
     let query = since.map_or(String::new(), |s| format!("since={s}"));
     let mut client = gw
         .try_connect_with_query(&token(claims(user)), &query)
@@ -35,14 +103,15 @@ fn end(user: &str, id: &str, status: &str) -> Value {
     json!({"user_id": user, "message": {"id": id, "op": "end", "status": status}})
 }
 
-async fn publish(gw: &TestGateway, body: &Value) -> Value {
+async fn publish(stage: &Stage, body: &Value) -> Value {
+    let gw = &stage.publish;
     let (status, reply) = gw.publish(&gw.publisher_token(), body).await;
     assert_eq!(status, 200, "{body} -> {reply}");
     reply
 }
 
-async fn seq_of(gw: &TestGateway, body: &Value) -> u64 {
-    publish(gw, body).await["seq"].as_u64().unwrap()
+async fn seq_of(stage: &Stage, body: &Value) -> u64 {
+    publish(stage, body).await["seq"].as_u64().unwrap()
 }
 
 /// The tokens of a scripted answer: 40 appends.
@@ -85,11 +154,14 @@ async fn read_message(client: &mut Client, id: &str) -> (String, Vec<Value>, Vec
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn appends_are_rolled_up_live_and_the_final_text_is_the_appends_joined() {
-    let gw = TestGateway::start_with(gateway_config()).await;
-    let mut client = connect(&gw, "alice", None).await;
-    let created = seq_of(&gw, &create("alice", "m1", "Hi. ")).await;
+in_both_modes!(
+    appends_are_rolled_up_live_and_the_final_text_is_the_appends_joined,
+    super::gateway_config()
+);
+async fn appends_are_rolled_up_live_and_the_final_text_is_the_appends_joined(stage: Stage) {
+    let gw = &stage.publish;
+    let mut client = connect(&stage, "alice", None).await;
+    let created = seq_of(&stage, &create("alice", "m1", "Hi. ")).await;
     let tokens = tokens();
     let batch: Vec<Value> = tokens
         .iter()
@@ -99,7 +171,7 @@ async fn appends_are_rolled_up_live_and_the_final_text_is_the_appends_joined() {
     let (status, reply) = gw.publish_batch(&gw.publisher_token(), &batch).await;
     assert_eq!(status, 200, "{reply}");
     let last_append = reply["results"][39]["seq"].as_u64().unwrap();
-    let ended = seq_of(&gw, &end("alice", "m1", "complete")).await;
+    let ended = seq_of(&stage, &end("alice", "m1", "complete")).await;
 
     let (text, frames, _) = read_message(&mut client, "m1").await;
     assert_eq!(text, format!("Hi. {}", tokens.concat()));
@@ -126,31 +198,38 @@ async fn appends_are_rolled_up_live_and_the_final_text_is_the_appends_joined() {
         (last["seq"].as_u64(), last["status"].as_str()),
         (Some(ended), Some("complete"))
     );
-    let folded = gw.metric("gateway_appends_rolled_up_total").await;
+    let folded = stage
+        .reader()
+        .metric("gateway_appends_rolled_up_total")
+        .await;
     assert_eq!(folded as usize, tokens.len() - appends.len());
     // Nothing after the end: the next frame is a marker.
     let marker = gw.publish_marker("alice", None).await;
     client.expect_event(marker).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_that_join_or_resume_mid_stream_get_one_snapshot_then_the_rest_once() {
-    let gw = TestGateway::start_with(gateway_config()).await;
+in_both_modes!(
+    clients_that_join_or_resume_mid_stream_get_one_snapshot_then_the_rest_once,
+    super::gateway_config()
+);
+async fn clients_that_join_or_resume_mid_stream_get_one_snapshot_then_the_rest_once(stage: Stage) {
+    let gw = &stage.publish;
     let tokens = tokens();
-    let live = connect(&gw, "alice", None).await;
-    let created = seq_of(&gw, &create("alice", "m1", "")).await;
+    let live = connect(&stage, "alice", None).await;
+    let created = seq_of(&stage, &create("alice", "m1", "")).await;
     let mut seqs = Vec::new();
     for (i, t) in tokens[..20].iter().enumerate() {
-        seqs.push(seq_of(&gw, &append("alice", "m1", i as u64 + 1, t)).await);
+        seqs.push(seq_of(&stage, &append("alice", "m1", i as u64 + 1, t)).await);
     }
     // A plain event between appends keeps its place.
     let plain = json!({"user_id": "alice", "kind": "tool_executing", "payload": {}});
-    let event_seq = seq_of(&gw, &plain).await;
+    let event_seq = seq_of(&stage, &plain).await;
 
-    // One client joins from before the message, one resumes after append 10.
-    let mut joined = connect(&gw, "alice", Some(created - 1)).await;
-    let mut resumed = connect(&gw, "alice", Some(seqs[9])).await;
-    for (client, since) in [(&mut joined, created - 1), (&mut resumed, seqs[9])] {
+    // One client joins late (the whole history), one resumes after append 10.
+    let from = stage.before(created);
+    let mut joined = connect(&stage, "alice", Some(from)).await;
+    let mut resumed = connect(&stage, "alice", Some(seqs[9])).await;
+    for (client, since) in [(&mut joined, from), (&mut resumed, seqs[9])] {
         let frame = client.next_json().await.unwrap();
         assert_eq!(frame["type"], "gateway.resumed", "{frame}");
         assert_eq!(frame["recovered"], true, "{frame}");
@@ -162,9 +241,9 @@ async fn clients_that_join_or_resume_mid_stream_get_one_snapshot_then_the_rest_o
         );
     }
     for (i, t) in tokens[20..].iter().enumerate() {
-        seq_of(&gw, &append("alice", "m1", i as u64 + 21, t)).await;
+        seq_of(&stage, &append("alice", "m1", i as u64 + 21, t)).await;
     }
-    seq_of(&gw, &end("alice", "m1", "complete")).await;
+    seq_of(&stage, &end("alice", "m1", "complete")).await;
 
     let full = tokens.concat();
     let mut clients = [live, joined, resumed];
@@ -193,8 +272,8 @@ async fn clients_that_join_or_resume_mid_stream_get_one_snapshot_then_the_rest_o
         }
     }
 
-    // After the end, a resume from before it gets the finished message as one snapshot.
-    let mut late = connect(&gw, "alice", Some(created - 1)).await;
+    // After the end, a late join gets the finished message as one snapshot.
+    let mut late = connect(&stage, "alice", Some(from)).await;
     assert_eq!(late.next_json().await.unwrap()["recovered"], true);
     let (text, frames, events) = read_message(&mut late, "m1").await;
     assert_eq!(
@@ -208,21 +287,28 @@ async fn clients_that_join_or_resume_mid_stream_get_one_snapshot_then_the_rest_o
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_is_one_history_entry_however_many_appends_it_had() {
+fn three_entries() -> Config {
     let mut config = gateway_config();
     config.history.max_events_per_user = 3;
-    let gw = TestGateway::start_with(config).await;
-    let created = seq_of(&gw, &create("bob", "long", "")).await;
+    config
+}
+
+in_both_modes!(
+    a_message_is_one_history_entry_however_many_appends_it_had,
+    super::three_entries()
+);
+async fn a_message_is_one_history_entry_however_many_appends_it_had(stage: Stage) {
+    let gw = &stage.publish;
+    let created = seq_of(&stage, &create("bob", "long", "")).await;
     for i in 1..=50 {
-        seq_of(&gw, &append("bob", "long", i, "x")).await;
+        seq_of(&stage, &append("bob", "long", i, "x")).await;
     }
-    seq_of(&gw, &end("bob", "long", "complete")).await;
+    seq_of(&stage, &end("bob", "long", "complete")).await;
     let plain = json!({"user_id": "bob", "kind": "k", "payload": {}});
-    let e1 = seq_of(&gw, &plain).await;
-    let e2 = seq_of(&gw, &plain).await;
+    let e1 = seq_of(&stage, &plain).await;
+    let e2 = seq_of(&stage, &plain).await;
     // 53 ops and 2 events in a history of 3 entries: nothing evicted.
-    let mut client = connect(&gw, "bob", Some(created - 1)).await;
+    let mut client = connect(&stage, "bob", Some(stage.before(created))).await;
     let resumed = client.next_json().await.unwrap();
     assert_eq!(
         (resumed["recovered"].as_bool(), resumed["replayed"].as_u64()),
@@ -234,9 +320,9 @@ async fn a_message_is_one_history_entry_however_many_appends_it_had() {
     assert_eq!(client.next_json().await.unwrap()["seq"], e1);
     assert_eq!(client.next_json().await.unwrap()["seq"], e2);
     assert!(events.is_empty());
-    // One more event evicts the message, whole: a resume from before it is not complete.
-    seq_of(&gw, &plain).await;
-    let mut client = connect(&gw, "bob", Some(created - 1)).await;
+    // One more event evicts the message, whole: a late join is not complete.
+    seq_of(&stage, &plain).await;
+    let mut client = connect(&stage, "bob", Some(stage.before(created))).await;
     let resumed = client.next_json().await.unwrap();
     assert_eq!(
         (resumed["recovered"].as_bool(), resumed["reason"].as_str()),
@@ -246,16 +332,29 @@ async fn a_message_is_one_history_entry_however_many_appends_it_had() {
     let (status, reply) = gw
         .publish(&gw.publisher_token(), &append("bob", "long", 51, "x"))
         .await;
-    assert_eq!(
-        (status, reply["error"].as_str()),
-        (409, Some("message_not_found")),
-        "{reply}"
-    );
+    if stage.is_cluster() {
+        // The stream still holds the message's records (its bound is in records, see the
+        // README): the message ended, so it takes no more appends.
+        assert_eq!(
+            (status, reply["error"].as_str()),
+            (409, Some("message_ended")),
+            "{reply}"
+        );
+    } else {
+        assert_eq!(
+            (status, reply["error"].as_str()),
+            (409, Some("message_not_found")),
+            "{reply}"
+        );
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retried_out_of_order_and_late_ops_get_their_own_answers() {
-    let gw = TestGateway::start_with(gateway_config()).await;
+in_both_modes!(
+    retried_out_of_order_and_late_ops_get_their_own_answers,
+    super::gateway_config()
+);
+async fn retried_out_of_order_and_late_ops_get_their_own_answers(stage: Stage) {
+    let gw = &stage.publish;
     let publisher = gw.publisher_token();
     let try_publish = async |body: Value| gw.publish(&publisher, &body).await;
 
@@ -265,14 +364,14 @@ async fn retried_out_of_order_and_late_ops_get_their_own_answers() {
         (409, Some("message_not_found")),
         "{reply}"
     );
-    let created = seq_of(&gw, &create("carol", "m", "a")).await;
-    let again = publish(&gw, &create("carol", "m", "a")).await;
+    let created = seq_of(&stage, &create("carol", "m", "a")).await;
+    let again = publish(&stage, &create("carol", "m", "a")).await;
     assert_eq!(
         (again["seq"].as_u64(), again["duplicate"].as_bool()),
         (Some(created), Some(true))
     );
-    let first = seq_of(&gw, &append("carol", "m", 1, "b")).await;
-    let retried = publish(&gw, &append("carol", "m", 1, "b")).await;
+    let first = seq_of(&stage, &append("carol", "m", 1, "b")).await;
+    let retried = publish(&stage, &append("carol", "m", 1, "b")).await;
     assert_eq!(
         (retried["seq"].as_u64(), retried["duplicate"].as_bool()),
         (Some(first), Some(true))
@@ -338,8 +437,8 @@ async fn retried_out_of_order_and_late_ops_get_their_own_answers() {
         "{reply}"
     );
 
-    let ended = seq_of(&gw, &end("carol", "m", "cancelled")).await;
-    let again = publish(&gw, &end("carol", "m", "cancelled")).await;
+    let ended = seq_of(&stage, &end("carol", "m", "cancelled")).await;
+    let again = publish(&stage, &end("carol", "m", "cancelled")).await;
     assert_eq!(
         (again["seq"].as_u64(), again["duplicate"].as_bool()),
         (Some(ended), Some(true))
@@ -358,7 +457,7 @@ async fn retried_out_of_order_and_late_ops_get_their_own_answers() {
     );
 
     // What the client sees: the text of the ops that were taken, once.
-    let mut client = connect(&gw, "carol", Some(created - 1)).await;
+    let mut client = connect(&stage, "carol", Some(stage.before(created))).await;
     assert_eq!(client.next_json().await.unwrap()["recovered"], true);
     let (text, frames, _) = read_message(&mut client, "m").await;
     assert_eq!(
@@ -367,18 +466,25 @@ async fn retried_out_of_order_and_late_ops_get_their_own_answers() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_message_limit_refuses_with_its_reason() {
+fn small_limits() -> Config {
     let mut config = gateway_config();
     config.streams.max_open_messages_per_user = 2;
     config.streams.max_appends_per_message = 3;
     config.streams.max_message_bytes = 100;
-    let gw = TestGateway::start_with(config).await;
+    config
+}
+
+in_both_modes!(
+    every_message_limit_refuses_with_its_reason,
+    super::small_limits()
+);
+async fn every_message_limit_refuses_with_its_reason(stage: Stage) {
+    let gw = &stage.publish;
     let publisher = gw.publisher_token();
     let try_publish = async |body: Value| gw.publish(&publisher, &body).await;
 
-    seq_of(&gw, &create("dave", "a", "")).await;
-    seq_of(&gw, &create("dave", "b", "")).await;
+    seq_of(&stage, &create("dave", "a", "")).await;
+    seq_of(&stage, &create("dave", "b", "")).await;
     let (status, reply) = try_publish(create("dave", "c", "")).await;
     assert_eq!(
         (status, reply["error"].as_str()),
@@ -386,7 +492,7 @@ async fn every_message_limit_refuses_with_its_reason() {
         "{reply}"
     );
     // Another user has their own allowance.
-    seq_of(&gw, &create("erin", "c", "")).await;
+    seq_of(&stage, &create("erin", "c", "")).await;
 
     let (status, reply) = try_publish(append("dave", "a", 1, &"x".repeat(101))).await;
     assert_eq!(
@@ -395,7 +501,7 @@ async fn every_message_limit_refuses_with_its_reason() {
         "{reply}"
     );
     for i in 1..=3 {
-        seq_of(&gw, &append("dave", "a", i, "x")).await;
+        seq_of(&stage, &append("dave", "a", i, "x")).await;
     }
     let (status, reply) = try_publish(append("dave", "a", 4, "x")).await;
     assert_eq!(
@@ -403,20 +509,27 @@ async fn every_message_limit_refuses_with_its_reason() {
         (413, Some("too_many_appends")),
         "{reply}"
     );
-    seq_of(&gw, &end("dave", "a", "complete")).await;
-    seq_of(&gw, &create("dave", "c", "")).await;
+    seq_of(&stage, &end("dave", "a", "complete")).await;
+    seq_of(&stage, &create("dave", "c", "")).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_left_open_past_its_bound_is_ended_as_failed() {
+fn short_lived() -> Config {
     let mut config = gateway_config();
     config.streams.max_open_messages_per_user = 2;
     config.streams.max_open_secs = 1;
-    let gw = TestGateway::start_with(config).await;
-    let mut client = connect(&gw, "dave", None).await;
-    seq_of(&gw, &create("dave", "a", "")).await;
-    seq_of(&gw, &create("dave", "b", "")).await;
-    seq_of(&gw, &create("erin", "c", "")).await;
+    config
+}
+
+in_both_modes!(
+    a_message_left_open_past_its_bound_is_ended_as_failed,
+    super::short_lived()
+);
+async fn a_message_left_open_past_its_bound_is_ended_as_failed(stage: Stage) {
+    let gw = &stage.publish;
+    let mut client = connect(&stage, "dave", None).await;
+    seq_of(&stage, &create("dave", "a", "")).await;
+    seq_of(&stage, &create("dave", "b", "")).await;
+    seq_of(&stage, &create("erin", "c", "")).await;
     // Left open past `max_open_secs`: ended as failed, and the client is told.
     let mut failed = Vec::new();
     while failed.len() < 2 {
@@ -430,15 +543,22 @@ async fn a_message_left_open_past_its_bound_is_ended_as_failed() {
     assert_eq!(failed, ["a", "b"]);
     gw.wait_metric("gateway_messages_expired_total", 3.0).await;
     // Ended: there is room for new ones.
-    seq_of(&gw, &create("dave", "c", "")).await;
+    seq_of(&stage, &create("dave", "c", "")).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_larger_than_a_frame_is_refused_before_it_is_stored() {
+fn small_frames() -> Config {
     let mut config = gateway_config();
     config.limits.max_message_bytes = 4096;
-    let gw = TestGateway::start_with(config).await;
-    let created = seq_of(&gw, &create("frank", "m", "")).await;
+    config
+}
+
+in_both_modes!(
+    a_snapshot_larger_than_a_frame_is_refused_before_it_is_stored,
+    super::small_frames()
+);
+async fn a_snapshot_larger_than_a_frame_is_refused_before_it_is_stored(stage: Stage) {
+    let gw = &stage.publish;
+    let created = seq_of(&stage, &create("frank", "m", "")).await;
     let chunk = "y".repeat(1000);
     let mut index = 1;
     let refused = loop {
@@ -462,8 +582,8 @@ async fn a_snapshot_larger_than_a_frame_is_refused_before_it_is_stored() {
             .unwrap()
             .contains("limits.max_message_bytes")
     );
-    // What was stored still reaches a resuming client as one frame.
-    let mut client = connect(&gw, "frank", Some(created - 1)).await;
+    // What was stored still reaches a late client as one frame.
+    let mut client = connect(&stage, "frank", Some(stage.before(created))).await;
     let resumed = client.next_json().await.unwrap();
     assert_eq!(resumed["recovered"], true, "{resumed}");
     let snapshot = client.next_json().await.unwrap();

@@ -362,8 +362,8 @@ impl Cluster {
                 if seq > to {
                     return Ok(true);
                 }
-                if let Some(event) = event {
-                    if !deliver(event, 0)? {
+                if let Some(record) = event {
+                    if !deliver(record.event, 0)? {
                         return Ok(false);
                     }
                     self.metrics.cluster_gap_events.inc();

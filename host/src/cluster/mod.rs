@@ -17,8 +17,12 @@
 //!   identity's oldest events), and the replay is read with direct gets.
 //! - **Idempotency**: `Nats-Msg-Id` is a digest of the identity and the key, so keys stay
 //!   per identity, within the stream's duplicate window.
+//! - **Messages** (AI output streams): each op is a record of the identity's subject,
+//!   checked and stored with compare-and-set, folded into one snapshot on resume
+//!   ([`messages`]).
 
 pub mod feed;
+pub mod messages;
 pub mod presence;
 
 use async_nats::jetstream::kv;
@@ -41,6 +45,7 @@ use crate::event_log::{NotRecovered, Replay};
 use crate::metrics::Metrics;
 use crate::router::Publication;
 use crate::sandbox::Event;
+use crate::streams::Bounds;
 
 /// Messages a batched read's reply inbox (or another subscription on the main connection)
 /// may hold unread.
@@ -54,8 +59,11 @@ pub const INBOX_CAPACITY: usize = 4096;
 /// the client, whatever other nodes accept.
 pub const FEED_CAPACITY: usize = 64;
 
-// A resume's batch (`since`, its events, one more, the end-of-batch status) fits an inbox.
-const _: () = assert!(crate::config::MAX_CLUSTER_REPLAY_EVENTS + 3 <= INBOX_CAPACITY);
+/// Most records one batched read asks for: with the end-of-batch status they fit an inbox.
+const READ_CHUNK: usize = INBOX_CAPACITY - 2;
+
+// A resume's batch (`since`, its events, one more) is one request.
+const _: () = assert!(crate::config::MAX_CLUSTER_REPLAY_EVENTS + 2 <= READ_CHUNK);
 
 /// Resume reads one node has in flight at once.
 const MAX_READS: usize = 64;
@@ -144,6 +152,9 @@ impl Disconnection {
         }
     }
 }
+
+/// A sent event waiting for the stream's answer: when it was sent, and the answer.
+pub type PendingAck = (Instant, jetstream::context::PublishAckFuture);
 
 /// What a cluster publish did.
 #[derive(Debug, Clone, Copy)]
@@ -245,6 +256,12 @@ pub struct Cluster {
     /// Presence across the cluster (see `presence.rs`).
     presence_records: kv::Store,
     presence_nodes: kv::Store,
+    /// `[streams]`: message ops are checked against these.
+    bounds: Bounds,
+    /// Per identity, its messages as this node last folded them (see `messages.rs`).
+    ledgers: messages::Ledgers,
+    /// Records the stream keeps per identity: its events and its messages' ops.
+    records_per_identity: usize,
     pub node: String,
     /// This process among the nodes: unique even where two nodes share a name.
     pub instance: String,
@@ -260,7 +277,23 @@ struct StoredEventOwned<'a> {
     thread_id: Option<String>,
     #[serde(default)]
     at: u64,
+    #[serde(default)]
+    op: Option<messages::OpMeta>,
 }
+
+/// A stored event as a read returns it.
+#[derive(Debug)]
+pub(crate) struct Record {
+    pub event: Event,
+    /// When the publishing node stored it (microseconds since the epoch).
+    pub at: u64,
+    /// For a message op (an event of kind `gateway.message`), what a fold needs besides it.
+    pub op: Option<messages::OpMeta>,
+}
+
+/// The records a read returns, oldest first: each one's sequence, and its record (none when
+/// its body is unreadable: it is skipped, and logged).
+pub(crate) type Records = Vec<(u64, Option<Record>)>;
 
 fn now_micros() -> u64 {
     SystemTime::now()
@@ -285,9 +318,11 @@ impl Cluster {
     pub async fn join(
         config: &ClusterConfig,
         history: &History,
-        max_event_bytes: usize,
+        bounds: &Bounds,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Cluster>, JoinError> {
+        let max_event_bytes = bounds.frame_limit;
+        let records_per_identity = messages::records_per_identity(history, &bounds.limits);
         let url = config.nats_url().unwrap_or_default().to_owned();
         let node = config.node_name.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -343,9 +378,9 @@ impl Cluster {
                 description: Some(format!("gateway events, shard {shard} of {shards}")),
                 metadata: [(STREAMS_METADATA.to_owned(), shards.to_string())].into(),
                 subjects: vec![format!("{prefix}.ev.{shard}.>")],
-                // One more than the limit: with at most the limit stored, an identity has
-                // provably lost nothing to this bound (see `read`).
-                max_messages_per_subject: history.max_events_per_user as i64 + 1,
+                // One more than the events and one message's ops: with fewer stored, an
+                // identity has provably lost nothing to this bound (see `read`).
+                max_messages_per_subject: records_per_identity as i64,
                 max_age: Duration::from_secs(history.max_age_secs),
                 max_bytes: i64::try_from(config.max_bytes / shards as u64).unwrap_or(i64::MAX),
                 // The stored body is the payload plus ids and a little JSON.
@@ -438,6 +473,9 @@ impl Cluster {
             disconnects,
             presence_records,
             presence_nodes,
+            bounds: bounds.clone(),
+            ledgers: messages::Ledgers::default(),
+            records_per_identity,
             node,
             instance: uuid::Uuid::new_v4().simple().to_string(),
         }))
@@ -629,7 +667,7 @@ impl Cluster {
         &self,
         publication: &Publication,
         idempotency_key: Option<&str>,
-    ) -> Result<(Instant, jetstream::context::PublishAckFuture), Unavailable> {
+    ) -> Result<PendingAck, Unavailable> {
         // Sent now, it would wait in the client's buffer for the reconnection and time out.
         if !self.link.connected.load(Ordering::Acquire) {
             return Err(Unavailable("the NATS connection is down".into()));
@@ -652,10 +690,7 @@ impl Cluster {
     }
 
     /// The stream's answer to a sent event.
-    pub async fn acked(
-        &self,
-        (started, ack): (Instant, jetstream::context::PublishAckFuture),
-    ) -> Result<Stored, Unavailable> {
+    pub async fn acked(&self, (started, ack): PendingAck) -> Result<Stored, Unavailable> {
         let ack = ack.await.map_err(|e| Unavailable(e.to_string()))?;
         self.metrics
             .nats_round_trip("publish", started.elapsed().as_secs_f64());
@@ -874,7 +909,7 @@ impl Cluster {
         through: u64,
         max: usize,
         anchor: bool,
-    ) -> Result<Vec<(u64, Option<Event>)>, Unavailable> {
+    ) -> Result<Records, Unavailable> {
         let got = self.batch(identity, from, max).await?;
         self.complete(identity, got, from, through, max, anchor)
             .await
@@ -891,13 +926,13 @@ impl Cluster {
     async fn complete(
         &self,
         identity: &Identity,
-        mut got: Vec<(u64, Option<Event>)>,
+        mut got: Records,
         from: u64,
         through: u64,
         max: usize,
         anchor: bool,
-    ) -> Result<Vec<(u64, Option<Event>)>, Unavailable> {
-        let holds = |got: &[(u64, Option<Event>)], seq: u64| got.iter().any(|(s, _)| *s == seq);
+    ) -> Result<Records, Unavailable> {
+        let holds = |got: &[(u64, Option<Record>)], seq: u64| got.iter().any(|(s, _)| *s == seq);
         let anchored = !anchor || got.first().is_some_and(|(seq, _)| *seq == from);
         let full_before = got.len() >= max && got.last().is_some_and(|(seq, _)| *seq < through);
         let reached = through < from.max(1) || full_before || holds(&got, through);
@@ -929,7 +964,7 @@ impl Cluster {
                 break;
             };
             let seq = message.sequence;
-            got.push((seq, decode(seq, &message.payload).map(|(e, _)| e)));
+            got.push((seq, decode_record(seq, &message.payload)));
             if !anchored && seq != from {
                 // The leader has lost the anchor too: the caller says what that means.
                 break;
@@ -948,7 +983,7 @@ impl Cluster {
         identity: &Identity,
         from: u64,
         max: usize,
-    ) -> Result<Vec<(u64, Option<Event>)>, Unavailable> {
+    ) -> Result<Records, Unavailable> {
         let subject = self.event_subject(identity);
         let mut got = Vec::new();
         let mut next = from.max(1);
@@ -956,11 +991,11 @@ impl Cluster {
             let request = serde_json::json!({
                 "seq": next,
                 "next_by_subj": subject,
-                "batch": max - got.len(),
+                "batch": (max - got.len()).min(READ_CHUNK),
             });
             let (replies, more) = self.direct_batch(identity, "batch", &request).await?;
             for (seq, reply) in replies {
-                got.push((seq, decode(seq, &reply.payload).map(|(e, _)| e)));
+                got.push((seq, decode_record(seq, &reply.payload)));
                 next = seq + 1;
             }
             if !more {
@@ -1025,7 +1060,21 @@ impl Cluster {
                 return Ok(not(reason, head));
             }
         }
-        if batch.len() > max {
+        // A message's ops are records but one entry: with ops among a full batch, the read
+        // goes on (to the identity's record bound) before entries are counted.
+        let full = batch.len() > max;
+        if full
+            && batch
+                .iter()
+                .any(|(_, r)| r.as_ref().is_some_and(|r| r.op.is_some()))
+        {
+            let next = batch.last().map_or(since + 1, |(seq, _)| seq + 1);
+            let room = self.records_per_identity.saturating_sub(batch.len());
+            batch.extend(
+                self.batch_through(identity, next, leader_head, room, false)
+                    .await?,
+            );
+        } else if full {
             return Ok(not(NotRecovered::TooMany, Some(leader_head)));
         }
         // The head is the identity's newest event, which limits remove last: an answer that
@@ -1033,26 +1082,40 @@ impl Cluster {
         // leader no more). Nothing to vouch for: the client tries again.
         let last_stored = batch.last().map_or(since, |(seq, _)| *seq);
         if last_stored < leader_head {
+            if batch.len() >= self.records_per_identity {
+                return Ok(not(NotRecovered::TooMany, Some(leader_head)));
+            }
             return Err(Unavailable(
                 "the stream's copies did not hold its newest events; retry".into(),
             ));
         }
         let stored = batch.len();
-        let events: Vec<Arc<Event>> = batch
-            .into_iter()
-            .filter_map(|(_, event)| event.map(Arc::new))
-            .collect();
+        let Some(events) = self.fold(identity, since, batch).await? else {
+            // A message touched after `since` lost its create to the stream's limits.
+            return Ok(not(NotRecovered::Evicted, Some(leader_head)));
+        };
+        // The stream keeps more records than the history's entries (a message's ops are
+        // records): a position with more than `max_events_per_user` entries after it has
+        // left the history, as on one node.
+        if since > 0 && events.len() > self.history.max_events_per_user {
+            return Ok(not(NotRecovered::Evicted, Some(leader_head)));
+        }
+        if events.len() > max {
+            return Ok(not(NotRecovered::TooMany, Some(leader_head)));
+        }
         let head = events
             .last()
             .map(|e| e.seq)
             .or((since > 0).then_some(since));
-        // Everything retained: complete unless this identity lost events to its count
-        // limit (the stream keeps one more than the limit, so that holding at most the
-        // limit proves nothing was dropped: an identity's count shrinks below it again only
-        // by age, which takes the oldest first), or the stream lost events younger than the
-        // age limit to its byte bound.
+        // Everything retained: complete unless this identity lost records to its count
+        // limit (the stream keeps more than its events and one message's ops, so that
+        // holding fewer than that bound proves nothing was dropped: an identity's count
+        // shrinks again only by age, which takes the oldest first), holds more entries than
+        // the history keeps, or the stream lost events younger than the age limit to its
+        // byte bound.
         if since == 0
-            && (stored > self.history.max_events_per_user
+            && (stored >= self.records_per_identity
+                || events.len() > self.history.max_events_per_user
                 || !self.nothing_discarded_within_age(identity).await?)
         {
             return Ok(not(NotRecovered::Evicted, head));
@@ -1112,7 +1175,7 @@ impl Cluster {
             .map_err(|e| Unavailable(e.to_string()))?;
         self.metrics
             .nats_round_trip("info", started.elapsed().as_secs_f64());
-        Ok(first <= from && count <= self.history.max_events_per_user)
+        Ok(first <= from && count < self.records_per_identity)
     }
 
     /// Whether every event younger than the age limit is still stored: the stream never
@@ -1210,23 +1273,41 @@ async fn check_stream_count(
 /// publisher's text (valid JSON, checked when it was published), and the publishing node's
 /// clock.
 fn encode(publication: &Publication, at: u64) -> Vec<u8> {
-    let mut body = Vec::with_capacity(publication.payload.len() + publication.kind.len() + 96);
+    encode_parts(
+        &publication.kind,
+        &publication.payload,
+        [&publication.run_id, &publication.thread_id],
+        at,
+        None,
+    )
+}
+
+/// A stored body from its parts; `op`: a message op's [`messages::OpMeta`], as JSON.
+fn encode_parts(
+    kind: &str,
+    payload: &str,
+    [run_id, thread_id]: [&Option<String>; 2],
+    at: u64,
+    op: Option<&str>,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(payload.len() + kind.len() + 96);
     let string = |body: &mut Vec<u8>, s: &str| {
         // Writing a string into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *body, s);
     };
     body.extend_from_slice(b"{\"kind\":");
-    string(&mut body, &publication.kind);
+    string(&mut body, kind);
     body.extend_from_slice(b",\"payload\":");
-    body.extend_from_slice(publication.payload.as_bytes());
-    for (name, value) in [
-        ("run_id", &publication.run_id),
-        ("thread_id", &publication.thread_id),
-    ] {
+    body.extend_from_slice(payload.as_bytes());
+    for (name, value) in [("run_id", run_id), ("thread_id", thread_id)] {
         if let Some(value) = value {
             body.extend_from_slice(format!(",\"{name}\":").as_bytes());
             string(&mut body, value);
         }
+    }
+    if let Some(op) = op {
+        body.extend_from_slice(b",\"op\":");
+        body.extend_from_slice(op.as_bytes());
     }
     body.extend_from_slice(format!(",\"at\":{at}}}").as_bytes());
     body
@@ -1243,21 +1324,27 @@ fn number_header(message: &async_nats::Message, name: &str) -> Option<u64> {
 
 /// A stored event's body as an [`Event`] with its `seq`, and when it was published.
 fn decode(seq: u64, body: &[u8]) -> Option<(Event, u64)> {
+    decode_record(seq, body).map(|r| (r.event, r.at))
+}
+
+/// A stored body as a [`Record`].
+fn decode_record(seq: u64, body: &[u8]) -> Option<Record> {
     let stored: StoredEventOwned = serde_json::from_slice(body)
         .inspect_err(
             |e| tracing::error!(seq, error = %e, "unreadable event in the stream; skipped"),
         )
         .ok()?;
-    Some((
-        Event {
+    Some(Record {
+        event: Event {
             seq,
             kind: stored.kind,
             payload: stored.payload.get().to_owned(),
             run_id: stored.run_id,
             thread_id: stored.thread_id,
         },
-        stored.at,
-    ))
+        at: stored.at,
+        op: stored.op,
+    })
 }
 
 /// The stream's deduplication id for an identity's idempotency key: a digest, so any key

@@ -107,9 +107,11 @@ impl Default for TlsConfig {
 
 /// Cluster mode: any number of gateway nodes share one event log, a NATS JetStream stream.
 /// Off unless `nats_url` is set; the embedded in-process log serves otherwise. In cluster
-/// mode `[history]` bounds the stream: `max_events_per_user` is its per-subject message
-/// limit, `max_age_secs` its age, `idempotency_window_secs` its duplicate window, and
-/// `max_replay_events` bounds a resume as before.
+/// mode `[history]` bounds the stream: its per-subject limit is `max_events_per_user` +
+/// `streams.max_appends_per_message` + 3 records (room for one message's ops), and a resume
+/// presents at most `max_events_per_user` entries; `max_age_secs` is its age,
+/// `idempotency_window_secs` its duplicate window, and `max_replay_events` bounds a resume
+/// as before.
 #[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {

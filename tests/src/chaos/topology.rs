@@ -552,6 +552,7 @@ impl NatsProcess {
             .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
             .collect::<Vec<_>>()
             .join(",");
+        nats::sweep_stale_stores("gateway-chaos-");
         let mut servers = Vec::new();
         for (index, (port, route)) in ports.into_iter().enumerate() {
             let store = std::env::temp_dir()
