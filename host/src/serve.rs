@@ -118,6 +118,8 @@ async fn end_overdue_cluster_messages(state: &AppState, cluster: &crate::cluster
                 state.metrics.messages_expired.inc();
             }
             Ok(Ok(_)) => {}
+            // Another node stored its end since this node last looked.
+            Ok(Err(refusal)) if refusal.error == "message_ended" => {}
             Ok(Err(refusal)) => {
                 tracing::warn!(reason = %refusal.reason, "an overdue message was not ended");
             }

@@ -21,7 +21,6 @@ use gateway::auth::PUBLISH_SCOPE;
 use gateway_tests::{SECRET, claims, token};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser, Debug)]
@@ -179,7 +178,7 @@ async fn reader(
     mode: Mode,
     start: Instant,
     seen: Arc<Seen>,
-    latency: Arc<Mutex<Histogram<u64>>>,
+    latency: Arc<std::sync::Mutex<Histogram<u64>>>,
     ready: Arc<AtomicU64>,
     handshakes: Arc<tokio::sync::Semaphore>,
 ) {
@@ -196,7 +195,8 @@ async fn reader(
         }
     };
     drop(permit);
-    let mut local = Histogram::<u64>::new(3).unwrap();
+    // One histogram for every reader, sized up front: one per reader (10,000 of them) grew
+    // as latencies did, and zeroing their new counts took most of this process's CPU.
     let mut next_token: HashMap<String, u64> = HashMap::new();
     ready.fetch_add(1, Ordering::Relaxed);
     while let Some(Ok(msg)) = ws.next().await {
@@ -218,6 +218,7 @@ async fn reader(
         };
         let now = stamp(start);
         let expected = next_token.entry(message).or_insert(0);
+        let mut local = latency.lock().unwrap_or_else(|e| e.into_inner());
         for token in tokens.split_whitespace() {
             let Some((n, at)) = token.split_once(':') else {
                 continue;
@@ -231,7 +232,6 @@ async fn reader(
             let _ = local.record(now.saturating_sub(at).max(1));
         }
     }
-    latency.lock().await.add(&local).unwrap();
 }
 
 struct RunResult {
@@ -244,7 +244,10 @@ async fn run(args: &Args, mode: Mode) -> anyhow::Result<RunResult> {
     let http = reqwest::Client::new();
     let start = Instant::now();
     let seen = Arc::new(Seen::default());
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+    // Microseconds, up to ten minutes.
+    let latency = Arc::new(std::sync::Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap(),
+    ));
     let ready = Arc::new(AtomicU64::new(0));
     let handshakes = Arc::new(tokio::sync::Semaphore::new(128));
     let mut readers = Vec::new();
@@ -324,7 +327,7 @@ async fn run(args: &Args, mode: Mode) -> anyhow::Result<RunResult> {
     let tokens = seen.tokens.load(Ordering::Relaxed);
     let frames = seen.frames.load(Ordering::Relaxed);
     let bytes = seen.bytes.load(Ordering::Relaxed);
-    let latency = latency.lock().await;
+    let latency = latency.lock().unwrap_or_else(|e| e.into_inner());
     let disorder = seen.disorder.load(Ordering::Relaxed);
     anyhow::ensure!(
         tokens == per_connection && disorder == 0,
