@@ -73,7 +73,10 @@ async fn expire_history(state: Arc<AppState>) {
         log.expire();
         end_overdue_messages(&state);
         if let Some(cluster) = state.router.cluster() {
-            end_overdue_cluster_messages(&state, cluster).await;
+            // Bounded, so that a NATS outage does not hold up this loop; what is left is
+            // looked at on the next tick.
+            let sweep = end_overdue_cluster_messages(&state, cluster);
+            let _ = tokio::time::timeout(Duration::from_secs(1), sweep).await;
         }
         state.metrics.history_bytes.set(log.bytes() as i64);
         for (i, (cause, total)) in log.evicted().into_iter().enumerate() {
@@ -108,9 +111,12 @@ fn end_overdue_messages(state: &AppState) {
 
 /// In cluster mode, the overdue messages this node took ops for: ended through the stream.
 /// Several nodes may end the same one; the stream takes the first end, the others answer
-/// it as a duplicate.
+/// it as a duplicate. A message's records age on their own there, its create first, so it
+/// is ended by half the history's age at the latest, while its create is still stored.
 async fn end_overdue_cluster_messages(state: &AppState, cluster: &crate::cluster::Cluster) {
-    let max_open = Duration::from_secs(state.config.streams.max_open_secs);
+    let max_open = Duration::from_secs(
+        (state.config.streams.max_open_secs).min(state.config.history.max_age_secs / 2),
+    );
     for (identity, id) in cluster.overdue_messages(max_open) {
         let end = overdue_end(identity, id);
         match cluster.publish_message(&end, None).await {

@@ -325,6 +325,21 @@ impl Default for Bounds {
     }
 }
 
+impl Bounds {
+    /// No bounds: for ops that were checked when they were stored, applied again.
+    pub fn unbounded() -> Self {
+        Bounds {
+            limits: Streams {
+                max_message_bytes: usize::MAX,
+                max_appends_per_message: usize::MAX,
+                max_open_messages_per_user: usize::MAX,
+                ..Streams::default()
+            },
+            frame_limit: usize::MAX,
+        }
+    }
+}
+
 fn too_many_appends(id: &str, m: &Message, limits: &Streams, expected: u64) -> Refusal {
     refusal(
         413,

@@ -505,3 +505,22 @@ impl Client {
         while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.ws.next()).await {}
     }
 }
+
+/// A cluster-mode gateway on a NATS cluster that may still be forming: started once its
+/// JetStream answers (within three waits).
+pub async fn join_when_ready(cfg: Config) -> TestGateway {
+    let deadline = std::time::Instant::now() + WAIT * 3;
+    loop {
+        let state = gateway::AppState::new(cfg.clone()).unwrap();
+        match state.join_cluster().await {
+            Ok(()) => return TestGateway::start_with(cfg).await,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no JetStream cluster: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

@@ -11,7 +11,9 @@ use gateway::auth::Claims;
 use gateway::config::{ClusterStorage, Config};
 use gateway_tests::nats::NatsServer;
 use gateway_tests::node::Node;
-use gateway_tests::{Client, TestGateway, WAIT, claims, config, guests, token, wait_until};
+use gateway_tests::{
+    Client, TestGateway, WAIT, claims, config, guests, join_when_ready, token, wait_until,
+};
 use serde_json::{Value, json};
 
 fn cluster_config(nats_url: &str) -> Config {
@@ -523,22 +525,6 @@ async fn publish_until_acked(gw: &TestGateway, user: &str, n: u64) -> (u64, u32)
         refused += 1;
         assert!(started.elapsed() < WAIT * 3, "no recovery: {reply}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A node of a NATS cluster that has just formed: JetStream answers once its meta leader is
-/// elected.
-async fn join_when_ready(cfg: Config) -> TestGateway {
-    let deadline = Instant::now() + WAIT * 3;
-    loop {
-        let state = gateway::AppState::new(cfg.clone()).unwrap();
-        match state.join_cluster().await {
-            Ok(()) => return TestGateway::start_with(cfg).await,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "no JetStream cluster: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
     }
 }
 

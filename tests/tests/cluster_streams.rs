@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use gateway::config::{ClusterStorage, Config};
 use gateway_tests::nats::NatsServer;
 use gateway_tests::node::Node;
-use gateway_tests::{Client, TestGateway, WAIT, claims, config, guests, token};
+use gateway_tests::{Client, TestGateway, WAIT, claims, config, guests, join_when_ready, token};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -249,4 +249,65 @@ async fn a_node_killed_mid_stream_loses_nothing_of_the_message() {
     let (status, reply) = post(&survivor, &marker).await;
     assert_eq!(status, 200, "{reply}");
     client.expect_event(reply["seq"].as_u64().unwrap()).await;
+}
+
+/// On a replicated stream (three NATS servers, R3) a compare-and-set write that meets
+/// another write of the same user in flight is refused by the stream in its own way; the
+/// node takes that as losing the race, not as an outage: appends through one node while
+/// plain events for the same user pour in through the other all succeed, and concurrent
+/// creates still keep the open-message bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_racing_other_writes_on_a_replicated_stream_are_retried_not_refused() {
+    let servers = NatsServer::cluster(3);
+    let urls = servers
+        .iter()
+        .map(NatsServer::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cfg = cluster_config(&urls);
+    cfg.cluster.replicas = 3;
+    cfg.streams.max_open_messages_per_user = 2;
+    let a = join_when_ready(cfg.clone()).await;
+    let b = TestGateway::start_with(cfg).await;
+    let mut client = b.connect("cy").await;
+
+    let (status, reply) = a.publish(&a.publisher_token(), &create("cy", "m")).await;
+    assert_eq!(status, 200, "{reply}");
+    let events = async {
+        for n in 0..60 {
+            let body = json!({"user_id": "cy", "kind": "tool_executing", "payload": {"n": n}});
+            let (status, reply) = b.publish(&b.publisher_token(), &body).await;
+            assert_eq!(status, 200, "{reply}");
+        }
+    };
+    let appends = async {
+        for i in 1..=60 {
+            let (status, reply) = a
+                .publish(&a.publisher_token(), &append("cy", "m", i, &token_text(i)))
+                .await;
+            assert_eq!(status, 200, "append {i} racing plain events: {reply}");
+        }
+    };
+    tokio::join!(events, appends);
+    let (status, reply) = b.publish(&b.publisher_token(), &end("cy", "m")).await;
+    assert_eq!(status, 200, "{reply}");
+    let mut reader = Reader::default();
+    while !reader.ended {
+        let frame = client.next_json().await.unwrap();
+        if frame["type"] == "message" {
+            reader.take(&frame);
+        }
+    }
+    assert_eq!(reader.text, (1..=60).map(token_text).collect::<String>());
+
+    let bodies: Vec<Value> = (0..4).map(|i| create("cy", &format!("c{i}"))).collect();
+    let publishers = [a.publisher_token(), b.publisher_token()];
+    let creates = bodies.iter().enumerate().map(|(i, body)| {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        gw.publish(&publishers[i % 2], body)
+    });
+    let answers = futures_util::future::join_all(creates).await;
+    let mut statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 429, 429], "{answers:?}");
 }

@@ -24,6 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::PublishErrorKind;
 use serde::{Deserialize, Serialize};
 
@@ -161,12 +162,10 @@ fn instant_of(at: u64) -> Instant {
 
 /// Folds `records` into `messages`, in order; `only`: the ids to fold (all when `None`).
 /// A record that does not apply (a stored op whose message left the history) is skipped.
-fn apply_all(
-    messages: &mut Messages,
-    records: &Records,
-    only: Option<&HashSet<String>>,
-    bounds: &crate::streams::Bounds,
-) {
+/// Stored ops were checked when they were stored: they are applied again without limits, so
+/// a node with lower `[streams]` bounds folds the same messages.
+fn apply_all(messages: &mut Messages, records: &Records, only: Option<&HashSet<String>>) {
+    let bounds = crate::streams::Bounds::unbounded();
     for (seq, record) in records {
         let Some(record) = record else { continue };
         let Some(meta) = &record.op else { continue };
@@ -182,7 +181,7 @@ fn apply_all(
             &stored.op,
             *seq,
             instant_of(record.at),
-            bounds,
+            &bounds,
             &mut 0,
         );
     }
@@ -219,7 +218,7 @@ impl Cluster {
                 // The ledger may lack ops other nodes stored: a refusal holds only against
                 // the head. (A duplicate holds anyway: ops are only ever added.)
                 Err(_) if !current => {
-                    self.catch_up(identity, &mut ledger).await?;
+                    self.catch_up(identity, &mut ledger, true).await?;
                     current = true;
                     continue;
                 }
@@ -268,8 +267,7 @@ impl Cluster {
                 }
                 Err(Store::Moved) => {
                     tracing::debug!("the user stored a record first; folding it in");
-                    self.catch_up(identity, &mut ledger).await?;
-                    current = true;
+                    self.catch_up(identity, &mut ledger, false).await?;
                 }
                 Err(Store::Failed(e)) => {
                     // It may be stored all the same: fold again before the next op.
@@ -328,6 +326,12 @@ impl Cluster {
         let ack = match acked.await {
             Ok(ack) => ack,
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => return Err(Store::Moved),
+            // A clustered stream (NATS 2.11 on) refuses a compare-and-set while another
+            // write of the same subject is in flight: the same as losing the race.
+            Err(e) if in_flight(&e) => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                return Err(Store::Moved);
+            }
             Err(e) => return Err(Store::Failed(Unavailable(e.to_string()))),
         };
         self.metrics
@@ -349,16 +353,28 @@ impl Cluster {
             .batch_through(identity, 1, head, self.records_per_identity, false)
             .await?;
         let mut messages = Messages::default();
-        apply_all(&mut messages, &records, None, &self.bounds);
+        apply_all(&mut messages, &records, None);
         ledger.messages = messages;
-        ledger.last = Some(records.last().map_or(head, |(seq, _)| (*seq).max(head)));
+        // What was read, not the head: a read that stopped short of it (a copy that lags)
+        // leaves the ledger behind, and its next write's compare-and-set catches up.
+        ledger.last = Some(records.last().map_or(0, |(seq, _)| *seq));
         ledger.folded_at = Instant::now();
         Ok(())
     }
 
-    /// Folds in what the identity stored after the ledger's last record.
-    async fn catch_up(&self, identity: &Identity, ledger: &mut Ledger) -> Result<(), Unavailable> {
-        let head = self.leader_head(identity).await?;
+    /// Folds in what the identity stored after the ledger's last record, up to its head:
+    /// with `fenced`, a head that includes every write acknowledged before this call (see
+    /// [`Cluster::head_of`]); else the leader's, one read.
+    async fn catch_up(
+        &self,
+        identity: &Identity,
+        ledger: &mut Ledger,
+        fenced: bool,
+    ) -> Result<(), Unavailable> {
+        let head = match fenced {
+            true => self.head_of(identity).await?,
+            false => self.leader_head(identity).await?,
+        };
         let last = ledger.last.unwrap_or(0);
         if head == last {
             return Ok(());
@@ -370,8 +386,15 @@ impl Cluster {
         let records = self
             .batch_through(identity, last + 1, head, self.records_per_identity, false)
             .await?;
-        apply_all(&mut ledger.messages, &records, None, &self.bounds);
-        ledger.last = Some(records.last().map_or(head, |(seq, _)| (*seq).max(head)));
+        apply_all(&mut ledger.messages, &records, None);
+        if let Some((seq, _)) = records.last() {
+            ledger.last = Some(*seq);
+        }
+        if ledger.last.unwrap_or(0) < head {
+            return Err(Unavailable(
+                "the stream's copies did not hold this user's newest events; retry".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -413,9 +436,9 @@ impl Cluster {
                 .batch_through(identity, from, since, self.records_per_identity, false)
                 .await?;
             earlier.retain(|(seq, _)| *seq <= since);
-            apply_all(&mut messages, &earlier, Some(&touched), &self.bounds);
+            apply_all(&mut messages, &earlier, Some(&touched));
         }
-        apply_all(&mut messages, &records, Some(&touched), &self.bounds);
+        apply_all(&mut messages, &records, Some(&touched));
         let mut events: Vec<Arc<Event>> = records
             .into_iter()
             .filter_map(|(_, r)| r.filter(|r| r.op.is_none()).map(|r| Arc::new(r.event)))
@@ -424,7 +447,10 @@ impl Cluster {
             let Some(message) = messages.get(id) else {
                 return Ok(None);
             };
-            events.push(Arc::new(message.snapshot(id)));
+            // Its ops after `since` were all repeats of earlier ones: nothing new.
+            if message.last_seq > since {
+                events.push(Arc::new(message.snapshot(id)));
+            }
         }
         events.sort_by_key(|e| e.seq);
         Ok(Some(events))
@@ -465,6 +491,14 @@ impl Cluster {
         }
         overdue
     }
+}
+
+/// Whether the stream refused a write because another write of its subject was in flight
+/// (JetStream's error 10164; async-nats reports it as `Other`).
+fn in_flight(e: &async_nats::jetstream::context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|e| e.error_code() == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT)
 }
 
 /// Why an op was not stored.
