@@ -24,11 +24,19 @@ pub fn binary() -> PathBuf {
 
 /// A port free at the time of asking (the server binds it moments later).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct ports free at the time of asking: each held until all are chosen, since a
+/// port let go at once can be handed out again by the next ask (a NATS server given the same
+/// port for clients and routes cannot start).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 pub struct NatsServer {
@@ -76,7 +84,7 @@ impl NatsServer {
 
     /// `n` servers routed into one cluster, JetStream on each.
     pub fn cluster(n: usize) -> Vec<Self> {
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16)> = free_ports(2 * n).chunks(2).map(|p| (p[0], p[1])).collect();
         let routes = ports
             .iter()
             .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))

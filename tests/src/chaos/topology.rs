@@ -91,7 +91,7 @@ impl Topology {
         let mut topology = Topology {
             mode,
             nodes: Arc::new(Nodes {
-                ports: (0..nodes).map(|_| nats::free_port()).collect(),
+                ports: nats::free_ports(nodes),
                 incarnations: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
             }),
             gateways: Vec::new(),
@@ -544,8 +544,9 @@ pub struct NatsProcess {
 
 impl NatsProcess {
     fn cluster(n: usize, logs: &Path, group: i32) -> anyhow::Result<Vec<NatsProcess>> {
-        let ports: Vec<(u16, u16)> = (0..n)
-            .map(|_| (nats::free_port(), nats::free_port()))
+        let ports: Vec<(u16, u16)> = nats::free_ports(2 * n)
+            .chunks(2)
+            .map(|p| (p[0], p[1]))
             .collect();
         let routes = ports
             .iter()
