@@ -2,6 +2,7 @@
 //! every refusal uses: `{"error": "<kind>", "reason": "<what to fix>"}`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -205,9 +206,57 @@ fn log_unavailable(app: &AppState, err: Unavailable) -> ApiError {
     api
 }
 
-/// Refuses new events while this node's sessions have more queued than they can take: a
+/// Holds new events back while this node's sessions have more queued than they can take: a
 /// publisher that keeps sending as fast as it is accepted would otherwise grow the queues,
-/// and every event's latency with them, without bound.
+/// and every event's latency with them. Past `limits.max_queued_bytes` at once; past
+/// `limits.queue_delay_ms` of queue delay after waiting `limits.publish_wait_ms` for it to
+/// fall (see [`crate::pacing`]).
+async fn admit(app: &AppState) -> Result<(), ApiError> {
+    check_backlog(app)?;
+    match app.router.pacing().admit().await {
+        Ok(waited) => {
+            if waited {
+                app.metrics.publish_waits.inc();
+            }
+            Ok(())
+        }
+        Err(delay) => {
+            app.metrics.refusal("overloaded");
+            let mut err = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "events wait {} ms for this node's connections (limits.queue_delay_ms: \
+                     {}); retry after the Retry-After delay",
+                    delay.as_millis(),
+                    app.config.limits.queue_delay_ms
+                ),
+            );
+            err.retry_after = Some(1);
+            Err(err)
+        }
+    }
+}
+
+/// A user whose connections here all fall behind: their events wait (see
+/// `limits.user_queue_delay_ms`), the node's other users' do not.
+fn user_lagging(app: &AppState, delay: Duration) -> ApiError {
+    app.metrics.refusal("user_lagging");
+    let mut err = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "user_lagging",
+        format!(
+            "every connection of this user has had an event waiting {} ms \
+             (limits.user_queue_delay_ms: {}); retry after the Retry-After delay",
+            delay.as_millis(),
+            app.config.limits.user_queue_delay_ms
+        ),
+    );
+    err.retry_after = Some(1);
+    err
+}
+
+/// Refuses new events while this node's backlog is past `limits.max_queued_bytes`.
 fn check_backlog(app: &AppState) -> Result<(), ApiError> {
     let queued = app.router.queued_bytes();
     let max = app.config.limits.max_queued_bytes;
@@ -244,7 +293,7 @@ pub async fn publish(
         .map_err(|e| ApiError::bad_request(format!("invalid event: {e}")))?;
     let (mut publication, key) = validate(request, &app)?;
     bind_tenant(&app, tenant.as_deref(), &mut publication)?;
-    check_backlog(&app)?;
+    admit(&app).await?;
     let identity = publication.identity.clone();
     let receipt = match app.router.cluster() {
         Some(cluster) if publication.message.is_some() => {
@@ -264,12 +313,17 @@ pub async fn publish(
             app.metrics.events_published.inc();
             PublishReceipt::stored(&identity, stored)
         }
-        None => PublishReceipt::new(
-            &identity,
-            app.router
-                .publish(publication, key.as_deref())
-                .map_err(ApiError::message)?,
-        ),
+        None => {
+            if let Some(delay) = app.router.lagging(&identity) {
+                return Err(user_lagging(&app, delay));
+            }
+            PublishReceipt::new(
+                &identity,
+                app.router
+                    .publish(publication, key.as_deref())
+                    .map_err(ApiError::message)?,
+            )
+        }
     };
     Ok(Json(receipt).into_response())
 }
@@ -300,19 +354,27 @@ pub async fn publish_batch(
             Ok((publication, key))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    check_backlog(&app)?;
+    admit(&app).await?;
     if let Some(cluster) = app.router.cluster() {
         return publish_to_cluster(&app, cluster, publications).await;
     }
-    let receipts: Vec<(Identity, Result<Receipt, Refusal>)> = publications
+    let (mut refused, mut lagging) = (0, 0);
+    let receipts: Vec<(Identity, Result<Receipt, ApiError>)> = publications
         .into_iter()
         .map(|(p, key)| {
             let identity = p.identity.clone();
-            (identity, app.router.publish(p, key.as_deref()))
+            if let Some(delay) = app.router.lagging(&identity) {
+                lagging += 1;
+                return (identity, Err(user_lagging(&app, delay)));
+            }
+            let receipt = app.router.publish(p, key.as_deref()).map_err(|r| {
+                refused += 1;
+                ApiError::message(r)
+            });
+            (identity, receipt)
         })
         .collect();
-    let refused = receipts.iter().filter(|(_, r)| r.is_err()).count();
-    if refused == 0 {
+    if refused == 0 && lagging == 0 {
         let results = receipts
             .iter()
             .map(|(identity, r)| PublishReceipt::new(identity, *r.as_ref().expect("checked")))
@@ -323,10 +385,35 @@ pub async fn publish_batch(
         .into_iter()
         .map(|(identity, r)| match r {
             Ok(receipt) => json!(PublishReceipt::new(&identity, receipt)),
-            Err(refusal) => ApiError::message(refusal).body(),
+            Err(err) => err.body(),
         })
         .collect();
+    if lagging > 0 {
+        return Ok(lagging_in_batch(lagging + refused, Value::Array(results)));
+    }
     Ok(refused_in_batch(refused, Value::Array(results)))
+}
+
+/// Some events of a batch were for users whose connections here fall behind: 503 with
+/// every event's own result, so the publisher retries those (with their idempotency keys)
+/// after `Retry-After`; the others were published.
+fn lagging_in_batch(refused: usize, results: Value) -> Response {
+    let events = results.as_array().map_or(0, Vec::len);
+    let body = json!({
+        "error": "user_lagging",
+        "reason": format!(
+            "{refused} of {events} events were not published (users whose connections fall \
+             behind, or message ops that do not fit their message); `results` says which and \
+             why, the others were published: retry the user_lagging ones after the \
+             Retry-After delay"
+        ),
+        "results": results,
+    });
+    let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(1));
+    response
 }
 
 /// Message ops are checked against their message as they are applied, so some of a batch

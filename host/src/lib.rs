@@ -42,6 +42,7 @@ pub mod config;
 pub mod event_log;
 pub mod listener;
 pub mod metrics;
+pub mod pacing;
 pub mod presence;
 pub mod reload;
 pub mod replay;

@@ -50,6 +50,10 @@ pub struct Metrics {
     /// Bytes of events queued to this node's sessions and not yet taken (the backlog that
     /// `limits.max_queued_bytes` bounds).
     pub queued_bytes: Gauge,
+    /// The node's queue delay, sampled every tick (see `limits.queue_delay_ms`).
+    pub queue_delay_seconds: Histogram,
+    /// Publishes that waited for the queue delay to fall before they were taken.
+    pub publish_waits: Counter,
     /// Cluster mode: times a feed left events in the stream because this node's backlog was
     /// at `limits.max_queued_bytes`; it read them from the stream once there was room.
     pub cluster_feed_pauses: Counter,
@@ -144,6 +148,8 @@ impl Metrics {
             frames_received: Counter::default(),
             queue_overflows: Counter::default(),
             queued_bytes: Gauge::default(),
+            queue_delay_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 18)),
+            publish_waits: Counter::default(),
             cluster_feed_pauses: Counter::default(),
             turns_cut: Counter::default(),
             sessions_hibernated: Gauge::default(),
@@ -383,6 +389,16 @@ impl Metrics {
             "queued_bytes",
             "Bytes of events queued to this node's sessions and not yet taken",
             m.queued_bytes.clone(),
+        );
+        registry.register(
+            "queue_delay_seconds",
+            "This node's queue delay every 10 ms: the mean wait of the oldest event of each session turn (limits.queue_delay_ms)",
+            m.queue_delay_seconds.clone(),
+        );
+        registry.register(
+            "publish_waits",
+            "Publishes that waited for the queue delay to fall to limits.queue_delay_ms",
+            m.publish_waits.clone(),
         );
         registry.register(
             "cluster_feed_pauses",

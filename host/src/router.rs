@@ -27,10 +27,15 @@ use crate::cluster::feed::Feed;
 use crate::config::Limits;
 use crate::event_log::{Appended, EventLog, event_bytes};
 use crate::metrics::Metrics;
+use crate::pacing::{Pacing, QueueClock};
 use crate::sandbox::Event;
 use crate::streams::{MessageOp, Refusal};
 
 const SHARDS: usize = 64;
+
+/// An event in a session's queue, with when the router queued it (µs on the node's
+/// clock, [`Pacing::now_us`]): how long it waited is the node's queue delay.
+type Queued = (Arc<Event>, u64);
 
 /// An event as published, before it has a sequence number.
 #[derive(Debug, Clone)]
@@ -61,7 +66,7 @@ struct Route {
     connection_id: Arc<str>,
     /// The token session (`sid`) the connection was opened with, for a disconnect of one.
     sid: Option<Box<str>>,
-    events: mpsc::Sender<Arc<Event>>,
+    events: mpsc::Sender<Queued>,
     queue: Arc<QueueState>,
 }
 
@@ -75,6 +80,7 @@ struct QueueState {
     closed: AtomicU8,
     /// The operator's words for a disconnect, set before the queue closes.
     disconnect_reason: std::sync::OnceLock<Box<str>>,
+    clock: QueueClock,
 }
 
 /// Why the router stopped routing to a session.
@@ -159,6 +165,8 @@ pub struct Router {
     /// Cluster mode: events come from the stream through per-identity feeds instead of
     /// from [`Router::publish`].
     cluster: OnceLock<Arc<Cluster>>,
+    /// The node's queue delay, and publishers held to it.
+    pacing: Pacing,
     /// Numbers feeds, so a feed that outlived its identity's routes cannot deliver to
     /// sessions registered after it.
     feeds_opened: AtomicU64,
@@ -181,7 +189,7 @@ pub struct Mailbox {
     router: Arc<Router>,
     identity: Identity,
     connection_id: Arc<str>,
-    events: mpsc::Receiver<Arc<Event>>,
+    events: mpsc::Receiver<Queued>,
     queue: Arc<QueueState>,
     /// Cluster mode: whether the identity's feed on this node is live.
     feed_ready: Option<watch::Receiver<bool>>,
@@ -207,7 +215,7 @@ impl Mailbox {
             return Err(why);
         }
         match self.events.recv().await {
-            Some(event) => Ok(self.taken(event)),
+            Some(queued) => Ok(self.taken(queued)),
             // The router drops the sender only after closing the queue.
             None => Err(self.queue.closed().unwrap_or(Closed::Shutdown)),
         }
@@ -228,10 +236,11 @@ impl Mailbox {
         if self.queue.closed().is_some() {
             return None;
         }
-        self.events.try_recv().ok().map(|event| self.taken(event))
+        self.events.try_recv().ok().map(|queued| self.taken(queued))
     }
 
-    fn taken(&self, event: Arc<Event>) -> Arc<Event> {
+    fn taken(&self, (event, queued_at): Queued) -> Arc<Event> {
+        self.router.pacing.taken(&self.queue.clock, queued_at);
         let n = event_bytes(&event);
         self.queue.bytes.fetch_sub(n, Ordering::Relaxed);
         self.router.release(n);
@@ -254,6 +263,7 @@ impl Router {
             max_queued: limits.max_queued_bytes,
             room: Notify::new(),
             cluster: OnceLock::new(),
+            pacing: Pacing::new(limits),
             feeds_opened: AtomicU64::new(0),
             presence: OnceLock::new(),
             cluster_presence: OnceLock::new(),
@@ -300,6 +310,23 @@ impl Router {
         }
     }
 
+    pub fn pacing(&self) -> &Pacing {
+        &self.pacing
+    }
+
+    /// The identity's queue delay here when it is above `limits.user_queue_delay_ms`
+    /// (see [`Pacing::lagging`]): its publishers should wait.
+    pub fn lagging(&self, identity: &Identity) -> Option<Duration> {
+        let shard = lock(self.shard(identity));
+        let routes = shard.get(identity)?;
+        self.pacing.lagging(
+            routes
+                .sessions
+                .iter()
+                .map(|r| (r.queue.bytes.load(Ordering::Relaxed), &r.queue.clock)),
+        )
+    }
+
     /// Whether the backlog is at `limits.max_queued_bytes`: feeds queue nothing more.
     pub fn full(&self) -> bool {
         self.queued_bytes() >= self.max_queued
@@ -332,7 +359,10 @@ impl Router {
         sid: Option<&str>,
     ) -> Result<Mailbox, Refused> {
         let (tx, rx) = mpsc::channel(self.queue_events);
-        let queue = Arc::new(QueueState::default());
+        let queue = Arc::new(QueueState {
+            clock: self.pacing.queue(),
+            ..QueueState::default()
+        });
         let mut shard = lock(self.shard(identity));
         // Checked under the shard lock: `shut_down` closes each shard under its lock, so a
         // session registered here is either refused or closed by it.
@@ -498,14 +528,15 @@ impl Router {
     /// whose queue is full is told to close as a slow client.
     fn fan_out(&self, routes: &mut UserRoutes, event: &Arc<Event>) -> usize {
         let size = event_bytes(event);
+        let at = self.pacing.now_us();
         let mut queued = 0;
         let mut overflows = 0;
         routes.sessions.retain(|route| {
             // Counted before it is sent: the session may take it (and subtract) at once.
             let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
             self.hold(size);
-            let sent =
-                before + size <= self.queue_bytes && route.events.try_send(event.clone()).is_ok();
+            let sent = before + size <= self.queue_bytes
+                && route.events.try_send((event.clone(), at)).is_ok();
             if sent {
                 queued += 1;
                 return true;

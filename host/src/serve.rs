@@ -248,6 +248,11 @@ pub async fn serve_with_ops(
     tracing::info!(%addr, "gateway listening");
 
     let history = tokio::spawn(expire_history(state.clone()));
+    tokio::spawn(crate::pacing::Pacing::run(
+        state.router.clone(),
+        state.metrics.clone(),
+        state.shutdown.clone(),
+    ));
     if let Some(webhooks) = state.router.presence() {
         tokio::spawn(webhooks.clone().run(state.shutdown.clone()));
     }

@@ -32,13 +32,16 @@
 #             events (GET /sse), alternating, with a light publish: memory per connection,
 #             connect times and delivery; and, when density measured the capacity, the most
 #             SSE connections one process admits
+#   overload  latency under overload: server and load generator on their own cores, batches
+#             published as fast as answered; the gateway with its queue-delay admission, the
+#             same without it (queue_delay_ms = 0), and the Node.js peer, alternating
 #   multi     100,000 connections across several gateway processes, if time allows; in
 #             cluster mode (one nats-server) when nats-server is installed
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (1500, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
 # numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
-# subset of: density storm delivery native resume streams control sse tls startup peer hibernate cluster multi).
+# subset of: density storm delivery native resume streams control sse tls startup peer overload hibernate cluster multi).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -48,7 +51,7 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-1500}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume streams control sse tls startup peer hibernate cluster multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume streams control sse tls startup peer overload hibernate cluster multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
@@ -156,7 +159,7 @@ start_gateway() {
     GW_PORT=$(free_port)
     GATEWAY_LISTEN=127.0.0.1:$GW_PORT GATEWAY_GUEST=$GUEST GATEWAY_LOG=warn \
         GATEWAY_LIMITS__SHUTDOWN_GRACE_SECS=${GATEWAY_LIMITS__SHUTDOWN_GRACE_SECS:-3} \
-        "$binary" serve "$@" >"$LOGS/$label.gateway.log" 2>&1 &
+        ${SERVER_PIN:+taskset -c "$SERVER_PIN"} "$binary" serve "$@" >"$LOGS/$label.gateway.log" 2>&1 &
     GW_PID=$!
     GW_PIDS+=("$GW_PID")
     local i scheme=http
@@ -219,7 +222,7 @@ run_loadgen() {
     local ips
     ips=$(source_ips_for "$n")
     local rc=0
-    "$LOADGEN" --url "${LOADGEN_URL_BASE:-ws://127.0.0.1}:$port" --server-pid "$pid" --json "$OUT/$label.json" \
+    ${LOADGEN_PIN:+taskset -c "$LOADGEN_PIN"} "$LOADGEN" --url "${LOADGEN_URL_BASE:-ws://127.0.0.1}:$port" --server-pid "$pid" --json "$OUT/$label.json" \
         --source-ips "$ips" --source-ip-offset "$SRC_NEXT" "$@" \
         >"$LOGS/$label.loadgen.out" 2>"$LOGS/$label.loadgen.err" || rc=$?
     SRC_NEXT=$((SRC_NEXT + ips))
@@ -251,7 +254,7 @@ one_run() {
 start_peer() {
     local label=$1 i
     GW_PORT=$(free_port)
-    (cd "$PEER_DIR" && PORT=$GW_PORT exec node server.mjs) >"$LOGS/$label.peer.log" 2>&1 &
+    (cd "$PEER_DIR" && PORT=$GW_PORT exec ${SERVER_PIN:+taskset -c "$SERVER_PIN"} node server.mjs) >"$LOGS/$label.peer.log" 2>&1 &
     GW_PID=$!
     GW_PIDS+=("$GW_PID")
     for i in $(seq 1 300); do
@@ -591,12 +594,16 @@ fi
 # (tests/bench/peers/node-ws), driven by the same loadgen with the same arguments as the
 # gateway's density (largest fixed point), storm (the middle in-flight cap) and delivery
 # (100 %) runs.
-if has peer; then
-    PEER_DIR=$ROOT/target/bench-peers/node-ws
+PEER_DIR=$ROOT/target/bench-peers/node-ws
+install_peer() { # the Node.js peer's packages, once; fails when npm does
+    [[ -n ${PEER_READY:-} ]] && return 0
     mkdir -p "$PEER_DIR"
     cp "$ROOT"/tests/bench/peers/node-ws/{package.json,package-lock.json,server.mjs} "$PEER_DIR/"
-    if (cd "$PEER_DIR" && npm ci --no-audit --no-fund --loglevel=error) >"$LOGS/peer-install.log" 2>&1; then
-        PEER_READY=1
+    (cd "$PEER_DIR" && npm ci --no-audit --no-fund --loglevel=error) >"$LOGS/peer-install.log" 2>&1 || return 1
+    PEER_READY=1
+}
+if has peer; then
+    if install_peer; then
         peer_density=${DENSITY_POINTS[-1]}
         peer_inflight=${STORM_INFLIGHT[1]}
         for run in $(seq 1 "$RUNS"); do
@@ -613,6 +620,32 @@ if has peer; then
     else
         note "peer: npm ci failed (see target/bench/logs/peer-install.log); not run"
     fi
+fi
+
+# ---------------------------------------------------------------------------------------
+# Latency under overload: the server on one core, the load generator on the other (when
+# there are two), 10,000 connections of 2,000 users, batches of 100 published as fast as
+# they are answered. Alternating in each run: the gateway as configured (publishers held
+# to limits.queue_delay_ms), the same gateway with limits.queue_delay_ms = 0 (backlog
+# bounded by bytes only, as before the queue-delay admission), and the Node.js peer.
+if has overload; then
+    if [[ $(nproc) -ge 2 ]]; then
+        export SERVER_PIN=0 LOADGEN_PIN=1
+    fi
+    for run in $(seq 1 "$RUNS"); do
+        log "overload: gateway, queue-delay admission, run $run"
+        one_run "overload-paced-r$run" "$GATEWAY" "" "${delivery_args[@]}" --publish-max
+        log "overload: gateway, bytes only (queue_delay_ms = 0), run $run"
+        GATEWAY_LIMITS__QUEUE_DELAY_MS=0 one_run "overload-bytes-r$run" "$GATEWAY" "" \
+            "${delivery_args[@]}" --publish-max
+        if install_peer; then
+            log "overload: Node.js ws, run $run"
+            peer_run "overload-peer-r$run" "${delivery_args[@]}" --publish-max
+        else
+            note "overload: the Node.js peer's npm ci failed (see target/bench/logs/peer-install.log)"
+        fi
+    done
+    unset SERVER_PIN LOADGEN_PIN
 fi
 
 # ---------------------------------------------------------------------------------------

@@ -29,6 +29,22 @@ TARGET_WASM_NATIVE_RATIO = 0.80
 # Issue 13 (density): per hibernated connection, wake-up p99.
 TARGET_HIBERNATED_RSS_KIB = 12
 TARGET_WAKE_P99_MS = 1.0
+# Issue 23 (performance), and the figures it was filed with ("today").
+TARGET_OVERLOAD_P99_MS = 200
+TARGET_CLUSTER_KIB_PER_IDENTITY = 1
+TARGET_CLUSTER_RATIO = 0.60
+TARGET_CLUSTER_RESUME_FACTOR = 2
+TARGET_LIVE_RSS_KIB = 32
+TARGET_DELIVERIES_PER_CORE_VS_NODE = 3
+BEFORE_23 = {
+    "overload_p99": "1,500-1,700 ms (outside, pinned); 388 ms (`make bench`, unpinned)",
+    "cluster_kib": "11 KiB",
+    "cluster_ratio": "38 %",
+    "cluster_resume": "10x",
+    "hibernated": "17.1 KiB against Node's 6.7",
+    "live": "53 KiB",
+    "per_core": "1.35-1.8x (7.9 µs against Node's 10.1 µs per delivery)",
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -659,6 +675,130 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TIMESTAMP = re.compile(r"^\S*\d{4}-\d\d-\d\dT[\d:.]+Z?\s*")
 
 
+def overload_section(out, findings):
+    paced = runs(out, "overload-paced")
+    unpaced = runs(out, "overload-bytes")
+    peer = runs(out, "overload-peer")
+    if not (paced or unpaced or peer):
+        return "## 11. Latency under overload\n\nNot run.\n"
+
+    def cpu_per_delivery(reports):
+        values = [v for v in (cpu_us_per_event(r) for r in reports) if v is not None]
+        return median(values) if values else None
+
+    rows = []
+    for name, reports in (("gateway, queue-delay admission (default)", paced),
+                          ("gateway, bytes only (`queue_delay_ms = 0`)", unpaced),
+                          ("Node.js ws", peer)):
+        if not reports:
+            continue
+        us = cpu_per_delivery(reports)
+        rows.append([
+            name,
+            med_runs(reports, "events_published_per_sec"),
+            med_runs(reports, "events_per_sec"),
+            med_runs(reports, ("latency_ms", "p50"), 1),
+            med_runs(reports, ("latency_ms", "p99"), 1),
+            num(sum_of(reports, "publish_errors")),
+            num(sum_of(reports, "losses")),
+            num(sum_of(reports, "misdeliveries")),
+            num(us, 2),
+            num(1e6 / us) if us else "-",
+        ])
+    findings["overload"] = {
+        "p99": med(paced, "latency_ms", "p99"),
+        "rate": med(paced, "events_per_sec"),
+        "bytes_p99": med(unpaced, "latency_ms", "p99"),
+        "bytes_rate": med(unpaced, "events_per_sec"),
+        "peer_p99": med(peer, "latency_ms", "p99"),
+        "peer_rate": med(peer, "events_per_sec"),
+        "cpu_us": cpu_per_delivery(paced),
+        "peer_cpu_us": cpu_per_delivery(peer),
+    }
+    return "\n".join([
+        "## 11. Latency under overload",
+        "",
+        "The harness of issue 23: the server on core 0 and the load generator on core 1 "
+        "(`taskset`; when the machine has two cores), "
+        f"{num(med(paced or peer, 'connections_established'))} connections of "
+        f"{num(med(paced or peer, 'users'))} users, batches of 100 published by 4 publishers as "
+        "fast as they are answered. Runs alternate: the gateway as configured, where a publish "
+        "waits while the node's queue delay is above `limits.queue_delay_ms` (50 ms); the same "
+        "gateway with `queue_delay_ms = 0`, where only `max_queued_bytes` (64 MiB) bounds the "
+        "backlog, as before; and the Node.js peer, which answers a publish once it has written "
+        "its frames. Latency is from the publisher building the batch (before it is sent, so a "
+        "publish's wait counts) to the client reading the event. *CPU µs* is the server's CPU "
+        "time per delivered event; *per core* is deliveries per second of server CPU.",
+        "",
+        table(["server", "published /s", "delivered /s", "p50 ms", "p99 ms", "publish errors",
+               "losses", "misdeliveries", "CPU µs", "per core /s"], rows),
+    ]) + "\n"
+
+
+def issue23_section(findings):
+    o = findings.get("overload", {})
+    rows = []
+    p99, rate, bytes_rate = o.get("p99"), o.get("rate"), o.get("bytes_rate")
+    rows.append([
+        f"overload: p99 <= {TARGET_OVERLOAD_P99_MS} ms, throughput no lower (section 11)",
+        BEFORE_23["overload_p99"],
+        (f"p99 {num(p99, 1)} ms at {num(rate)}/s delivered; without the admission in the same "
+         f"run p99 {num(o.get('bytes_p99'), 1)} ms at {num(bytes_rate)}/s; Node.js "
+         f"{num(o.get('peer_p99'), 1)} ms at {num(o.get('peer_rate'))}/s") if p99 is not None else "-",
+        verdict(p99 <= TARGET_OVERLOAD_P99_MS and rate >= 0.95 * bytes_rate
+                if p99 is not None and rate and bytes_rate else None),
+    ])
+    us, peer_us = o.get("cpu_us"), o.get("peer_cpu_us")
+    ratio = peer_us / us if us and peer_us else None
+    rows.append([
+        f"deliveries per core >= {TARGET_DELIVERIES_PER_CORE_VS_NODE}x Node's (section 11)",
+        BEFORE_23["per_core"],
+        f"{ratio:.2f}x ({num(us, 2)} against {num(peer_us, 2)} µs per delivery)" if ratio else "-",
+        verdict(ratio >= TARGET_DELIVERIES_PER_CORE_VS_NODE if ratio else None),
+    ])
+    cluster = findings.get("cluster_ratio")
+    rows.append([
+        f"cluster node saturated >= {TARGET_CLUSTER_RATIO:.0%} of embedded, 2 cores (section 10)",
+        BEFORE_23["cluster_ratio"],
+        f"{num(cluster * 100, 1)} %" if cluster else "not run",
+        verdict(cluster >= TARGET_CLUSTER_RATIO if cluster else None),
+    ])
+    factor = findings.get("cluster_resume_factor")
+    rows.append([
+        f"cluster resume storm within {TARGET_CLUSTER_RESUME_FACTOR}x of embedded (section 10)",
+        BEFORE_23["cluster_resume"],
+        f"{factor:.1f}x" if factor else "not run",
+        verdict(factor <= TARGET_CLUSTER_RESUME_FACTOR if factor else None),
+    ])
+    rows.append([
+        f"cluster cost per subscribed identity <= {TARGET_CLUSTER_KIB_PER_IDENTITY} KiB",
+        BEFORE_23["cluster_kib"],
+        "not measured by this run",
+        verdict(None),
+    ])
+    hib, peer_rss = findings.get("hibernated_rss"), findings.get("peer_rss")
+    rows.append([
+        "hibernated connection < Node.js ws idle connection (sections 8, 9)",
+        BEFORE_23["hibernated"],
+        f"{num(hib, 1)} KiB against {num(peer_rss, 1)}" if hib and peer_rss else "-",
+        verdict(hib < peer_rss if hib and peer_rss else None),
+    ])
+    live = findings["density"].get("max", {}).get("rss_per_conn")
+    rows.append([
+        f"live connection <= {TARGET_LIVE_RSS_KIB} KiB (section 1)",
+        BEFORE_23["live"],
+        f"{num(live, 1)} KiB" if live else "-",
+        verdict(live <= TARGET_LIVE_RSS_KIB if live else None),
+    ])
+    return "\n".join([
+        "## Targets of issue 23 (performance)",
+        "",
+        "Each target against the figure the issue was filed with and this run's.",
+        "",
+        table(["target", "filed with", "this run", "verdict"], rows),
+    ]) + "\n"
+
+
 def server_logs_section(out):
     counts = {}
     first = {}
@@ -1116,6 +1256,10 @@ def cluster_section(out, findings):
             f"{num(med(steady_embedded, 'latency_ms', 'p99'), 2)} ms (target: within 20 %: "
             f"{verdict(steady_rate >= 0.8 * steady_base)})")
     findings["cluster_ratio"] = (med(one, "events_per_sec") or 0) / base if base else None
+    storm_embedded = med(runs(out, "resume"), "storm_secs")
+    storm_cluster = med(runs(out, "cluster-resume"), "storm_secs")
+    if storm_embedded and storm_cluster:
+        findings["cluster_resume_factor"] = storm_cluster / storm_embedded
     acks = []
     for prefix in ("cluster-1node", "cluster-2node-a", "cluster-2node-b", "cluster-steady-1node"):
         for path in metric_files(out, prefix):
@@ -1268,6 +1412,7 @@ def hibernate_section(out, findings):
         ])
     first = next(iter(r for r in idle.values() if r))
     findings["hibernated_rss"] = med(first, "rss_kib_per_connection")
+    findings["peer_rss"] = med(peer, "rss_kib_per_connection")
     findings["hibernated_n"] = med(first, "connections_established")
 
     wakes = []
@@ -1381,11 +1526,13 @@ def summarize(out):
         peer_section(out),
         hibernate_section(out, findings),
         cluster_section(out, findings),
+        overload_section(out, findings),
     ]
     plot_data(out, findings)
     return "\n".join([
         machine_section(meta),
         targets_section(findings),
+        issue23_section(findings),
         *sections,
         plots_section(),
         notes_section(out),

@@ -458,6 +458,24 @@ pub struct Limits {
     /// accept: at it, its feeds leave events in the stream and read them from there once
     /// the backlog is down to half.
     pub max_queued_bytes: usize,
+    /// Queue delay this node keeps to, in milliseconds: how long events wait between the
+    /// router queuing them and their sessions taking them (the mean, every 10 ms, of the
+    /// oldest event of each session's turn). While it is above this, publishes wait for it
+    /// to fall, up to `publish_wait_ms`, and are then refused with 503 `overloaded` and
+    /// `Retry-After`: publishers slow to the pace the sessions take events, instead of
+    /// queueing seconds of delay. 0: publishes never wait (only `max_queued_bytes` bounds
+    /// the backlog).
+    pub queue_delay_ms: u64,
+    /// Most milliseconds a publish waits for the queue delay to fall below
+    /// `queue_delay_ms` before it is refused.
+    pub publish_wait_ms: u64,
+    /// A user whose every connection on this node has had an event waiting longer than
+    /// this (milliseconds) gets its new events refused with 503 `user_lagging` and
+    /// `Retry-After`, so one user's flood or slow clients hold back that user's publishers,
+    /// not the node's. 0: no per-user check. One node only: in cluster mode a node cannot
+    /// see the other nodes' connections, and its feeds leave what it cannot queue in the
+    /// stream.
+    pub user_queue_delay_ms: u64,
     /// Connections still speaking HTTP (not upgraded: handshakes, publishers, probes) the
     /// listener holds at once; past it, new ones wait in the kernel's backlog. Upgraded
     /// WebSocket connections do not count (`max_connections` bounds them).
@@ -560,6 +578,9 @@ impl Default for Limits {
             dead_peer_secs: 75,
             max_body_bytes: 1 << 20,
             max_queued_bytes: 64 << 20,
+            queue_delay_ms: 50,
+            publish_wait_ms: 1000,
+            user_queue_delay_ms: 1000,
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 10,
             max_http_connections: 1024,
@@ -685,6 +706,15 @@ impl Limits {
                 &l.dead_peer_secs,
                 "must be at least limits.ping_interval_secs, or every peer is dead before its first ping",
             ));
+        }
+        for (key, value) in [
+            ("limits.queue_delay_ms", l.queue_delay_ms),
+            ("limits.publish_wait_ms", l.publish_wait_ms),
+            ("limits.user_queue_delay_ms", l.user_queue_delay_ms),
+        ] {
+            if value > 60_000 {
+                return Err(bad(key, &value, "at most 60000"));
+            }
         }
         if l.guest_call_ms > 60_000 || l.guest_call_wall_ms > 60_000 {
             return Err(bad(
