@@ -3,15 +3,16 @@
 //! A publisher that sends as fast as it is answered outruns the sessions; whatever bound
 //! holds the backlog in bytes (`limits.max_queued_bytes`), at the delivery rate it is
 //! seconds of delay. So the node measures the delay itself: how long each event waited
-//! between the router queuing it and its session taking it. Every tick (10 ms) the median
+//! between the router queuing it and its session taking it, less the time its session spent
+//! on earlier work meanwhile (its handler, writing to its client): what is left is the time
+//! the event waited for the node, not for its own connection. Every tick (10 ms) the median
 //! of the tick's waits becomes the node's queue delay; while it is above
 //! `limits.queue_delay_ms`, publishes wait for it to fall (up to `limits.publish_wait_ms`,
-//! then 503 `overloaded`). The median, not a mean or a maximum: a node is overloaded when
-//! its typical event waits, and a slow session (a handler that takes long, a client that
-//! reads slowly) takes few events, so it does not hold back the others' publishers; the
-//! per-identity check, [`Pacing::lagging`], holds back its own.
+//! then 503 `overloaded`). So a slow session (a handler that takes long, a client that
+//! reads slowly) does not hold back the others' publishers; the per-identity check,
+//! [`Pacing::lagging`], holds back its own.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -44,13 +45,29 @@ fn bucket_floor(b: usize) -> u64 {
     (4 + quarter) << (log - 2)
 }
 
-/// When a session queue was last taken from, for [`Pacing::lagging`].
+/// What the router stamps a queued event with: when (µs on the node's clock, wrapping
+/// every 71 minutes) and how much time its session had spent working by then
+/// ([`QueueClock`]'s busy time).
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    queued_at: u32,
+    busy_at: u32,
+}
+
+/// A session queue's clock: when it was last taken from (for [`Pacing::lagging`]), and the
+/// time its session has spent working (for the node's delay).
 #[derive(Default)]
 pub struct QueueClock {
-    /// When the session last took an event (µs on the node's clock).
-    taken_at: AtomicU64,
+    /// Time the session spent in finished turns (µs, wrapping).
+    busy: AtomicU32,
+    /// When its turn in progress began (µs, wrapping, never 0); 0 between turns.
+    turn_began: AtomicU32,
+    /// When the session last took an event (µs, wrapping).
+    taken_at: AtomicU32,
+    /// When an event was queued to it while it had none (µs, wrapping).
+    pending_since: AtomicU32,
     /// How long that event had waited (µs).
-    waited: AtomicU64,
+    waited: AtomicU32,
 }
 
 #[derive(Debug)]
@@ -70,6 +87,17 @@ pub struct Pacing {
     open: Notify,
 }
 
+impl QueueClock {
+    /// Time the session has spent working by `now`, its turn in progress included.
+    fn busy_by(&self, now: u32) -> u32 {
+        let busy = self.busy.load(Ordering::Relaxed);
+        match self.turn_began.load(Ordering::Relaxed) {
+            0 => busy,
+            began => busy.wrapping_add(now.wrapping_sub(began)),
+        }
+    }
+}
+
 impl Pacing {
     pub fn new(limits: &Limits) -> Self {
         Pacing {
@@ -83,26 +111,64 @@ impl Pacing {
         }
     }
 
-    /// Microseconds on the node's clock: what the router stamps queued events with.
+    /// Microseconds on the node's clock.
     pub fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
+    }
+
+    /// Wrapping microseconds, for stamps.
+    fn now32(&self) -> u32 {
+        self.now_us() as u32
+    }
+
+    /// A stamp for events queued now to a session with this clock. `now` is from
+    /// [`Pacing::stamp_time`], once for all the sessions an event goes to.
+    /// `was_empty`: the session had nothing queued before this event.
+    pub fn stamp(&self, clock: &QueueClock, now: u32, was_empty: bool) -> Stamp {
+        if was_empty {
+            clock.pending_since.store(now, Ordering::Relaxed);
+        }
+        Stamp {
+            queued_at: now,
+            busy_at: clock.busy_by(now),
+        }
+    }
+
+    pub fn stamp_time(&self) -> u32 {
+        self.now32()
+    }
+
+    /// The session begins a turn of work (events, and their frames written).
+    pub fn turn_begins(&self, clock: &QueueClock) {
+        clock.turn_began.store(self.now32() | 1, Ordering::Relaxed);
+    }
+
+    pub fn turn_ends(&self, clock: &QueueClock) {
+        let began = clock.turn_began.swap(0, Ordering::Relaxed);
+        if began != 0 {
+            clock
+                .busy
+                .fetch_add(self.now32().wrapping_sub(began), Ordering::Relaxed);
+        }
     }
 
     /// A new session's queue: its clock starts now, so an event that waits in it before its
     /// first take ages from here.
     pub fn queue(&self) -> QueueClock {
         let clock = QueueClock::default();
-        clock.taken_at.store(self.now_us(), Ordering::Relaxed);
+        clock.taken_at.store(self.now32(), Ordering::Relaxed);
         clock
     }
 
-    /// A session took an event queued at `queued_at`.
-    pub fn taken(&self, queue: &QueueClock, queued_at: u64) {
-        let now = self.now_us();
-        let waited = now.saturating_sub(queued_at);
+    /// A session took an event stamped `stamp`.
+    pub fn taken(&self, queue: &QueueClock, stamp: Stamp) {
+        let now = self.now32();
+        let waited = now.wrapping_sub(stamp.queued_at);
+        let working = queue.busy_by(now).wrapping_sub(stamp.busy_at);
         queue.taken_at.store(now, Ordering::Relaxed);
         queue.waited.store(waited, Ordering::Relaxed);
-        self.waits[bucket(waited)].fetch_add(1, Ordering::Relaxed);
+        let for_the_node = waited.saturating_sub(working);
+        self.waits[bucket(u64::from(for_the_node))].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The node's queue delay as of the last tick.
@@ -136,11 +202,11 @@ impl Pacing {
 
     /// An identity's queue delay when it is above `limits.user_queue_delay_ms`: every one
     /// of its sessions here has an event that has waited that long (the last one it took,
-    /// or, while it has events queued, the time since it took one). The
+    /// or, while it has events queued, the time since it last took one or since the first
+    /// of them was queued, whichever is later). The
     /// least over the sessions: one slow connection of a user is closed as a slow client
     /// when its own queue fills; the user's publishers are held back only when all of them
-    /// fall behind.
-    /// `sessions`: each session's queued bytes and clock.
+    /// fall behind. `sessions`: each session's queued bytes and clock.
     pub fn lagging<'a>(
         &self,
         sessions: impl Iterator<Item = (usize, &'a QueueClock)>,
@@ -148,14 +214,16 @@ impl Pacing {
         if self.user_target_us == 0 {
             return None;
         }
-        let now = self.now_us();
+        let now = self.now32();
         let mut least = None::<u64>;
         for (bytes, queue) in sessions {
             let delay = if bytes == 0 {
                 0
             } else {
-                let since = now.saturating_sub(queue.taken_at.load(Ordering::Relaxed));
-                since.max(queue.waited.load(Ordering::Relaxed))
+                let taken = now.wrapping_sub(queue.taken_at.load(Ordering::Relaxed));
+                let pending = now.wrapping_sub(queue.pending_since.load(Ordering::Relaxed));
+                let since = taken.min(pending);
+                u64::from(since.max(queue.waited.load(Ordering::Relaxed)))
             };
             least = Some(least.map_or(delay, |l| l.min(delay)));
         }
@@ -175,15 +243,16 @@ impl Pacing {
             .collect();
         let taken: u64 = counts.iter().sum();
         let delay = if taken > 0 {
+            let within = taken.div_ceil(2);
             let mut seen = 0;
-            let median = counts
+            let bucket = counts
                 .iter()
                 .position(|c| {
                     seen += c;
-                    seen * 2 >= taken
+                    seen >= within
                 })
                 .unwrap_or(0);
-            bucket_floor(median)
+            bucket_floor(bucket)
         } else if queued_bytes == 0 {
             0
         } else {
@@ -255,23 +324,51 @@ mod tests {
         pacing.started = Instant::now().checked_sub(Duration::from_secs(10)).unwrap();
         let metrics = Metrics::new();
         let queue = pacing.queue();
+        let stamp = |ago: u32| {
+            let mut stamp = pacing.stamp(&queue, pacing.stamp_time(), false);
+            stamp.queued_at = stamp.queued_at.wrapping_sub(ago);
+            stamp
+        };
         // One slow event among three quick ones: the node is not behind.
-        let now = pacing.now_us();
-        pacing.taken(&queue, now.saturating_sub(900_000));
+        pacing.taken(&queue, stamp(900_000));
         for _ in 0..3 {
-            pacing.taken(&queue, pacing.now_us());
+            pacing.taken(&queue, stamp(0));
         }
         pacing.tick(1, &metrics);
         assert!(pacing.delay() < Duration::from_millis(1));
         assert_eq!(pacing.admit().await, Ok(false));
         // Most events waited 200 ms: publishes wait, and give up after publish_wait_ms.
         for _ in 0..3 {
-            pacing.taken(&queue, pacing.now_us().saturating_sub(200_000));
+            pacing.taken(&queue, stamp(200_000));
         }
         pacing.tick(1, &metrics);
         assert!(pacing.delay() >= Duration::from_millis(150));
         let refused = pacing.admit().await.expect_err("over the target");
         assert!(refused >= Duration::from_millis(150));
+        // Time the session spent on earlier work is its own, not the node's: an event that
+        // waited 200 ms while its session worked for 190 waited 10 for the node.
+        let mut slow_session = pacing.queue();
+        for _ in 0..3 {
+            let stamped = pacing.stamp(
+                &slow_session,
+                pacing.stamp_time().wrapping_sub(200_000),
+                false,
+            );
+            pacing.turn_begins(&slow_session);
+            *slow_session.turn_began.get_mut() = pacing.stamp_time().wrapping_sub(190_000) | 1;
+            pacing.taken(&slow_session, stamped);
+            pacing.turn_ends(&slow_session);
+        }
+        pacing.tick(1, &metrics);
+        assert!(
+            pacing.delay() <= Duration::from_millis(11),
+            "{:?}",
+            pacing.delay()
+        );
+        for _ in 0..3 {
+            pacing.taken(&queue, stamp(200_000));
+        }
+        pacing.tick(1, &metrics);
         // A tick without events taken keeps the delay while events are queued...
         pacing.tick(1, &metrics);
         assert!(pacing.delay() >= Duration::from_millis(150));

@@ -27,15 +27,15 @@ use crate::cluster::feed::Feed;
 use crate::config::Limits;
 use crate::event_log::{Appended, EventLog, event_bytes};
 use crate::metrics::Metrics;
-use crate::pacing::{Pacing, QueueClock};
+use crate::pacing::{Pacing, QueueClock, Stamp};
 use crate::sandbox::Event;
 use crate::streams::{MessageOp, Refusal};
 
 const SHARDS: usize = 64;
 
-/// An event in a session's queue, with when the router queued it (µs on the node's
-/// clock, [`Pacing::now_us`]): how long it waited is the node's queue delay.
-type Queued = (Arc<Event>, u64);
+/// An event in a session's queue, with when the router queued it and how busy its session
+/// had been by then: how long it waited for the node is the node's queue delay.
+type Queued = (Arc<Event>, Stamp);
 
 /// An event as published, before it has a sequence number.
 #[derive(Debug, Clone)]
@@ -196,6 +196,16 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
+    /// The session begins a turn of work: the events it takes, their frames written. Time in
+    /// turns is the session's own, not the node's (see [`crate::pacing`]).
+    pub fn turn_begins(&self) {
+        self.router.pacing.turn_begins(&self.queue.clock);
+    }
+
+    pub fn turn_ends(&self) {
+        self.router.pacing.turn_ends(&self.queue.clock);
+    }
+
     /// Cluster mode: waits until the identity's feed delivers events stored from now on;
     /// false if it is not ready in `limit`. Immediately true otherwise.
     pub async fn feed_ready(&mut self, limit: Duration) -> bool {
@@ -239,8 +249,8 @@ impl Mailbox {
         self.events.try_recv().ok().map(|queued| self.taken(queued))
     }
 
-    fn taken(&self, (event, queued_at): Queued) -> Arc<Event> {
-        self.router.pacing.taken(&self.queue.clock, queued_at);
+    fn taken(&self, (event, stamp): Queued) -> Arc<Event> {
+        self.router.pacing.taken(&self.queue.clock, stamp);
         let n = event_bytes(&event);
         self.queue.bytes.fetch_sub(n, Ordering::Relaxed);
         self.router.release(n);
@@ -528,7 +538,7 @@ impl Router {
     /// whose queue is full is told to close as a slow client.
     fn fan_out(&self, routes: &mut UserRoutes, event: &Arc<Event>) -> usize {
         let size = event_bytes(event);
-        let at = self.pacing.now_us();
+        let now = self.pacing.stamp_time();
         let mut queued = 0;
         let mut overflows = 0;
         routes.sessions.retain(|route| {
@@ -536,7 +546,13 @@ impl Router {
             let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
             self.hold(size);
             let sent = before + size <= self.queue_bytes
-                && route.events.try_send((event.clone(), at)).is_ok();
+                && route
+                    .events
+                    .try_send((
+                        event.clone(),
+                        self.pacing.stamp(&route.queue.clock, now, before == 0),
+                    ))
+                    .is_ok();
             if sent {
                 queued += 1;
                 return true;

@@ -40,7 +40,8 @@
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (1500, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
-# numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_SCENARIOS (space separated
+# numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_RESULTS (where the Markdown
+# goes; default tests/bench/RESULTS.md), BENCH_SCENARIOS (space separated
 # subset of: density storm delivery native resume streams control sse tls startup peer overload hibernate cluster multi).
 set -euo pipefail
 
@@ -64,7 +65,7 @@ NATS_SERVER=${NATS_SERVER:-$ROOT/target/tools/nats/bin/nats-server}
 GUEST=$ROOT/target/components/handler.wasm
 OUT=$ROOT/target/bench
 LOGS=$OUT/logs
-RESULTS=$ROOT/tests/bench/RESULTS.md
+RESULTS=${BENCH_RESULTS:-$ROOT/tests/bench/RESULTS.md}
 
 # Scenario sizes.
 if [[ $QUICK == 1 ]]; then
@@ -626,8 +627,8 @@ fi
 # Latency under overload: the server on one core, the load generator on the other (when
 # there are two), 10,000 connections of 2,000 users, batches of 100 published as fast as
 # they are answered. Alternating in each run: the gateway as configured (publishers held
-# to limits.queue_delay_ms), the same gateway with limits.queue_delay_ms = 0 (backlog
-# bounded by bytes only, as before the queue-delay admission), and the Node.js peer.
+# to limits.queue_delay_ms), the same gateway with queue_delay_ms = user_queue_delay_ms = 0
+# (backlog bounded by bytes only, as before the queue-delay admission), and the Node.js peer.
 if has overload; then
     if [[ $(nproc) -ge 2 ]]; then
         export SERVER_PIN=0 LOADGEN_PIN=1
@@ -636,7 +637,8 @@ if has overload; then
         log "overload: gateway, queue-delay admission, run $run"
         one_run "overload-paced-r$run" "$GATEWAY" "" "${delivery_args[@]}" --publish-max
         log "overload: gateway, bytes only (queue_delay_ms = 0), run $run"
-        GATEWAY_LIMITS__QUEUE_DELAY_MS=0 one_run "overload-bytes-r$run" "$GATEWAY" "" \
+        GATEWAY_LIMITS__QUEUE_DELAY_MS=0 GATEWAY_LIMITS__USER_QUEUE_DELAY_MS=0 \
+            one_run "overload-bytes-r$run" "$GATEWAY" "" \
             "${delivery_args[@]}" --publish-max
         if install_peer; then
             log "overload: Node.js ws, run $run"

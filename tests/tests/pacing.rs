@@ -3,9 +3,10 @@
 //! a clear 503 when they cannot be, and nothing accepted is lost.
 //!
 //! The sessions are made slow by their handler (the chaos guest's `slow-events`: every
-//! event burns ~10-20 ms of CPU), so the node falls behind on any machine.
+//! event burns ~10-20 ms of CPU): several of them make the node fall behind on any
+//! machine, one of them only its own user.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,7 +68,7 @@ fn record(mut client: Client) -> Arc<Mutex<Vec<(u64, Instant)>>> {
     seen
 }
 
-async fn wait_for_events(seen: &Arc<Mutex<Vec<(u64, Instant)>>>, count: usize) {
+async fn wait_for_events<K>(seen: &Arc<Mutex<Vec<(K, Instant)>>>, count: usize) {
     let deadline = Instant::now() + 6 * WAIT;
     while seen.lock().unwrap().len() < count {
         assert!(
@@ -79,8 +80,57 @@ async fn wait_for_events(seen: &Arc<Mutex<Vec<(u64, Instant)>>>, count: usize) {
     }
 }
 
-/// A publisher offering several times what a session takes is held to the session's pace:
-/// an event accepted late in the run reaches its session soon after its answer, where
+/// Users whose handlers are slow, one connection each, enough of them that their sessions
+/// wait for the node's two worker threads: the node falls behind on any machine.
+const SLOW_USERS: u64 = 6;
+
+fn slow_user(n: u64) -> String {
+    format!("slow-{}", n % SLOW_USERS)
+}
+
+/// An event of one of the slow users: its user and `seq` (each user has its own).
+type Key = (String, u64);
+
+/// Connects the slow users; their events as they arrive, all users together.
+async fn slow_users(gw: &TestGateway) -> Arc<Mutex<Vec<(Key, Instant)>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    for n in 0..SLOW_USERS {
+        let user = slow_user(n);
+        let mut client = connect(gw, &user, true).await;
+        let into = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(frame) = client.next_json().await {
+                if frame["type"] == "event" {
+                    let seq = frame["seq"].as_u64().unwrap();
+                    into.lock()
+                        .unwrap()
+                        .push(((user.clone(), seq), Instant::now()));
+                }
+            }
+        });
+    }
+    seen
+}
+
+/// The events a batch answer says were published.
+fn published(body: &Value) -> Vec<Key> {
+    body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["seq"].is_u64())
+        .map(|r| {
+            (
+                r["user_id"].as_str().unwrap().to_owned(),
+                r["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A publisher sending batches as fast as it is answered, each many times what the node
+/// takes in the time the publisher needs to send the next, is held to the node's pace:
+/// an event accepted late in the run reaches its connection soon after its answer, where
 /// without the check it would wait behind everything accepted before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_wait_while_the_node_is_behind_and_accepted_events_arrive_soon_after() {
@@ -89,32 +139,33 @@ async fn publishers_wait_while_the_node_is_behind_and_accepted_events_arrive_soo
     cfg.limits.publish_wait_ms = 30_000;
     cfg.limits.user_queue_delay_ms = 0;
     let gw = TestGateway::start_with(cfg).await;
-    let seen = record(connect(&gw, "alice", true).await);
+    let seen = slow_users(&gw).await;
 
-    const EVENTS: u64 = 160;
+    // Ten events per user a batch: ~900 ms of CPU for the node's two worker threads, where
+    // a publish is answered within a turn or two of its sessions (at most 100 ms each).
+    const BATCHES: u64 = 8;
+    let per_batch = 10 * SLOW_USERS;
     let started = Instant::now();
     let mut answered = Vec::new();
-    // One every 4 ms: 250 events/s offered to a session that takes 50-100.
-    let mut offer = tokio::time::interval(Duration::from_millis(4));
-    offer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for n in 0..EVENTS {
-        offer.tick().await;
-        let (status, body, _) = publish(&gw, "/v1/publish", &event("alice", n)).await;
+    for b in 0..BATCHES {
+        let events: Vec<Value> = (0..per_batch)
+            .map(|n| event(&slow_user(n), b * per_batch + n))
+            .collect();
+        let (status, body, _) = publish(&gw, "/v1/publish/batch", &json!({"events": events})).await;
         assert_eq!(status, 200, "{body}");
-        answered.push((body["seq"].as_u64().unwrap(), Instant::now()));
+        let at = Instant::now();
+        answered.extend(published(&body).into_iter().map(|key| (key, at)));
     }
-    wait_for_events(&seen, EVENTS as usize).await;
-    let arrived = seen.lock().unwrap().clone();
-    let run = arrived.last().unwrap().1 - started;
-    let seqs: Vec<u64> = arrived.iter().map(|(seq, _)| *seq).collect();
-    let published: Vec<u64> = answered.iter().map(|(seq, _)| *seq).collect();
-    assert_eq!(seqs, published, "every accepted event, once, in order");
+    let total = (BATCHES * per_batch) as usize;
+    wait_for_events(&seen, total).await;
+    let arrived: HashMap<Key, Instant> = seen.lock().unwrap().iter().cloned().collect();
+    assert_eq!(arrived.len(), total, "every accepted event, once");
+    let run = arrived.values().max().unwrap().duration_since(started);
     // From its answer to its arrival, for the second half of the run: without the check
-    // the publisher is answered at once and the last events wait nearly the whole run.
-    let late = answered[EVENTS as usize / 2..]
+    // the publisher is answered at once and the last events wait most of the run.
+    let late = answered[total / 2..]
         .iter()
-        .zip(&arrived[EVENTS as usize / 2..])
-        .map(|((_, answer), (_, arrival))| arrival.saturating_duration_since(*answer))
+        .map(|(key, answer)| arrived[key].saturating_duration_since(*answer))
         .max()
         .unwrap();
     eprintln!("latest arrival after its answer, second half: {late:?} in a run of {run:?}");
@@ -136,35 +187,33 @@ async fn a_publish_that_cannot_wait_is_refused_with_retry_after_and_not_publishe
     cfg.limits.publish_wait_ms = 0;
     cfg.limits.user_queue_delay_ms = 0;
     let gw = TestGateway::start_with(cfg).await;
-    let seen = record(connect(&gw, "alice", true).await);
+    let seen = slow_users(&gw).await;
 
-    let batch: Vec<Value> = (0..20).map(|n| event("alice", n)).collect();
+    let batch: Vec<Value> = (0..4 * SLOW_USERS)
+        .map(|n| event(&slow_user(n), n))
+        .collect();
     let (status, body, _) = publish(&gw, "/v1/publish/batch", &json!({"events": batch})).await;
     assert_eq!(status, 200, "{body}");
-    let mut accepted: Vec<u64> = body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["seq"].as_u64().unwrap())
-        .collect();
-    // One more every 5 ms (each adds ~15 ms of work) until one is refused.
+    let mut accepted: BTreeSet<Key> = published(&body).into_iter().collect();
+    // One more every 4 ms (each adds ~15 ms of work) until one is refused.
     let deadline = Instant::now() + WAIT;
-    let mut offer = tokio::time::interval(Duration::from_millis(5));
-    let refusal = loop {
+    let mut offer = tokio::time::interval(Duration::from_millis(4));
+    let mut n = 0;
+    let (body, retry_after) = loop {
         offer.tick().await;
-        let (status, body, retry_after) = publish(&gw, "/v1/publish", &event("alice", 99)).await;
+        n += 1;
+        let (status, body, retry_after) =
+            publish(&gw, "/v1/publish", &event(&slow_user(n), n)).await;
         match status {
-            200 => accepted.push(body["seq"].as_u64().unwrap()),
+            200 => accepted.insert((slow_user(n), body["seq"].as_u64().unwrap())),
             503 => break (body, retry_after),
             other => panic!("{other}: {body}"),
-        }
-        if Instant::now() > deadline {
-            let text = gw.metrics_text().await;
-            let delay: Vec<&str> = text.lines().filter(|l| l.contains("queue_delay")).collect();
-            panic!("never refused while slow events wait: {delay:#?}");
-        }
+        };
+        assert!(
+            Instant::now() < deadline,
+            "never refused while the node is behind"
+        );
     };
-    let (body, retry_after) = refusal;
     assert_eq!(body["error"], "overloaded", "{body}");
     assert!(
         body["reason"]
@@ -179,22 +228,29 @@ async fn a_publish_that_cannot_wait_is_refused_with_retry_after_and_not_publishe
             .await
             >= 1.0
     );
-    // Taken again once the session caught up.
+    // Taken again once the sessions caught up.
     let mut taken_again = None;
     wait_until("a publish taken after the backlog drained", async || {
-        let (status, body, _) = publish(&gw, "/v1/publish", &event("alice", 100)).await;
+        let (status, body, _) = publish(&gw, "/v1/publish", &event(&slow_user(0), 0)).await;
         if status == 200 {
             taken_again = body["seq"].as_u64();
         }
         status == 200
     })
     .await;
-    accepted.push(taken_again.unwrap());
+    accepted.insert((slow_user(0), taken_again.unwrap()));
     wait_for_events(&seen, accepted.len()).await;
-    let seqs: Vec<u64> = seen.lock().unwrap().iter().map(|(seq, _)| *seq).collect();
+    let arrived: Vec<Key> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(arrived.len(), accepted.len(), "each once");
     assert_eq!(
-        seqs, accepted,
-        "what was accepted, in order; nothing refused"
+        arrived.into_iter().collect::<BTreeSet<_>>(),
+        accepted,
+        "what was accepted; nothing refused"
     );
 }
 
@@ -205,7 +261,7 @@ async fn a_publish_that_cannot_wait_is_refused_with_retry_after_and_not_publishe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_user_is_held_back_and_the_others_are_not() {
     let mut cfg = slow_config();
-    cfg.limits.queue_delay_ms = 0;
+    // The node's own check keeps its default: one slow user is not the node falling behind.
     cfg.limits.user_queue_delay_ms = 200;
     let gw = TestGateway::start_with(cfg).await;
     let bob = record(connect(&gw, "bob", true).await);

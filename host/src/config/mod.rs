@@ -458,9 +458,10 @@ pub struct Limits {
     /// accept: at it, its feeds leave events in the stream and read them from there once
     /// the backlog is down to half.
     pub max_queued_bytes: usize,
-    /// Queue delay this node keeps to, in milliseconds: how long events wait between the
-    /// router queuing them and their sessions taking them (the mean, every 10 ms, of the
-    /// oldest event of each session's turn). While it is above this, publishes wait for it
+    /// Queue delay this node keeps to, in milliseconds: how long events wait for the node
+    /// between being queued and their sessions taking them (the median every 10 ms; time a
+    /// session spends on its own earlier events, a slow handler or a slow client, does not
+    /// count). While it is above this, publishes wait for it
     /// to fall, up to `publish_wait_ms`, and are then refused with 503 `overloaded` and
     /// `Retry-After`: publishers slow to the pace the sessions take events, instead of
     /// queueing seconds of delay. 0: publishes never wait (only `max_queued_bytes` bounds

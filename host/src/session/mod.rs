@@ -307,7 +307,18 @@ impl Session {
                     Ok(None) => Ok(()),
                     Err(end) => Err(end),
                 },
-                Work::Event(Ok(first)) => self.on_events(first).await,
+                Work::Event(Ok(first)) => {
+                    self.mailbox.turn_begins();
+                    let turn = self.on_events(first).await;
+                    self.mailbox.turn_ends();
+                    // A turn cut short yields, so a busy connection cannot keep a worker
+                    // from the other sessions; the wait for the worker again is the node's,
+                    // not this session's work.
+                    if let Ok(true) = turn {
+                        tokio::task::yield_now().await;
+                    }
+                    turn.map(drop)
+                }
                 Work::Rollup => self.on_rollup().await,
                 Work::Answer(answer) => self.on_rpc_answer(answer).await,
                 Work::Event(Err(Closed::Overflow)) => Err(End::SlowClient),
@@ -484,9 +495,8 @@ impl Session {
 
     /// Hands `first` and whatever else is already queued to the guest, in one turn bounded
     /// by count, by the bytes of the frames produced and by the guest's time, then writes
-    /// the frames with one flush. A turn cut short yields, so a busy connection cannot keep
-    /// a worker from the other sessions.
-    async fn on_events(&mut self, first: Arc<Event>) -> Result<(), End> {
+    /// the frames with one flush. True when the turn was cut short, with events left.
+    async fn on_events(&mut self, first: Arc<Event>) -> Result<bool, End> {
         self.last_active = Instant::now();
         let started = Instant::now();
         let mut frames = Vec::new();
@@ -544,9 +554,8 @@ impl Session {
         self.write(frames).await?;
         if cut {
             self.app.metrics.turns_cut.inc();
-            tokio::task::yield_now().await;
         }
-        Ok(())
+        Ok(cut)
     }
 
     /// The appends held back, rolled up: one per message, in `seq` order.
