@@ -16,7 +16,7 @@
 //! - [`streams`]: AI output streams: messages that grow by appends, rolled up live, one
 //!   snapshot on resume.
 //! - [`cluster`]: cluster mode, where that log is a NATS JetStream stream shared by nodes,
-//!   and each node subscribes to the identities it holds.
+//!   and each node follows the identities it holds from one subscription per stream.
 //! - [`api`]: `POST /v1/publish`, health, metrics, the JSON error shape.
 //! - [`admin`]: `POST /v1/disconnect`, closing and revoking a user's sessions.
 //! - [`rpc`]: a client's calls to the backend (`{"type":"rpc"}` frames), taken by the host.

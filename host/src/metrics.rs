@@ -377,7 +377,7 @@ impl Metrics {
         );
         registry.register(
             "cluster_feeds",
-            "Cluster mode: identities this node subscribes to",
+            "Cluster mode: identities this node holds sessions of, each with a feed of its live events",
             m.cluster_feeds.clone(),
         );
         registry.register(

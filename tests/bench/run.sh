@@ -35,14 +35,18 @@
 #   overload  latency under overload: server and load generator on their own cores, batches
 #             published as fast as answered; the gateway with its queue-delay admission, the
 #             same without it (queue_delay_ms = 0), and the Node.js peer, alternating
+#   identities  what an identity a cluster node subscribes to costs: the same hibernated
+#             connections as one user each and as five per user, on one cluster-mode gateway
+#             and on the embedded log; the RSS difference over the identities more
 #   multi     100,000 connections across several gateway processes, if time allows; in
 #             cluster mode (one nats-server) when nats-server is installed
 #
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (1500, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
-# numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_RESULTS (where the Markdown
+# numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_GATEWAY (another gateway
+# binary, say an older build, to measure against), BENCH_RESULTS (where the Markdown
 # goes; default tests/bench/RESULTS.md), BENCH_SCENARIOS (space separated
-# subset of: density storm delivery native resume streams control sse tls startup peer overload hibernate cluster multi).
+# subset of: density storm delivery native resume streams control sse tls startup peer overload hibernate cluster identities multi).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -52,11 +56,11 @@ START_EPOCH=$(date +%s)
 RUNS=${BENCH_RUNS:-3}
 BUDGET=${BENCH_BUDGET_SECS:-1500}
 QUICK=${BENCH_QUICK:-0}
-SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume streams control sse tls startup peer overload hibernate cluster multi}
+SCENARIOS=${BENCH_SCENARIOS:-density storm delivery native resume streams control sse tls startup peer overload hibernate cluster identities multi}
 CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 
-GATEWAY=$ROOT/target/release/gateway
+GATEWAY=${BENCH_GATEWAY:-$ROOT/target/release/gateway}
 NATIVE=$ROOT/target/release/gateway-bench-native
 LOADGEN=$ROOT/target/release/loadgen
 SANDBOX_CALLS=$ROOT/target/release/sandbox_calls
@@ -832,6 +836,31 @@ elif has cluster; then
             cluster_node_run "cluster-steady-1node-r$run" run_loadgen "${steady_cluster_args[@]}"
         done
     fi
+fi
+
+# ---------------------------------------------------------------------------------------
+# Cost per subscribed identity (issue 23): IDENTITY_CONNECTIONS hibernated connections as
+# that many users (one connection each) and as a fifth of them (five each), on one
+# cluster-mode gateway and on the embedded log; what the identities more add to RSS,
+# divided by how many more there are. The embedded pair is the router's own share.
+IDENTITY_CONNECTIONS=${IDENTITY_CONNECTIONS:-10000}
+[[ $QUICK == 1 ]] && IDENTITY_CONNECTIONS=300
+if has identities && [[ ! -x $NATS_SERVER ]]; then
+    note "identities scenario not run: no nats-server at $NATS_SERVER (make nats installs it)"
+elif has identities; then
+    for run in $(seq 1 "$RUNS"); do
+        for per in 1 5; do
+            users=$(((IDENTITY_CONNECTIONS + per - 1) / per))
+            ids_args=(--connections "$IDENTITY_CONNECTIONS" --users "$users" --max-inflight 128
+                --connect-timeout-secs 20 --max-secs 120
+                --wait-metric "gateway_sessions_hibernated=$IDENTITY_CONNECTIONS")
+            log "identities: $IDENTITY_CONNECTIONS hibernated connections of $users users, cluster mode, run $run"
+            GATEWAY_LIMITS__HIBERNATE_AFTER_SECS=2 \
+                cluster_node_run "identities-cluster-$per-r$run" run_loadgen "${ids_args[@]}"
+            log "identities: $IDENTITY_CONNECTIONS hibernated connections of $users users, embedded log, run $run"
+            hib_run "identities-embedded-$per-r$run" 2 "${ids_args[@]}"
+        done
+    done
 fi
 
 # ---------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@
 //!   identity (with gaps, which clients never interpret). A per-identity counter would need
 //!   a compare-and-set round trip per event and would serialise each user's publishers.
 //! - **Live fan-out**: the stream republishes every stored event, with its sequence and the
-//!   sequence of the identity's previous event, to `<prefix>.live.<tenant>.<user>`. A node
-//!   subscribes to that subject for each identity it holds sessions of ([`feed`]), so it
-//!   receives only its own users' events, and fills any gap (a reconnect, a subscription
-//!   still propagating) from the stream. Every session of an identity on every node gets its
+//!   sequence of the identity's previous event, to `<prefix>.live.<shard>.<tenant>.<user>`.
+//!   A node subscribes once per stream and keeps, per identity it holds sessions of, only
+//!   where its feed stands ([`feed`]); it fills any gap (a reconnect, a subscription still
+//!   propagating) from the stream. Every session of an identity on every node gets its
 //!   events in stream order, each once.
 //! - **Resume**: `since` is a stream sequence. If the event at `since` is still stored and is
 //!   the identity's, everything after it is too (JetStream's limits only ever remove an
@@ -51,13 +51,11 @@ use crate::streams::Bounds;
 /// may hold unread.
 pub const INBOX_CAPACITY: usize = 4096;
 
-/// Messages a live feed's subscription may hold unread (on a connection of the feeds' own).
-/// A feed takes each as it comes, queuing it or, while this node's backlog is at
-/// `limits.max_queued_bytes`, leaving it in the stream; only while it reads a gap from the
-/// stream can more arrive, and past this many the client drops them: a gap the feed fills
-/// from the stream like any other. So a node holds at most this many events per feed in
-/// the client, whatever other nodes accept.
-pub const FEED_CAPACITY: usize = 64;
+/// Messages a stream's live subscription may hold unread (on a connection of the feeds'
+/// own). Its line takes each as it comes and never waits on NATS or a session while it
+/// does (a feed's reads run apart), so this is only a burst's margin; past it the client
+/// drops messages and says so, and every feed of the node reads its head from the stream.
+pub const FEED_CAPACITY: usize = 4096;
 
 /// Most records one batched read asks for: with the end-of-batch status they fit an inbox.
 const READ_CHUNK: usize = INBOX_CAPACITY - 2;
@@ -245,6 +243,9 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     /// Catch-ups after a reconnect run a few at a time, not one per identity at once.
     catch_ups: Semaphore,
+    /// Per stream, the task that hands its live events to this node's feeds (see [`feed`]):
+    /// started with the first feed.
+    lines: std::sync::OnceLock<Vec<feed::LineSender>>,
     /// Resume reads in flight: a resume storm queues here instead of piling requests on the
     /// stream until they time out.
     reads: Semaphore,
@@ -468,6 +469,7 @@ impl Cluster {
             link,
             metrics,
             catch_ups: Semaphore::new(64),
+            lines: std::sync::OnceLock::new(),
             reads: Semaphore::new(MAX_READS),
             barriers: (0..shards).map(|_| tokio::sync::Mutex::new(None)).collect(),
             disconnects,
@@ -644,11 +646,6 @@ impl Cluster {
     fn event_subject(&self, identity: &Identity) -> String {
         let shard = self.shard(identity);
         format!("{}.ev.{shard}.{}", self.prefix, identity_tokens(identity))
-    }
-
-    fn live_subject(&self, identity: &Identity) -> String {
-        let shard = self.shard(identity);
-        format!("{}.live.{shard}.{}", self.prefix, identity_tokens(identity))
     }
 
     /// Stores the event; answers once the stream has it.
