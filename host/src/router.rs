@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 
 use crate::auth::Identity;
 use crate::cluster::Cluster;
-use crate::cluster::feed::Feed;
+use crate::cluster::feed::{Feed, Ready};
 use crate::config::Limits;
 use crate::event_log::{Appended, EventLog, event_bytes};
 use crate::metrics::Metrics;
@@ -192,7 +192,7 @@ pub struct Mailbox {
     events: mpsc::Receiver<Queued>,
     queue: Arc<QueueState>,
     /// Cluster mode: whether the identity's feed on this node is live.
-    feed_ready: Option<watch::Receiver<bool>>,
+    feed_ready: Option<Arc<Ready>>,
 }
 
 impl Mailbox {
@@ -209,13 +209,10 @@ impl Mailbox {
     /// Cluster mode: waits until the identity's feed delivers events stored from now on;
     /// false if it is not ready in `limit`. Immediately true otherwise.
     pub async fn feed_ready(&mut self, limit: Duration) -> bool {
-        let Some(ready) = &mut self.feed_ready else {
+        let Some(ready) = &self.feed_ready else {
             return true;
         };
-        matches!(
-            tokio::time::timeout(limit, ready.wait_for(|ready| *ready)).await,
-            Ok(Ok(_))
-        )
+        matches!(tokio::time::timeout(limit, ready.wait()).await, Ok(true))
     }
 
     /// The next event, or why the router closed this queue. Once closed, events still

@@ -44,7 +44,7 @@
 # Knobs (environment): BENCH_RUNS (3), BENCH_BUDGET_SECS (1500, the whole run including the
 # builds; the multi-process scenario is skipped when it would not fit), BENCH_QUICK=1 (tiny
 # numbers, for developing this script), BENCH_SKIP_BUILD=1, BENCH_GATEWAY (another gateway
-# binary, say an older build, to measure against), BENCH_RESULTS (where the Markdown
+# binary, say an older build, to measure against), BENCH_OUT (raw data; target/bench), BENCH_RESULTS (where the Markdown
 # goes; default tests/bench/RESULTS.md), BENCH_SCENARIOS (space separated
 # subset of: density storm delivery native resume streams control sse tls startup peer overload hibernate cluster identities multi).
 set -euo pipefail
@@ -67,7 +67,7 @@ SANDBOX_CALLS=$ROOT/target/release/sandbox_calls
 RESUME_STORM=$ROOT/target/release/resume_storm
 NATS_SERVER=${NATS_SERVER:-$ROOT/target/tools/nats/bin/nats-server}
 GUEST=$ROOT/target/components/handler.wasm
-OUT=$ROOT/target/bench
+OUT=${BENCH_OUT:-$ROOT/target/bench}
 LOGS=$OUT/logs
 RESULTS=${BENCH_RESULTS:-$ROOT/tests/bench/RESULTS.md}
 
@@ -852,13 +852,12 @@ elif has identities; then
         for per in 1 5; do
             users=$(((IDENTITY_CONNECTIONS + per - 1) / per))
             ids_args=(--connections "$IDENTITY_CONNECTIONS" --users "$users" --max-inflight 128
-                --connect-timeout-secs 20 --max-secs 120
-                --wait-metric "gateway_sessions_hibernated=$IDENTITY_CONNECTIONS")
+                --connect-timeout-secs 20 --max-secs 120)
             log "identities: $IDENTITY_CONNECTIONS hibernated connections of $users users, cluster mode, run $run"
-            GATEWAY_LIMITS__HIBERNATE_AFTER_SECS=2 \
+            GATEWAY_LIMITS__HIBERNATE_AFTER_SECS=0 \
                 cluster_node_run "identities-cluster-$per-r$run" run_loadgen "${ids_args[@]}"
             log "identities: $IDENTITY_CONNECTIONS hibernated connections of $users users, embedded log, run $run"
-            hib_run "identities-embedded-$per-r$run" 2 "${ids_args[@]}"
+            hib_run "identities-embedded-$per-r$run" 0 "${ids_args[@]}"
         done
     done
 fi

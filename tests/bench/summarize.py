@@ -772,7 +772,7 @@ def issue23_section(findings):
     ])
     per_identity = findings.get("cluster_kib_per_identity")
     rows.append([
-        f"cluster cost per subscribed identity <= {TARGET_CLUSTER_KIB_PER_IDENTITY} KiB (section 12)",
+        f"cluster cost per subscribed identity <= {TARGET_CLUSTER_KIB_PER_IDENTITY} KiB, over the embedded log's (section 12)",
         BEFORE_23["cluster_kib"],
         f"{num(per_identity, 2)} KiB" if per_identity is not None else "not run",
         verdict(per_identity <= TARGET_CLUSTER_KIB_PER_IDENTITY if per_identity is not None else None),
@@ -1525,7 +1525,8 @@ def identities_section(out, findings):
     if not pairs["cluster"]:
         return f"{title}\n\nNot run.\n"
     cluster, embedded = median(pairs["cluster"]), median(pairs["embedded"])
-    findings["cluster_kib_per_identity"] = cluster
+    # The target's measure, as the figure it was filed with: what cluster mode adds.
+    findings["cluster_kib_per_identity"] = cluster - embedded if embedded is not None else cluster
     rows = [[mode, num(median(v), 2), ", ".join(num(x, 2) for x in v)] for mode, v in pairs.items() if v]
     sample = (runs(out, "identities-cluster-1") or [{}])[0]
     lines = [
@@ -1540,7 +1541,8 @@ def identities_section(out, findings):
         table(["mode", "KiB per identity (median)", "per run"], rows),
     ]
     if embedded is not None:
-        lines += ["", f"The feed's own share (cluster less embedded): {num(cluster - embedded, 2)} KiB."]
+        lines += ["", f"What cluster mode adds per identity (cluster less embedded: the feed, and "
+                  f"the identity's count for cluster presence): {num(cluster - embedded, 2)} KiB."]
     return "\n".join(lines) + "\n"
 
 

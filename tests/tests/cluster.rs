@@ -107,6 +107,67 @@ async fn connections_on_two_nodes_each_get_every_event_once_in_order() {
     b.wait_metric("gateway_cluster_feeds", 2.0).await;
 }
 
+/// A node follows all its identities of a stream through one subscription: more
+/// identities arriving at once than it reads heads for at a time (their feeds wait their
+/// turn before their welcome), events of identities it does not hold, and each connection
+/// still gets exactly its own events, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_identities_on_one_node_each_get_only_their_own_events() {
+    const USERS: u64 = 150;
+    const EACH: u64 = 3;
+    let nats = NatsServer::start();
+    let mut cfg = cluster_config(&nats.url());
+    cfg.cluster.streams = 2;
+    let a = TestGateway::start_with(cfg.clone()).await;
+    let b = TestGateway::start_with(cfg).await;
+    let mut clients = futures_util::future::join_all((0..USERS).map(|u| {
+        let b = &b;
+        async move { b.connect(&format!("many-{u}")).await }
+    }))
+    .await;
+    b.wait_metric("gateway_cluster_feeds", USERS as f64).await;
+    // Interleaved across users, with users that no session on b holds among them.
+    let events: Vec<Value> = (0..EACH)
+        .flat_map(|k| {
+            (0..USERS).flat_map(move |u| {
+                [
+                    event(&format!("many-{u}"), u * 100 + k),
+                    event(&format!("absent-{u}"), k),
+                ]
+            })
+        })
+        .collect();
+    let mut seqs: Vec<Vec<u64>> = vec![Vec::new(); USERS as usize];
+    for chunk in events.chunks(100) {
+        let (status, body) = a.publish_batch(&a.publisher_token(), chunk).await;
+        assert_eq!(status, 200, "{body}");
+        for result in body["results"].as_array().unwrap() {
+            let user = result["user_id"].as_str().unwrap();
+            if let Some(u) = user.strip_prefix("many-") {
+                seqs[u.parse::<usize>().unwrap()].push(result["seq"].as_u64().unwrap());
+            }
+        }
+    }
+    for (u, client) in clients.iter_mut().enumerate() {
+        for (k, seq) in seqs[u].iter().enumerate() {
+            assert_eq!(
+                next_event(client).await,
+                (*seq, u as u64 * 100 + k as u64),
+                "many-{u}"
+            );
+        }
+    }
+    // Nothing more for anyone: in each user's own stream, its marker is the next frame.
+    for (u, client) in clients.iter_mut().enumerate() {
+        let marker = a.publish_marker(&format!("many-{u}"), None).await;
+        client.expect_event(marker).await;
+    }
+    for client in clients {
+        client.close().await;
+    }
+    b.wait_metric("gateway_cluster_feeds", 0.0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_reads_the_stream_and_detects_foreign_and_evicted_positions() {
     let nats = NatsServer::start();

@@ -14,11 +14,12 @@
 //! the read reaches them.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -47,10 +48,49 @@ const MAX_READS: usize = 64;
 #[derive(Debug)]
 pub struct Feed {
     pub generation: u64,
-    /// True once the identity's head is known: events stored from then on reach the
+    /// Set once the identity's head is known: events stored from then on reach the
     /// identity's sessions here.
-    pub ready: watch::Receiver<bool>,
+    pub ready: Arc<Ready>,
     _close: Close,
+}
+
+/// Whether a feed has read its identity's head, for the sessions waiting to be welcomed.
+/// (A `watch` channel would do, at about six times the size per identity.)
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// [`Ready::PENDING`], [`Ready::READY`] or [`Ready::ENDED`].
+    state: AtomicU8,
+    changed: Notify,
+}
+
+impl Ready {
+    const PENDING: u8 = 0;
+    const READY: u8 = 1;
+    /// The feed ended before it was ready: its sessions are closed.
+    const ENDED: u8 = 2;
+
+    fn settle(&self, state: u8) {
+        if self
+            .state
+            .compare_exchange(Self::PENDING, state, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Waits until the feed is ready (true) or ended (false).
+    pub async fn wait(&self) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.state.load(Ordering::Acquire) {
+                Self::PENDING => changed.await,
+                state => return state == Self::READY,
+            }
+        }
+    }
 }
 
 /// Tells the line that the feed is no longer wanted.
@@ -78,7 +118,7 @@ pub(super) enum Command {
         key: Arc<str>,
         identity: Identity,
         generation: u64,
-        ready: watch::Sender<bool>,
+        ready: Arc<Ready>,
         router: Weak<Router>,
     },
     Close {
@@ -135,7 +175,7 @@ enum Phase {
 struct Followed {
     identity: Identity,
     generation: u64,
-    ready: watch::Sender<bool>,
+    ready: Arc<Ready>,
     /// `None` until the first read found the identity's head.
     position: Option<Position>,
     phase: Phase,
@@ -144,6 +184,12 @@ struct Followed {
     /// The next read must learn the head: events may have been missed without a trace (a
     /// new feed, a reconnect, a subscription propagating).
     head: bool,
+}
+
+impl Drop for Followed {
+    fn drop(&mut self) {
+        self.ready.settle(Ready::ENDED);
+    }
 }
 
 /// A finished read.
@@ -175,12 +221,12 @@ impl Cluster {
         });
         let line = lines[self.shard(identity)].clone();
         let key: Arc<str> = identity_tokens(identity).into();
-        let (ready_tx, ready) = watch::channel(false);
+        let ready = Arc::new(Ready::default());
         let _ = line.send(Command::Open {
             key: key.clone(),
             identity: identity.clone(),
             generation,
-            ready: ready_tx,
+            ready: ready.clone(),
             router,
         });
         Feed {
@@ -474,8 +520,7 @@ impl Line {
         }
         match read.outcome {
             Ok(caught_up) => {
-                feed.ready
-                    .send_if_modified(|ready| !std::mem::replace(ready, true));
+                feed.ready.settle(Ready::READY);
                 let delivered = feed.position.map_or(0, |p| p.delivered);
                 if !caught_up {
                     feed.phase = Phase::Behind;
@@ -648,5 +693,30 @@ impl Cluster {
             }
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ready_wakes_its_waiters_once_and_an_ended_feed_answers_false() {
+        let ready = Arc::new(Ready::default());
+        let waiter = tokio::spawn({
+            let ready = ready.clone();
+            async move { ready.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        ready.settle(Ready::READY);
+        assert!(waiter.await.unwrap());
+        // Settled once: a feed dropped after it was ready does not take it back.
+        ready.settle(Ready::ENDED);
+        assert!(ready.wait().await);
+
+        let ended = Ready::default();
+        ended.settle(Ready::ENDED);
+        assert!(!ended.wait().await);
     }
 }
