@@ -41,8 +41,9 @@ const RECHECK_AFTER: Duration = Duration::from_millis(500);
 /// When a read that NATS did not answer is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Reads one stream's line runs at once (the node's `catch_ups` bound them all).
-const MAX_READS: usize = 64;
+/// Reads one stream's line runs at once. Catch-ups also take one of the node's
+/// `catch_ups`; a new feed's read does not, as its sessions wait for it to be welcomed.
+const MAX_READS: usize = 512;
 
 /// The router's handle on a feed: dropping it ends the feed.
 #[derive(Debug)]
@@ -588,7 +589,12 @@ async fn catch_up(
     head: bool,
 ) -> Read {
     let outcome = async {
-        let _permit = cluster.catch_ups.acquire().await;
+        // A new feed's read is its sessions' welcome, and mostly one head: not queued
+        // behind catch-ups (a connect storm opens thousands at once).
+        let _permit = match position {
+            Some(_) => Some(cluster.catch_ups.acquire().await),
+            None => None,
+        };
         let mut to = seen;
         if head || position.is_none() {
             let head = cluster.head_of(&identity).await?;
