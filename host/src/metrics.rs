@@ -86,6 +86,9 @@ pub struct Metrics {
     /// Cluster mode: events fetched from the stream because live delivery skipped them
     /// (a NATS reconnect, a slow subscription, a subscription still propagating).
     pub cluster_gap_events: Counter,
+    /// Cluster mode: resumes answered by a read another resume of the same identity and
+    /// position was waiting for.
+    pub cluster_shared_reads: Counter,
     /// Cluster mode: from the stream storing an event to this node queueing it.
     pub cluster_lag_seconds: Histogram,
     /// Cluster mode: times this node's watch of the operators' disconnects ended (NATS
@@ -162,6 +165,7 @@ impl Metrics {
             cluster_feeds: Gauge::default(),
             cluster_nodes: Gauge::default(),
             cluster_gap_events: Counter::default(),
+            cluster_shared_reads: Counter::default(),
             cluster_lag_seconds: Histogram::new(exponential_buckets(50e-6, 1.5, 30)),
             disconnect_watch_restarts: Counter::default(),
             nats_round_trips: Family::new_with_constructor(|| {
@@ -409,6 +413,11 @@ impl Metrics {
             "cluster_gap_events",
             "Cluster mode: events fetched from the stream because live delivery skipped them",
             m.cluster_gap_events.clone(),
+        );
+        registry.register(
+            "cluster_shared_reads",
+            "Cluster mode: resumes answered by the read of another resume of the same identity and position",
+            m.cluster_shared_reads.clone(),
         );
         registry.register(
             "cluster_lag_seconds",

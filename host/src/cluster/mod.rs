@@ -27,13 +27,14 @@ pub mod presence;
 
 use async_nats::jetstream::kv;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, stream};
 use base64::Engine as _;
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
@@ -65,6 +66,14 @@ const _: () = assert!(crate::config::MAX_CLUSTER_REPLAY_EVENTS + 2 <= READ_CHUNK
 
 /// Resume reads one node has in flight at once.
 const MAX_READS: usize = 64;
+
+/// A resume read that others may join until it starts.
+type WaitingRead = futures_util::future::WeakShared<
+    futures_util::future::BoxFuture<'static, Result<Replay, Unavailable>>,
+>;
+
+/// Distinct (identity, position) reads waiting before abandoned entries are swept.
+const MAX_WAITING_READS: usize = 4096;
 
 /// How long a resume waits for its turn to read before it is closed with 1013.
 const READ_QUEUE_WAIT: Duration = Duration::from_secs(30);
@@ -249,6 +258,8 @@ pub struct Cluster {
     /// Resume reads in flight: a resume storm queues here instead of piling requests on the
     /// stream until they time out.
     reads: Semaphore,
+    /// Resume reads waiting for their turn, by identity and position (see `read`).
+    waiting_reads: std::sync::Mutex<HashMap<(Identity, u64), WaitingRead>>,
     /// Per stream, the last barrier written (when it was sent, its sequence): reads that
     /// began before it was sent share it instead of writing their own.
     barriers: Vec<tokio::sync::Mutex<Option<(Instant, u64)>>>,
@@ -471,6 +482,7 @@ impl Cluster {
             catch_ups: Semaphore::new(64),
             lines: std::sync::OnceLock::new(),
             reads: Semaphore::new(MAX_READS),
+            waiting_reads: std::sync::Mutex::new(HashMap::new()),
             barriers: (0..shards).map(|_| tokio::sync::Mutex::new(None)).collect(),
             disconnects,
             presence_records,
@@ -1007,10 +1019,58 @@ impl Cluster {
     /// `since` on (the first of which must be `since` itself: still stored and this
     /// identity's, so that everything after it is stored too, since JetStream's limits
     /// remove an identity's oldest events first), and its earliest.
-    pub async fn read(&self, identity: &Identity, since: u64) -> Result<Replay, Unavailable> {
-        let _permit = tokio::time::timeout(READ_QUEUE_WAIT, self.reads.acquire())
-            .await
-            .map_err(|_| Unavailable("too many resumes waiting to read the stream".into()))?;
+    ///
+    /// Resumes of one identity from one position that wait for their turn together share
+    /// one read: a storm's clients of one user mostly resume from the same event. A read
+    /// is joined only until it starts, so its head is read after every session it answers
+    /// was registered, and every event stored since reached their queues.
+    pub async fn read(
+        self: &Arc<Self>,
+        identity: &Identity,
+        since: u64,
+    ) -> Result<Replay, Unavailable> {
+        let key = (identity.clone(), since);
+        let read = {
+            let mut waiting = self.waiting_reads.lock().unwrap_or_else(|e| e.into_inner());
+            match waiting.get(&key).and_then(|weak| weak.upgrade()) {
+                Some(read) => {
+                    self.metrics.cluster_shared_reads.inc();
+                    read
+                }
+                None => {
+                    if waiting.len() >= MAX_WAITING_READS {
+                        // Entries of resumes that were all abandoned before their turn.
+                        waiting.retain(|_, weak| weak.upgrade().is_some());
+                    }
+                    let cluster = self.clone();
+                    let (identity, since) = key.clone();
+                    let read = async move {
+                        let permit =
+                            tokio::time::timeout(READ_QUEUE_WAIT, cluster.reads.acquire()).await;
+                        // Resumes from now on read for themselves.
+                        cluster
+                            .waiting_reads
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&(identity.clone(), since));
+                        let _permit = permit.map_err(|_| {
+                            Unavailable("too many resumes waiting to read the stream".into())
+                        })?;
+                        cluster.read_now(&identity, since).await
+                    }
+                    .boxed()
+                    .shared();
+                    if let Some(weak) = read.downgrade() {
+                        waiting.insert(key, weak);
+                    }
+                    read
+                }
+            }
+        };
+        read.await
+    }
+
+    async fn read_now(&self, identity: &Identity, since: u64) -> Result<Replay, Unavailable> {
         let subject = self.event_subject(identity);
         let max = self.history.max_replay_events;
         // `since` itself, the events after it, and one more to tell "too many".
