@@ -876,8 +876,8 @@ run_multi() {
     local k pids=() ports=() lgs=() label release=$OUT/multi.release
     local total_target=$((MULTI_GATEWAYS * MULTI_PER_GATEWAY))
     rm -f "$release"
-    # Nodes of one cluster when nats-server is at hand: each holds a live subscription per
-    # user it has connections of.
+    # Nodes of one cluster when nats-server is at hand: each holds a feed per user it has
+    # connections of.
     local cluster_url=""
     if [[ -x $NATS_SERVER ]] && start_nats multi; then
         cluster_url=$NATS_URL

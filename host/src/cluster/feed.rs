@@ -215,7 +215,11 @@ impl Cluster {
             (0..self.streams.len())
                 .map(|shard| {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    tokio::spawn(Line::new(self, shard).run(rx));
+                    // Without tokio's cooperative budget: a line yields only when it has
+                    // nothing to do. Budgeted, it would go to the back of the run queue
+                    // every 128 messages, behind thousands of sessions, and one task that
+                    // routes a whole stream's events would fall behind what they get.
+                    tokio::spawn(tokio::task::unconstrained(Line::new(self, shard).run(rx)));
                     tx
                 })
                 .collect()

@@ -54,9 +54,12 @@ pub const INBOX_CAPACITY: usize = 4096;
 
 /// Messages a stream's live subscription may hold unread (on a connection of the feeds'
 /// own). Its line takes each as it comes and never waits on NATS or a session while it
-/// does (a feed's reads run apart), so this is only a burst's margin; past it the client
-/// drops messages and says so, and every feed of the node reads its head from the stream.
-pub const FEED_CAPACITY: usize = 4096;
+/// does (a feed's reads run apart), so this is a burst's margin, while the line waits for
+/// a worker; past it the client drops messages and says so, and every feed of the node
+/// reads its head from the stream, a storm of reads on a busy node: 4,096 overflowed under
+/// two saturated nodes' batches. (The per-identity subscriptions before held up to 64
+/// each, 640,000 for 10,000 identities.)
+pub const FEED_CAPACITY: usize = 32_768;
 
 /// Most records one batched read asks for: with the end-of-batch status they fit an inbox.
 const READ_CHUNK: usize = INBOX_CAPACITY - 2;
