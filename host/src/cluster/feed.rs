@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -198,6 +198,8 @@ struct Read {
     key: Arc<str>,
     generation: u64,
     position: Option<Position>,
+    /// How far it was to read: the head it read, or the newest live event seen.
+    to: u64,
     /// `Ok(false)`: stopped at this node's backlog bound.
     outcome: Result<bool, Lost>,
 }
@@ -227,13 +229,17 @@ impl Cluster {
         let line = lines[self.shard(identity)].clone();
         let key: Arc<str> = identity_tokens(identity).into();
         let ready = Arc::new(Ready::default());
-        let _ = line.send(Command::Open {
+        let sent = line.send(Command::Open {
             key: key.clone(),
             identity: identity.clone(),
             generation,
             ready: ready.clone(),
             router,
         });
+        if sent.is_err() {
+            // The line ended (its client closed): the sessions are told at once.
+            ready.settle(Ready::ENDED);
+        }
         Feed {
             generation,
             ready,
@@ -418,9 +424,9 @@ impl Line {
             // A gap: read from the stream through this event.
             Phase::Queued
         } else {
-            position.anchored = true;
             let Some((event, at)) = decode(seq, &message.payload) else {
                 position.delivered = seq;
+                position.anchored = true;
                 return;
             };
             let Some(router) = self.router.upgrade() else {
@@ -429,6 +435,9 @@ impl Line {
             match router.deliver(&feed.identity, feed.generation, Arc::new(event)) {
                 Delivery::Queued => {
                     position.delivered = seq;
+                    // Only now: a position left where it was must stay unanchored, or
+                    // the read from there would take it for an evicted event.
+                    position.anchored = true;
                     if at > 0 {
                         let lag = now_micros().saturating_sub(at) as f64 / 1e6;
                         self.metrics.cluster_lag_seconds.observe(lag);
@@ -497,17 +506,31 @@ impl Line {
             }
             feed.phase = Phase::Reading;
             let head = std::mem::take(&mut feed.head);
+            let (generation, seen) = (feed.generation, feed.seen);
             let read = catch_up(
                 cluster.clone(),
-                key,
+                key.clone(),
                 feed.identity.clone(),
-                feed.generation,
+                generation,
                 self.router.clone(),
                 feed.position,
-                feed.seen,
+                seen,
                 head,
             );
-            self.reads.spawn(read);
+            // A read that panicked is tried again like one NATS did not answer, rather
+            // than leaving its feed reading forever.
+            self.reads.spawn(async move {
+                std::panic::AssertUnwindSafe(read)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| Read {
+                        key,
+                        generation,
+                        position: None,
+                        to: seen,
+                        outcome: Err(Lost::Nats(Unavailable("a feed's read panicked".into()))),
+                    })
+            });
         }
     }
 
@@ -523,15 +546,19 @@ impl Line {
         if read.position.is_some() {
             feed.position = read.position;
         }
+        // The head is known: what is stored from now on reaches the sessions, if later.
+        if feed.position.is_some() && matches!(read.outcome, Ok(_) | Err(Lost::Nats(_))) {
+            feed.ready.settle(Ready::READY);
+        }
         match read.outcome {
             Ok(caught_up) => {
-                feed.ready.settle(Ready::READY);
-                let delivered = feed.position.map_or(0, |p| p.delivered);
                 if !caught_up {
+                    // What it did not reach waits for room, and is read then.
+                    feed.seen = feed.seen.max(read.to);
                     feed.phase = Phase::Behind;
                     self.behind.push(read.key);
-                } else if feed.head || feed.seen > delivered {
-                    // Live events came meanwhile, or NATS reconnected.
+                } else if feed.head || feed.seen > read.to {
+                    // Live events past what it read came meanwhile, or NATS reconnected.
                     feed.phase = Phase::Queued;
                     self.queued.push_back(read.key);
                 } else {
@@ -592,6 +619,7 @@ async fn catch_up(
     seen: u64,
     head: bool,
 ) -> Read {
+    let mut to = seen;
     let outcome = async {
         // A new feed's read is its sessions' welcome, and mostly one head: not queued
         // behind catch-ups (a connect storm opens thousands at once).
@@ -599,7 +627,6 @@ async fn catch_up(
             Some(_) => Some(cluster.catch_ups.acquire().await),
             None => None,
         };
-        let mut to = seen;
         if head || position.is_none() {
             let head = cluster.head_of(&identity).await?;
             to = to.max(head);
@@ -641,6 +668,7 @@ async fn catch_up(
         key,
         generation,
         position,
+        to,
         outcome,
     }
 }
