@@ -142,8 +142,8 @@ pub struct ClusterConfig {
     /// How long a publish waits for the stream's acknowledgement, and a read for its answer;
     /// past it the publish answers 503 and a resume closes with 1013 (retry).
     pub request_timeout_ms: u64,
-    /// How long a new connection waits for this node's subscription to its identity's events
-    /// before it is closed with 1013 (retry).
+    /// How long a new connection waits for this node's feed of its identity (the identity's
+    /// head read from the stream) before it is closed with 1013 (retry).
     pub subscribe_timeout_ms: u64,
     /// How long start-up waits for the revocations in force (recorded by any node in NATS)
     /// to load; past it the node exits instead of serving, since it would admit revoked
