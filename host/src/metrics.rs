@@ -19,6 +19,9 @@ type OwnedLabels = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Registry,
     pub sessions_live: Gauge,
+    /// The allocator's view of the heap, sampled at each scrape.
+    allocated_bytes: Gauge,
+    allocator_resident_bytes: Gauge,
     pub sse_sessions_live: Gauge,
     /// Connections still speaking HTTP (not upgraded), on all listeners.
     pub http_connections: Gauge,
@@ -133,6 +136,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("gateway");
         let m = Metrics {
             sessions_live: Gauge::default(),
+            allocated_bytes: Gauge::default(),
+            allocator_resident_bytes: Gauge::default(),
             sse_sessions_live: Gauge::default(),
             http_connections: Gauge::default(),
             instances_live: Gauge::default(),
@@ -194,6 +199,16 @@ impl Metrics {
             rpc_call_seconds: Histogram::new(exponential_buckets(100e-6, 1.5, 32)),
             registry: Registry::default(),
         };
+        registry.register(
+            "heap_allocated_bytes",
+            "Bytes the gateway holds allocated on its heap (jemalloc's stats.allocated), sampled at each scrape",
+            m.allocated_bytes.clone(),
+        );
+        registry.register(
+            "heap_resident_bytes",
+            "Bytes of heap pages resident in memory (jemalloc's stats.resident): allocated, allocator metadata, and freed pages not yet returned to the system",
+            m.allocator_resident_bytes.clone(),
+        );
         registry.register(
             "sessions_live",
             "Sessions open (WebSocket and SSE)",
@@ -564,6 +579,21 @@ impl Metrics {
         self.rpc_calls.get_or_create(&vec![("outcome", code)]).inc();
     }
 
+    /// The allocator's own totals, read fresh for each scrape: what the process asked for
+    /// and what of it is resident (freed pages not yet returned included).
+    fn sample_allocator(&self) {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        if epoch::advance().is_err() {
+            return;
+        }
+        if let Ok(bytes) = stats::allocated::read() {
+            self.allocated_bytes.set(bytes as i64);
+        }
+        if let Ok(bytes) = stats::resident::read() {
+            self.allocator_resident_bytes.set(bytes as i64);
+        }
+    }
+
     pub fn refusals_for(&self, reason: &'static str) -> u64 {
         self.refusals
             .get(&vec![("reason", reason)])
@@ -577,6 +607,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        self.sample_allocator();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

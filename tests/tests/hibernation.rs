@@ -193,6 +193,68 @@ async fn pings_are_answered_without_waking_the_handler() {
     assert_eq!(gw.metric("gateway_instances_live").await, 0.0);
 }
 
+/// Reads until the server closes; the pings it sent before (answered: tungstenite queues
+/// the pong and sends it with the next read).
+async fn pings_until_close(mut client: Client) -> usize {
+    let mut pings = 0;
+    loop {
+        match client.ws.next().await {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(Message::Pong(_))) => {}
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return pings,
+            Some(Ok(other)) => panic!("a hibernated connection got {other:?}"),
+        }
+    }
+}
+
+/// A hibernated connection waits without its serving state (the task keeps only the
+/// session); its timers go on: the gateway pings it, and closes it when its client stops
+/// answering, when its token runs out and when it has been idle too long, each with its own
+/// reason and none of them waking the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hibernated_connection_is_pinged_and_closed_on_time_without_waking() {
+    let mut cfg = config(guests::REFERENCE);
+    cfg.limits.hibernate_after_secs = 1;
+    cfg.limits.ping_interval_secs = 1;
+    cfg.limits.dead_peer_secs = 4;
+    // Pings and pongs are not activity: carol, who answers them, idles out.
+    cfg.limits.idle_timeout_secs = 8;
+    cfg.auth.leeway_secs = 0;
+    let gw = TestGateway::start_with(cfg).await;
+    let carol = gw.connect("carol").await;
+    // Dave's client never reads, so it never answers a ping.
+    let dave = gw.connect("dave").await;
+    let erin = gw
+        .connect_with(Claims {
+            exp: now_secs() + 6,
+            ..claims("erin")
+        })
+        .await;
+    // The counter, not the gauge: a slow machine may see dave closed before the last save.
+    gw.wait_metric("gateway_hibernations_total{result=\"saved\"}", 3.0)
+        .await;
+    let carol = tokio::spawn(pings_until_close(carol));
+    let erin = tokio::spawn(pings_until_close(erin));
+
+    for reason in ["dead_peer", "token_expired", "idle"] {
+        gw.wait_metric(
+            &format!("gateway_session_closes_total{{reason=\"{reason}\"}}"),
+            1.0,
+        )
+        .await;
+    }
+    let carol_pings = carol.await.unwrap();
+    assert!(
+        carol_pings >= 4,
+        "pinged every second until idle after 8 s: {carol_pings}"
+    );
+    assert!(erin.await.unwrap() >= 1);
+    drop(dave);
+    assert_eq!(gw.metric("gateway_wakes_total").await, 0.0);
+    assert_eq!(gw.metric("gateway_sessions_live").await, 0.0);
+    assert_eq!(gw.metric("gateway_sessions_hibernated").await, 0.0);
+}
+
 #[tokio::test]
 async fn a_guest_that_fails_to_save_or_restore_loses_only_its_own_connection() {
     let gw = gateway(guests::CHAOS).await;

@@ -46,8 +46,11 @@ pub async fn connect(
                 .max_message_size(limits.max_message_bytes)
                 .max_frame_size(limits.max_message_bytes)
                 .on_upgrade(move |socket| {
-                    tracker
-                        .track_future(run(Link::WebSocket(socket), app, admitted).instrument(span))
+                    // A task of the session's own: the upgrade's task would keep, for the
+                    // connection's life, what the upgrade needed beside the session.
+                    let fut = run(Link::WebSocket(socket), app, admitted);
+                    tracker.spawn(fut.instrument(span));
+                    std::future::ready(())
                 })
         }
         Err(refusal) => refusal.into_response(),
@@ -135,7 +138,6 @@ pub(super) struct Admitted {
     pub(super) ctx: Context,
     /// Who this connection is; an in-band refresh must name the same identity.
     pub(super) identity: Identity,
-    pub(super) token_exp: u64,
     /// `?since=<seq>`: resume after this position before going live.
     pub(super) since: Option<u64>,
     /// An SSE client's frames for the handler, from its query (`?frame=`).
@@ -266,7 +268,6 @@ fn admit(
         )
     })?;
     Ok(Admitted {
-        token_exp: claims.exp,
         since,
         frames,
         identity,

@@ -70,23 +70,24 @@ const EVENT_BATCH: u64 = 64;
 /// Turns in a row the session may serve queued events without polling its socket.
 const READS_SKIPPED_MAX: u32 = 8;
 /// The socket phase of one connection: the session owns the socket, the handler and the
-/// event queue until the connection ends.
-async fn run(link: Link, app: Arc<AppState>, admitted: Admitted) {
+/// event queue until the connection ends. Built here, outside the task's future: a future
+/// keeps its arguments for its whole life, beside the session made of them.
+fn run(
+    link: Link,
+    app: Arc<AppState>,
+    admitted: Admitted,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let Admitted {
         ctx,
         identity,
-        token_exp,
         since,
         frames,
         handler,
         sandbox,
         mailbox,
-        _permit,
+        _permit: permit,
     } = admitted;
-    let metrics = app.metrics.clone();
-    let _live = LiveSession::open(&metrics, link.is_sse());
-    let opened = std::time::Instant::now();
-    tracing::debug!("session open");
+    let live = LiveSession::open(app.metrics.clone(), link.is_sse());
     let limits = &app.config.limits;
     let mut session = Session {
         rate: RateLimit::new(limits.client_messages_per_sec, limits.client_message_burst),
@@ -108,18 +109,39 @@ async fn run(link: Link, app: Arc<AppState>, admitted: Admitted) {
         mailbox,
         ctx,
         identity,
-        app: app.clone(),
+        app,
     };
-    let end = session.serve(token_exp, since, frames).await;
-    // Boxed: the way out is the largest state this task has (its writes under timeouts),
-    // and an unboxed one would size every connection's task for it, hibernated or not.
-    Box::pin(session.close(end)).await;
-    metrics.session_closed(end.label());
-    metrics.sessions_ended.inc();
-    metrics
-        .session_lifetime_seconds
-        .inc_by(opened.elapsed().as_secs_f64());
-    tracing::debug!(reason = end.label(), "session closed");
+    async move {
+        // The node-wide connection slot, released when the session ends.
+        let _permit = permit;
+        let opened = std::time::Instant::now();
+        tracing::debug!("session open");
+        // The task keeps the session and, while the handler hibernates, only what waits for
+        // its next work: what serves it (timers, a turn's futures, the start and the way
+        // out) is boxed for as long as it runs. A task's size is fixed when it is spawned,
+        // so an unboxed one would cost a hibernated connection as much as a busy one.
+        let end = match Box::pin(session.start(since, frames)).await {
+            Err(end) => end,
+            Ok(()) => {
+                let mut first = None;
+                loop {
+                    match Box::pin(session.serve(first.take())).await {
+                        Step::End(end) => break end,
+                        Step::Park => first = Some(session.parked().await),
+                    }
+                }
+            }
+        };
+        Box::pin(session.close(end)).await;
+        let metrics = &live.metrics;
+        metrics.session_closed(end.label());
+        metrics.sessions_ended.inc();
+        metrics
+            .session_lifetime_seconds
+            .inc_by(opened.elapsed().as_secs_f64());
+        tracing::debug!(reason = end.label(), "session closed");
+        drop(live);
+    }
 }
 
 /// One live connection: its socket, its own handler, its event queue.
@@ -172,6 +194,14 @@ enum Work {
     Answer(Result<String, tokio::task::JoinError>),
 }
 
+/// Why [`Session::serve`] returned.
+enum Step {
+    End(End),
+    /// The handler is hibernated and nothing is left to do: the session waits in
+    /// [`Session::parked`] for its next work.
+    Park,
+}
+
 /// The connection's handler: a live instance, or hibernated to the bytes its `save` returned
 /// while the connection is idle (no instance, no linear memory).
 enum Guest {
@@ -212,9 +242,34 @@ impl Drop for Hibernated {
 }
 
 impl Session {
-    /// Runs `init`, hands the guest the frames an SSE client sent in its query, replays what
-    /// a resuming client missed, then serves the connection until it ends; returns why.
-    async fn serve(&mut self, token_exp: u64, since: Option<u64>, frames: Vec<String>) -> End {
+    /// Runs `init`, hands the guest the frames an SSE client sent in its query, and replays
+    /// what a resuming client missed.
+    async fn start(&mut self, since: Option<u64>, frames: Vec<String>) -> Result<(), End> {
+        // Cluster mode: the welcome waits until this node receives the identity's events,
+        // so every event stored after it reaches the client.
+        if let Some(cluster) = self.app.router.cluster()
+            && !self.mailbox.feed_ready(cluster.subscribe_timeout).await
+        {
+            return Err(End::LogUnavailable);
+        }
+        // Events queued since registration wait until `init` has run.
+        let ctx = self.ctx.clone();
+        self.call(|h| h.init(&ctx)).await?;
+        // Before the replay, as a WebSocket client's first frames would be if it could send
+        // them before resuming: a subscription then applies to the replayed events too.
+        for frame in frames {
+            self.on_client(Some(Ok(Message::Text(frame.into()))))
+                .await?;
+        }
+        if let Some(since) = since {
+            self.resume(since).await?;
+        }
+        Ok(())
+    }
+
+    /// Serves the connection, beginning with `first` if given, until it ends or its handler
+    /// is hibernated with nothing left to do ([`Step::Park`]).
+    async fn serve(&mut self, mut first: Option<Work>) -> Step {
         let limits = &self.app.config.limits;
         let leeway = self.app.verifier.leeway_secs();
         let idle = Duration::from_secs(limits.idle_timeout_secs);
@@ -225,54 +280,32 @@ impl Session {
         // would enter the timer wheel and leave it again for every event. Activity only
         // moves `last_active`; the idle timer catches up when it fires. Shutdown and
         // overflow come through the mailbox, so an event costs no lock here.
-        let expiry = sleep_until(expiry_instant(token_exp, leeway));
-        let idle_timer = sleep_until(far_ahead(idle));
-        // Never armed for a handler that cannot hibernate (0.1.0 guests, or turned off).
+        let expiry = sleep_until(expiry_instant(self.ctx.expires_at, leeway));
+        let idle_timer = sleep_until(self.last_active + idle);
+        // Never armed for a handler that cannot hibernate (0.1.0 guests, or turned off), nor
+        // for one already hibernated (armed again when it wakes).
         let hibernate_after = Duration::from_secs(limits.hibernate_after_secs);
-        let hibernates = limits.hibernate_after_secs > 0
-            && matches!(&self.guest, Guest::Live(h) if h.hibernates());
-        let hibernate_timer = sleep_until(far_ahead(if hibernates {
-            hibernate_after
-        } else {
-            FAR_FUTURE
+        let hibernate_timer = sleep_until(far_ahead(match &self.guest {
+            Guest::Live(h) if limits.hibernate_after_secs > 0 && h.hibernates() => hibernate_after,
+            _ => FAR_FUTURE,
         }));
         let rollup_timer = sleep_until(far_ahead(FAR_FUTURE));
         tokio::pin!(expiry, idle_timer, hibernate_timer, rollup_timer);
 
-        // Cluster mode: the welcome waits until this node receives the identity's events,
-        // so every event stored after it reaches the client.
-        if let Some(cluster) = self.app.router.cluster()
-            && !self.mailbox.feed_ready(cluster.subscribe_timeout).await
-        {
-            return End::LogUnavailable;
-        }
-        // Events queued since registration wait until `init` has run.
-        let ctx = self.ctx.clone();
-        if let Err(end) = self.call(|h| h.init(&ctx)).await {
-            return end;
-        }
-        // Before the replay, as a WebSocket client's first frames would be if it could send
-        // them before resuming: a subscription then applies to the replayed events too.
-        for frame in frames {
-            if let Err(end) = self.on_client(Some(Ok(Message::Text(frame.into())))).await {
-                return end;
-            }
-        }
-        // Boxed, as `close` is: a resume runs once, and should not size the task for its
-        // whole life.
-        if let Some(since) = since
-            && let Err(end) = Box::pin(self.resume(since)).await
-        {
-            return end;
-        }
         loop {
+            if first.is_none() && self.parks() {
+                return Step::Park;
+            }
             // Polling the socket costs a trip through tungstenite even when nothing came
             // in; while events are already queued (the usual reason this task woke) the
             // socket waits, a few turns at most, so a stream of events cannot starve the
             // client.
             let read = !self.mailbox.is_ready() || self.reads_skipped >= READS_SKIPPED_MAX;
             self.reads_skipped = if read { 0 } else { self.reads_skipped + 1 };
-            let work = tokio::select! {
+            let work = if let Some(work) = first.take() {
+                work
+            } else {
+                tokio::select! {
                 biased;
                 () = &mut expiry => Work::Expired,
                 () = &mut idle_timer => Work::IdleCheck,
@@ -286,6 +319,7 @@ impl Session {
                 msg = self.link.recv(), if read => Work::Client(msg),
                 event = self.mailbox.recv() => Work::Event(event),
                 () = &mut hibernate_timer => Work::Hibernate,
+                }
             };
             let result = match work {
                 Work::Expired => Err(End::TokenExpired),
@@ -344,13 +378,46 @@ impl Session {
                 }
             };
             if let Err(end) = result {
-                return end;
+                return Step::End(end);
             }
             if let Some(due) = self.rollup_due.take() {
                 rollup_timer.as_mut().reset(due);
             }
             if std::mem::take(&mut self.woke) {
                 hibernate_timer.as_mut().reset(far_ahead(hibernate_after));
+            }
+        }
+    }
+
+    /// Whether the session can wait without its serving state: the handler hibernated, and
+    /// nothing queued, held back or awaited.
+    fn parks(&self) -> bool {
+        matches!(self.guest, Guest::Hibernated(_))
+            && !self.mailbox.is_ready()
+            && self.rollup.is_empty()
+            && !Calls::waiting(&self.rpc)
+    }
+
+    /// A parked session's wait for its next work: a client frame, an event, or a timer (the
+    /// token's expiry, the idle limit, the next ping), whichever comes first. What it holds
+    /// while it waits is what a hibernated connection costs beyond its socket.
+    async fn parked(&mut self) -> Work {
+        let limits = &self.app.config.limits;
+        let expiry = expiry_instant(self.ctx.expires_at, self.app.verifier.leeway_secs());
+        let idle = self.last_active + Duration::from_secs(limits.idle_timeout_secs);
+        let ping = far_ahead(Duration::from_secs(limits.ping_interval_secs.max(1)));
+        tokio::select! {
+            msg = self.link.recv() => Work::Client(msg),
+            event = self.mailbox.recv() => Work::Event(event),
+            () = sleep_until(expiry.min(idle).min(ping)) => {
+                let now = Instant::now();
+                if now >= expiry {
+                    Work::Expired
+                } else if now >= idle {
+                    Work::IdleCheck
+                } else {
+                    Work::Ping
+                }
             }
         }
     }
@@ -730,23 +797,26 @@ fn frame_len(frame: &Frame) -> usize {
 
 /// Counts a session as live for exactly as long as it exists: decremented on drop, so even
 /// a session task that ends abnormally leaves the gauge right.
-struct LiveSession<'a>(&'a crate::metrics::Metrics, bool);
+struct LiveSession {
+    metrics: Arc<Metrics>,
+    sse: bool,
+}
 
-impl<'a> LiveSession<'a> {
-    fn open(metrics: &'a crate::metrics::Metrics, sse: bool) -> Self {
+impl LiveSession {
+    fn open(metrics: Arc<Metrics>, sse: bool) -> Self {
         metrics.sessions_live.inc();
         if sse {
             metrics.sse_sessions_live.inc();
         }
-        LiveSession(metrics, sse)
+        LiveSession { metrics, sse }
     }
 }
 
-impl Drop for LiveSession<'_> {
+impl Drop for LiveSession {
     fn drop(&mut self) {
-        self.0.sessions_live.dec();
-        if self.1 {
-            self.0.sse_sessions_live.dec();
+        self.metrics.sessions_live.dec();
+        if self.sse {
+            self.metrics.sse_sessions_live.dec();
         }
     }
 }
