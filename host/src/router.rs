@@ -13,13 +13,16 @@
 //! events to [`Router::deliver`] in `seq` order; a session that registers and then reads the
 //! stream skips the events its replay already covered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use futures_util::task::AtomicWaker;
+
+use tokio::sync::Notify;
 
 use crate::auth::Identity;
 use crate::cluster::Cluster;
@@ -66,14 +69,20 @@ struct Route {
     connection_id: Arc<str>,
     /// The token session (`sid`) the connection was opened with, for a disconnect of one.
     sid: Option<Box<str>>,
-    events: mpsc::Sender<Queued>,
     queue: Arc<QueueState>,
 }
 
-/// What the router and a session share besides the channel: plain atomics, because the
-/// session looks at them for every event.
+/// What the router and a session share: the queue itself, and plain atomics the session
+/// looks at for every event.
 #[derive(Default)]
 struct QueueState {
+    /// The events, oldest first, at most `limits.event_queue`. A plain lock: the router
+    /// pushes and the session takes, each for a moment. A tokio channel here cost every
+    /// session, idle or hibernated, 1.1 KiB (a block of 32 slots and the channel's own
+    /// state); an empty queue costs nothing beyond this.
+    events: Mutex<VecDeque<Queued>>,
+    /// The session's task while it waits for an event or the closing.
+    waker: AtomicWaker,
     /// Bytes of events queued and not yet taken by the session.
     bytes: AtomicUsize,
     /// Why the router closed this queue ([`Closed`] as a number), or 0 while it is open.
@@ -103,6 +112,23 @@ impl QueueState {
         let _ = self
             .closed
             .compare_exchange(0, why as u8, Ordering::Release, Ordering::Relaxed);
+        self.waker.wake();
+    }
+
+    /// Queues an event for the session, unless `capacity` are waiting already.
+    fn push(&self, queued: Queued, capacity: usize) -> bool {
+        let mut events = lock(&self.events);
+        if events.len() >= capacity {
+            return false;
+        }
+        events.push_back(queued);
+        drop(events);
+        self.waker.wake();
+        true
+    }
+
+    fn pop(&self) -> Option<Queued> {
+        lock(&self.events).pop_front()
     }
 
     fn closed(&self) -> Option<Closed> {
@@ -189,7 +215,6 @@ pub struct Mailbox {
     router: Arc<Router>,
     identity: Identity,
     connection_id: Arc<str>,
-    events: mpsc::Receiver<Queued>,
     queue: Arc<QueueState>,
     /// Cluster mode: whether the identity's feed on this node is live.
     feed_ready: Option<Arc<Ready>>,
@@ -218,13 +243,34 @@ impl Mailbox {
     /// The next event, or why the router closed this queue. Once closed, events still
     /// queued are not handed out: the session ends now.
     pub async fn recv(&mut self) -> Result<Arc<Event>, Closed> {
-        if let Some(why) = self.queue.closed() {
-            return Err(why);
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Arc<Event>, Closed>> {
+        if let Some(ready) = self.ready_now() {
+            return Poll::Ready(ready);
         }
-        match self.events.recv().await {
-            Some(queued) => Ok(self.taken(queued)),
-            // The router drops the sender only after closing the queue.
-            None => Err(self.queue.closed().unwrap_or(Closed::Shutdown)),
+        self.queue.waker.register(cx.waker());
+        // Again: an event or the closing may have come between the look and the register.
+        match self.ready_now() {
+            Some(ready) => Poll::Ready(ready),
+            None => Poll::Pending,
+        }
+    }
+
+    fn ready_now(&mut self) -> Option<Result<Arc<Event>, Closed>> {
+        if let Some(why) = self.queue.closed() {
+            return Some(Err(why));
+        }
+        self.queue.pop().map(|queued| Ok(self.taken(queued)))
+    }
+
+    /// Gives back what the queue grew to in a burst; for a session about to wait long (its
+    /// handler hibernated), when nothing is queued.
+    pub fn shrink(&self) {
+        let mut events = lock(&self.queue.events);
+        if events.is_empty() {
+            events.shrink_to_fit();
         }
     }
 
@@ -235,7 +281,7 @@ impl Mailbox {
 
     /// Whether an event (or the closing) is waiting, so that `recv` would not wait.
     pub fn is_ready(&self) -> bool {
-        !self.events.is_empty() || self.queue.closed().is_some()
+        self.queue.closed().is_some() || !lock(&self.queue.events).is_empty()
     }
 
     /// An event already queued, if any and if the queue is open.
@@ -243,7 +289,7 @@ impl Mailbox {
         if self.queue.closed().is_some() {
             return None;
         }
-        self.events.try_recv().ok().map(|queued| self.taken(queued))
+        self.queue.pop().map(|queued| self.taken(queued))
     }
 
     fn taken(&self, (event, stamp): Queued) -> Arc<Event> {
@@ -365,7 +411,6 @@ impl Router {
         connection_id: Arc<str>,
         sid: Option<&str>,
     ) -> Result<Mailbox, Refused> {
-        let (tx, rx) = mpsc::channel(self.queue_events);
         let queue = Arc::new(QueueState {
             clock: self.pacing.queue(),
             ..QueueState::default()
@@ -396,7 +441,6 @@ impl Router {
         routes.sessions.push(Route {
             connection_id: connection_id.clone(),
             sid: sid.map(Into::into),
-            events: tx,
             queue: queue.clone(),
         });
         if let Some(presence) = self.cluster_presence.get() {
@@ -407,7 +451,6 @@ impl Router {
             router: self.clone(),
             identity: identity.clone(),
             connection_id,
-            events: rx,
             queue,
             feed_ready,
         })
@@ -420,8 +463,8 @@ impl Router {
             let mut shard = lock(shard);
             for routes in shard.values_mut() {
                 for route in routes.sessions.drain(..) {
+                    // Wakes a session waiting for its next event.
                     route.queue.close(Closed::Shutdown);
-                    // Dropping the sender wakes a session waiting for its next event.
                 }
             }
         }
@@ -440,7 +483,6 @@ impl Router {
             if chosen {
                 let _ = route.queue.disconnect_reason.set(reason.into());
                 route.queue.close(Closed::Disconnected);
-                // Dropping the sender wakes the session if it waits for an event.
             }
             !chosen
         });
@@ -470,7 +512,7 @@ impl Router {
             route.queue.close(Closed::Behind);
         }
         let closed = routes.sessions.len();
-        // Dropping the senders wakes the sessions; dropping the feed ends it.
+        // Closing woke the sessions; dropping the feed ends it.
         shard.remove(identity);
         self.last_closed(identity);
         closed
@@ -543,23 +585,23 @@ impl Router {
             let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
             self.hold(size);
             let sent = before + size <= self.queue_bytes
-                && route
-                    .events
-                    .try_send((
+                && route.queue.push(
+                    (
                         event.clone(),
                         self.pacing.stamp(&route.queue.clock, now, before == 0),
-                    ))
-                    .is_ok();
+                    ),
+                    self.queue_events,
+                );
             if sent {
                 queued += 1;
                 return true;
             }
             route.queue.bytes.fetch_sub(size, Ordering::Relaxed);
             self.release(size);
-            // Full (or the session is already ending): never block the publisher or the
-            // identity's other sessions, and never drop silently. The queue closes, the
-            // route goes (dropping the sender wakes the session), and the session closes
-            // with the slow-client code so the client can reconnect and resume.
+            // Full: never block the publisher or the identity's other sessions, and never
+            // drop silently. The queue closes (waking the session), the route goes, and the
+            // session closes with the slow-client code so the client can reconnect and
+            // resume.
             route.queue.close(Closed::Overflow);
             overflows += 1;
             false
@@ -768,6 +810,59 @@ mod tests {
             0,
             "the closed session's backlog left with it"
         );
+    }
+
+    /// The mailbox's next event, awaited in a task of its own; returned once that task
+    /// has found the queue empty and waits.
+    async fn waiting(
+        mut mailbox: Mailbox,
+    ) -> tokio::task::JoinHandle<(Mailbox, Result<Arc<Event>, Closed>)> {
+        let (waits, waiting) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let result = {
+                let mut recv = std::pin::pin!(mailbox.recv());
+                let first = futures_util::poll!(recv.as_mut());
+                let _ = waits.send(first.is_pending());
+                match first {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => recv.await,
+                }
+            };
+            (mailbox, result)
+        });
+        assert!(waiting.await.unwrap(), "the queue was empty");
+        task
+    }
+
+    async fn woken(
+        task: tokio::task::JoinHandle<(Mailbox, Result<Arc<Event>, Closed>)>,
+    ) -> (Mailbox, Result<Arc<Event>, Closed>) {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the waiting session was woken")
+            .unwrap()
+    }
+
+    /// A session waiting for its next event is woken by the event, and by each way its
+    /// queue closes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_session_is_woken_by_an_event_and_by_its_queue_closing() {
+        let router = router(Limits::default());
+        let alice = who(None, "alice");
+        let mailbox = router.register(&alice, "1".into(), None).unwrap();
+        let task = waiting(mailbox).await;
+        let sent = router.publish(publication(&alice, "1"), None).unwrap();
+        let (mailbox, event) = woken(task).await;
+        assert_eq!(event.unwrap().seq, sent.seq);
+
+        mailbox.shrink();
+        let task = waiting(mailbox).await;
+        assert_eq!(router.disconnect(&alice, None, "bye"), 1);
+        assert_eq!(woken(task).await.1.err(), Some(Closed::Disconnected));
+
+        let task = waiting(router.register(&alice, "2".into(), None).unwrap()).await;
+        router.shut_down();
+        assert_eq!(woken(task).await.1.err(), Some(Closed::Shutdown));
     }
 
     #[test]

@@ -392,10 +392,14 @@ impl Session {
     /// Whether the session can wait without its serving state: the handler hibernated, and
     /// nothing queued, held back or awaited.
     fn parks(&self) -> bool {
-        matches!(self.guest, Guest::Hibernated(_))
+        let parks = matches!(self.guest, Guest::Hibernated(_))
             && !self.mailbox.is_ready()
             && self.rollup.is_empty()
-            && !Calls::waiting(&self.rpc)
+            && !Calls::waiting(&self.rpc);
+        if parks {
+            self.mailbox.shrink();
+        }
+        parks
     }
 
     /// A parked session's wait for its next work: a client frame, an event, or a timer (the
