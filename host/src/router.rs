@@ -1,7 +1,7 @@
 //! Routes published events to the live sessions of one identity (tenant and user, from the
 //! verified token), and by nothing else.
 //!
-//! The router holds, per identity with live sessions, a queue sender for each of them; never
+//! The router holds, per identity with live sessions, the event queue of each of them; never
 //! any handler state, and nothing for an identity without sessions (sequence numbers and
 //! history are the [`EventLog`]'s). Identities are spread over shards so publishes for
 //! different users rarely contend. Appending to the log and queueing happen under the
@@ -79,7 +79,8 @@ struct QueueState {
     /// The events, oldest first, at most `limits.event_queue`. A plain lock: the router
     /// pushes and the session takes, each for a moment. A tokio channel here cost every
     /// session, idle or hibernated, 1.1 KiB (a block of 32 slots and the channel's own
-    /// state); an empty queue costs nothing beyond this.
+    /// state); this one keeps what a burst left only until the session shrinks it (after a
+    /// turn that emptied it, and when it parks).
     events: Mutex<VecDeque<Queued>>,
     /// The session's task while it waits for an event or the closing.
     waker: AtomicWaker,
@@ -229,6 +230,9 @@ impl Mailbox {
 
     pub fn turn_ends(&self) {
         self.router.pacing.turn_ends(&self.queue.clock);
+        // What a burst grew the queue to goes once it is drained; a steady flow keeps its
+        // room.
+        self.shrink(64);
     }
 
     /// Cluster mode: waits until the identity's feed delivers events stored from now on;
@@ -247,13 +251,20 @@ impl Mailbox {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Arc<Event>, Closed>> {
+        // Within tokio's cooperative budget, as its channels are: a queue that never runs
+        // dry must not keep the session from its timers and its socket.
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
         if let Some(ready) = self.ready_now() {
+            coop.made_progress();
             return Poll::Ready(ready);
         }
         self.queue.waker.register(cx.waker());
         // Again: an event or the closing may have come between the look and the register.
         match self.ready_now() {
-            Some(ready) => Poll::Ready(ready),
+            Some(ready) => {
+                coop.made_progress();
+                Poll::Ready(ready)
+            }
             None => Poll::Pending,
         }
     }
@@ -265,12 +276,13 @@ impl Mailbox {
         self.queue.pop().map(|queued| Ok(self.taken(queued)))
     }
 
-    /// Gives back what the queue grew to in a burst; for a session about to wait long (its
-    /// handler hibernated), when nothing is queued.
-    pub fn shrink(&self) {
+    /// Gives back what the queue grew to in a burst, down to room for `keep` events, when
+    /// nothing is queued: `keep` 0 for a session about to wait long (its handler
+    /// hibernated), a few for one between turns.
+    pub fn shrink(&self, keep: usize) {
         let mut events = lock(&self.queue.events);
-        if events.is_empty() {
-            events.shrink_to_fit();
+        if events.is_empty() && events.capacity() > keep {
+            events.shrink_to(keep);
         }
     }
 
@@ -855,7 +867,7 @@ mod tests {
         let (mailbox, event) = woken(task).await;
         assert_eq!(event.unwrap().seq, sent.seq);
 
-        mailbox.shrink();
+        mailbox.shrink(0);
         let task = waiting(mailbox).await;
         assert_eq!(router.disconnect(&alice, None, "bye"), 1);
         assert_eq!(woken(task).await.1.err(), Some(Closed::Disconnected));

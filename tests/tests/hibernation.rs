@@ -255,6 +255,49 @@ async fn a_hibernated_connection_is_pinged_and_closed_on_time_without_waking() {
     assert_eq!(gw.metric("gateway_sessions_hibernated").await, 0.0);
 }
 
+/// Waking and hibernating again does not put the next ping off: a connection that an event
+/// wakes more often than it is pinged still gets its pings on time (else a dead peer would
+/// go unnoticed while events keep it busy, and a live one would be closed as dead once they
+/// stop, its pongs never asked for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_keep_their_interval_across_wakes() {
+    let mut cfg = config(guests::REFERENCE);
+    cfg.limits.hibernate_after_secs = 1;
+    cfg.limits.ping_interval_secs = 3;
+    cfg.limits.dead_peer_secs = 6;
+    let gw = TestGateway::start_with(cfg).await;
+    let publisher = gw.publisher_token();
+    let mut frank = gw.connect("frank").await;
+    let started = tokio::time::Instant::now();
+    let (mut pings, mut events) = (0, 0);
+    // An event every 2 s: the handler wakes, hibernates a second later, and parks again
+    // before the 3-s ping would be due if each wake started it over.
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+    while pings < 2 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{pings} pings in 20 s of wakes every 2 s; the interval is 3 s"
+        );
+        tokio::select! {
+            _ = every.tick() => {
+                gw.publish(&publisher, &event("frank", "agent_started", "t1")).await;
+            }
+            frame = frank.ws.next() => match frame.unwrap().unwrap() {
+                Message::Ping(_) => pings += 1,
+                Message::Text(_) => events += 1,
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    assert!(events >= 2, "{events} events");
+    assert!(gw.metric("gateway_wakes_total").await >= 2.0);
+    assert_eq!(
+        gw.metric_or_zero("gateway_session_closes_total{reason=\"dead_peer\"}")
+            .await,
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn a_guest_that_fails_to_save_or_restore_loses_only_its_own_connection() {
     let gw = gateway(guests::CHAOS).await;

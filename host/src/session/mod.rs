@@ -5,10 +5,11 @@
 //!    guest, then upgrade. Any refusal is an HTTP answer.
 //! 2. `run` (socket phase): a `Session` owns the socket (a WebSocket, or an SSE stream on
 //!    `/sse`: `link.rs`), the handler and the event queue.
-//!    `Session::serve` calls `init`, replays what a resuming client missed
-//!    (`Session::resume`), then serves one source of work at a time: the client
-//!    (`Session::on_client`), events (`Session::on_events`, in bounded turns), pings
-//!    and timers, until the connection ends.
+//!    `Session::start` calls `init` and replays what a resuming client missed
+//!    (`Session::resume`); `Session::serve` then serves one source of work at a time: the
+//!    client (`Session::on_client`), events (`Session::on_events`, in bounded turns), pings
+//!    and timers, until the connection ends. While the handler is hibernated and nothing
+//!    is left to do, the session waits in `Session::parked` without serve's state.
 //! 3. `Session::close`: `on-close`, a close frame with a documented code (`end.rs`), and the
 //!    instance is dropped with its memory. The router registration goes with it.
 //!
@@ -90,6 +91,7 @@ fn run(
     let live = LiveSession::open(app.metrics.clone(), link.is_sse());
     let limits = &app.config.limits;
     let mut session = Session {
+        next_ping: far_ahead(Duration::from_secs(limits.ping_interval_secs.max(1))),
         rate: RateLimit::new(limits.client_messages_per_sec, limits.client_message_burst),
         write_timeout: Duration::from_secs(limits.write_timeout_secs),
         turn_bytes: limits.write_buffer_bytes.max(1),
@@ -168,6 +170,9 @@ struct Session {
     last_heard: Instant,
     /// Frames either way: what the idle timeout looks at.
     last_active: Instant,
+    /// When the next ping is due: kept here, not in a timer of `serve`'s, so that waking
+    /// and parking again does not put it off.
+    next_ping: Instant,
     /// Reads passed over in favour of queued events (see `Session::serve`).
     reads_skipped: u32,
     /// After a resume, the last `seq` replayed: live events up to it were queued while the
@@ -275,11 +280,11 @@ impl Session {
         let idle = Duration::from_secs(limits.idle_timeout_secs);
         let dead_peer = Duration::from_secs(limits.dead_peer_secs);
         let ping_every = Duration::from_secs(limits.ping_interval_secs.max(1));
-        let mut ping = tokio::time::interval_at(far_ahead(ping_every), ping_every);
-        // Timers are built once and polled in every turn: a timer made inside `select!`
-        // would enter the timer wheel and leave it again for every event. Activity only
-        // moves `last_active`; the idle timer catches up when it fires. Shutdown and
-        // overflow come through the mailbox, so an event costs no lock here.
+        // Timers are built once per call (from the session's state) and polled in every
+        // turn: a timer made inside `select!` would enter the timer wheel and leave it
+        // again for every event. Activity only moves `last_active`; the idle timer catches
+        // up when it fires. Shutdown and overflow come through the mailbox.
+        let ping_timer = sleep_until(self.next_ping);
         let expiry = sleep_until(expiry_instant(self.ctx.expires_at, leeway));
         let idle_timer = sleep_until(self.last_active + idle);
         // Never armed for a handler that cannot hibernate (0.1.0 guests, or turned off), nor
@@ -290,26 +295,32 @@ impl Session {
             _ => FAR_FUTURE,
         }));
         let rollup_timer = sleep_until(far_ahead(FAR_FUTURE));
-        tokio::pin!(expiry, idle_timer, hibernate_timer, rollup_timer);
+        tokio::pin!(
+            expiry,
+            idle_timer,
+            hibernate_timer,
+            rollup_timer,
+            ping_timer
+        );
 
         loop {
             if first.is_none() && self.parks() {
                 return Step::Park;
             }
-            // Polling the socket costs a trip through tungstenite even when nothing came
-            // in; while events are already queued (the usual reason this task woke) the
-            // socket waits, a few turns at most, so a stream of events cannot starve the
-            // client.
-            let read = !self.mailbox.is_ready() || self.reads_skipped >= READS_SKIPPED_MAX;
-            self.reads_skipped = if read { 0 } else { self.reads_skipped + 1 };
             let work = if let Some(work) = first.take() {
                 work
             } else {
+                // Polling the socket costs a trip through tungstenite even when nothing
+                // came in; while events are already queued (the usual reason this task
+                // woke) the socket waits, a few turns at most, so a stream of events cannot
+                // starve the client.
+                let read = !self.mailbox.is_ready() || self.reads_skipped >= READS_SKIPPED_MAX;
+                self.reads_skipped = if read { 0 } else { self.reads_skipped + 1 };
                 tokio::select! {
                 biased;
                 () = &mut expiry => Work::Expired,
                 () = &mut idle_timer => Work::IdleCheck,
-                _ = ping.tick() => Work::Ping,
+                () = &mut ping_timer => Work::Ping,
                 () = &mut rollup_timer, if !self.rollup.is_empty() => Work::Rollup,
                 // Before events: a call's answer ("stopped") must not wait behind the
                 // stream it is about.
@@ -332,7 +343,11 @@ impl Session {
                         Ok(())
                     }
                 }
-                Work::Ping => self.ping(dead_peer).await,
+                Work::Ping => {
+                    self.next_ping = far_ahead(ping_every);
+                    ping_timer.as_mut().reset(self.next_ping);
+                    self.ping(dead_peer).await
+                }
                 Work::Client(msg) => match self.on_client(msg).await {
                     Ok(Some(renewed_exp)) => {
                         expiry.as_mut().reset(expiry_instant(renewed_exp, leeway));
@@ -397,7 +412,7 @@ impl Session {
             && self.rollup.is_empty()
             && !Calls::waiting(&self.rpc);
         if parks {
-            self.mailbox.shrink();
+            self.mailbox.shrink(0);
         }
         parks
     }
@@ -409,7 +424,7 @@ impl Session {
         let limits = &self.app.config.limits;
         let expiry = expiry_instant(self.ctx.expires_at, self.app.verifier.leeway_secs());
         let idle = self.last_active + Duration::from_secs(limits.idle_timeout_secs);
-        let ping = far_ahead(Duration::from_secs(limits.ping_interval_secs.max(1)));
+        let ping = self.next_ping;
         tokio::select! {
             msg = self.link.recv() => Work::Client(msg),
             event = self.mailbox.recv() => Work::Event(event),
