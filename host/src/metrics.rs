@@ -92,6 +92,11 @@ pub struct Metrics {
     /// Cluster mode: resumes answered by a read another resume of the same identity and
     /// position was waiting for.
     pub cluster_shared_reads: Counter,
+    /// Cluster mode: resumes answered from the events this node's live subscriptions
+    /// carried lately (`cluster.recent_bytes`), without reading the stream's events.
+    pub cluster_recent_reads: Counter,
+    /// Cluster mode: bytes those recent events take.
+    pub cluster_recent_bytes: Gauge,
     /// Cluster mode: from the stream storing an event to this node queueing it.
     pub cluster_lag_seconds: Histogram,
     /// Cluster mode: times this node's watch of the operators' disconnects ended (NATS
@@ -171,6 +176,8 @@ impl Metrics {
             cluster_nodes: Gauge::default(),
             cluster_gap_events: Counter::default(),
             cluster_shared_reads: Counter::default(),
+            cluster_recent_reads: Counter::default(),
+            cluster_recent_bytes: Gauge::default(),
             cluster_lag_seconds: Histogram::new(exponential_buckets(50e-6, 1.5, 30)),
             disconnect_watch_restarts: Counter::default(),
             nats_round_trips: Family::new_with_constructor(|| {
@@ -433,6 +440,16 @@ impl Metrics {
             "cluster_shared_reads",
             "Cluster mode: resumes answered by the read of another resume of the same identity and position",
             m.cluster_shared_reads.clone(),
+        );
+        registry.register(
+            "cluster_recent_reads",
+            "Cluster mode: resumes answered from the events this node's live subscriptions carried lately (cluster.recent_bytes)",
+            m.cluster_recent_reads.clone(),
+        );
+        registry.register(
+            "cluster_recent_bytes",
+            "Cluster mode: bytes the recent events kept for resumes take",
+            m.cluster_recent_bytes.clone(),
         );
         registry.register(
             "cluster_lag_seconds",

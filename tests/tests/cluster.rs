@@ -683,3 +683,79 @@ async fn churn_across_nodes_never_misdelivers_and_loses_nothing() {
     }
     assert!(checked > 1000, "{checked} deliveries checked");
 }
+
+/// A resume whose missed events this node's live subscription carried lately reads them
+/// from memory (`cluster.recent_bytes`), and only when the chain of previous-event
+/// sequences from the identity's head back to its position is whole: a node that kept too
+/// little for that reads the stream, with the same answer, and a position that is not the
+/// identity's is never taken for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_reads_recent_events_from_memory_only_when_it_holds_all_of_them() {
+    let nats = NatsServer::start();
+    let cfg = cluster_config(&nats.url());
+    let a = TestGateway::start_with(cfg.clone()).await;
+    let b = TestGateway::start_with(cfg.clone()).await;
+    let mut small = cfg;
+    // Room for two or three events: never the whole chain back to the position.
+    small.cluster.recent_bytes = 600;
+    let c = TestGateway::start_with(small).await;
+    // Someone else's session keeps each node's live subscription open.
+    let mut zed_b = b.connect("zed").await;
+    let mut zed_c = c.connect("zed").await;
+    let since = publish_ok(&a, &event("carol", 0)).await;
+    let (mut missed, mut foreign) = (Vec::new(), 0);
+    for n in 1..=6 {
+        missed.push(publish_ok(&a, &event("carol", n)).await);
+        foreign = publish_ok(&a, &event("dave", n)).await;
+    }
+    // Once zed's event has arrived, each node has carried everything stored before it.
+    let marker = publish_ok(&a, &event("zed", 0)).await;
+    assert_eq!(next_event(&mut zed_b).await.0, marker);
+    assert_eq!(next_event(&mut zed_c).await.0, marker);
+
+    let resume = async |gw: &TestGateway, since: u64| {
+        let mut client = gw
+            .try_connect_with_query(&token(claims("carol")), &format!("since={since}"))
+            .await
+            .unwrap();
+        assert_eq!(client.next_json().await.unwrap()["type"], "welcome");
+        let resumed = client.next_json().await.unwrap();
+        assert_eq!(resumed["type"], "gateway.resumed", "{resumed}");
+        (client, resumed)
+    };
+    for (gw, from_memory) in [(&b, 1.0), (&c, 0.0)] {
+        let (mut client, resumed) = resume(gw, since).await;
+        assert_eq!(
+            (&resumed["recovered"], &resumed["replayed"]),
+            (&json!(true), &json!(6)),
+            "{resumed}"
+        );
+        assert_eq!(
+            (&resumed["head"], &resumed["earliest"]),
+            (&json!(missed[5]), &json!(since)),
+            "{resumed}"
+        );
+        for (n, seq) in missed.iter().enumerate() {
+            assert_eq!(next_event(&mut client).await, (*seq, n as u64 + 1));
+        }
+        assert_eq!(
+            gw.metric("gateway_cluster_recent_reads_total").await,
+            from_memory
+        );
+        client.close().await;
+    }
+    assert!(b.metric("gateway_cluster_recent_bytes").await > 0.0);
+
+    // Nothing missed: from memory, nothing replayed.
+    let (_client, resumed) = resume(&b, *missed.last().unwrap()).await;
+    assert_eq!(
+        (&resumed["recovered"], &resumed["replayed"]),
+        (&json!(true), &json!(0)),
+        "{resumed}"
+    );
+    assert_eq!(b.metric("gateway_cluster_recent_reads_total").await, 2.0);
+    // Another identity's position, though b carried it: the stream says whose it is.
+    let (_client, resumed) = resume(&b, foreign).await;
+    assert_eq!(resumed["reason"], "unknown_position", "{resumed}");
+    assert_eq!(b.metric("gateway_cluster_recent_reads_total").await, 2.0);
+}

@@ -5,8 +5,9 @@
 //! sequence and the sequence of the identity's previous event (`Nats-Last-Sequence`). A node
 //! does not subscribe per identity: each stream has one subscription (`<prefix>.live.<shard>.>`)
 //! and one task, its [`Line`], which keeps per identity only where its feed stands (a few
-//! hundred bytes: no task, no channel, no NATS subscription) and drops on arrival the events
-//! of identities it holds no sessions of. From the previous-event sequence a feed sees any
+//! hundred bytes: no task, no channel, no NATS subscription) and hands on none of the events
+//! of identities it holds no sessions of (it keeps every identity's a while for resumes, see
+//! `recent.rs`). From the previous-event sequence a feed sees any
 //! gap and has it read from the stream before going on: after a NATS reconnect, a slow
 //! subscription, or while the subscription propagates through a NATS cluster. Reads (a new
 //! feed's head, a gap, what was left in the stream while the node's backlog was full) run
@@ -23,6 +24,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::recent::Recent;
 use super::{Cluster, Unavailable, decode, identity_tokens, now_micros, number_header};
 use crate::auth::Identity;
 use crate::metrics::Metrics;
@@ -258,6 +260,8 @@ struct Line {
     shard: usize,
     /// The live subject up to the identity's tokens.
     subject_head: String,
+    /// Every identity's live events are kept here a while, for resumes.
+    recent: Arc<Recent>,
     feeds: HashMap<Arc<str>, Followed>,
     queued: VecDeque<Arc<str>>,
     behind: Vec<Arc<str>>,
@@ -273,6 +277,7 @@ impl Line {
             cluster: Arc::downgrade(cluster),
             shard,
             subject_head: format!("{}.live.{shard}.", cluster.prefix),
+            recent: cluster.recent.clone(),
             metrics: cluster.metrics.clone(),
             feeds: HashMap::new(),
             queued: VecDeque::new(),
@@ -337,6 +342,7 @@ impl Line {
                     }
                     // Reconnected, or the subscription overflowed: whatever was missed is
                     // in the stream. Once more when the subscription has propagated.
+                    self.recent.clear(self.shard);
                     self.everyone();
                     recheck.as_mut().reset(Instant::now() + RECHECK_AFTER);
                     rechecking = true;
@@ -403,12 +409,20 @@ impl Line {
         let Some(key) = message.subject.as_str().strip_prefix(&self.subject_head) else {
             return;
         };
+        let header = |name: &str| number_header(message, name);
+        let (seq, previous) = (header("Nats-Sequence"), header("Nats-Last-Sequence"));
+        // An identity's subject has two tokens; a barrier's, one.
+        if let (Some(seq), Some(previous)) = (seq, previous)
+            && key.contains('.')
+        {
+            self.recent
+                .keep(self.shard, key, seq, previous, &message.payload);
+        }
         // Another node's identity: dropped.
         let Some(feed) = self.feeds.get_mut(key) else {
             return;
         };
-        let header = |name: &str| number_header(message, name);
-        let (Some(seq), previous) = (header("Nats-Sequence"), header("Nats-Last-Sequence")) else {
+        let Some(seq) = seq else {
             tracing::warn!("live message without a stream sequence; ignored");
             return;
         };

@@ -24,6 +24,7 @@
 pub mod feed;
 pub mod messages;
 pub mod presence;
+mod recent;
 
 use async_nats::jetstream::kv;
 
@@ -266,6 +267,8 @@ pub struct Cluster {
     /// Per stream, the last barrier written (when it was sent, its sequence): reads that
     /// began before it was sent share it instead of writing their own.
     barriers: Vec<tokio::sync::Mutex<Option<(Instant, u64)>>>,
+    /// Per stream, the events its live subscription carried lately (see `recent.rs`).
+    recent: Arc<recent::Recent>,
     /// Operators' disconnects and revocations, so that every node applies them.
     disconnects: kv::Store,
     /// Presence across the cluster (see `presence.rs`).
@@ -471,6 +474,11 @@ impl Cluster {
             %node,
             "cluster mode: events are stored in JetStream"
         );
+        let recent = recent::Recent::new(
+            config.recent_bytes,
+            shards,
+            metrics.cluster_recent_bytes.clone(),
+        );
         Ok(Arc::new(Cluster {
             client,
             feeds,
@@ -487,6 +495,7 @@ impl Cluster {
             reads: Semaphore::new(MAX_READS),
             waiting_reads: std::sync::Mutex::new(HashMap::new()),
             barriers: (0..shards).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            recent: Arc::new(recent),
             disconnects,
             presence_records,
             presence_nodes,
@@ -1078,20 +1087,53 @@ impl Cluster {
         let max = self.history.max_replay_events;
         // `since` itself, the events after it, and one more to tell "too many".
         let want = max + 1 + usize::from(since > 0);
-        // The batch may come from a replica that lags: the leader's head, asked at the same
-        // time, is what it must reach (every event acknowledged before this resume began).
-        let (batch, earliest, leader_head) = tokio::join!(
-            self.batch(identity, since, want),
+        let earliest_get = || {
             self.get(
                 self.stream_of(identity)
-                    .direct_get_first_for_subject(subject.clone())
-            ),
-            self.head_of(identity),
-        );
-        let (batch, earliest, leader_head) = (batch?, earliest?.map(|m| m.sequence), leader_head?);
-        let mut batch = self
-            .complete(identity, batch, since, leader_head, want, since > 0)
-            .await?;
+                    .direct_get_first_for_subject(subject.clone()),
+            )
+        };
+        let (shard, key) = (self.shard(identity), identity_tokens(identity));
+        // `past_since`: the batch holds only events after `since`, proven to follow it.
+        let (mut batch, earliest, leader_head, past_since) =
+            if since > 0 && self.recent.knows(shard, &key, since) {
+                // This node's live subscription carried what follows `since`: with the head
+                // (every event acknowledged before this resume began), the missed events may
+                // all be in memory, and the stream need not walk its messages for them.
+                let (earliest, head) = tokio::join!(earliest_get(), self.head_of(identity));
+                let (earliest, head) = (earliest?.map(|m| m.sequence), head?);
+                match self.recent.after(shard, &key, since, head, want - 1) {
+                    Some(kept) => {
+                        self.metrics.cluster_recent_reads.inc();
+                        let batch = kept
+                            .into_iter()
+                            .map(|(seq, body)| (seq, decode_record(seq, &body)))
+                            .collect();
+                        (batch, earliest, head, true)
+                    }
+                    None => {
+                        let batch = self.batch(identity, since, want).await?;
+                        let batch = self
+                            .complete(identity, batch, since, head, want, true)
+                            .await?;
+                        (batch, earliest, head, false)
+                    }
+                }
+            } else {
+                // The batch may come from a replica that lags: the leader's head, asked at the
+                // same time, is what it must reach (every event acknowledged before this resume
+                // began).
+                let (batch, earliest, head) = tokio::join!(
+                    self.batch(identity, since, want),
+                    earliest_get(),
+                    self.head_of(identity),
+                );
+                let (batch, earliest, head) = (batch?, earliest?.map(|m| m.sequence), head?);
+                let batch = self
+                    .complete(identity, batch, since, head, want, since > 0)
+                    .await?;
+                (batch, earliest, head, false)
+            };
         let not = |reason, head| Replay {
             events: Vec::new(),
             recovered: false,
@@ -1099,7 +1141,7 @@ impl Cluster {
             earliest,
             head,
         };
-        if since > 0 {
+        if since > 0 && !past_since {
             if batch.first().is_some_and(|(seq, _)| *seq == since) {
                 batch.remove(0);
             } else {

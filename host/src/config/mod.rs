@@ -139,6 +139,12 @@ pub struct ClusterConfig {
     /// Bytes all streams together may hold (each an equal share); past it a stream's oldest
     /// events, of any of its identities, go first.
     pub max_bytes: u64,
+    /// Bytes of recent events this node keeps from its live subscriptions, of every
+    /// identity (each stream an equal share; the oldest go first), so that a resume whose
+    /// missed events are among them reads none from the stream: JetStream finds one
+    /// identity's events by walking past every other identity's, which bounds a resume
+    /// storm. 0: every resume reads the stream.
+    pub recent_bytes: u64,
     /// How long a publish waits for the stream's acknowledgement, and a read for its answer;
     /// past it the publish answers 503 and a resume closes with 1013 (retry).
     pub request_timeout_ms: u64,
@@ -183,6 +189,7 @@ impl Default for ClusterConfig {
             replicas: 1,
             storage: ClusterStorage::File,
             max_bytes: 1 << 30,
+            recent_bytes: 32 << 20,
             request_timeout_ms: 2000,
             subscribe_timeout_ms: 5000,
             revocations_load_timeout_secs: 30,
@@ -285,6 +292,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("replicas", &self.replicas)
             .field("storage", &self.storage)
             .field("max_bytes", &self.max_bytes)
+            .field("recent_bytes", &self.recent_bytes)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("subscribe_timeout_ms", &self.subscribe_timeout_ms)
             .field(
