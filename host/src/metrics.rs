@@ -92,8 +92,9 @@ pub struct Metrics {
     /// Cluster mode: resumes answered by a read another resume of the same identity and
     /// position was waiting for.
     pub cluster_shared_reads: Counter,
-    /// Cluster mode: resumes answered from the events this node's live subscriptions
-    /// carried lately (`cluster.recent_bytes`), without reading the stream's events.
+    /// Cluster mode: resumes whose missed events (none, for one already at the head) were
+    /// taken from what this node's live subscriptions carried lately (`cluster.recent_bytes`)
+    /// instead of from the stream.
     pub cluster_recent_reads: Counter,
     /// Cluster mode: bytes those recent events take.
     pub cluster_recent_bytes: Gauge,
@@ -443,7 +444,7 @@ impl Metrics {
         );
         registry.register(
             "cluster_recent_reads",
-            "Cluster mode: resumes answered from the events this node's live subscriptions carried lately (cluster.recent_bytes)",
+            "Cluster mode: resumes whose missed events were taken from what this node's live subscriptions carried lately (cluster.recent_bytes) instead of from the stream",
             m.cluster_recent_reads.clone(),
         );
         registry.register(

@@ -1308,13 +1308,40 @@ def cluster_section(out, findings):
         if acks else "No publish acknowledgements recorded.",
         "",
         "Resume storm (the `resume` scenario's storm), from the embedded log and from JetStream "
-        "(each resume: one batched direct get of the user's events from `since`, one for the "
-        "user's earliest; 64 reads at a time per node, the rest queued):",
+        "(each resume: the user's head and earliest from the stream, then its missed events "
+        "from the events the node's live subscription carried lately when they provably hold "
+        "all of them, else one batched direct get from `since`; 64 reads at a time per node, "
+        "the rest queued):",
         "",
         table(["log", "recovered", "failures", "storm s", "p50 ms", "p99 ms"], resume_rows)
         if resume_rows else "Not run.",
     ]
+    from_memory = [
+        (counter_value(path, "gateway_cluster_recent_reads_total"),
+         counter_value(path, 'gateway_nats_round_trip_seconds_count{op="batch"}'))
+        for path in metric_files(out, "cluster-resume")
+    ]
+    if from_memory:
+        text += [
+            "",
+            "Reads answered from memory (`gateway_cluster_recent_reads_total`) and from the "
+            "stream (batched direct gets), per run: "
+            + ", ".join(f"{num(m)} and {num(b)}" for m, b in from_memory) + ".",
+        ]
     return "\n".join(text) + "\n"
+
+
+def counter_value(path, series):
+    """The value of one series (name with its labels, as rendered) in a metrics scrape; 0
+    when absent."""
+    try:
+        for line in open(path):
+            name, _, value = line.rpartition(" ")
+            if name == series:
+                return float(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def read_smaps(path):

@@ -348,7 +348,7 @@ impl Cluster {
         identity: &Identity,
         ledger: &mut Ledger,
     ) -> Result<(), Unavailable> {
-        let head = self.leader_head(identity).await?;
+        let head = self.leader_head(identity).await?.0;
         let records = self
             .batch_through(identity, 1, head, self.records_per_identity, false)
             .await?;
@@ -373,7 +373,7 @@ impl Cluster {
     ) -> Result<(), Unavailable> {
         let head = match fenced {
             true => self.head_of(identity).await?,
-            false => self.leader_head(identity).await?,
+            false => self.leader_head(identity).await?.0,
         };
         let last = ledger.last.unwrap_or(0);
         if head == last {

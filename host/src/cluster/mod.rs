@@ -14,7 +14,9 @@
 //!   events in stream order, each once.
 //! - **Resume**: `since` is a stream sequence. If the event at `since` is still stored and is
 //!   the identity's, everything after it is too (JetStream's limits only ever remove an
-//!   identity's oldest events), and the replay is read with direct gets.
+//!   identity's oldest events), and the replay is read with direct gets, or from the events
+//!   this node's live subscriptions carried lately when they provably hold all of it
+//!   ([`recent`]).
 //! - **Idempotency**: `Nats-Msg-Id` is a digest of the identity and the key, so keys stay
 //!   per identity, within the stream's duplicate window.
 //! - **Messages** (AI output streams): each op is a record of the identity's subject,
@@ -312,6 +314,9 @@ pub(crate) struct Record {
 /// The records a read returns, oldest first: each one's sequence, and its record (none when
 /// its body is unreadable: it is skipped, and logged).
 pub(crate) type Records = Vec<(u64, Option<Record>)>;
+
+/// An identity's newest `seq` (0: none) and that event's stored body.
+type Head = (u64, Option<Vec<u8>>);
 
 fn now_micros() -> u64 {
     SystemTime::now()
@@ -750,12 +755,18 @@ impl Cluster {
     /// which counts only once that server holds the barrier. The leader's own answer is
     /// asked at the same time, and the higher of the two is the head.
     async fn head_of(&self, identity: &Identity) -> Result<u64, Unavailable> {
+        Ok(self.head_with_body(identity).await?.0)
+    }
+
+    /// [`Cluster::head_of`], with the stored body of that event (none when it is 0).
+    async fn head_with_body(&self, identity: &Identity) -> Result<Head, Unavailable> {
         let (leader, fenced) = tokio::join!(self.leader_head(identity), self.fenced_head(identity));
-        Ok(leader?.max(fenced?))
+        let (leader, fenced) = (leader?, fenced?);
+        Ok(if leader.0 >= fenced.0 { leader } else { fenced })
     }
 
     /// The identity's latest `seq` as the server answering for the leader knows it.
-    async fn leader_head(&self, identity: &Identity) -> Result<u64, Unavailable> {
+    async fn leader_head(&self, identity: &Identity) -> Result<Head, Unavailable> {
         let subject = self.event_subject(identity);
         let message = self
             .leader_get(
@@ -766,12 +777,12 @@ impl Cluster {
                     .send(),
             )
             .await?;
-        Ok(message.map_or(0, |m| m.sequence))
+        Ok(message.map_or((0, None), |m| (m.sequence, Some(m.payload.to_vec()))))
     }
 
     /// The identity's latest `seq` from a server that holds a barrier written after this
     /// call began.
-    async fn fenced_head(&self, identity: &Identity) -> Result<u64, Unavailable> {
+    async fn fenced_head(&self, identity: &Identity) -> Result<Head, Unavailable> {
         let barrier = self.barrier(identity).await?;
         let deadline = Instant::now() + self.request_timeout;
         loop {
@@ -826,14 +837,14 @@ impl Cluster {
         Ok(ack.sequence)
     }
 
-    /// The identity's last sequence (0: none) and the stream's last barrier, in one batched
-    /// direct get: both as one server holds them.
-    async fn last_with_barrier(&self, identity: &Identity) -> Result<(u64, u64), Unavailable> {
+    /// The identity's last sequence (0: none) with its body, and the stream's last barrier,
+    /// in one batched direct get: both as one server holds them.
+    async fn last_with_barrier(&self, identity: &Identity) -> Result<(Head, u64), Unavailable> {
         let subject = self.event_subject(identity);
         let barrier = self.barrier_subject(self.shard(identity));
         let request = serde_json::json!({ "multi_last": [subject, barrier], "batch": 2 });
         let (replies, _) = self.direct_batch(identity, "fenced_head", &request).await?;
-        let (mut head, mut seen) = (0, 0);
+        let (mut head, mut seen) = ((0, None), 0);
         for (seq, reply) in replies {
             let of = reply
                 .headers
@@ -842,7 +853,7 @@ impl Cluster {
                 .map(|v| v.as_str().to_owned())
                 .ok_or_else(|| Unavailable("direct get: an answer without a subject".into()))?;
             match of == subject {
-                true => head = seq,
+                true => head = (seq, Some(reply.payload.to_vec())),
                 false => seen = seq,
             }
         }
@@ -1095,45 +1106,55 @@ impl Cluster {
         };
         let (shard, key) = (self.shard(identity), identity_tokens(identity));
         // `past_since`: the batch holds only events after `since`, proven to follow it.
-        let (mut batch, earliest, leader_head, past_since) =
-            if since > 0 && self.recent.knows(shard, &key, since) {
-                // This node's live subscription carried what follows `since`: with the head
-                // (every event acknowledged before this resume began), the missed events may
-                // all be in memory, and the stream need not walk its messages for them.
-                let (earliest, head) = tokio::join!(earliest_get(), self.head_of(identity));
-                let (earliest, head) = (earliest?.map(|m| m.sequence), head?);
-                match self.recent.after(shard, &key, since, head, want - 1) {
-                    Some(kept) => {
-                        self.metrics.cluster_recent_reads.inc();
-                        let batch = kept
-                            .into_iter()
-                            .map(|(seq, body)| (seq, decode_record(seq, &body)))
-                            .collect();
-                        (batch, earliest, head, true)
-                    }
-                    None => {
-                        let batch = self.batch(identity, since, want).await?;
-                        let batch = self
-                            .complete(identity, batch, since, head, want, true)
-                            .await?;
-                        (batch, earliest, head, false)
-                    }
+        let (mut batch, earliest, leader_head, past_since) = if since > 0
+            && self.recent.knows(shard, &key, since)
+        {
+            // This node's live subscription carried what follows `since`: with the head
+            // (every event acknowledged before this resume began), the missed events may
+            // all be in memory, and the stream need not walk its messages for them.
+            let (earliest, head) = tokio::join!(earliest_get(), self.head_with_body(identity));
+            let (earliest, (head, head_body)) = (earliest?.map(|m| m.sequence), head?);
+            // `since` still stored (the stream's limits remove an identity's oldest
+            // events first): the answer from memory is the stream's.
+            let kept = match earliest.is_some_and(|e| e <= since) {
+                true => {
+                    self.recent
+                        .after(shard, &key, since, (head, head_body.as_deref()), want - 1)
                 }
-            } else {
-                // The batch may come from a replica that lags: the leader's head, asked at the
-                // same time, is what it must reach (every event acknowledged before this resume
-                // began).
-                let (batch, earliest, head) = tokio::join!(
-                    self.batch(identity, since, want),
-                    earliest_get(),
-                    self.head_of(identity),
-                );
-                let (batch, earliest, head) = (batch?, earliest?.map(|m| m.sequence), head?);
-                let batch = self
-                    .complete(identity, batch, since, head, want, since > 0)
-                    .await?;
-                (batch, earliest, head, false)
+                false => None,
             };
+            match kept {
+                Some(kept) => {
+                    self.metrics.cluster_recent_reads.inc();
+                    let batch = kept
+                        .into_iter()
+                        .map(|(seq, body)| (seq, decode_record(seq, &body)))
+                        .collect();
+                    (batch, earliest, head, true)
+                }
+                None => {
+                    let batch = self.batch(identity, since, want).await?;
+                    let batch = self
+                        .complete(identity, batch, since, head, want, true)
+                        .await?;
+                    (batch, earliest, head, false)
+                }
+            }
+        } else {
+            // The batch may come from a replica that lags: the leader's head, asked at the
+            // same time, is what it must reach (every event acknowledged before this resume
+            // began).
+            let (batch, earliest, head) = tokio::join!(
+                self.batch(identity, since, want),
+                earliest_get(),
+                self.head_of(identity),
+            );
+            let (batch, earliest, head) = (batch?, earliest?.map(|m| m.sequence), head?);
+            let batch = self
+                .complete(identity, batch, since, head, want, since > 0)
+                .await?;
+            (batch, earliest, head, false)
+        };
         let not = |reason, head| Replay {
             events: Vec::new(),
             recovered: false,
