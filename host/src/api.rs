@@ -211,9 +211,16 @@ fn log_unavailable(app: &AppState, err: Unavailable) -> ApiError {
 /// and every event's latency with them. Past `limits.max_queued_bytes` at once; past
 /// `limits.queue_delay_ms` of queue delay after waiting `limits.publish_wait_ms` for it to
 /// fall (see [`crate::pacing`]).
-async fn admit(app: &AppState) -> Result<(), ApiError> {
+async fn admit(app: &AppState, events: usize) -> Result<(), ApiError> {
     check_backlog(app)?;
-    match app.router.pacing().admit().await {
+    let arrived = std::time::Instant::now();
+    let admitted = app.router.pacing().admit(events).await;
+    if admitted != Ok(false) {
+        app.metrics
+            .publish_wait_seconds
+            .observe(arrived.elapsed().as_secs_f64());
+    }
+    match admitted {
         Ok(waited) => {
             if waited {
                 app.metrics.publish_waits.inc();
@@ -293,7 +300,7 @@ pub async fn publish(
         .map_err(|e| ApiError::bad_request(format!("invalid event: {e}")))?;
     let (mut publication, key) = validate(request, &app)?;
     bind_tenant(&app, tenant.as_deref(), &mut publication)?;
-    admit(&app).await?;
+    admit(&app, 1).await?;
     let identity = publication.identity.clone();
     let receipt = match app.router.cluster() {
         Some(cluster) if publication.message.is_some() => {
@@ -354,7 +361,7 @@ pub async fn publish_batch(
             Ok((publication, key))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    admit(&app).await?;
+    admit(&app, publications.len()).await?;
     if let Some(cluster) = app.router.cluster() {
         return publish_to_cluster(&app, cluster, publications).await;
     }

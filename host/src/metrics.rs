@@ -57,6 +57,8 @@ pub struct Metrics {
     pub queue_delay_seconds: Histogram,
     /// Publishes that waited for the queue delay to fall before they were taken.
     pub publish_waits: Counter,
+    /// How long publishes that waited were held (admitted or refused).
+    pub publish_wait_seconds: Histogram,
     /// Cluster mode: times a feed left events in the stream because this node's backlog was
     /// at `limits.max_queued_bytes`; it read them from the stream once there was room.
     pub cluster_feed_pauses: Counter,
@@ -164,6 +166,7 @@ impl Metrics {
             queued_bytes: Gauge::default(),
             queue_delay_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 18)),
             publish_waits: Counter::default(),
+            publish_wait_seconds: Histogram::new(exponential_buckets(250e-6, 2.0, 14)),
             cluster_feed_pauses: Counter::default(),
             turns_cut: Counter::default(),
             sessions_hibernated: Gauge::default(),
@@ -419,13 +422,18 @@ impl Metrics {
         );
         registry.register(
             "queue_delay_seconds",
-            "This node's queue delay every 10 ms: the mean wait of the oldest event of each session turn (limits.queue_delay_ms)",
+            "This node's queue delay every 10 ms: the median wait for the node of the events taken in the tick and of those still queued past limits.queue_delay_ms",
             m.queue_delay_seconds.clone(),
         );
         registry.register(
             "publish_waits",
             "Publishes that waited for the queue delay to fall to limits.queue_delay_ms",
             m.publish_waits.clone(),
+        );
+        registry.register(
+            "publish_wait_seconds",
+            "How long publishes that waited for the queue delay were held, admitted or refused",
+            m.publish_wait_seconds.clone(),
         );
         registry.register(
             "cluster_feed_pauses",

@@ -11,8 +11,23 @@
 //! then 503 `overloaded`). So a slow session (a handler that takes long, a client that
 //! reads slowly) does not hold back the others' publishers; the per-identity check,
 //! [`Pacing::lagging`], holds back its own.
+//!
+//! A wait is known only once its event is taken, which under a backlog is the backlog's
+//! whole sojourn later: publishers accepted meanwhile grew it, to hundreds of milliseconds
+//! at a 50 ms target. So the node also samples the events it queues (one in
+//! [`PROBE_EVERY`]) and, every tick, counts those still queued that have already waited
+//! longer than the target among the tick's waits: they will have waited at least that.
+//! The delay then rises within a target's time of a backlog forming, not a sojourn later.
+//!
+//! While the delay is over the target, publishes are not all held until it falls (the
+//! queues would run dry, and every held batch waits for the whole swing): they are let
+//! through at a little less than the pace the sessions took events in the last tick, so
+//! the backlog drains slowly and the node keeps working. A publish is charged, when it is
+//! let through, its events times the deliveries an event has made here lately.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -23,6 +38,13 @@ use crate::metrics::Metrics;
 
 /// How often the node's queue delay is computed.
 pub const TICK: Duration = Duration::from_millis(10);
+
+/// One queued event in this many is followed while it waits (see the module's notes).
+pub const PROBE_EVERY: u32 = 64;
+
+/// At most this many followed at once (a backlog of 65,536 events); past it the oldest
+/// are followed, which can only make the delay read higher.
+const MAX_PROBES: usize = 1024;
 
 /// Buckets of waits: four per doubling of microseconds (25 % apart), up to ~2^31 µs.
 const BUCKETS: usize = 128;
@@ -68,6 +90,25 @@ pub struct QueueClock {
     pending_since: AtomicU32,
     /// How long that event had waited (µs).
     waited: AtomicU32,
+    /// Events queued to it and taken from it, counted (wrapping): a followed event is still
+    /// queued while fewer than its number were taken.
+    pushed: AtomicU32,
+    popped: AtomicU32,
+}
+
+/// A session queue whose events can be followed while they wait.
+pub trait Probed: Send + Sync {
+    fn clock(&self) -> &QueueClock;
+    /// Whether its session may still take its events.
+    fn open(&self) -> bool;
+}
+
+/// A queued event followed until its session takes it.
+struct Probe {
+    queue: Arc<dyn Probed>,
+    /// Its number among the events queued to `queue`.
+    number: u32,
+    stamp: Stamp,
 }
 
 #[derive(Debug)]
@@ -85,6 +126,26 @@ pub struct Pacing {
     delay_us: AtomicU64,
     /// Woken by a tick that finds the delay at or below the target.
     open: Notify,
+    /// Events queued, counted to pick one in [`PROBE_EVERY`] (wrapping).
+    queued: AtomicU32,
+    /// The events followed while they wait.
+    probes: Mutex<Vec<Probe>>,
+    /// Deliveries publishes may still make while the delay is over the target: each tick
+    /// over it adds most of the tick's takes; each publish let through subtracts its
+    /// estimate (it may go below zero; then publishes wait until the ticks repay it).
+    credit: AtomicI64,
+    /// Events routed since the last tick (high 32 bits) and their deliveries (low).
+    routed: AtomicU64,
+    /// Deliveries per event routed, in 1/16ths, as of the last tick that routed any.
+    fanout16: AtomicU64,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe")
+            .field("number", &self.number)
+            .finish()
+    }
 }
 
 impl QueueClock {
@@ -108,6 +169,11 @@ impl Pacing {
             waits: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             delay_us: AtomicU64::new(0),
             open: Notify::new(),
+            queued: AtomicU32::new(0),
+            probes: Mutex::new(Vec::new()),
+            credit: AtomicI64::new(0),
+            routed: AtomicU64::new(0),
+            fanout16: AtomicU64::new(16),
         }
     }
 
@@ -128,6 +194,7 @@ impl Pacing {
         if was_empty {
             clock.pending_since.store(now, Ordering::Relaxed);
         }
+        clock.pushed.fetch_add(1, Ordering::Relaxed);
         Stamp {
             queued_at: now,
             busy_at: clock.busy_by(now),
@@ -136,6 +203,39 @@ impl Pacing {
 
     pub fn stamp_time(&self) -> u32 {
         self.now32()
+    }
+
+    /// `events` more are being queued (one event's sessions): which of them to follow, if
+    /// any. None while publishes never wait.
+    pub fn probe_due(&self, events: usize) -> Option<usize> {
+        if self.target_us == 0 || events == 0 {
+            return None;
+        }
+        let n = events.min(PROBE_EVERY as usize) as u32;
+        let before = self.queued.fetch_add(n, Ordering::Relaxed) % PROBE_EVERY;
+        (before + n >= PROBE_EVERY).then(|| (PROBE_EVERY - 1 - before) as usize)
+    }
+
+    /// An event was queued to `deliveries` sessions.
+    pub fn routed(&self, deliveries: usize) {
+        if self.target_us > 0 {
+            let deliveries = deliveries.min(u32::MAX as usize) as u64;
+            self.routed
+                .fetch_add((1 << 32) | deliveries, Ordering::Relaxed);
+        }
+    }
+
+    /// Follows the event just queued to `queue` with `stamp` until its session takes it.
+    pub fn follow(&self, queue: Arc<dyn Probed>, stamp: Stamp) {
+        let number = queue.clock().pushed.load(Ordering::Relaxed);
+        let mut probes = lock(&self.probes);
+        if probes.len() < MAX_PROBES {
+            probes.push(Probe {
+                queue,
+                number,
+                stamp,
+            });
+        }
     }
 
     /// The session begins a turn of work (events, and their frames written).
@@ -167,6 +267,7 @@ impl Pacing {
         let working = queue.busy_by(now).wrapping_sub(stamp.busy_at);
         queue.taken_at.store(now, Ordering::Relaxed);
         queue.waited.store(waited, Ordering::Relaxed);
+        queue.popped.fetch_add(1, Ordering::Relaxed);
         let for_the_node = waited.saturating_sub(working);
         self.waits[bucket(u64::from(for_the_node))].fetch_add(1, Ordering::Relaxed);
     }
@@ -180,24 +281,39 @@ impl Pacing {
         self.target_us > 0 && self.delay_us.load(Ordering::Relaxed) > self.target_us
     }
 
-    /// Waits while the node's queue delay is above `limits.queue_delay_ms`: `Err` with the
-    /// delay when it stayed above for `limits.publish_wait_ms`. `Ok(true)` when it waited.
-    pub async fn admit(&self) -> Result<bool, Duration> {
+    /// Lets a publish of `events` through at once while the node's queue delay is at or
+    /// below `limits.queue_delay_ms`; above it, when there is credit (see the module's
+    /// notes), waiting for it at most `limits.publish_wait_ms`: `Err` with the delay then.
+    /// `Ok(true)` when it waited.
+    pub async fn admit(&self, events: usize) -> Result<bool, Duration> {
         if !self.over() {
             return Ok(false);
         }
+        let cost = (events as u64 * self.fanout16.load(Ordering::Relaxed)).div_ceil(16);
+        let cost = cost.min(i64::MAX as u64) as i64;
         let deadline = tokio::time::Instant::now() + self.max_wait;
+        let mut waited = false;
         loop {
             let opened = self.open.notified();
             tokio::pin!(opened);
             opened.as_mut().enable();
-            if !self.over() {
-                return Ok(true);
+            if !self.over() || self.spend(cost) {
+                return Ok(waited);
             }
             if tokio::time::timeout_at(deadline, opened).await.is_err() {
                 return Err(self.delay());
             }
+            waited = true;
         }
+    }
+
+    /// Takes `cost` from the credit if there is any.
+    fn spend(&self, cost: i64) -> bool {
+        self.credit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |credit| {
+                (credit > 0).then(|| credit.saturating_sub(cost))
+            })
+            .is_ok()
     }
 
     /// An identity's queue delay when it is above `limits.user_queue_delay_ms`: every one
@@ -232,15 +348,46 @@ impl Pacing {
             .map(Duration::from_micros)
     }
 
-    /// One tick: the median wait of the events taken since the last one becomes the node's
-    /// delay. When none was taken it stays (sessions that take nothing while events wait
-    /// are no sign of room), unless nothing is queued.
+    /// Adds to `counts` the followed events still queued that have waited for the node
+    /// longer than the target, each for the [`PROBE_EVERY`] events it stands for; forgets
+    /// those taken and those whose session ended.
+    fn count_overdue(&self, counts: &mut [u64]) {
+        let now = self.now32();
+        lock(&self.probes).retain(|probe| {
+            let clock = probe.queue.clock();
+            let taken = clock.popped.load(Ordering::Relaxed);
+            // Wrapping: still queued while fewer than its number were taken.
+            let queued = (probe.number.wrapping_sub(taken) as i32) > 0;
+            if !queued || !probe.queue.open() || Arc::strong_count(&probe.queue) == 1 {
+                return false;
+            }
+            let waited = now.wrapping_sub(probe.stamp.queued_at);
+            let working = clock.busy_by(now).wrapping_sub(probe.stamp.busy_at);
+            let for_the_node = u64::from(waited.saturating_sub(working));
+            if for_the_node > self.target_us {
+                counts[bucket(for_the_node)] += u64::from(PROBE_EVERY);
+            }
+            true
+        });
+    }
+
+    /// One tick: the median wait of the events taken since the last one, and of those
+    /// still queued that are already overdue, becomes the node's delay. When there are
+    /// none it stays (sessions that take nothing while events wait are no sign of room),
+    /// unless nothing is queued.
     fn tick(&self, queued_bytes: usize, metrics: &Metrics) {
-        let counts: Vec<u64> = self
+        let mut counts: Vec<u64> = self
             .waits
             .iter()
             .map(|c| c.swap(0, Ordering::Relaxed))
             .collect();
+        let takes: u64 = counts.iter().sum();
+        self.count_overdue(&mut counts);
+        let routed = self.routed.swap(0, Ordering::Relaxed);
+        if routed >> 32 > 0 {
+            let fanout16 = ((routed & u64::from(u32::MAX)) * 16).div_ceil(routed >> 32);
+            self.fanout16.store(fanout16.max(1), Ordering::Relaxed);
+        }
         let taken: u64 = counts.iter().sum();
         let delay = if taken > 0 {
             let within = taken.div_ceil(2);
@@ -260,7 +407,17 @@ impl Pacing {
         };
         self.delay_us.store(delay, Ordering::Relaxed);
         metrics.queue_delay_seconds.observe(delay as f64 / 1e6);
-        if !self.over() {
+        // Over the target: seven eighths of what the sessions took, so the backlog drains
+        // by an eighth of the pace; never more than one tick's worth saved up.
+        let takes = (takes - takes / 8).min(i64::MAX as u64) as i64;
+        let credit = if self.over() {
+            let credit = self.credit.load(Ordering::Relaxed);
+            credit.saturating_add(takes).min(takes)
+        } else {
+            0
+        };
+        self.credit.store(credit, Ordering::Relaxed);
+        if !self.over() || credit > 0 {
             self.open.notify_waiters();
         }
     }
@@ -282,9 +439,26 @@ impl Pacing {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 50 ms target, and a clock that has run for a while, so that events can be
+    /// stamped in its past.
+    fn pacing_for_test(publish_wait_ms: u64) -> (Pacing, Metrics) {
+        let limits = Limits {
+            queue_delay_ms: 50,
+            publish_wait_ms,
+            ..Limits::default()
+        };
+        let mut pacing = Pacing::new(&limits);
+        pacing.started = Instant::now().checked_sub(Duration::from_secs(10)).unwrap();
+        (pacing, Metrics::new())
+    }
 
     #[test]
     fn buckets_are_a_quarter_of_a_doubling_wide_and_start_at_their_floor() {
@@ -314,15 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_median_wait_sets_the_delay_and_publishers_wait_while_it_is_over() {
-        let limits = Limits {
-            queue_delay_ms: 50,
-            publish_wait_ms: 30,
-            ..Limits::default()
-        };
-        let mut pacing = Pacing::new(&limits);
-        // A clock that has run for a while, so that events can be stamped in its past.
-        pacing.started = Instant::now().checked_sub(Duration::from_secs(10)).unwrap();
-        let metrics = Metrics::new();
+        let (pacing, metrics) = pacing_for_test(30);
         let queue = pacing.queue();
         let stamp = |ago: u32| {
             let mut stamp = pacing.stamp(&queue, pacing.stamp_time(), false);
@@ -336,14 +502,16 @@ mod tests {
         }
         pacing.tick(1, &metrics);
         assert!(pacing.delay() < Duration::from_millis(1));
-        assert_eq!(pacing.admit().await, Ok(false));
-        // Most events waited 200 ms: publishes wait, and give up after publish_wait_ms.
+        assert_eq!(pacing.admit(1).await, Ok(false));
+        // Most events waited 200 ms: a publish spends the credit the tick's takes gave (and
+        // more), the next waits and gives up after publish_wait_ms.
         for _ in 0..3 {
             pacing.taken(&queue, stamp(200_000));
         }
         pacing.tick(1, &metrics);
         assert!(pacing.delay() >= Duration::from_millis(150));
-        let refused = pacing.admit().await.expect_err("over the target");
+        assert_eq!(pacing.admit(100).await, Ok(false));
+        let refused = pacing.admit(1).await.expect_err("over the target");
         assert!(refused >= Duration::from_millis(150));
         // Time the session spent on earlier work is its own, not the node's: an event that
         // waited 200 ms while its session worked for 190 waited 10 for the node.
@@ -369,14 +537,101 @@ mod tests {
             pacing.taken(&queue, stamp(200_000));
         }
         pacing.tick(1, &metrics);
+        assert_eq!(pacing.admit(100).await, Ok(false));
         // A tick without events taken keeps the delay while events are queued...
         pacing.tick(1, &metrics);
         assert!(pacing.delay() >= Duration::from_millis(150));
         // ... and a waiting publisher goes on when a tick finds it back under the target.
-        let waiting = pacing.admit();
+        let waiting = pacing.admit(1);
         tokio::pin!(waiting);
         assert!(futures_util::FutureExt::now_or_never(waiting.as_mut()).is_none());
         pacing.tick(0, &metrics);
+        assert_eq!(waiting.await, Ok(true));
+    }
+
+    struct TestQueue {
+        clock: QueueClock,
+        open: std::sync::atomic::AtomicBool,
+    }
+
+    impl Probed for TestQueue {
+        fn clock(&self) -> &QueueClock {
+            &self.clock
+        }
+
+        fn open(&self) -> bool {
+            self.open.load(Ordering::Relaxed)
+        }
+    }
+
+    #[tokio::test]
+    async fn events_still_queued_past_the_target_raise_the_delay_before_they_are_taken() {
+        let (pacing, metrics) = pacing_for_test(30);
+        let queue = Arc::new(TestQueue {
+            clock: pacing.queue(),
+            open: true.into(),
+        });
+        let follow_one_queued = |ago: u32| {
+            let mut stamp = pacing.stamp(&queue.clock, pacing.stamp_time(), true);
+            stamp.queued_at = stamp.queued_at.wrapping_sub(ago);
+            pacing.follow(queue.clone(), stamp);
+        };
+        // Queued 200 ms ago, not taken: nothing was taken in the tick, yet the node is over.
+        follow_one_queued(200_000);
+        pacing.tick(1, &metrics);
+        assert!(
+            pacing.delay() >= Duration::from_millis(150),
+            "{:?}",
+            pacing.delay()
+        );
+        // Its session takes it and one more that waited no time; one queued 10 ms ago is
+        // not overdue, not counted: the node is under the target again.
+        queue.clock.popped.fetch_add(1, Ordering::Relaxed);
+        let quick = pacing.stamp(&queue.clock, pacing.stamp_time(), true);
+        pacing.taken(&queue.clock, quick);
+        follow_one_queued(10_000);
+        pacing.tick(1, &metrics);
+        assert!(
+            pacing.delay() < Duration::from_millis(50),
+            "{:?}",
+            pacing.delay()
+        );
+        assert_eq!(lock(&pacing.probes).len(), 1, "the taken one is forgotten");
+        // A queue whose session ended is forgotten, however long its events waited.
+        queue.open.store(false, Ordering::Relaxed);
+        pacing.tick(0, &metrics);
+        assert!(lock(&pacing.probes).is_empty());
+        assert_eq!(pacing.delay(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn over_the_target_publishes_go_at_a_little_less_than_the_pace_of_the_takes() {
+        let (pacing, metrics) = pacing_for_test(1000);
+        let queue = pacing.queue();
+        let take_late = |n: usize| {
+            for _ in 0..n {
+                let mut stamp = pacing.stamp(&queue, pacing.stamp_time(), false);
+                stamp.queued_at = stamp.queued_at.wrapping_sub(200_000);
+                pacing.taken(&queue, stamp);
+            }
+        };
+        // Each event went to 2 sessions lately.
+        for _ in 0..10 {
+            pacing.routed(2);
+        }
+        take_late(800);
+        pacing.tick(1, &metrics);
+        // 700 deliveries of credit: a batch of 300 events (600 deliveries) goes at once,
+        // the next one too (it finds credit left), and overdraws it.
+        assert_eq!(pacing.admit(300).await, Ok(false));
+        assert_eq!(pacing.admit(300).await, Ok(false));
+        let waiting = pacing.admit(1);
+        tokio::pin!(waiting);
+        assert!(futures_util::FutureExt::now_or_never(waiting.as_mut()).is_none());
+        // The overdraft (500) is repaid by the next tick's takes, still over the target.
+        take_late(800);
+        pacing.tick(1, &metrics);
+        assert!(pacing.delay() >= Duration::from_millis(150));
         assert_eq!(waiting.await, Ok(true));
     }
 }

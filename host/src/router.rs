@@ -143,6 +143,16 @@ impl QueueState {
     }
 }
 
+impl crate::pacing::Probed for QueueState {
+    fn clock(&self) -> &QueueClock {
+        &self.clock
+    }
+
+    fn open(&self) -> bool {
+        self.closed().is_none()
+    }
+}
+
 /// What [`Router::deliver`] did with a feed's event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
@@ -592,19 +602,21 @@ impl Router {
         let now = self.pacing.stamp_time();
         let mut queued = 0;
         let mut overflows = 0;
+        let mut index = 0;
+        let probe = self.pacing.probe_due(routes.sessions.len());
         routes.sessions.retain(|route| {
             // Counted before it is sent: the session may take it (and subtract) at once.
             let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
             self.hold(size);
+            let stamp = self.pacing.stamp(&route.queue.clock, now, before == 0);
             let sent = before + size <= self.queue_bytes
-                && route.queue.push(
-                    (
-                        event.clone(),
-                        self.pacing.stamp(&route.queue.clock, now, before == 0),
-                    ),
-                    self.queue_events,
-                );
+                && route.queue.push((event.clone(), stamp), self.queue_events);
+            let followed = probe == Some(index);
+            index += 1;
             if sent {
+                if followed {
+                    self.pacing.follow(route.queue.clone(), stamp);
+                }
                 queued += 1;
                 return true;
             }
@@ -619,6 +631,7 @@ impl Router {
             false
         });
         self.metrics.events_routed.inc_by(queued as u64);
+        self.pacing.routed(queued);
         if overflows > 0 {
             self.metrics.queue_overflows.inc_by(overflows);
         }

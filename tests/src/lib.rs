@@ -207,6 +207,19 @@ impl TestGateway {
         Ok(Client { ws })
     }
 
+    /// Connects `user` with `?since=`: the client, past its `welcome`, and its
+    /// `gateway.resumed` frame.
+    pub async fn resume(&self, user: &str, since: u64) -> (Client, Value) {
+        let mut client = self
+            .try_connect_with_query(&token(claims(user)), &format!("since={since}"))
+            .await
+            .unwrap();
+        assert_eq!(client.next_json().await.unwrap()["type"], "welcome");
+        let resumed = client.next_json().await.unwrap();
+        assert_eq!(resumed["type"], "gateway.resumed", "{resumed}");
+        (client, resumed)
+    }
+
     pub async fn publish(&self, token: &str, body: &Value) -> (u16, Value) {
         post(&self.url("/v1/publish"), token, body.to_string()).await
     }

@@ -182,17 +182,7 @@ async fn resume_reads_the_stream_and_detects_foreign_and_evicted_positions() {
     let foreign = publish_ok(&a, &event("dave", 0)).await;
 
     // Resumed on the other node: exactly what was missed.
-    let resume = async |gw: &TestGateway, since: u64| {
-        let mut client = gw
-            .try_connect_with_query(&token(claims("carol")), &format!("since={since}"))
-            .await
-            .unwrap();
-        assert_eq!(client.next_json().await.unwrap()["type"], "welcome");
-        let resumed = client.next_json().await.unwrap();
-        assert_eq!(resumed["type"], "gateway.resumed", "{resumed}");
-        (client, resumed)
-    };
-    let (mut client, resumed) = resume(&b, seqs[0]).await;
+    let (mut client, resumed) = b.resume("carol", seqs[0]).await;
     assert_eq!(resumed["recovered"], true, "{resumed}");
     assert_eq!(resumed["replayed"], 3, "{resumed}");
     for n in 1..4 {
@@ -204,7 +194,7 @@ async fn resume_reads_the_stream_and_detects_foreign_and_evicted_positions() {
     client.close().await;
 
     // Everything retained.
-    let (mut client, resumed) = resume(&b, 0).await;
+    let (mut client, resumed) = b.resume("carol", 0).await;
     assert_eq!(resumed["recovered"], true, "{resumed}");
     assert_eq!(resumed["replayed"], 5, "{resumed}");
     assert_eq!(resumed["earliest"], seqs[0], "{resumed}");
@@ -212,20 +202,20 @@ async fn resume_reads_the_stream_and_detects_foreign_and_evicted_positions() {
     client.close().await;
 
     // Another identity's position, and one the stream never numbered.
-    let (_c, resumed) = resume(&b, foreign).await;
+    let (_c, resumed) = b.resume("carol", foreign).await;
     assert_eq!(
         (&resumed["recovered"], &resumed["reason"]),
         (&json!(false), &json!("unknown_position")),
         "{resumed}"
     );
-    let (_c, resumed) = resume(&a, live + 1000).await;
+    let (_c, resumed) = a.resume("carol", live + 1000).await;
     assert_eq!(resumed["reason"], "unknown_position", "{resumed}");
 
     // Past the per-user limit the oldest go: never a partial replay.
     for n in 5..8 {
         publish_ok(&b, &event("carol", n)).await;
     }
-    let (_c, resumed) = resume(&a, seqs[0]).await;
+    let (_c, resumed) = a.resume("carol", seqs[0]).await;
     assert_eq!(
         (
             &resumed["recovered"],
@@ -235,7 +225,7 @@ async fn resume_reads_the_stream_and_detects_foreign_and_evicted_positions() {
         (&json!(false), &json!("evicted"), &json!(0)),
         "{resumed}"
     );
-    let (_c, resumed) = resume(&a, 0).await;
+    let (_c, resumed) = a.resume("carol", 0).await;
     assert_eq!(resumed["reason"], "evicted", "{resumed}");
 }
 
@@ -713,18 +703,8 @@ async fn a_resume_reads_recent_events_from_memory_only_when_it_holds_all_of_them
     assert_eq!(next_event(&mut zed_b).await.0, marker);
     assert_eq!(next_event(&mut zed_c).await.0, marker);
 
-    let resume = async |gw: &TestGateway, since: u64| {
-        let mut client = gw
-            .try_connect_with_query(&token(claims("carol")), &format!("since={since}"))
-            .await
-            .unwrap();
-        assert_eq!(client.next_json().await.unwrap()["type"], "welcome");
-        let resumed = client.next_json().await.unwrap();
-        assert_eq!(resumed["type"], "gateway.resumed", "{resumed}");
-        (client, resumed)
-    };
     for (gw, from_memory) in [(&b, 1.0), (&c, 0.0)] {
-        let (mut client, resumed) = resume(gw, since).await;
+        let (mut client, resumed) = gw.resume("carol", since).await;
         assert_eq!(
             (&resumed["recovered"], &resumed["replayed"]),
             (&json!(true), &json!(6)),
@@ -747,7 +727,7 @@ async fn a_resume_reads_recent_events_from_memory_only_when_it_holds_all_of_them
     assert!(b.metric("gateway_cluster_recent_bytes").await > 0.0);
 
     // Nothing missed: from memory, nothing replayed.
-    let (_client, resumed) = resume(&b, *missed.last().unwrap()).await;
+    let (_client, resumed) = b.resume("carol", *missed.last().unwrap()).await;
     assert_eq!(
         (&resumed["recovered"], &resumed["replayed"]),
         (&json!(true), &json!(0)),
@@ -755,7 +735,7 @@ async fn a_resume_reads_recent_events_from_memory_only_when_it_holds_all_of_them
     );
     assert_eq!(b.metric("gateway_cluster_recent_reads_total").await, 2.0);
     // Another identity's position, though b carried it: the stream says whose it is.
-    let (_client, resumed) = resume(&b, foreign).await;
+    let (_client, resumed) = b.resume("carol", foreign).await;
     assert_eq!(resumed["reason"], "unknown_position", "{resumed}");
     assert_eq!(b.metric("gateway_cluster_recent_reads_total").await, 2.0);
 }

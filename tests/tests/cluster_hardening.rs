@@ -63,18 +63,6 @@ async fn publish_padded(
         .collect()
 }
 
-/// Connects `user` with `?since=`; the client and its `gateway.resumed` frame.
-async fn resume(gw: &TestGateway, user: &str, since: u64) -> (Client, Value) {
-    let mut client = gw
-        .try_connect_with_query(&token(claims(user)), &format!("since={since}"))
-        .await
-        .unwrap();
-    assert_eq!(client.next_json().await.unwrap()["type"], "welcome");
-    let resumed = client.next_json().await.unwrap();
-    assert_eq!(resumed["type"], "gateway.resumed", "{resumed}");
-    (client, resumed)
-}
-
 /// A node of a NATS cluster that has just formed: JetStream answers once its meta leader is
 /// elected.
 async fn join_when_ready(cfg: Config) -> TestGateway {
@@ -177,7 +165,7 @@ async fn a_lagging_replica_never_hides_acknowledged_events_from_resumes_or_feeds
                 seqs[seqs.len() / (k + 1)]
             };
             let node = &node;
-            async move { (since, resume(node, "alice", since).await) }
+            async move { (since, node.resume("alice", since).await) }
         });
         for (since, (mut client, resumed)) in futures_util::future::join_all(resumers).await {
             resumes += 1;
@@ -278,7 +266,7 @@ async fn reads_answered_by_a_copy_without_the_newest_events_still_see_them() {
         let seqs = publish_all(&publisher, "alice", n..n + 3).await;
         live_next(&mut live, &seqs, n).await;
         lag(&seqs[1..]).await;
-        let (mut client, resumed) = resume(&node, "alice", seqs[0]).await;
+        let (mut client, resumed) = node.resume("alice", seqs[0]).await;
         assert_eq!(
             (&resumed["recovered"], &resumed["replayed"]),
             (&json!(true), &json!(2)),
@@ -359,7 +347,7 @@ async fn events_evicted_while_a_feed_was_away_close_its_sessions_instead_of_vani
         assert_eq!(next_event(&mut carol).await, (*seq, n as u64 + 1));
     }
     // Resuming from where each stood: told, never a partial replay.
-    let (_c, resumed) = resume(&node, "alice", first[1]).await;
+    let (_c, resumed) = node.resume("alice", first[1]).await;
     assert_eq!(
         (&resumed["recovered"], &resumed["reason"]),
         (&json!(false), &json!("evicted")),
@@ -420,7 +408,7 @@ async fn a_changed_stream_count_refuses_to_start_and_names_the_setting() {
     cfg.cluster.streams = 4;
     let gw = TestGateway::start_with(cfg).await;
     for (user, seqs) in since {
-        let (_c, resumed) = resume(&gw, user, seqs[0]).await;
+        let (_c, resumed) = gw.resume(user, seqs[0]).await;
         assert_eq!(
             (&resumed["recovered"], &resumed["replayed"]),
             (&json!(true), &json!(2)),
@@ -457,7 +445,7 @@ async fn max_replay_events_is_bounded_by_the_reply_inbox_in_cluster_mode() {
         let end = ((chunk + 1) * 1000).min(limit as u64);
         seqs.extend(publish_all(&gw, "dora", chunk * 1000..end).await);
     }
-    let (mut client, resumed) = resume(&gw, "dora", 0).await;
+    let (mut client, resumed) = gw.resume("dora", 0).await;
     assert_eq!(
         (&resumed["recovered"], &resumed["replayed"]),
         (&json!(true), &json!(limit)),

@@ -177,9 +177,9 @@ async fn publishers_wait_while_the_node_is_behind_and_accepted_events_arrive_soo
     assert!(gw.metric("gateway_queue_delay_seconds_count").await >= 1.0);
 }
 
-/// With no time to wait (`publish_wait_ms = 0`), a publish while the node is behind is
-/// refused with 503 `overloaded` and `Retry-After`, and is not published; once the
-/// sessions catch up, publishes are taken again.
+/// With no time to wait (`publish_wait_ms = 0`), publishes faster than the sessions take
+/// events while the node is behind are refused with 503 `overloaded` and `Retry-After`,
+/// and are not published; once the sessions catch up, publishes are taken again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_that_cannot_wait_is_refused_with_retry_after_and_not_published() {
     let mut cfg = slow_config();
@@ -195,17 +195,19 @@ async fn a_publish_that_cannot_wait_is_refused_with_retry_after_and_not_publishe
     let (status, body, _) = publish(&gw, "/v1/publish/batch", &json!({"events": batch})).await;
     assert_eq!(status, 200, "{body}");
     let mut accepted: BTreeSet<Key> = published(&body).into_iter().collect();
-    // One more every 4 ms (each adds ~15 ms of work) until one is refused.
+    // Two more per user every 4 ms (each adds ~15 ms of work), far past the pace the
+    // sessions take them, until a batch is refused.
     let deadline = Instant::now() + WAIT;
     let mut offer = tokio::time::interval(Duration::from_millis(4));
-    let mut n = 0;
     let (body, retry_after) = loop {
         offer.tick().await;
-        n += 1;
+        let batch: Vec<Value> = (0..2 * SLOW_USERS)
+            .map(|n| event(&slow_user(n), n))
+            .collect();
         let (status, body, retry_after) =
-            publish(&gw, "/v1/publish", &event(&slow_user(n), n)).await;
+            publish(&gw, "/v1/publish/batch", &json!({"events": batch})).await;
         match status {
-            200 => accepted.insert((slow_user(n), body["seq"].as_u64().unwrap())),
+            200 => accepted.extend(published(&body)),
             503 => break (body, retry_after),
             other => panic!("{other}: {body}"),
         };

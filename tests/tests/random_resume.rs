@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway_tests::{Client, TestGateway, WAIT, claims, token};
+use gateway_tests::{Client, TestGateway, WAIT};
 use serde_json::{Value, json};
 
 const USERS: usize = 20;
@@ -26,13 +26,7 @@ impl Rng {
 }
 
 async fn connect(gw: &TestGateway, user: &str, since: u64) -> Client {
-    let mut client = gw
-        .try_connect_with_query(&token(claims(user)), &format!("since={since}"))
-        .await
-        .unwrap();
-    assert_eq!(client.next_json().await.unwrap()["type"], "welcome");
-    let resumed = client.next_json().await.unwrap();
-    assert_eq!(resumed["type"], "gateway.resumed", "{resumed}");
+    let (client, resumed) = gw.resume(user, since).await;
     assert_eq!(resumed["recovered"], true, "{user}: {resumed}");
     client
 }
