@@ -7,23 +7,29 @@
 //! on earlier work meanwhile (its handler, writing to its client): what is left is the time
 //! the event waited for the node, not for its own connection. Every tick (10 ms) the median
 //! of the tick's waits becomes the node's queue delay; while it is above
-//! `limits.queue_delay_ms`, publishes wait for it to fall (up to `limits.publish_wait_ms`,
-//! then 503 `overloaded`). So a slow session (a handler that takes long, a client that
-//! reads slowly) does not hold back the others' publishers; the per-identity check,
-//! [`Pacing::lagging`], holds back its own.
+//! `limits.queue_delay_ms`, publishes wait (up to `limits.publish_wait_ms`,
+//! then 503 `overloaded`; see below for how they go while it is). So a slow session (a
+//! handler that takes long, a client that reads slowly) does not hold back the others'
+//! publishers; the per-identity check, [`Pacing::lagging`], holds back its own.
 //!
 //! A wait is known only once its event is taken, which under a backlog is the backlog's
 //! whole sojourn later: publishers accepted meanwhile grew it, to hundreds of milliseconds
 //! at a 50 ms target. So the node also samples the events it queues (one in
 //! [`PROBE_EVERY`]) and, every tick, counts those still queued that have already waited
-//! longer than the target among the tick's waits: they will have waited at least that.
-//! The delay then rises within a target's time of a backlog forming, not a sojourn later.
+//! longer than the target among the tick's waits, each for the events it stands for: they
+//! will have waited at least that. The delay then rises within a target's time of a
+//! backlog forming, not a sojourn later. Everything a session does between its waits
+//! (its start, its turns, its pings and the client's frames) is its own work here.
 //!
 //! While the delay is over the target, publishes are not all held until it falls (the
 //! queues would run dry, and every held batch waits for the whole swing): they are let
 //! through at a little less than the pace the sessions took events in the last tick, so
 //! the backlog drains slowly and the node keeps working. A publish is charged, when it is
-//! let through, its events times the deliveries an event has made here lately.
+//! let through, its events times the deliveries an event has made here lately; any
+//! credit lets a publish through, so a large batch is never starved by small ones, and
+//! what it overdraws holds the next ones back until the sessions have taken as much. In
+//! cluster mode the pace is of the events this node's sessions take, whichever node
+//! published them: it holds this node's publishers to its own sessions' pace.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -42,8 +48,9 @@ pub const TICK: Duration = Duration::from_millis(10);
 /// One queued event in this many is followed while it waits (see the module's notes).
 pub const PROBE_EVERY: u32 = 64;
 
-/// At most this many followed at once (a backlog of 65,536 events); past it the oldest
-/// are followed, which can only make the delay read higher.
+/// At most this many followed at once (a backlog of 65,536 events); past it only the
+/// oldest are followed, so the delay rises no sooner than if fewer were (it reads from
+/// the events taken and from those followed).
 const MAX_PROBES: usize = 1024;
 
 /// Buckets of waits: four per doubling of microseconds (25 % apart), up to ~2^31 µs.
@@ -105,10 +112,13 @@ pub trait Probed: Send + Sync {
 
 /// A queued event followed until its session takes it.
 struct Probe {
-    queue: Arc<dyn Probed>,
+    /// Weak: a session that ends drops its queue, and the probe with it.
+    queue: std::sync::Weak<dyn Probed>,
     /// Its number among the events queued to `queue`.
     number: u32,
     stamp: Stamp,
+    /// How many queued events it stands for (a multiple of [`PROBE_EVERY`]).
+    stands_for: u32,
 }
 
 #[derive(Debug)]
@@ -206,14 +216,19 @@ impl Pacing {
     }
 
     /// `events` more are being queued (one event's sessions): which of them to follow, if
-    /// any. None while publishes never wait.
-    pub fn probe_due(&self, events: usize) -> Option<usize> {
+    /// any, and how many queued events it stands for (one in [`PROBE_EVERY`] of all queued;
+    /// one per event at most). None while publishes never wait.
+    pub fn probe_due(&self, events: usize) -> Option<(usize, u32)> {
         if self.target_us == 0 || events == 0 {
             return None;
         }
-        let n = events.min(PROBE_EVERY as usize) as u32;
+        let n = events.min(u32::MAX as usize) as u32;
         let before = self.queued.fetch_add(n, Ordering::Relaxed) % PROBE_EVERY;
-        (before + n >= PROBE_EVERY).then(|| (PROBE_EVERY - 1 - before) as usize)
+        let crossed = (u64::from(before) + u64::from(n)) / u64::from(PROBE_EVERY);
+        (crossed > 0).then(|| {
+            let stands_for = (crossed * u64::from(PROBE_EVERY)).min(u64::from(u32::MAX));
+            ((PROBE_EVERY - 1 - before) as usize, stands_for as u32)
+        })
     }
 
     /// An event was queued to `deliveries` sessions.
@@ -226,14 +241,15 @@ impl Pacing {
     }
 
     /// Follows the event just queued to `queue` with `stamp` until its session takes it.
-    pub fn follow(&self, queue: Arc<dyn Probed>, stamp: Stamp) {
+    pub fn follow(&self, queue: &Arc<dyn Probed>, stamp: Stamp, stands_for: u32) {
         let number = queue.clock().pushed.load(Ordering::Relaxed);
         let mut probes = lock(&self.probes);
         if probes.len() < MAX_PROBES {
             probes.push(Probe {
-                queue,
+                queue: Arc::downgrade(queue),
                 number,
                 stamp,
+                stands_for,
             });
         }
     }
@@ -349,23 +365,31 @@ impl Pacing {
     }
 
     /// Adds to `counts` the followed events still queued that have waited for the node
-    /// longer than the target, each for the [`PROBE_EVERY`] events it stands for; forgets
-    /// those taken and those whose session ended.
-    fn count_overdue(&self, counts: &mut [u64]) {
+    /// longer than the target, each for the events it stands for; forgets those taken and
+    /// those whose session ended, and all of them when nothing is queued.
+    fn count_overdue(&self, counts: &mut [u64], queued_bytes: usize) {
+        let mut probes = lock(&self.probes);
+        if queued_bytes == 0 {
+            probes.clear();
+            return;
+        }
         let now = self.now32();
-        lock(&self.probes).retain(|probe| {
-            let clock = probe.queue.clock();
+        probes.retain(|probe| {
+            let Some(queue) = probe.queue.upgrade() else {
+                return false;
+            };
+            let clock = queue.clock();
             let taken = clock.popped.load(Ordering::Relaxed);
             // Wrapping: still queued while fewer than its number were taken.
             let queued = (probe.number.wrapping_sub(taken) as i32) > 0;
-            if !queued || !probe.queue.open() || Arc::strong_count(&probe.queue) == 1 {
+            if !queued || !queue.open() {
                 return false;
             }
             let waited = now.wrapping_sub(probe.stamp.queued_at);
             let working = clock.busy_by(now).wrapping_sub(probe.stamp.busy_at);
             let for_the_node = u64::from(waited.saturating_sub(working));
             if for_the_node > self.target_us {
-                counts[bucket(for_the_node)] += u64::from(PROBE_EVERY);
+                counts[bucket(for_the_node)] += u64::from(probe.stands_for);
             }
             true
         });
@@ -382,7 +406,7 @@ impl Pacing {
             .map(|c| c.swap(0, Ordering::Relaxed))
             .collect();
         let takes: u64 = counts.iter().sum();
-        self.count_overdue(&mut counts);
+        self.count_overdue(&mut counts, queued_bytes);
         let routed = self.routed.swap(0, Ordering::Relaxed);
         if routed >> 32 > 0 {
             let fanout16 = ((routed & u64::from(u32::MAX)) * 16).div_ceil(routed >> 32);
@@ -410,14 +434,22 @@ impl Pacing {
         // Over the target: seven eighths of what the sessions took, so the backlog drains
         // by an eighth of the pace; never more than one tick's worth saved up.
         let takes = (takes - takes / 8).min(i64::MAX as u64) as i64;
-        let credit = if self.over() {
-            let credit = self.credit.load(Ordering::Relaxed);
-            credit.saturating_add(takes).min(takes)
-        } else {
-            0
+        let over = self.over();
+        let next = |credit: i64| {
+            if over {
+                credit.saturating_add(takes).min(takes)
+            } else {
+                0
+            }
         };
-        self.credit.store(credit, Ordering::Relaxed);
-        if !self.over() || credit > 0 {
+        // One update: what a publish spends meanwhile is not lost.
+        let before = self
+            .credit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |credit| {
+                Some(next(credit))
+            })
+            .unwrap_or_else(|credit| credit);
+        if !over || next(before) > 0 {
             self.open.notify_waiters();
         }
     }
@@ -571,11 +603,7 @@ mod tests {
             clock: pacing.queue(),
             open: true.into(),
         });
-        let follow_one_queued = |ago: u32| {
-            let mut stamp = pacing.stamp(&queue.clock, pacing.stamp_time(), true);
-            stamp.queued_at = stamp.queued_at.wrapping_sub(ago);
-            pacing.follow(queue.clone(), stamp);
-        };
+        let follow_one_queued = |ago: u32| follow_queued(&pacing, &queue, ago);
         // Queued 200 ms ago, not taken: nothing was taken in the tick, yet the node is over.
         follow_one_queued(200_000);
         pacing.tick(1, &metrics);
@@ -597,11 +625,58 @@ mod tests {
             pacing.delay()
         );
         assert_eq!(lock(&pacing.probes).len(), 1, "the taken one is forgotten");
-        // A queue whose session ended is forgotten, however long its events waited.
+        // A queue the router closed is forgotten, however long its events waited.
         queue.open.store(false, Ordering::Relaxed);
-        pacing.tick(0, &metrics);
+        pacing.tick(1, &metrics);
         assert!(lock(&pacing.probes).is_empty());
+        // So is one whose session ended and dropped it (nothing closes it then), with
+        // several of its events followed.
+        let ended = Arc::new(TestQueue {
+            clock: pacing.queue(),
+            open: true.into(),
+        });
+        for _ in 0..2 {
+            follow_queued(&pacing, &ended, 200_000);
+        }
+        pacing.tick(1, &metrics);
+        assert!(pacing.delay() >= Duration::from_millis(150));
+        drop(ended);
+        pacing.tick(1, &metrics);
+        assert!(lock(&pacing.probes).is_empty());
+        // And once nothing is queued, the node has no delay.
+        pacing.tick(0, &metrics);
         assert_eq!(pacing.delay(), Duration::ZERO);
+    }
+
+    /// Follows an event queued to `queue` `ago` µs ago, standing for [`PROBE_EVERY`].
+    fn follow_queued(pacing: &Pacing, queue: &Arc<TestQueue>, ago: u32) {
+        let mut stamp = pacing.stamp(&queue.clock, pacing.stamp_time(), true);
+        stamp.queued_at = stamp.queued_at.wrapping_sub(ago);
+        let probed: Arc<dyn Probed> = queue.clone();
+        pacing.follow(&probed, stamp, PROBE_EVERY);
+    }
+
+    #[test]
+    fn one_queued_event_in_probe_every_is_followed_standing_for_those_before_it() {
+        let (pacing, _) = pacing_for_test(30);
+        let (mut queued, mut stood_for) = (0u64, 0u64);
+        for events in [1usize, 5, 63, 64, 65, 200, 1, 1000, 7, 3] {
+            if let Some((index, stands_for)) = pacing.probe_due(events) {
+                assert!(index < events, "{index} of {events}");
+                assert_eq!(stands_for % PROBE_EVERY, 0);
+                stood_for += u64::from(stands_for);
+            }
+            queued += events as u64;
+        }
+        assert_eq!(
+            stood_for,
+            queued / u64::from(PROBE_EVERY) * u64::from(PROBE_EVERY)
+        );
+        let off = Pacing::new(&Limits {
+            queue_delay_ms: 0,
+            ..Limits::default()
+        });
+        assert_eq!(off.probe_due(1000), None);
     }
 
     #[tokio::test]

@@ -566,7 +566,12 @@ impl Router {
         let seq = event.seq;
         let queued = match routes {
             Some(routes) => self.fan_out(routes, &event),
-            None => 0,
+            None => {
+                // Costs this node no delivery: counted, so publishes are charged what an
+                // event costs here on average (see `Pacing::admit`).
+                self.pacing.routed(0);
+                0
+            }
         };
         drop(shard);
         self.metrics.events_published.inc();
@@ -604,6 +609,7 @@ impl Router {
         let mut overflows = 0;
         let mut index = 0;
         let probe = self.pacing.probe_due(routes.sessions.len());
+        let probe_index = probe.map(|(index, _)| index);
         routes.sessions.retain(|route| {
             // Counted before it is sent: the session may take it (and subtract) at once.
             let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
@@ -611,11 +617,12 @@ impl Router {
             let stamp = self.pacing.stamp(&route.queue.clock, now, before == 0);
             let sent = before + size <= self.queue_bytes
                 && route.queue.push((event.clone(), stamp), self.queue_events);
-            let followed = probe == Some(index);
+            let followed = probe_index == Some(index);
             index += 1;
             if sent {
-                if followed {
-                    self.pacing.follow(route.queue.clone(), stamp);
+                if let Some((_, stands_for)) = probe.filter(|_| followed) {
+                    let queue: Arc<dyn crate::pacing::Probed> = route.queue.clone();
+                    self.pacing.follow(&queue, stamp, stands_for);
                 }
                 queued += 1;
                 return true;

@@ -122,7 +122,11 @@ fn run(
         // its next work: what serves it (timers, a turn's futures, the start and the way
         // out) is boxed for as long as it runs. A task's size is fixed when it is spawned,
         // so an unboxed one would cost a hibernated connection as much as a busy one.
-        let end = match Box::pin(session.start(since, frames)).await {
+        // The start is the session's own work, as its turns are (see `serve`).
+        session.mailbox.turn_begins();
+        let started = Box::pin(session.start(since, frames)).await;
+        session.mailbox.turn_ends();
+        let end = match started {
             Err(end) => end,
             Ok(()) => {
                 let mut first = None;
@@ -332,6 +336,10 @@ impl Session {
                 () = &mut hibernate_timer => Work::Hibernate,
                 }
             };
+            // Whatever the session does until it waits again is its own work: time its
+            // queued events spend behind it is not the node's (see [`crate::pacing`]).
+            self.mailbox.turn_begins();
+            let mut cut = false;
             let result = match work {
                 Work::Expired => Err(End::TokenExpired),
                 Work::IdleCheck => {
@@ -357,15 +365,8 @@ impl Session {
                     Err(end) => Err(end),
                 },
                 Work::Event(Ok(first)) => {
-                    self.mailbox.turn_begins();
                     let turn = self.on_events(first).await;
-                    self.mailbox.turn_ends();
-                    // A turn cut short yields, so a busy connection cannot keep a worker
-                    // from the other sessions; the wait for the worker again is the node's,
-                    // not this session's work.
-                    if let Ok(true) = turn {
-                        tokio::task::yield_now().await;
-                    }
+                    cut = matches!(turn, Ok(true));
                     turn.map(drop)
                 }
                 Work::Rollup => self.on_rollup().await,
@@ -392,6 +393,13 @@ impl Session {
                     }
                 }
             };
+            self.mailbox.turn_ends();
+            // A turn cut short yields, so a busy connection cannot keep a worker from the
+            // other sessions; the wait for the worker again is the node's, not this
+            // session's work.
+            if cut {
+                tokio::task::yield_now().await;
+            }
             if let Err(end) = result {
                 return Step::End(end);
             }
