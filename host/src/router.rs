@@ -607,9 +607,8 @@ impl Router {
         let now = self.pacing.stamp_time();
         let mut queued = 0;
         let mut overflows = 0;
-        let mut index = 0;
         let probe = self.pacing.probe_due(routes.sessions.len());
-        let probe_index = probe.map(|(index, _)| index);
+        let mut index = 0;
         routes.sessions.retain(|route| {
             // Counted before it is sent: the session may take it (and subtract) at once.
             let before = route.queue.bytes.fetch_add(size, Ordering::Relaxed);
@@ -617,10 +616,12 @@ impl Router {
             let stamp = self.pacing.stamp(&route.queue.clock, now, before == 0);
             let sent = before + size <= self.queue_bytes
                 && route.queue.push((event.clone(), stamp), self.queue_events);
-            let followed = probe_index == Some(index);
+            let this = index;
             index += 1;
             if sent {
-                if let Some((_, stands_for)) = probe.filter(|_| followed) {
+                if let Some((at, stands_for)) = probe
+                    && at == this
+                {
                     let queue: Arc<dyn crate::pacing::Probed> = route.queue.clone();
                     self.pacing.follow(&queue, stamp, stands_for);
                 }
