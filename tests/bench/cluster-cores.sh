@@ -4,7 +4,9 @@
 # 12-15), so the comparison is not one of processes fighting over two cores as in `make
 # bench`. Runs, alternating, for ROUNDS rounds: the embedded log with one gateway; cluster
 # mode with one gateway; two cluster-mode gateways each holding half the users, every event
-# published to the other node. Then a resume storm from each log.
+# published to the other node. Then the same rounds at a steady 40 % of the embedded maximum
+# (STEADY_ROUNDS of them, default ROUNDS), and a resume storm from each log. SRC_OFFSET skips
+# loopback source addresses an earlier run in the same session left sockets on.
 #
 # usage: tests/bench/cluster-cores.sh BIN_DIR OUT_DIR
 #   BIN_DIR holds gateway, loadgen, resume_storm, nats-server and handler.wasm.
@@ -23,14 +25,27 @@ sysctl -qw vm.max_map_count=1048576 2>/dev/null || true
 export GATEWAY_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 PIDS=()
 # Pinned on 16 or more cores; on fewer (trying the script out) everything shares them.
-pin() { local cores=$1; shift; if (($(nproc) >= 16)); then taskset -c "$cores" "$@"; else "$@"; fi; }
+pin() { local cores=$1; shift; if (($(nproc) >= 16)) && command -v taskset >/dev/null; then taskset -c "$cores" "$@"; else "$@"; fi; }
+# spawn CORES LOG COMMAND...: in the background, so that $! is the command's own pid (a
+# function run with & would leave $! pointing at a subshell, and kill would miss the server).
+spawn() {
+    local cores=$1 log=$2
+    shift 2
+    if (($(nproc) >= 16)) && command -v taskset >/dev/null; then
+        taskset -c "$cores" "$@" >"$log" 2>&1 &
+    else
+        "$@" >"$log" 2>&1 &
+    fi
+}
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 1 200); do curl -sf -o /dev/null "http://127.0.0.1:$1/healthz" && return 0; sleep 0.1; done; return 1; }
+healthy() { python3 -c 'import sys, urllib.request; urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/healthz", timeout=1)' "$1" 2>/dev/null; }
+wait_http() { for _ in $(seq 1 200); do healthy "$1" && return 0; sleep 0.1; done; return 1; }
+metrics() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode())' "$1" || true; }
 start_nats() {
     NATS_PORT=$(port)
     rm -rf "$OUT/store" && mkdir -p "$OUT/store"
-    pin 0-3 "$BIN/nats-server" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$OUT/store" >"$OUT/nats.log" 2>&1 &
+    spawn 0-3 "$OUT/nats.log" "$BIN/nats-server" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$OUT/store"
     NATS_PID=$!
     PIDS+=("$NATS_PID")
     for _ in $(seq 1 100); do grep -q "Server is ready" "$OUT/nats.log" && return 0; sleep 0.1; done
@@ -43,12 +58,13 @@ start_gw() { # start_gw CORES LABEL [cluster]; sets GP, GPID
     GATEWAY_LISTEN=127.0.0.1:$GP GATEWAY_GUEST=$BIN/handler.wasm GATEWAY_LOG=warn \
         GATEWAY_LIMITS__HIBERNATE_AFTER_SECS=0 GATEWAY_CLUSTER__NATS_URL=$url \
         GATEWAY_CLUSTER__STREAMS=${STREAMS:-1} \
-        pin "$1" "$BIN/gateway" serve >"$OUT/$2.gateway.log" 2>&1 &
+        spawn "$1" "$OUT/$2.gateway.log" "$BIN/gateway" serve
     GPID=$!
     PIDS+=("$GPID")
     wait_http "$GP"
 }
-SRC=0
+# Source addresses already used (sockets in TIME_WAIT) by an earlier script in the same run.
+SRC=${SRC_OFFSET:-0}
 # The publishing: as fast as taken, or (STEADY set) that many events/s in batches of 10.
 load() {
     if [[ -n ${STEADY:-} ]]; then
@@ -85,7 +101,7 @@ one_round() {
     start_nats
     start_gw 4-7 "cluster1-r$round" cluster
     lg 12-15 "cluster1-r$round" "$GP" "$GPID" "$GP" 0; SRC=$((SRC + 2))
-    curl -s "http://127.0.0.1:$GP/metrics" >"$OUT/cluster1-r$round.metrics"
+    metrics "$GP" >"$OUT/cluster1-r$round.metrics"
     kill "$GPID"; wait "$GPID" 2>/dev/null || true; line "cluster1-r$round"
 
     start_gw 4-7 "cluster2a-r$round" cluster; A=$GP; APID=$GPID
@@ -95,7 +111,7 @@ one_round() {
     lg 14-15 "cluster2b-r$round" "$B" "$BPID" "$A" "$USERS" & L2=$!
     SRC=$((SRC + 2))
     wait "$L1" "$L2" || true
-    curl -s "http://127.0.0.1:$A/metrics" >"$OUT/cluster2a-r$round.metrics"
+    metrics "$A" >"$OUT/cluster2a-r$round.metrics"
     kill "$APID" "$BPID"; wait "$APID" "$BPID" 2>/dev/null || true
     line "cluster2a-r$round"; line "cluster2b-r$round"
     kill "$NATS_PID"; wait "$NATS_PID" 2>/dev/null || true
@@ -106,7 +122,7 @@ for round in $(seq 1 "$ROUNDS"); do one_round "$round"; done
 full=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["events_per_sec"])' "$OUT/embedded-r1.json")
 STEADY=$(python3 -c "print(max(1, round(0.4 * $full / ($CONNS / $USERS))))")
 echo "steady: $STEADY events/s published per load generator"
-for round in $(seq 1 "$ROUNDS"); do one_round "steady$round"; done
+for round in $(seq 1 "${STEADY_ROUNDS:-$ROUNDS}"); do one_round "steady$round"; done
 start_gw 4-7 resume-embedded
 pin 12-15 "$BIN/resume_storm" --addr "127.0.0.1:$GP" --clients "$CONNS" --users "$USERS" \
     --missed 20 --source-ips 4 --source-ip-offset "$SRC" --json "$OUT/resume-embedded.json" >"$OUT/resume-embedded.out" 2>&1 || true
@@ -120,3 +136,17 @@ for f in resume-embedded resume-cluster; do
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], "recovered", r["recovered"], "failures", r["failures"], "storm s", r["storm_secs"], "p99 ms", r["recover_ms"]["p99"])' "$OUT/$f.json" "$f" || echo "$f: no result"
 done
 grep -h 'nats_round_trip_seconds_count\|nats_round_trip_seconds_sum' "$OUT"/cluster1-r*.metrics || true
+python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+def rate(path):
+    try:
+        return json.load(open(path)).get("events_per_sec") or 0
+    except (OSError, ValueError):
+        return 0
+for e in sorted(glob.glob(os.path.join(out, "embedded-r*.json"))):
+    c = e.replace("embedded-", "cluster1-")
+    if rate(e) and rate(c):
+        print(f"{os.path.basename(c)[:-5]}: one cluster node at {100 * rate(c) / rate(e):.1f} % of the embedded log "
+              f"({rate(c):,.0f} against {rate(e):,.0f} delivered/s)")
+PY
