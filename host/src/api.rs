@@ -208,10 +208,10 @@ fn log_unavailable(app: &AppState, err: Unavailable) -> ApiError {
 
 /// Holds new events back while this node's sessions have more queued than they can take: a
 /// publisher that keeps sending as fast as it is accepted would otherwise grow the queues,
-/// and every event's latency with them. Past `limits.max_queued_bytes` at once; while
-/// publishes are paced (the queue delay was past `limits.queue_delay_ms` lately), until the
-/// backlog has room for it, and refused when that does not come within
-/// `limits.publish_wait_ms` (see [`crate::pacing`]).
+/// and every event's latency with them. Past `limits.max_queued_bytes` at once; while the
+/// queue delay is past `limits.queue_delay_ms`, at the pace the sessions take events, and
+/// refused when its share does not come within `limits.publish_wait_ms` (see
+/// [`crate::pacing`]).
 async fn admit(app: &AppState, events: usize) -> Result<(), ApiError> {
     check_backlog(app)?;
     let arrived = std::time::Instant::now();

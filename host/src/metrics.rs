@@ -55,7 +55,7 @@ pub struct Metrics {
     pub queued_bytes: Gauge,
     /// The node's queue delay, sampled every tick (see `limits.queue_delay_ms`).
     pub queue_delay_seconds: Histogram,
-    /// Publishes that waited for room in the backlog while publishes were paced.
+    /// Publishes that waited for the queue delay to fall before they were taken.
     pub publish_waits: Counter,
     /// How long publishes that waited were held (admitted or refused).
     pub publish_wait_seconds: Histogram,
@@ -427,12 +427,12 @@ impl Metrics {
         );
         registry.register(
             "publish_waits",
-            "Publishes that waited for room while publishes were paced (the queue delay past limits.queue_delay_ms lately)",
+            "Publishes that waited for the queue delay to fall to limits.queue_delay_ms",
             m.publish_waits.clone(),
         );
         registry.register(
             "publish_wait_seconds",
-            "How long publishes that waited for room were held, admitted or refused",
+            "How long publishes that waited for the queue delay were held, admitted or refused",
             m.publish_wait_seconds.clone(),
         );
         registry.register(

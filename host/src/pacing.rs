@@ -7,8 +7,8 @@
 //! on earlier work meanwhile (its handler, writing to its client): what is left is the time
 //! the event waited for the node, not for its own connection. Every tick (10 ms) the median
 //! of the tick's waits becomes the node's queue delay; while it is above
-//! `limits.queue_delay_ms`, publishes are paced (below), waiting for their turn up to
-//! `limits.publish_wait_ms`, then refused with 503 `overloaded`. So a slow session (a
+//! `limits.queue_delay_ms`, publishes wait (up to `limits.publish_wait_ms`,
+//! then 503 `overloaded`; see below for how they go while it is). So a slow session (a
 //! handler that takes long, a client that reads slowly) does not hold back the others'
 //! publishers; the per-identity check, [`Pacing::lagging`], holds back its own.
 //!
@@ -21,23 +21,15 @@
 //! backlog forming, not a sojourn later. Everything a session does between its waits
 //! (its start, its turns, its pings and the client's frames) is its own work here.
 //!
-//! Once a tick finds the delay over the target, and for a second after the last tick that
-//! does ([`PACED_FOR_US`]), publishes keep to a level instead of being all held until it
-//! falls (the queues would run dry, and every held batch would wait for the whole swing):
-//! a publish goes through while the deliveries queued here, its own included (its events
-//! times the deliveries an event has made here lately), are no more than the sessions take
-//! in the target's time at the pace they took events meanwhile. By Little's law the
-//! backlog is then about the target's time long, however the delay's median swings; the
-//! delay measured above only says when to pace. A publish that finds no room waits for a
-//! tick that finds some, up to `limits.publish_wait_ms`. In cluster mode the level counts
-//! the events this node's sessions have queued, whichever node published them: it holds
-//! this node's publishers to its own sessions' pace.
-//!
-//! Measured in the overload harness (README, *Latency under overload*): against the rule
-//! this replaces (while the delay was over the target, publishes went at seven eighths of
-//! the sessions' pace), the p50 fell by a third and the p99 by a quarter at the same
-//! target, at about a tenth fewer events per second; lowering that rule's target instead
-//! gave up as much throughput without lowering the p99.
+//! While the delay is over the target, publishes are not all held until it falls (the
+//! queues would run dry, and every held batch waits for the whole swing): they are let
+//! through at a little less than the pace the sessions took events in the last tick, so
+//! the backlog drains slowly and the node keeps working. A publish is charged, when it is
+//! let through, its events times the deliveries an event has made here lately; any
+//! credit lets a publish through, so a large batch is never starved by small ones, and
+//! what it overdraws holds the next ones back until the sessions have taken as much. In
+//! cluster mode the pace is of the events this node's sessions take, whichever node
+//! published them: it holds this node's publishers to its own sessions' pace.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -52,11 +44,6 @@ use crate::metrics::Metrics;
 
 /// How often the node's queue delay is computed.
 pub const TICK: Duration = Duration::from_millis(10);
-
-/// How long publishes keep to the backlog's level after a tick last found the delay over
-/// the target: the delay dips under it as soon as the backlog is bounded, and letting
-/// every publish through then would build the backlog up again.
-const PACED_FOR_US: u64 = 1_000_000;
 
 /// One queued event in this many is followed while it waits (see the module's notes).
 pub const PROBE_EVERY: u32 = 64;
@@ -151,18 +138,12 @@ pub struct Pacing {
     open: Notify,
     /// Events queued, counted to pick one in [`PROBE_EVERY`] (wrapping).
     queued: AtomicU32,
-    /// Deliveries queued to this node's sessions and neither taken nor dropped yet.
-    outstanding: AtomicI64,
-    /// Deliveries the sessions took per second while publishes were paced, smoothed over
-    /// ticks.
-    pace: AtomicU64,
-    /// When the last tick ran (µs on the node's clock): ticks come late on a busy node.
-    ticked_at: AtomicU64,
-    /// Until when publishes keep to the backlog's level (µs on the node's clock):
-    /// [`PACED_FOR_US`] after a tick last found the delay over the target.
-    paced_until: AtomicU64,
     /// The events followed while they wait.
     probes: Mutex<Vec<Probe>>,
+    /// Deliveries publishes may still make while the delay is over the target: each tick
+    /// over it adds most of the tick's takes; each publish let through subtracts its
+    /// estimate (it may go below zero; then publishes wait until the ticks repay it).
+    credit: AtomicI64,
     /// Events routed since the last tick (high 32 bits) and their deliveries (low).
     routed: AtomicU64,
     /// Deliveries per event routed, in 1/16ths, as of the last tick that routed any.
@@ -199,11 +180,8 @@ impl Pacing {
             delay_us: AtomicU64::new(0),
             open: Notify::new(),
             queued: AtomicU32::new(0),
-            outstanding: AtomicI64::new(0),
-            pace: AtomicU64::new(0),
-            ticked_at: AtomicU64::new(0),
-            paced_until: AtomicU64::new(0),
             probes: Mutex::new(Vec::new()),
+            credit: AtomicI64::new(0),
             routed: AtomicU64::new(0),
             fanout16: AtomicU64::new(16),
         }
@@ -251,36 +229,6 @@ impl Pacing {
             let stands_for = (crossed * u64::from(PROBE_EVERY)).min(u64::from(u32::MAX));
             ((PROBE_EVERY - 1 - before) as usize, stands_for as u32)
         })
-    }
-
-    /// `n` deliveries are being queued.
-    pub fn enqueued(&self, n: usize) {
-        self.outstanding.fetch_add(n as i64, Ordering::Relaxed);
-    }
-
-    /// `n` deliveries counted queued will never be taken (their queue was full, or their
-    /// session ended).
-    pub fn dropped(&self, n: usize) {
-        self.outstanding.fetch_sub(n as i64, Ordering::Relaxed);
-    }
-
-    /// Deliveries queued and neither taken nor dropped.
-    #[cfg(test)]
-    pub(crate) fn outstanding(&self) -> i64 {
-        self.outstanding.load(Ordering::Relaxed)
-    }
-
-    /// Whether `cost` more deliveries keep the backlog within what the sessions take in the
-    /// target's time at their pace.
-    fn room_for(&self, cost: i64) -> bool {
-        let outstanding = self.outstanding.load(Ordering::Relaxed);
-        outstanding <= 0 || outstanding.saturating_add(cost) <= self.level()
-    }
-
-    /// The deliveries the sessions take in the target's time at their pace.
-    fn level(&self) -> i64 {
-        let level = u128::from(self.pace.load(Ordering::Relaxed)) * u128::from(self.target_us);
-        (level / 1_000_000).min(i64::MAX as u128) as i64
     }
 
     /// An event was queued to `deliveries` sessions.
@@ -336,7 +284,6 @@ impl Pacing {
         queue.taken_at.store(now, Ordering::Relaxed);
         queue.waited.store(waited, Ordering::Relaxed);
         queue.popped.fetch_add(1, Ordering::Relaxed);
-        self.outstanding.fetch_sub(1, Ordering::Relaxed);
         let for_the_node = waited.saturating_sub(working);
         self.waits[bucket(u64::from(for_the_node))].fetch_add(1, Ordering::Relaxed);
     }
@@ -350,16 +297,12 @@ impl Pacing {
         self.target_us > 0 && self.delay_us.load(Ordering::Relaxed) > self.target_us
     }
 
-    /// Whether publishes keep to the backlog's level at `now` (see the module's notes).
-    fn pacing(&self, now: u64) -> bool {
-        self.target_us > 0 && now < self.paced_until.load(Ordering::Relaxed)
-    }
-
-    /// Lets a publish of `events` through at once unless publishes are paced (see the
-    /// module's notes) and the backlog has no room for it; then it waits for room at most
-    /// `limits.publish_wait_ms`: `Err` with the delay then. `Ok(true)` when it waited.
+    /// Lets a publish of `events` through at once while the node's queue delay is at or
+    /// below `limits.queue_delay_ms`; above it, when there is credit (see the module's
+    /// notes), waiting for it at most `limits.publish_wait_ms`: `Err` with the delay then.
+    /// `Ok(true)` when it waited.
     pub async fn admit(&self, events: usize) -> Result<bool, Duration> {
-        if !self.pacing(self.now_us()) {
+        if !self.over() {
             return Ok(false);
         }
         let cost = (events as u64 * self.fanout16.load(Ordering::Relaxed)).div_ceil(16);
@@ -370,7 +313,7 @@ impl Pacing {
             let opened = self.open.notified();
             tokio::pin!(opened);
             opened.as_mut().enable();
-            if !self.pacing(self.now_us()) || self.room_for(cost) {
+            if !self.over() || self.spend(cost) {
                 return Ok(waited);
             }
             if tokio::time::timeout_at(deadline, opened).await.is_err() {
@@ -378,6 +321,15 @@ impl Pacing {
             }
             waited = true;
         }
+    }
+
+    /// Takes `cost` from the credit if there is any.
+    fn spend(&self, cost: i64) -> bool {
+        self.credit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |credit| {
+                (credit > 0).then(|| credit.saturating_sub(cost))
+            })
+            .is_ok()
     }
 
     /// An identity's queue delay when it is above `limits.user_queue_delay_ms`: every one
@@ -479,33 +431,25 @@ impl Pacing {
         };
         self.delay_us.store(delay, Ordering::Relaxed);
         metrics.queue_delay_seconds.observe(delay as f64 / 1e6);
-        let now = self.now_us();
-        let elapsed = now
-            .saturating_sub(self.ticked_at.swap(now, Ordering::Relaxed))
-            .max(1);
-        if queued_bytes == 0 {
-            // Nothing queued: whatever the count says (a session that ended between its
-            // count and its bytes), nothing is outstanding.
-            self.outstanding.store(0, Ordering::Relaxed);
-        }
-        let was_pacing = self.pacing(now);
-        if self.over() {
-            self.paced_until
-                .store(now + PACED_FOR_US, Ordering::Relaxed);
-        }
-        if self.pacing(now) {
-            // Deliveries per second, over the time the tick really took (a busy node's ticks
-            // come late); a new spell of pacing starts from its first tick's.
-            let rate = takes.saturating_mul(1_000_000) / elapsed;
-            let pace = self.pace.load(Ordering::Relaxed);
-            let pace = if was_pacing && pace > 0 {
-                (pace * 3 + rate) / 4
+        // Over the target: seven eighths of what the sessions took, so the backlog drains
+        // by an eighth of the pace; never more than one tick's worth saved up.
+        let takes = (takes - takes / 8).min(i64::MAX as u64) as i64;
+        let over = self.over();
+        let next = |credit: i64| {
+            if over {
+                credit.saturating_add(takes).min(takes)
             } else {
-                rate
-            };
-            self.pace.store(pace, Ordering::Relaxed);
-        }
-        if !self.pacing(now) || self.room_for(0) {
+                0
+            }
+        };
+        // One update: what a publish spends meanwhile is not lost.
+        let before = self
+            .credit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |credit| {
+                Some(next(credit))
+            })
+            .unwrap_or_else(|credit| credit);
+        if !over || next(before) > 0 {
             self.open.notify_waiters();
         }
     }
@@ -574,16 +518,8 @@ mod tests {
         assert_eq!(bucket(u64::MAX), BUCKETS - 1);
     }
 
-    /// A tick `ms` after the one before it.
-    fn tick_after(pacing: &Pacing, metrics: &Metrics, queued_bytes: usize, ms: u64) {
-        pacing
-            .ticked_at
-            .store(pacing.now_us() - ms * 1000, Ordering::Relaxed);
-        pacing.tick(queued_bytes, metrics);
-    }
-
-    #[test]
-    fn the_median_wait_for_the_node_sets_the_delay() {
+    #[tokio::test]
+    async fn the_median_wait_sets_the_delay_and_publishers_wait_while_it_is_over() {
         let (pacing, metrics) = pacing_for_test(30);
         let queue = pacing.queue();
         let stamp = |ago: u32| {
@@ -598,14 +534,17 @@ mod tests {
         }
         pacing.tick(1, &metrics);
         assert!(pacing.delay() < Duration::from_millis(1));
-        assert!(!pacing.pacing(pacing.now_us()));
-        // Most events waited 200 ms: over the target, so publishes are paced.
+        assert_eq!(pacing.admit(1).await, Ok(false));
+        // Most events waited 200 ms: a publish spends the credit the tick's takes gave (and
+        // more), the next waits and gives up after publish_wait_ms.
         for _ in 0..3 {
             pacing.taken(&queue, stamp(200_000));
         }
         pacing.tick(1, &metrics);
         assert!(pacing.delay() >= Duration::from_millis(150));
-        assert!(pacing.pacing(pacing.now_us()));
+        assert_eq!(pacing.admit(100).await, Ok(false));
+        let refused = pacing.admit(1).await.expect_err("over the target");
+        assert!(refused >= Duration::from_millis(150));
         // Time the session spent on earlier work is its own, not the node's: an event that
         // waited 200 ms while its session worked for 190 waited 10 for the node.
         let mut slow_session = pacing.queue();
@@ -626,16 +565,20 @@ mod tests {
             "{:?}",
             pacing.delay()
         );
-        // A tick without events taken keeps the delay while events are queued, and clears
-        // it when none are.
         for _ in 0..3 {
             pacing.taken(&queue, stamp(200_000));
         }
         pacing.tick(1, &metrics);
+        assert_eq!(pacing.admit(100).await, Ok(false));
+        // A tick without events taken keeps the delay while events are queued...
         pacing.tick(1, &metrics);
         assert!(pacing.delay() >= Duration::from_millis(150));
+        // ... and a waiting publisher goes on when a tick finds it back under the target.
+        let waiting = pacing.admit(1);
+        tokio::pin!(waiting);
+        assert!(futures_util::FutureExt::now_or_never(waiting.as_mut()).is_none());
         pacing.tick(0, &metrics);
-        assert_eq!(pacing.delay(), Duration::ZERO);
+        assert_eq!(waiting.await, Ok(true));
     }
 
     struct TestQueue {
@@ -737,8 +680,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn paced_publishes_keep_the_backlog_to_what_the_sessions_take_in_the_targets_time() {
-        let (pacing, metrics) = pacing_for_test(30);
+    async fn over_the_target_publishes_go_at_a_little_less_than_the_pace_of_the_takes() {
+        let (pacing, metrics) = pacing_for_test(1000);
         let queue = pacing.queue();
         let take_late = |n: usize| {
             for _ in 0..n {
@@ -747,75 +690,23 @@ mod tests {
                 pacing.taken(&queue, stamp);
             }
         };
-        // Not paced: a publish goes at once, whatever is queued.
-        pacing.enqueued(1_000_000);
-        assert_eq!(pacing.admit(1000).await, Ok(false));
-        pacing.dropped(1_000_000);
         // Each event went to 2 sessions lately.
         for _ in 0..10 {
             pacing.routed(2);
         }
-        // The sessions took 1,000 late events in the tick's 10 ms: 100,000 a second, so
-        // 5,000 in the 50 ms target. 4,000 are left queued.
-        pacing.enqueued(5000);
-        take_late(1000);
-        tick_after(&pacing, &metrics, 1, 10);
-        assert!(pacing.delay() >= Duration::from_millis(150));
-        assert!(
-            (4900..=5000).contains(&pacing.level()),
-            "{}",
-            pacing.level()
-        );
-        // A batch of 400 events (800 deliveries) fits; once it is queued, the next does not:
-        // it waits for room, publish_wait_ms at most, and is refused.
-        assert_eq!(pacing.admit(400).await, Ok(false));
-        pacing.enqueued(800);
-        let refused = pacing.admit(400).await.expect_err("no room");
-        assert!(refused >= Duration::from_millis(150));
-        // One waiting goes on when a tick finds room: the sessions took 1,000 more.
-        let waiting = pacing.admit(400);
+        take_late(800);
+        pacing.tick(1, &metrics);
+        // 700 deliveries of credit: a batch of 300 events (600 deliveries) goes at once,
+        // the next one too (it finds credit left), and overdraws it.
+        assert_eq!(pacing.admit(300).await, Ok(false));
+        assert_eq!(pacing.admit(300).await, Ok(false));
+        let waiting = pacing.admit(1);
         tokio::pin!(waiting);
         assert!(futures_util::FutureExt::now_or_never(waiting.as_mut()).is_none());
-        take_late(1000);
-        tick_after(&pacing, &metrics, 1, 10);
+        // The overdraft (500) is repaid by the next tick's takes, still over the target.
+        take_late(800);
+        pacing.tick(1, &metrics);
+        assert!(pacing.delay() >= Duration::from_millis(150));
         assert_eq!(waiting.await, Ok(true));
-        // Nothing queued at all: a publish goes whatever its size, and whatever the count
-        // says (a tick with nothing queued sets it right).
-        pacing.enqueued(1_000_000);
-        pacing.tick(0, &metrics);
-        assert_eq!(pacing.outstanding.load(Ordering::Relaxed), 0);
-        assert!(pacing.pacing(pacing.now_us()));
-        assert_eq!(pacing.admit(100_000).await, Ok(false));
-    }
-
-    #[tokio::test]
-    async fn pacing_outlasts_the_delay_by_a_while_so_the_backlog_does_not_build_again() {
-        let (pacing, metrics) = pacing_for_test(1000);
-        let queue = pacing.queue();
-        let take = |n: usize, ago: u32| {
-            for _ in 0..n {
-                let mut stamp = pacing.stamp(&queue, pacing.stamp_time(), false);
-                stamp.queued_at = stamp.queued_at.wrapping_sub(ago);
-                pacing.taken(&queue, stamp);
-            }
-        };
-        pacing.enqueued(100 + 10_000);
-        take(100, 200_000);
-        tick_after(&pacing, &metrics, 1, 10);
-        assert!(pacing.pacing(pacing.now_us()));
-        // The backlog is held to its level and the delay falls under the target: publishes
-        // still keep to the level.
-        take(100, 1_000);
-        tick_after(&pacing, &metrics, 1, 10);
-        assert!(pacing.delay() < Duration::from_millis(50));
-        let held = pacing.admit(1);
-        tokio::pin!(held);
-        assert!(futures_util::FutureExt::now_or_never(held.as_mut()).is_none());
-        // PACED_FOR_US after the last tick that was over, publishes go at once again.
-        pacing.paced_until.store(pacing.now_us(), Ordering::Relaxed);
-        tick_after(&pacing, &metrics, 1, 10);
-        assert!(!pacing.pacing(pacing.now_us()));
-        assert_eq!(held.await, Ok(true));
-        assert_eq!(pacing.admit(1).await, Ok(false));
     }
 }

@@ -469,18 +469,16 @@ pub struct Limits {
     /// Queue delay this node keeps to, in milliseconds: how long events wait for the node
     /// between being queued and their sessions taking them (every 10 ms, the median over
     /// the events taken and those still queued past this; time a session spends on its own
-    /// earlier events, a slow handler or a slow client, does not count). Once it is above
-    /// this, and for a second after it last was, publishes are paced: one goes through
-    /// while the deliveries queued on this node, its own included, are no more than the
-    /// sessions take in this many milliseconds at their pace; otherwise it waits for room
-    /// up to `publish_wait_ms` and is then refused with 503 `overloaded` and `Retry-After`.
-    /// Publishers slow to the pace of delivery instead of queueing seconds of delay.
-    /// Higher buys events per second at saturation (sessions take several events per
-    /// wake-up) with delay. 0: publishes never wait (only `max_queued_bytes` bounds the
-    /// backlog).
+    /// earlier events, a slow handler or a slow client, does not count). While it is above
+    /// this, publishes go at a little less than the pace the sessions take events, each
+    /// waiting for its share up to `publish_wait_ms` and then refused with 503 `overloaded`
+    /// and `Retry-After`: publishers slow to the pace of delivery instead of queueing
+    /// seconds of delay. Higher buys events per second at saturation (sessions take
+    /// several events per wake-up) with delay. 0: publishes never wait (only
+    /// `max_queued_bytes` bounds the backlog).
     pub queue_delay_ms: u64,
-    /// Most milliseconds a paced publish waits for room (see `queue_delay_ms`) before it is
-    /// refused.
+    /// Most milliseconds a publish waits for its share while the queue delay is above
+    /// `queue_delay_ms` before it is refused.
     pub publish_wait_ms: u64,
     /// A user whose every connection on this node has had an event waiting longer than
     /// this (milliseconds) gets its new events refused with 503 `user_lagging` and
