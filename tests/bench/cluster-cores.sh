@@ -20,26 +20,8 @@ SECS=${SECS:-10}
 # Streams the identities are spread over in cluster mode.
 STREAMS=${STREAMS:-1}
 mkdir -p "$OUT"
-ulimit -n 1000000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-sysctl -qw vm.max_map_count=1048576 2>/dev/null || true
-export GATEWAY_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-PIDS=()
-# Pinned on 16 or more cores; on fewer (trying the script out) everything shares them.
-pin() { local cores=$1; shift; if (($(nproc) >= 16)) && command -v taskset >/dev/null; then taskset -c "$cores" "$@"; else "$@"; fi; }
-# spawn CORES LOG COMMAND...: in the background, so that $! is the command's own pid (a
-# function run with & would leave $! pointing at a subshell, and kill would miss the server).
-spawn() {
-    local cores=$1 log=$2
-    shift 2
-    if (($(nproc) >= 16)) && command -v taskset >/dev/null; then
-        taskset -c "$cores" "$@" >"$log" 2>&1 &
-    else
-        "$@" >"$log" 2>&1 &
-    fi
-}
-trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-healthy() { python3 -c 'import sys, urllib.request; urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/healthz", timeout=1)' "$1" 2>/dev/null; }
+# shellcheck source=tests/bench/cores-common.sh
+. "$(dirname "$0")/cores-common.sh"
 wait_http() { for _ in $(seq 1 200); do healthy "$1" && return 0; sleep 0.1; done; return 1; }
 metrics() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode())' "$1" || true; }
 start_nats() {

@@ -15,13 +15,7 @@ import os
 import statistics
 import sys
 
-
-def load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+from summarize import load
 
 
 def rate(path):
